@@ -1,0 +1,86 @@
+"""`dn <verb>`: one module per verb, each with setup_arg_parser() and main(argv) (as in mlx-lm)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dn.errors import DnError
+
+VERBS = {
+    "generate": ("dn.generate", "stream text from a model"),
+    "eval": ("dn.evaluate", "perplexity over a text file, with footprint"),
+    "parity": ("parity.run", "compare the backends on the same model"),
+    "footprint": ("dn.footprint", "bytes by role, accounted and measured"),
+    "convert": ("dn.convert", "write a model folder (optionally compressed or sparse)"),
+    "codec": ("dn.codec_cmd", "lossless codec tools (stats)"),
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line, not usage plus error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def add_model_args(parser, dtype_default="float32"):
+    parser.add_argument("--model", default=None,
+                        help="model folder, .gguf file or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "mlx", "torch"])
+    parser.add_argument("--dtype", default=dtype_default, choices=["float32", "bfloat16"])
+
+
+def run(main, argv=None) -> int:
+    """Run a verb's body; a DnError becomes one line on stderr and exit code 2."""
+    try:
+        return main(argv) or 0
+    except DnError as e:
+        print(f"dn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dn: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = [f"  {v:<10} {h}" for v, (_, h) in VERBS.items()]
+        print("usage: dn <verb> [options]\n\nverbs:\n" + "\n".join(lines))
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from dn import __version__
+
+        print(f"dn {__version__}")
+        return 0
+    if argv[0] not in VERBS:
+        print(f"dn: error: unknown verb {argv[0]!r} (choose from {', '.join(VERBS)})", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

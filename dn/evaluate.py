@@ -1,0 +1,79 @@
+"""`dn eval`: perplexity over a text file in non-overlapping windows, plus footprint."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+
+from dn import cli
+
+
+def setup_arg_parser():
+    p = cli.ArgumentParser(prog="dn eval", description="Perplexity over a text file, with footprint.")
+    cli.add_model_args(p)
+    p.add_argument("--text", default=None, help="UTF-8 text file (default: $DN_EVAL_TEXT)")
+    p.add_argument("--ctx", type=cli.positive_int, default=512, help="window length in tokens")
+    p.add_argument("--max-tokens", type=cli.positive_int, default=None, help="use only the first N tokens")
+    p.add_argument("--batch", type=cli.positive_int, default=1, help="windows per forward pass")
+    p.add_argument("--json", default=None, help="write the result here")
+    return p
+
+
+def windows(tokens: list[int], ctx: int) -> list[np.ndarray]:
+    """Non-overlapping windows of ctx tokens; a last window of one token predicts nothing and is dropped."""
+    out = [np.asarray(tokens[i:i + ctx]) for i in range(0, len(tokens), ctx)]
+    return [w for w in out if len(w) > 1]
+
+
+def perplexity(backend, model, tokens: list[int], ctx: int, batch: int = 1) -> tuple[float, int]:
+    """(mean NLL per predicted token, number of predicted tokens)."""
+    from dn.errors import DnError
+
+    wins = windows(tokens, ctx)
+    if not wins:
+        raise DnError("the text has fewer than two tokens")
+    full = [w for w in wins if len(w) == ctx]
+    chunks = [np.stack(full[i:i + batch]) for i in range(0, len(full), batch)]
+    chunks += [w[None] for w in wins if len(w) != ctx]  # [B, L] each
+    total, count = 0.0, 0
+    for chunk in chunks:
+        nll = backend.token_nll(model, chunk)
+        total, count = total + float(nll.sum()), count + nll.size
+    return total / count, count
+
+
+def _main(argv) -> int:
+    from dn import footprint, loader
+    from dn.text import read_text, text_path
+
+    args = setup_arg_parser().parse_args(argv)
+    text = read_text(text_path(args.text, "DN_EVAL_TEXT"))
+    run = loader.load(args.model, args.backend, args.dtype)
+    tokens = run.tokenizer.encode(text)
+    if args.max_tokens:
+        tokens = tokens[:args.max_tokens]
+    nll, count = perplexity(run.backend, run.model, tokens, args.ctx, args.batch)
+    acc = footprint.accounted(run.spec, args.dtype, args.ctx)
+    result = {"model": str(args.model or run.model_dir), "backend": run.backend.NAME,
+              "device": run.backend.device_name(), "dtype": args.dtype, "tokens": count,
+              "ppl": math.exp(nll), "nll": nll,
+              "resident_weight_bytes": run.backend.resident_weight_bytes(run.model),
+              "dense_weight_bytes": acc["dense_weight_bytes"],
+              "peak_memory_bytes": run.backend.peak_memory_bytes()}
+    print(f"[{result['backend']} {result['device']} {args.dtype}] ppl {result['ppl']:.4f} over {count} tokens; "
+          f"resident weights {result['resident_weight_bytes'] / 2**20:.1f} MiB "
+          f"(dense {result['dense_weight_bytes'] / 2**20:.1f} MiB); "
+          f"peak {result['peak_memory_bytes'] / 2**20:.0f} MiB")
+    if args.json:
+        footprint.write_json(result, args.json)
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

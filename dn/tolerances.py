@@ -1,0 +1,25 @@
+"""Numerical tolerances, defined once and imported by tests, parity and kernels' checks."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Tol:
+    rtol: float
+    atol: float
+
+
+# Kernel fast path vs numpy reference, per compute dtype.
+KERNEL = {"float32": Tol(rtol=1e-5, atol=1e-5), "bfloat16": Tol(rtol=2e-2, atol=2e-2),
+          "float16": Tol(rtol=5e-3, atol=5e-3)}
+
+
+@dataclass(frozen=True)
+class ParityTol:
+    max_rel_err: float            # max over positions of max|dlogit| / max|logit|
+    greedy_agreement: float | None  # required fraction of equal greedy tokens (None: report only)
+    hidden_rel_err: float         # per-layer hidden-state divergence threshold
+
+
+# Backend vs backend on the same model (foundation issue thresholds).
+PARITY = {"float32": ParityTol(1e-4, 1.0, 1e-4), "bfloat16": ParityTol(2e-2, None, 2e-2)}

@@ -1,0 +1,133 @@
+"""Load and run a spec'd model with mlx-lm's model classes (Metal on Apple silicon, CPU or CUDA elsewhere)."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from dn.spec import ModelSpec
+
+NAME = "mlx"
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def is_available() -> bool:
+    try:
+        mx.array(1) + 1
+    except Exception:  # a Linux `pip install mlx` without [cpu]/[cuda] cannot load libmlx
+        return False
+    return True
+
+
+def device_name() -> str:
+    dev = mx.default_device()
+    if dev.type == mx.gpu:
+        if mx.metal.is_available():
+            return f"metal:{mx.device_info().get('device_name', 'gpu')}"
+        return "gpu"
+    return "cpu"
+
+
+def _skeleton(spec: ModelSpec):
+    from mlx_lm.utils import _get_classes
+
+    config = spec.architecture.to_mlx_config()
+    model_class, args_class = _get_classes(config)
+    return model_class(args_class.from_dict(config))
+
+
+def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
+    model = _skeleton(spec)
+    weights = {}
+    for f in sorted(glob.glob(str(Path(model_dir) / "*.safetensors"))):
+        weights.update(mx.load(f))
+    weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
+    if spec.codec is None:
+        model.load_weights(list(weights.items()), strict=True)
+    else:
+        from dn_mlx import codec
+
+        known = dict(nn.utils.tree_flatten(model.parameters()))
+        model.load_weights([(k, v) for k, v in weights.items() if k in known], strict=False)
+        codec.attach(model, model_dir, spec)
+    if spec.sparse is None:
+        model.set_dtype(_DTYPES[dtype])
+    else:
+        from dn_mlx import sparse
+
+        model.set_dtype(_DTYPES[dtype])
+        sparse.attach(model, model_dir, spec)
+    mx.eval(model.parameters())
+    model.eval()
+    model.dn_dtype = dtype
+    return model
+
+
+def make_cache(model):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model)
+
+
+def logits(model, tokens: np.ndarray, cache=None, last_only: bool = False) -> np.ndarray:
+    out = model(mx.array(np.asarray(tokens)), cache=cache)
+    if last_only:
+        out = out[:, -1:]
+    return np.array(out.astype(mx.float32))
+
+
+def token_nll(model, tokens: np.ndarray) -> np.ndarray:
+    ids = mx.array(np.asarray(tokens))
+    out = model(ids[:, :-1]).astype(mx.float32)
+    target = mx.take_along_axis(out, ids[:, 1:, None], axis=-1)[..., 0]
+    nll = mx.logsumexp(out, axis=-1) - target
+    return np.array(nll).astype(np.float64)
+
+
+class _Tap:
+    """Stands in for a layer inside LlamaModel.__call__ and records its output."""
+
+    def __init__(self, layer, sink: list):
+        self.layer, self.sink = layer, sink
+
+    def __getattr__(self, name):  # e.g. `use_sliding`, read by the model loop
+        return getattr(self.layer, name)
+
+    def __call__(self, *args, **kwargs):
+        h = self.layer(*args, **kwargs)
+        self.sink.append(h)
+        return h
+
+
+def hidden_states(model, tokens: np.ndarray) -> list[np.ndarray]:
+    ids = mx.array(np.asarray(tokens))
+    inner = model.model
+    sink = [inner.embed_tokens(ids)]
+    layers = list(inner.layers)
+    inner.layers[:] = [_Tap(layer, sink) for layer in layers]
+    try:
+        model(ids)
+    finally:
+        inner.layers[:] = layers
+    return [np.array(h[0].astype(mx.float32)) for h in sink]
+
+
+def resident_weight_bytes(model) -> int:
+    return sum(v.nbytes for _, v in nn.utils.tree_flatten(model.parameters()))
+
+
+def peak_memory_bytes() -> int:
+    return int(mx.get_peak_memory())
+
+
+def reset_peak_memory() -> None:
+    mx.reset_peak_memory()
+
+
+def free(model) -> None:
+    del model
+    mx.clear_cache()

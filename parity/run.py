@@ -1,0 +1,120 @@
+"""`dn parity` / `nox -s parity`: logits, hidden states and greedy tokens of two backends, compared.
+
+Relative error at a position = max|dlogit| / max|logit| over the vocabulary, first backend as reference.
+Thresholds come from dn.tolerances.PARITY; a breach exits 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from dn import cli
+from dn.tolerances import PARITY
+
+PROMPTS = [
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a screw press into one system that",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
+    "    return fibonacci(n - 1) + fibonacci(n - 2)\n\nprint(",
+    "Water boils at 100 degrees Celsius at sea level, but at higher altitudes the air pressure is lower, "
+    "so the boiling point",
+    "Question: A train leaves at 3 pm and travels 120 km at 60 km per hour. When does it arrive?\nAnswer:",
+]
+
+
+def setup_arg_parser():
+    p = cli.ArgumentParser(prog="dn parity", description="Compare two backends on the same model.")
+    p.add_argument("--model", default=None, help="model folder, .gguf or Hub repo id (default: embedded)")
+    p.add_argument("--backends", default="mlx,torch", help="two backends, the first is the reference")
+    p.add_argument("--dtype", default="float32", choices=sorted(PARITY))
+    p.add_argument("--tokens", type=cli.positive_int, default=64, help="greedy tokens to compare")
+    p.add_argument("--json", default=None)
+    return p
+
+
+def rel_err(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """[..., V] -> [...]: max|d| / max|ref| over the last axis."""
+    return np.abs(ref - other).max(-1) / np.maximum(np.abs(ref).max(-1), 1e-30)
+
+
+def observe(run, tokens: int) -> dict:
+    """Everything parity compares, computed on one backend."""
+    from dn.generate import generate_tokens
+
+    enc = [run.tokenizer.encode(p) for p in PROMPTS]
+    return {
+        "logits": [run.backend.logits(run.model, np.array([ids]))[0] for ids in enc],
+        "hidden": run.backend.hidden_states(run.model, np.array([enc[0]])),
+        "greedy": list(generate_tokens(run.backend, run.model, enc[1], tokens)),
+        "device": run.backend.device_name(),
+        "resident_weight_bytes": run.backend.resident_weight_bytes(run.model),
+        "peak_memory_bytes": run.backend.peak_memory_bytes(),
+    }
+
+
+def compare(a: dict, b: dict, dtype: str) -> dict:
+    tol = PARITY[dtype]
+    errs = np.concatenate([rel_err(x, y) for x, y in zip(a["logits"], b["logits"])])
+    layer_errs = [float(rel_err(x.ravel(), y.ravel())) for x, y in zip(a["hidden"], b["hidden"])]
+    first = next((i for i, e in enumerate(layer_errs) if e > tol.hidden_rel_err), None)
+    n = len(a["greedy"])
+    agreement = sum(x == y for x, y in zip(a["greedy"], b["greedy"])) / n
+    passed = bool(errs.max() <= tol.max_rel_err and
+                  (tol.greedy_agreement is None or agreement >= tol.greedy_agreement))
+    return {"passed": passed, "max_rel_err": float(errs.max()), "mean_rel_err": float(errs.mean()),
+            "greedy_agreement": agreement, "tokens_compared": n, "positions_compared": int(errs.size),
+            "first_divergent_layer": first, "layer_rel_err": layer_errs,
+            "thresholds": {"max_rel_err": tol.max_rel_err, "greedy_agreement": tol.greedy_agreement,
+                           "hidden_rel_err": tol.hidden_rel_err}}
+
+
+def run_parity(model: str | None, backends: list[str], dtype: str, tokens: int) -> dict:
+    import gc
+
+    from dn import loader
+
+    seen = {}
+    for name in backends:  # one model in memory at a time
+        run = loader.load(model, name, dtype)
+        seen[name] = observe(run, tokens)
+        del run
+        gc.collect()
+    a, b = (seen[n] for n in backends)
+    report = compare(a, b, dtype)
+    report.update(model=str(model or "default"), dtype=dtype, reference=backends[0],
+                  backends={n: {k: seen[n][k] for k in ("device", "resident_weight_bytes",
+                                                        "peak_memory_bytes")} for n in backends})
+    return report
+
+
+def _main(argv) -> int:
+    from dn.errors import DnError
+
+    args = setup_arg_parser().parse_args(argv)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if len(backends) != 2 or backends[0] == backends[1]:
+        raise DnError(f"--backends needs two different backends, got {args.backends!r}")
+    r = run_parity(args.model, backends, args.dtype, args.tokens)
+    print(f"parity {backends[0]} vs {backends[1]} ({args.dtype}): max rel err {r['max_rel_err']:.2e} "
+          f"(<= {r['thresholds']['max_rel_err']:.0e}), mean {r['mean_rel_err']:.2e} over "
+          f"{r['positions_compared']} positions; greedy agreement {r['greedy_agreement']:.3f} over "
+          f"{r['tokens_compared']} tokens; first divergent layer {r['first_divergent_layer']}")
+    for name, m in r["backends"].items():
+        print(f"  {name:<6} {m['device']:<12} resident weights {m['resident_weight_bytes'] / 2**20:8.1f} MiB, "
+              f"peak {m['peak_memory_bytes'] / 2**20:8.1f} MiB")
+    print("PASSED" if r["passed"] else "FAILED")
+    if args.json:
+        from dn.footprint import write_json
+
+        write_json(r, args.json)
+    return 0 if r["passed"] else 1
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
