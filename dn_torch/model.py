@@ -21,7 +21,7 @@ def is_available() -> bool:
     return True
 
 
-def device() -> torch.device:
+def _device() -> torch.device:
     name = os.environ.get("DN_TORCH_DEVICE")
     if name:
         return torch.device(name)
@@ -33,7 +33,7 @@ def device() -> torch.device:
 
 
 def device_name() -> str:
-    dev = device()
+    dev = _device()
     if dev.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(dev)}"
     return dev.type
@@ -57,9 +57,9 @@ def _skeleton(spec: ModelSpec, dtype: torch.dtype):
     config = _config(spec)
     with torch.device("meta"):
         model = _model_class(spec)(config)
-    model.to_empty(device=device())
+    model.to_empty(device=_device())
     # Non-persistent buffers (rotary frequencies) were never loaded: rebuild them.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config, device=device())
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config, device=_device())
     return model.to(dtype)
 
 
@@ -71,7 +71,7 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
     if spec.codec is None:
         model = _model_class(spec).from_pretrained(
             model_dir, config=_config(spec), dtype=torch_dtype, local_files_only=True)
-        model.to(device())
+        model.to(_device())
     else:
         from dn_torch import codec
 
@@ -93,7 +93,7 @@ def _load_plain_tensors(model, model_dir: Path) -> None:
 
     params = dict(model.named_parameters())
     for f in weight_files(model_dir):
-        for name, t in load_file(f, device=str(device())).items():
+        for name, t in load_file(f, device=str(_device())).items():
             if name in params:
                 with torch.no_grad():
                     params[name].copy_(t)
@@ -109,7 +109,7 @@ def make_cache(model):
 
 @torch.inference_mode()
 def logits(model, tokens: np.ndarray, cache=None, last_only: bool = False) -> np.ndarray:
-    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=device())
+    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=_device())
     out = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
                 logits_to_keep=1 if last_only else 0)
     return out.logits.float().cpu().numpy()
@@ -117,7 +117,7 @@ def logits(model, tokens: np.ndarray, cache=None, last_only: bool = False) -> np
 
 @torch.inference_mode()
 def token_nll(model, tokens: np.ndarray) -> np.ndarray:
-    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=device())
+    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=_device())
     out = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
     logp = torch.log_softmax(out, dim=-1)
     nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
@@ -136,7 +136,7 @@ def hidden_states(model, tokens: np.ndarray) -> list[np.ndarray]:
     hooks = [inner.embed_tokens.register_forward_hook(tap)]
     hooks += [layer.register_forward_hook(tap) for layer in inner.layers]
     try:
-        ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=device())
+        ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=_device())
         model(input_ids=ids, use_cache=False)
     finally:
         for h in hooks:
@@ -155,18 +155,18 @@ def resident_weight_bytes(model) -> int:
 
 def peak_memory_bytes() -> int:
     """CUDA: peak allocated by torch; CPU: peak resident set size of the process."""
-    if device().type == "cuda":
+    if _device().type == "cuda":
         return int(torch.cuda.max_memory_allocated())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 def reset_peak_memory() -> None:
-    if device().type == "cuda":
+    if _device().type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
 
 def free(model) -> None:
     del model
-    if device().type == "cuda":
+    if _device().type == "cuda":
         torch.cuda.empty_cache()
