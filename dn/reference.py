@@ -46,7 +46,7 @@ def linear(x: np.ndarray, w: dict, name: str) -> np.ndarray:
 
 def attention(x: np.ndarray, w: dict, a: Architecture) -> np.ndarray:
     L = x.shape[0]
-    heads = lambda t, n: t.reshape(L, n, a.head_dim).transpose(1, 0, 2)  # noqa: E731
+    heads = lambda t, n: t.reshape(L, n, a.head_dim).transpose(1, 0, 2)
     q = heads(linear(x, w, "self_attn.q_proj"), a.num_attention_heads)
     k = heads(linear(x, w, "self_attn.k_proj"), a.num_key_value_heads)
     v = heads(linear(x, w, "self_attn.v_proj"), a.num_key_value_heads)

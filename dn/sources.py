@@ -68,8 +68,12 @@ def resolve_model(model: str | os.PathLike | None, progress: bool = True) -> Pat
 def hub_snapshot(repo_id: str) -> Path:
     """Download (or find in the HF cache, honouring HF_HUB_OFFLINE) the files dn needs."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     try:

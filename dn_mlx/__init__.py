@@ -1,7 +1,19 @@
 """dn's MLX backend: mlx-lm models, Metal kernels on Apple silicon."""
 
-from dn_mlx.model import (NAME, device_name, free, hidden_states, is_available, load, logits, make_cache,
-                            peak_memory_bytes, reset_peak_memory, resident_weight_bytes, token_nll)
+from dn_mlx.model import (
+                            NAME,
+                            device_name,
+                            free,
+                            hidden_states,
+                            is_available,
+                            load,
+                            logits,
+                            make_cache,
+                            peak_memory_bytes,
+                            reset_peak_memory,
+                            resident_weight_bytes,
+                            token_nll,
+)
 
 __all__ = ["NAME", "device_name", "free", "hidden_states", "is_available", "load", "logits", "make_cache",
            "peak_memory_bytes", "reset_peak_memory", "resident_weight_bytes", "token_nll"]

@@ -6,8 +6,8 @@ import glob
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+from mlx import nn
 
 from dn.spec import ModelSpec
 

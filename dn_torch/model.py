@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dn.errors import DnError
 from dn.spec import ModelSpec, weight_files
 
 NAME = "torch"
