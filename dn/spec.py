@@ -75,7 +75,7 @@ class Architecture:
     def to_hf_config(self) -> dict:
         """config.json for transformers (4 and 5 both read it)."""
         cfg = {k: v for k, v in asdict(self).items() if k not in ("rope_scaling",)}
-        cfg["architectures"] = [_HF_CLASS[FAMILIES[self.model_type]]]
+        cfg["architectures"] = [_HF_CLASS[self.model_type]]
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope = {**self.rope_scaling, "rope_theta": self.rope_theta}
@@ -92,7 +92,8 @@ class Architecture:
         return cfg
 
 
-_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+             "qwen3": "Qwen3ForCausalLM"}
 
 
 def _rope(cfg: dict) -> tuple[float, dict | None]:
