@@ -185,7 +185,8 @@ def read_config(model_dir: Path) -> dict:
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    files = sorted(Path(model_dir).glob("*.safetensors"))
+    """The model's own safetensors files (dn's side files, dn_*.safetensors, excluded)."""
+    files = [f for f in sorted(Path(model_dir).glob("*.safetensors")) if not f.name.startswith("dn_")]
     if not files:
         raise DnError(f"{model_dir}: no .safetensors weights")
     return files

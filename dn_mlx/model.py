@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from dn.spec import ModelSpec
+from dn.spec import ModelSpec, weight_files
 
 NAME = "mlx"
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -43,23 +42,22 @@ def _skeleton(spec: ModelSpec):
 def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
     model = _skeleton(spec)
     weights = {}
-    for f in sorted(glob.glob(str(Path(model_dir) / "*.safetensors"))):
-        weights.update(mx.load(f))
+    for f in weight_files(model_dir):
+        weights.update(mx.load(str(f)))
     weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
     if spec.codec is None:
         model.load_weights(list(weights.items()), strict=True)
+        model.set_dtype(_DTYPES[dtype])
     else:
         from dn_mlx import codec
 
         known = dict(nn.utils.tree_flatten(model.parameters()))
         model.load_weights([(k, v) for k, v in weights.items() if k in known], strict=False)
-        codec.attach(model, model_dir, spec)
-    if spec.sparse is None:
         model.set_dtype(_DTYPES[dtype])
-    else:
+        codec.attach(model, model_dir, spec)
+    if spec.sparse is not None:
         from dn_mlx import sparse
 
-        model.set_dtype(_DTYPES[dtype])
         sparse.attach(model, model_dir, spec)
     mx.eval(model.parameters())
     model.eval()

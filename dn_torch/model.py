@@ -56,10 +56,11 @@ def _skeleton(spec: ModelSpec, dtype: torch.dtype):
     config = _config(spec)
     with torch.device("meta"):
         model = _model_class(spec)(config)
-    model.to_empty(device=_device())
-    # Non-persistent buffers (rotary frequencies) were never loaded: rebuild them.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config, device=_device())
-    return model.to(dtype)
+    model.to_empty(device=_device()).to(dtype)
+    # Non-persistent buffers (rotary frequencies) were never loaded: rebuild them, in float32 as
+    # from_pretrained leaves them.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(_device())
+    return model
 
 
 def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):

@@ -1,0 +1,159 @@
+"""Lossless codec on torch: a pure-torch decoder (any device) and a Triton kernel (CUDA/ROCm), both
+bit-exact against dn.codec; attach() keeps a model's layer weights coded and decodes one layer at a
+time into one reused scratch buffer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dn import codec
+
+_MASK32 = 0xFFFFFFFF
+
+
+class PackedLayer(nn.Module):
+    """A dn.codec.Pack held on a device: only the coded buffers are resident."""
+
+    def __init__(self, p: codec.Pack):
+        super().__init__()
+        self.lanes, self.steps, self.maxlen, self.dtype, self.n = p.lanes, p.steps, p.maxlen, p.dtype, p.n
+        self.slices = p.slices
+        self.register_buffer("words", torch.from_numpy(p.words.view("int32").copy()))
+        self.register_buffer("offsets", torch.from_numpy(p.offsets.view("int32").copy()))
+        self.register_buffer("luts", torch.from_numpy(p.luts.view("int16").copy()))
+        self.register_buffer("raw", torch.from_numpy(p.raw.copy()))
+        self.register_buffer("table", torch.from_numpy(p.table.copy()))
+
+    def stream_meta(self):
+        """Per stream: (bit position, LUT base, output base, count), as dn.codec.stream_meta."""
+        t = self.table
+        streams = torch.diff(torch.cat([t[:, 0], t.new_tensor([self.offsets.numel()])]))
+        tid = torch.repeat_interleave(torch.arange(len(t), device=t.device), streams)
+        local = torch.arange(self.offsets.numel(), device=t.device) - t[tid, 0]
+        lane, tile_start = local % self.lanes, local // self.lanes * self.lanes * self.steps
+        bitpos = (self.offsets.long() & _MASK32) + 32 * t[tid, 1]
+        count = torch.clamp(-torch.div(-(t[tid, 3] - tile_start - lane), self.lanes, rounding_mode="floor"),
+                            0, self.steps)
+        return bitpos, tid << self.maxlen, t[tid, 2] + tile_start + lane, count
+
+    def decode(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """-> int16 bits [n] (into out[:n] when given)."""
+        out = torch.empty(self.n, dtype=torch.int16, device=self.words.device) if out is None else out[:self.n]
+        if self.words.is_cuda and _triton_ok():
+            _decode_triton(self, out)
+        else:
+            _decode_torch(self, out)
+        return out
+
+
+def _join(sym: torch.Tensor, raw: torch.Tensor, dtype: str) -> torch.Tensor:
+    s, r = sym.to(torch.int32), raw.to(torch.int32)
+    bits = ((r & 0x80) << 8) | (s << 7) | (r & 0x7F) if dtype == "bfloat16" else (s << 8) | r
+    return bits.to(torch.int16)  # wraps like a C cast: the 16 bits are kept
+
+
+def _decode_torch(p: PackedLayer, out: torch.Tensor) -> None:
+    pos, lut_base, out_base, count = p.stream_meta()
+    sym = torch.zeros(p.n + 1, dtype=torch.uint8, device=out.device)  # slot n takes finished streams
+    shift_base, mask = 64 - p.maxlen, (1 << p.maxlen) - 1
+    luts = p.luts.long() & 0xFFFF
+    for s in range(int(count.max()) if count.numel() else 0):
+        valid = s < count
+        w = pos >> 5
+        window = ((p.words[w].long() & _MASK32) << 32) | (p.words[w + 1].long() & _MASK32)
+        entry = luts[lut_base + ((window >> (shift_base - (pos & 31))) & mask)]
+        sym[torch.where(valid, out_base + s * p.lanes, p.n)] = (entry & 0xFF).to(torch.uint8)
+        pos = pos + torch.where(valid, entry >> 8, 0)
+    out.copy_(_join(sym[:p.n], p.raw, p.dtype))
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _decode_triton(p: PackedLayer, out: torch.Tensor) -> None:
+    from dn_torch import _triton_codec
+
+    pos, lut_base, out_base, count = p.stream_meta()
+    _triton_codec.decode(p.words, p.luts, p.raw, pos, lut_base, out_base, count, out,
+                         p.lanes, p.steps, p.maxlen, p.dtype == "bfloat16")
+
+
+def decode(enc: codec.EncodedTensor, device=None) -> torch.Tensor:
+    """Bits (int16, original shape) of one coded tensor; Triton on CUDA, pure torch elsewhere."""
+    return PackedLayer(codec.pack({"": enc})).to(device or "cpu").decode().reshape(enc.shape)
+
+
+def decode_reference(enc: codec.EncodedTensor, device=None) -> torch.Tensor:
+    """The pure-torch path, on any device."""
+    p = PackedLayer(codec.pack({"": enc})).to(device or "cpu")
+    out = torch.empty(p.n, dtype=torch.int16, device=p.words.device)
+    _decode_torch(p, out)
+    return out.reshape(enc.shape)
+
+
+class CodecLinear(nn.Module):
+    """nn.Linear whose weight is a view of the layer's decoded scratch buffer."""
+
+    def __init__(self, scratch: list, start: int, shape, bias):
+        super().__init__()
+        self._scratch, self.start, self.shape = scratch, start, tuple(shape)
+        self.bias = bias
+
+    def forward(self, x):
+        n = self.shape[0] * self.shape[1]
+        w = self._scratch[0][self.start:self.start + n].view(self.shape)
+        return nn.functional.linear(x, w, self.bias)
+
+
+def _layer_hook(packed: PackedLayer, scratch: list):
+    def hook(_module, _args):
+        bits = packed.decode(scratch[1])
+        w = scratch[0]
+        if w.dtype == torch.bfloat16 and packed.dtype == "bfloat16":
+            return  # scratch[0] is a bf16 view of the bits
+        src = bits.view(torch.bfloat16 if packed.dtype == "bfloat16" else torch.float16)
+        w[:packed.n].copy_(src)  # exact upcast, as the dense loader does
+    return hook
+
+
+def attach(model, model_dir: Path, spec) -> None:
+    """Replace the coded projections of every decoder layer; decode each layer just before it runs."""
+    encs = codec.load_model_codec(model_dir)
+    ref = next(model.parameters())
+    layers = model.model.layers
+    packs = [codec.pack({k: v for k, v in encs.items() if k.startswith(f"model.layers.{i}.")})
+             for i in range(len(layers))]
+    n_max = max(p.n for p in packs)
+    bits = torch.empty(n_max, dtype=torch.int16, device=ref.device)
+    w = bits.view(torch.bfloat16) if ref.dtype == torch.bfloat16 else torch.empty(n_max, dtype=ref.dtype,
+                                                                                   device=ref.device)
+    scratch = [w, bits]
+    model.register_buffer("dn_codec_scratch_bits", bits, persistent=False)
+    model.register_buffer("dn_codec_scratch_weights", w, persistent=False)
+    for layer, p in zip(layers, packs):
+        packed = PackedLayer(p).to(ref.device)
+        layer.dn_codec = packed
+        for name, start, shape in p.slices:
+            # "model.layers.3.self_attn.q_proj.weight" -> parent "layers.3.self_attn", attribute "q_proj"
+            parent, attr = name.removeprefix("model.").removesuffix(".weight").rsplit(".", 1)
+            module = model.model.get_submodule(parent)
+            setattr(module, attr, CodecLinear(scratch, start, shape, getattr(module, attr).bias))
+        layer.register_forward_pre_hook(_layer_hook(packed, scratch))
+
+
+def matvec(enc: codec.EncodedTensor, x: torch.Tensor) -> torch.Tensor:
+    """y = x @ W.T for x [B, in]: decode then matmul (the fused Triton kernel is in _triton_codec)."""
+    if x.is_cuda and _triton_ok():
+        from dn_torch import _triton_codec
+
+        return _triton_codec.matvec(PackedLayer(codec.pack({"": enc})).to(x.device), x, enc.shape)
+    w = decode(enc, x.device).view(torch.bfloat16 if enc.dtype == "bfloat16" else torch.float16)
+    return x @ w.to(x.dtype).T
