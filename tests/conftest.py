@@ -63,26 +63,23 @@ def tokenizer(default_model_dir, default_spec):
     return Tokenizer(default_model_dir, default_spec.architecture.eos_token_id)
 
 
-def _shared_text(env: str, name: str) -> Path | None:
+def _shared_text(env: str, name: str) -> Path:
+    """The text named by env, else ../shared/data/<name>; skip when neither exists."""
     value = os.environ.get(env)
     path = Path(value) if value else ROOT.parent / "shared" / "data" / name
-    return path if path.is_file() else None
+    if not path.is_file():
+        pytest.skip(f"no {name} (set {env})")
+    return path
 
 
 @pytest.fixture(scope="session")
 def eval_text() -> Path:
-    path = _shared_text("DN_EVAL_TEXT", "eval.txt")
-    if path is None:
-        pytest.skip("no eval text (set DN_EVAL_TEXT)")
-    return path
+    return _shared_text("DN_EVAL_TEXT", "eval.txt")
 
 
 @pytest.fixture(scope="session")
 def calib_text() -> Path:
-    path = _shared_text("DN_CALIB_TEXT", "calib.txt")
-    if path is None:
-        pytest.skip("no calibration text (set DN_CALIB_TEXT)")
-    return path
+    return _shared_text("DN_CALIB_TEXT", "calib.txt")
 
 
 @pytest.fixture
