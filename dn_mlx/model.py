@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,6 +12,9 @@ from mlx import nn
 from dn.spec import ModelSpec, weight_files
 
 NAME = "mlx"
+# DN_MLX_DEVICE=cpu|gpu pins the device (CI runs the suite on the CPU of hosted macOS runners).
+if os.environ.get("DN_MLX_DEVICE") in ("cpu", "gpu"):
+    mx.set_default_device(mx.cpu if os.environ["DN_MLX_DEVICE"] == "cpu" else mx.gpu)
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
