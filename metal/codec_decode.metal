@@ -1,23 +1,36 @@
-// dn lossless codec, format 1: decode one stream per thread (body for mx.fast.metal_kernel).
-// Template: LANES, MAXLEN, BF16, STREAMS. Threadgroup = LANES threads = the lanes of one tile, so at
-// each step the threadgroup writes LANES consecutive outputs (coalesced).
-uint i = thread_position_in_grid.x;
-if (i >= (uint)STREAMS) {
-    return;
+// Decode a dn.codec Pack (one or more coded tensors) to uint16 bits. Body for mx.fast.metal_kernel.
+// Inputs: words uint32 [W], offsets uint32 [S], luts uint16 [NT << MAXLEN], raw uint8 [n],
+//         table int64 [NT, 4] = (first stream, word base, output start, n) per tensor.
+// Output: out uint16 [n]. Template: LANES, STEPS, MAXLEN, NT (tensors), BF16.
+// Grid: S threads (one per lane stream), threadgroups of LANES threads = one tile each.
+uint tile = threadgroup_position_in_grid.x;
+uint lane = thread_position_in_threadgroup.x;
+uint stream = tile * LANES + lane;
+
+// Every tensor owns whole tiles, so the threadgroup's tensor k is uniform.
+int k = 0;
+for (int j = 1; j < NT; ++j) {
+  if (uint(table[4 * j]) <= tile * LANES) {
+    k = j;
+  }
 }
-uint pos = bitpos[i];
-uint lb = lut_base[i];
-uint ob = out_base[i];
-uint cnt = count[i];
-for (uint s = 0; s < cnt; ++s) {
-    uint w = pos >> 5;
-    ulong window = ((ulong)words[w] << 32) | (ulong)words[w + 1];
-    uint idx = (uint)(window >> (64 - MAXLEN - (pos & 31))) & ((1u << MAXLEN) - 1u);
-    uint e = luts[lb + idx];
-    uint sym = e & 0xFFu;
-    uint o = ob + s * (uint)LANES;
-    uint r = raw[o];
-    uint bits = BF16 ? (((r & 0x80u) << 8) | (sym << 7) | (r & 0x7Fu)) : ((sym << 8) | r);
-    out[o] = (ushort)bits;
-    pos += e >> 8;
+// The tensor's LUT, staged once per threadgroup (2 << MAXLEN bytes, 8 KiB at MAXLEN 12).
+threadgroup uint16_t lut[1 << MAXLEN];
+for (uint i = lane; i < (1u << MAXLEN); i += LANES) {
+  lut[i] = luts[(uint(k) << MAXLEN) + i];
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+
+uint local_tile = tile - uint(table[4 * k]) / LANES;
+long first = long(local_tile) * (LANES * STEPS) + long(lane);  // this lane's first element in the tensor
+long rem = table[4 * k + 3] - first;
+int count = rem <= 0 ? 0 : int(dn_min(long(STEPS), (rem + LANES - 1) / LANES));
+ulong o = ulong(table[4 * k + 2] + first);
+
+DnBits bits = dn_bits_start(words, ulong(table[4 * k + 1]), offsets[stream]);
+for (int s = 0; s < count; ++s) {
+  uint sym = dn_bits_next<MAXLEN>(bits, words, lut);
+  // At step s the LANES threads write LANES consecutive outputs: coalesced.
+  ulong at = o + ulong(s) * LANES;
+  out[at] = dn_join(sym, uint(raw[at]), BF16);
 }
