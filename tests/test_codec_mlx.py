@@ -3,7 +3,6 @@ tolerances, attach() bit-identical to the dense model; the Metal kernels when Me
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -152,44 +151,15 @@ def test_bad_input_raises_dn_error():
 
 # ---- attach: a tiny model, compressed by dn convert, runs bit-identically to the dense model ---------
 
-H, INTER, HEADS, KV, HD, VOCAB = 64, 96, 4, 2, 16, 96
-
-
-def _tiny(path: Path, model_type: str) -> Path:
-    rng = np.random.default_rng(0)
-    cfg = {"model_type": model_type, "hidden_size": H, "intermediate_size": INTER, "num_hidden_layers": 2,
-           "num_attention_heads": HEADS, "num_key_value_heads": KV, "head_dim": HD, "vocab_size": VOCAB,
-           "rms_norm_eps": 1e-6, "max_position_embeddings": 64, "tie_word_embeddings": True,
-           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
-    shapes = {"model.embed_tokens.weight": (VOCAB, H), "model.norm.weight": (H,)}
-    for i in range(2):
-        p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (HEADS * HD, H),
-                   p + "self_attn.k_proj.weight": (KV * HD, H), p + "self_attn.v_proj.weight": (KV * HD, H),
-                   p + "self_attn.o_proj.weight": (H, HEADS * HD),
-                   p + "mlp.gate_proj.weight": (INTER, H), p + "mlp.up_proj.weight": (INTER, H),
-                   p + "mlp.down_proj.weight": (H, INTER), p + "input_layernorm.weight": (H,),
-                   p + "post_attention_layernorm.weight": (H,)}
-        if model_type == "qwen2":
-            shapes |= {p + f"self_attn.{n}_proj.bias": (d,) for n, d in (("q", HEADS * HD), ("k", KV * HD),
-                                                                         ("v", KV * HD))}
-    weights = {}
-    for name, shape in shapes.items():
-        x = 1 + 0.1 * rng.standard_normal(shape) if "norm" in name else 0.2 * rng.standard_normal(shape)
-        weights[name] = (safetensors_io.f32_to_bf16(x.astype(np.float32)), "BF16")
-    path.mkdir()
-    safetensors_io.save(weights, path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps(cfg))
-    return path
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def tiny_pair(request, tmp_path_factory):
     pytest.importorskip("mlx_lm")
+    from test_families import tiny_model
+
     from dn.convert import convert
 
     root = tmp_path_factory.mktemp(request.param)
-    dense = _tiny(root / "dense", request.param)
+    dense = tiny_model(root / "dense", request.param)
     convert(dense, root / "coded", "lossless", None)
     return dense, root / "coded"
 
@@ -215,7 +185,7 @@ def _check_attach(tiny_pair, dtype):
     layer = coded.model.layers[1]
     for mod in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
         assert isinstance(mod, mlx_codec.CodecLinear) and "weight" not in mod
-    tokens = np.random.default_rng(1).integers(0, VOCAB, size=(2, 11))
+    tokens = np.random.default_rng(1).integers(0, 96, size=(2, 11))
     want = mlx_model.logits(dense, tokens)
     np.testing.assert_array_equal(mlx_model.logits(coded, tokens), want)
     # Decode steps through a KV cache too (one token at a time: the B=1 path).
