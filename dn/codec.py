@@ -252,9 +252,9 @@ def compress_model(src: Path, dst: Path, progress: bool = True) -> dict:
     for name in COPY:
         if (Path(src) / name).is_file() and name != "model.safetensors":
             (dst / name).write_bytes((Path(src) / name).read_bytes())
-    resident = sum(a.nbytes for a, _ in plain.values()) + sum(a.nbytes for a in coded.values())
     return {"kind": "lossless", "version": VERSION, "file": DATA_FILE, "index": INDEX_FILE,
-            "coded_tensors": len(index), "stored_bytes": resident}
+            "coded_tensors": sorted(index), "coded_bytes": sum(a.nbytes for a in coded.values()),
+            "stored_bytes": sum(a.nbytes for a, _ in plain.values()) + sum(a.nbytes for a in coded.values())}
 
 
 def load_model_codec(model_dir: Path) -> dict[str, EncodedTensor]:

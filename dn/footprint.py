@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from dn import cli
+from dn import cli, codec
 from dn.spec import DTYPE_BYTES, ROLES, ModelSpec, weight_bytes_by_role
 
 
@@ -15,13 +15,19 @@ def kv_cache_bytes(spec: ModelSpec, ctx: int, dtype: str, batch: int = 1) -> int
 
 
 def accounted(spec: ModelSpec, dtype: str, ctx: int) -> dict:
-    """Dense weights by role at the compute dtype, KV cache at ctx; codec/sparse sections replace
-    the dense bytes of what they store differently (resident_weight_bytes)."""
+    """Dense weights by role at the compute dtype, and the KV cache at ctx. With the lossless codec,
+    resident = coded bytes + the other tensors at the compute dtype + decode tables + one layer of
+    decode scratch (16-bit bits and weights at the compute dtype)."""
     roles = weight_bytes_by_role(spec, dtype)
     dense = sum(roles.values())
     resident = dense
-    if spec.codec and "resident_bytes" in spec.codec:
-        resident = int(spec.codec["resident_bytes"])
+    if spec.codec:
+        coded = set(spec.codec["coded_tensors"])
+        layer = max(sum(t.numel for t in spec.layer_tensors(i) if t.name in coded)
+                    for i in range(spec.architecture.num_hidden_layers))
+        plain = sum(t.numel for t in spec.tensors if t.name not in coded) * DTYPE_BYTES[dtype]
+        luts = len(coded) * 2 << codec.MAXLEN  # decode tables built at load
+        resident = spec.codec["coded_bytes"] + plain + luts + layer * (2 + DTYPE_BYTES[dtype])  # bits + weights
     return {"dtype": dtype, "roles": roles, "tied_embeddings": spec.architecture.tie_word_embeddings,
             "dense_weight_bytes": dense, "resident_weight_bytes": resident,
             "kv_cache_bytes": kv_cache_bytes(spec, ctx, dtype), "ctx": ctx}
@@ -47,7 +53,7 @@ def report_lines(report: dict) -> list[str]:
         note = " (tied to embeddings)" if role == "lm_head" and acc["tied_embeddings"] else ""
         lines.append(f"  {role:<12}{_mib(acc['roles'][role])}{note}")
     lines += [f"  {'weights':<12}{_mib(acc['dense_weight_bytes'])}  dense",
-              f"  {'resident':<12}{_mib(acc['resident_weight_bytes'])}  as stored by dn",
+              f"  {'resident':<12}{_mib(acc['resident_weight_bytes'])}  as dn keeps them",
               f"  {'kv cache':<12}{_mib(acc['kv_cache_bytes'])}  at ctx {acc['ctx']}"]
     m = report.get("measured")
     if m:

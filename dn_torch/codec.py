@@ -56,18 +56,28 @@ def _join(sym: torch.Tensor, raw: torch.Tensor, dtype: str) -> torch.Tensor:
 
 
 def _decode_torch(p: PackedLayer, out: torch.Tensor) -> None:
-    pos, lut_base, out_base, count = p.stream_meta()
-    sym = torch.zeros(p.n + 1, dtype=torch.uint8, device=out.device)  # slot n takes finished streams
-    shift_base, mask = 64 - p.maxlen, (1 << p.maxlen) - 1
+    """Every lane one symbol per step; lanes past their count decode garbage that lands in the padding
+    of their tile and is sliced away. Step s of all lanes is row s of a [steps, streams] matrix, which
+    is already in output order once viewed as [steps, tiles, lanes] and transposed to tile-major."""
+    pos, lut_base, _, _ = p.stream_meta()
+    if pos.numel() == 0:
+        return
+    m = p.maxlen
+    # 64-bit windows: window word i = words[i] << 32 | words[i+1]; zero padding for the garbage reads.
+    w = torch.cat([p.words.long() & _MASK32, pos.new_zeros(p.steps * m // 32 + 3)])
+    w64 = (w[:-1] << 32) | w[1:]
     luts = p.luts.long() & 0xFFFF
-    for s in range(int(count.max()) if count.numel() else 0):
-        valid = s < count
-        w = pos >> 5
-        window = ((p.words[w].long() & _MASK32) << 32) | (p.words[w + 1].long() & _MASK32)
-        entry = luts[lut_base + ((window >> (shift_base - (pos & 31))) & mask)]
-        sym[torch.where(valid, out_base + s * p.lanes, p.n)] = (entry & 0xFF).to(torch.uint8)
-        pos = pos + torch.where(valid, entry >> 8, 0)
-    out.copy_(_join(sym[:p.n], p.raw, p.dtype))
+    shift = pos.new_full((), 64 - m)
+    syms = torch.empty(p.steps, pos.numel(), dtype=torch.uint8, device=out.device)
+    for s in range(p.steps):
+        window = (w64[pos >> 5] >> (shift - (pos & 31))) & ((1 << m) - 1)  # arithmetic shift: masked after
+        entry = luts[lut_base + window]
+        syms[s] = entry
+        pos += entry >> 8
+    tiles = syms.view(p.steps, -1, p.lanes).transpose(0, 1).reshape(-1)  # [tiles * steps * lanes]
+    tile_elems = p.lanes * p.steps
+    parts = [tiles[int(first) // p.lanes * tile_elems:][:int(n)] for first, _, _, n in p.table.tolist()]
+    out.copy_(_join(torch.cat(parts), p.raw, p.dtype))
 
 
 def _triton_ok() -> bool:
