@@ -36,7 +36,8 @@ def setup_arg_parser():
     p.add_argument("--codec", choices=["lossless"], default=None, help="compress the weights losslessly")
     p.add_argument("--sparsity", type=sparsity, default=None, help="MLP sparsity in (0, 1): fit routers/priors")
     p.add_argument("--calib-text", default=None, help="calibration text (default: $DN_CALIB_TEXT)")
-    p.add_argument("--prior", default=None, help="prior kind for --sparsity")
+    p.add_argument("--prior", default=None, choices=["none", "median"], help="prior for --sparsity (default median)")
+    p.add_argument("--router", default=None, choices=["int4", "lowrank"], help="router for --sparsity (default int4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", choices=["auto", "mlx", "torch"],
                    help="backend that runs the dense model during calibration")
@@ -89,8 +90,10 @@ def _main(argv) -> int:
         text = read_text(text_path(args.calib_text, "DN_CALIB_TEXT"))  # fail before any work
         sparse_args = {"sparsity": args.sparsity, "calib_text": text, "prior": args.prior,
                        "seed": args.seed, "backend": args.backend}
-    elif args.prior or args.calib_text:
-        raise DnError("--prior and --calib-text need --sparsity")
+        if args.router:
+            sparse_args["router"] = args.router
+    elif args.prior or args.calib_text or args.router:
+        raise DnError("--prior, --router and --calib-text need --sparsity")
     convert(resolve_model(args.model), out, args.codec, sparse_args)
     print(f"wrote {out}")
     return 0

@@ -1,0 +1,118 @@
+"""Sparse MLP quality: eval perplexity and greedy agreement vs dense, drop vs prior, per sparsity.
+
+Fits on the calibration text only (in memory, the same code dn convert runs), measures on the eval text.
+    python benchmarks/sparse_quality.py --calib-text ../shared/data/calib.txt --eval-text ../shared/data/eval.txt \
+        --backend torch --json docs/results/sparse-quality-torch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+
+from dn import calibrate, sparse
+from dn.evaluate import perplexity
+
+PROMPTS = ["The history of the city begins", "In a statement released on Monday, the company said",
+           "Scientists have discovered", "def fibonacci(n):", "The best way to learn a language is",
+           "Once upon a time", "The main causes of the financial crisis were", "Water boils at"]
+
+
+def greedy(be, model, tok, prompt: str, n: int) -> list[int]:
+    ids = tok.encode(prompt)
+    cache = be.make_cache(model)
+    logits = be.logits(model, np.asarray([ids]), cache, last_only=True)
+    out = []
+    for _ in range(n):
+        t = int(np.argmax(logits[0, -1]))
+        out.append(t)
+        logits = be.logits(model, np.asarray([[t]]), cache, last_only=True)
+    return out
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of positions before the first divergence, averaged over prompts (teacher-free)."""
+    fr = []
+    for x, y in zip(a, b):
+        k = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x))
+        fr.append(k / len(x))
+    return float(np.mean(fr))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--calib-text", required=True)
+    p.add_argument("--eval-text", required=True)
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--sparsity", default="0.3,0.5,0.7")
+    p.add_argument("--priors", default="none,median")
+    p.add_argument("--rank", type=int, default=sparse.DEFAULT_RANK)
+    p.add_argument("--router", default=sparse.DEFAULT_ROUTER, choices=sparse.ROUTERS)
+    p.add_argument("--calib-tokens", type=int, default=calibrate.MAX_TOKENS)
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--prompts", type=int, default=len(PROMPTS))
+    p.add_argument("--oracle", action="store_true", help="also rows routed by the oracle top-k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    from dn import backend as backends
+    from dn import loader
+    from dn.text import read_text
+
+    run = loader.load(None, args.backend, "float32")
+    be, model, tok = run.backend, run.model, run.tokenizer
+    mod = __import__(f"dn_{be.NAME}.sparse", fromlist=["sparse"])
+    ev = tok.encode(read_text(args.eval_text))[:args.eval_tokens]
+    prompts = PROMPTS[:args.prompts]
+    t0 = time.time()
+    dense_nll, count = perplexity(be, model, ev, args.ctx)
+    dense_gen = [greedy(be, model, tok, q, args.gen_tokens) for q in prompts]
+    rows = [{"sparsity": 0.0, "prior": "dense", "ppl": math.exp(dense_nll), "delta": 0.0, "agree": 1.0}]
+    print(f"dense ppl {rows[0]['ppl']:.4f} over {count} tokens ({time.time() - t0:.0f}s)", file=sys.stderr)
+    wins = calibrate.calibration_windows(tok.encode(read_text(args.calib_text)), args.seed,
+                                         max_tokens=args.calib_tokens)
+    inputs = [np.concatenate(p) for p in zip(*[mod.collect_mlp_inputs(model, [w[None]]) for w in wins])]
+    weights = [mod.mlp_weights(model, i) for i in range(len(inputs))]
+    evx = [np.concatenate(p) for p in zip(*[mod.collect_mlp_inputs(model, [np.asarray(ev[:args.ctx])[None]])])]
+    recalls = {}
+    for s in [float(v) for v in args.sparsity.split(",")]:
+        for prior in args.priors.split(","):
+            layers = calibrate.fit_model(inputs, lambda i: weights[i], s, prior, args.rank, False, args.router)
+            if prior == args.priors.split(",")[0]:
+                recalls[s] = [sparse.recall(sparse.route(x, lay), sparse.oracle_route(x, *w[:2], lay.keep),
+                                            w[0].shape[0]) for x, lay, w in zip(evx, layers, weights)]
+            spec = sparse.SparseSpec(s, weights[0][0].shape[1], weights[0][0].shape[0], args.router, args.rank,
+                                     prior, keep=[lay.keep for lay in layers], layers=layers)
+            for oracle in ([False, True] if args.oracle else [False]):
+                mod.install(model, spec)
+                for layer in model.model.layers:
+                    layer.mlp.oracle = oracle
+                nll, _ = perplexity(be, model, ev, args.ctx)
+                gen = [greedy(be, model, tok, q, args.gen_tokens) for q in prompts]
+                row = {"sparsity": s, "prior": prior, "router": "oracle" if oracle else args.router,
+                       "ppl": math.exp(nll), "delta": math.exp(nll - dense_nll) - 1,
+                       "agree": agreement(gen, dense_gen)}
+                rows.append(row)
+                print(json.dumps(row), f"({time.time() - t0:.0f}s)", file=sys.stderr)
+    result = {"backend": be.NAME, "device": be.device_name(), "eval_tokens": count, "calib_tokens": int(wins.size),
+              "router": args.router, "rank": args.rank, "gen_tokens": args.gen_tokens, "prompts": len(prompts),
+              "rows": rows,
+              "recall_per_layer": {str(k): v for k, v in recalls.items()},
+              "bytes_per_layer_bf16": sparse.layer_bytes(spec), "command": " ".join(sys.argv)}
+    del backends
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Calibration for `dn convert --sparsity`: run the dense model over calibration text through a backend,
+fit each layer's router and prior in numpy (dn/sparse.py), write the sparse spec file.
+
+Deterministic for a given seed: the seed picks which calibration windows are used; fitting is exact
+linear algebra on those windows' MLP inputs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dn import sparse
+from dn.errors import DnError
+
+CTX = 512            # tokens per calibration window
+MAX_TOKENS = 16384   # calibration tokens used (windows sampled by seed)
+
+
+def calibration_windows(tokens: list[int], seed: int, ctx: int = CTX, max_tokens: int = MAX_TOKENS) -> np.ndarray:
+    """[W, ctx] windows of the calibration tokens, a seeded sample of at most max_tokens // ctx."""
+    if len(tokens) < 2:
+        raise DnError("the calibration text has fewer than two tokens")
+    ctx = min(ctx, len(tokens))
+    wins = np.stack([tokens[i:i + ctx] for i in range(0, len(tokens) - ctx + 1, ctx)])
+    want = max(1, max_tokens // ctx)
+    if len(wins) > want:
+        pick = np.sort(np.random.default_rng(seed).choice(len(wins), want, replace=False))
+        wins = wins[pick]
+    return wins
+
+
+def fit_model(inputs: list[np.ndarray], weights, sparsity: float, prior: str, rank: int,
+              progress: bool = True, router: str = sparse.DEFAULT_ROUTER) -> list[sparse.LayerSparse]:
+    """inputs[i] [T, d]; weights(i) -> (gate, up, down) float32 -> fitted layers."""
+    layers = []
+    for i, x in enumerate(inputs):
+        gate, up, down = weights(i)
+        layers.append(sparse.fit_layer(x, gate, up, down, sparse.keep_count(sparsity, gate.shape[0]),
+                                       rank, prior, router))
+        if progress:
+            print(f"\rfitting routers and priors: layer {i + 1}/{len(inputs)}", end="", file=sys.stderr)
+    if progress:
+        print(file=sys.stderr)
+    return layers
+
+
+def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, prior: str | None = None,
+              seed: int = 0, backend: str = "auto", rank: int = sparse.DEFAULT_RANK,
+              max_tokens: int = MAX_TOKENS, progress: bool = True, router: str = sparse.DEFAULT_ROUTER) -> dict:
+    """Fit routers + priors on calib_text (the text itself), write sparse.FILE into out_dir, return the
+    `sparse` section for dn_spec.json. Raises DnError before writing anything on bad input."""
+    from dn import backend as backends
+    from dn.spec import load_spec
+    from dn.tokenizer import Tokenizer
+
+    prior = prior or sparse.DEFAULT_PRIOR
+    if prior not in sparse.PRIORS:
+        raise DnError(f"unknown prior {prior!r} (choose from {', '.join(sparse.PRIORS)})")
+    spec = load_spec(model_dir)
+    n = spec.architecture.intermediate_size
+    sparse.keep_count(sparsity, n)
+    if not calib_text or not calib_text.strip():
+        raise DnError("the calibration text is empty")
+    if router not in sparse.ROUTERS:
+        raise DnError(f"unknown router {router!r} (choose from {', '.join(sparse.ROUTERS)})")
+    if not 0 < rank <= min(spec.architecture.hidden_size, 2 * n):
+        raise DnError(f"router rank {rank} out of range")
+    tokens = Tokenizer(model_dir, spec.architecture.eos_token_id).encode(calib_text)
+    wins = calibration_windows(tokens, seed, max_tokens=max_tokens)
+    be = backends.resolve(backend)
+    plain = type(spec)(spec.architecture, spec.tensors)   # dense model: no codec/sparse sections
+    model = be.load(model_dir, plain, "float32") if spec.codec is None else be.load(model_dir, spec, "float32")
+    mod = __import__(f"dn_{be.NAME}.sparse", fromlist=["sparse"])
+    parts = []
+    for j, w in enumerate(wins):  # one window at a time keeps the progress bar honest
+        parts.append(mod.collect_mlp_inputs(model, [w[None]]))
+        if progress:
+            print(f"\rcalibration forward passes: {j + 1}/{len(wins)}", end="", file=sys.stderr)
+    if progress:
+        print(file=sys.stderr)
+    inputs = [np.concatenate(p) for p in zip(*parts)]
+    layers = fit_model(inputs, lambda i: mod.mlp_weights(model, i), sparsity, prior, rank, progress, router)
+    be.free(model)
+    s = sparse.SparseSpec(sparsity, spec.architecture.hidden_size, n, router=router, rank=rank, prior=prior,
+                          keep=[layer.keep for layer in layers], layers=layers,
+                          calibration={"tokens": int(wins.size), "windows": len(wins), "ctx": int(wins.shape[1]),
+                                       "seed": seed, "text_sha256": sparse.text_digest(calib_text),
+                                       "backend": be.NAME})
+    return sparse.save(s, Path(out_dir))

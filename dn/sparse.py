@@ -1,0 +1,295 @@
+"""Per-token sparse MLP: the spec (router + prior per layer), its file I/O, the fitting math and the
+numpy reference of one sparse MLP step, which both backends are tested against.
+
+A SwiGLU MLP is y = D (silu(G x) * (U x)) with n neurons. Per token the router keeps `keep` neurons:
+  router "int4":    scores s = |silu(g^)| * |u^| with [g^, u^] = [G; U]_q x, where [G; U]_q is a group-wise
+                    (GROUP weights per float32 scale) symmetric int4 sketch of the gate and up weights,
+                    a quarter of their bf16 bytes; the full-precision gate matrix is never needed to route.
+  router "lowrank": scores s = |silu(g^)| * |u^| where [g^, u^] = (x A) B is a rank-r reduced-rank
+                    regression of the gate and up pre-activations on x, fitted on calibration inputs
+                    (so the full gate matrix is never needed to route).
+  prior "median":   each skipped neuron j adds its calibrated median activation c_j when skipped, i.e.
+                    y += D c - D[:, kept] c[kept] = y0 - sum_kept c_j D[:, j]; the kept down rows are
+                    gathered anyway, so the prior costs n + d numbers per layer and no matmul over
+                    the skipped neurons.
+  prior "none":     plain dropping.
+The neurons' weights are bundled per neuron, bundle[j] = [G[j], U[j], D[:, j]] ([n, 3, d]), so one
+contiguous gather fetches everything a kept neuron needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dn import safetensors_io
+from dn.errors import DnError
+
+VERSION = 1
+FILE = "dn_sparse.safetensors"
+ROUTERS = ("int4", "lowrank")
+PRIORS = ("none", "median")
+DEFAULT_ROUTER = "int4"
+DEFAULT_PRIOR = "median"
+DEFAULT_RANK = 128
+GROUP = 64          # int4 router: weights per scale
+
+
+@dataclass
+class LayerSparse:
+    keep: int                 # neurons kept per token
+    router_a: np.ndarray      # lowrank: [d, r]; int4: packed nibbles of [G; U], uint8 [2n, d/2]
+    router_b: np.ndarray      # lowrank: [r, 2n] (columns [:n] gate, [n:] up); int4: scales [2n, d/GROUP]
+    prior_c: np.ndarray       # [n] activation a skipped neuron is assumed to have (zeros: drop)
+    prior_y0: np.ndarray      # [d] D @ prior_c
+    router: str = "lowrank"
+
+
+@dataclass
+class SparseSpec:
+    sparsity: float
+    hidden: int
+    intermediate: int
+    router: str = DEFAULT_ROUTER
+    rank: int = DEFAULT_RANK
+    prior: str = DEFAULT_PRIOR
+    keep: list[int] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)
+    layers: list[LayerSparse] = field(default_factory=list, repr=False)
+    version: int = VERSION
+
+    def section(self) -> dict:
+        """The `sparse` section of dn_spec.json (arrays live in FILE)."""
+        d = {k: v for k, v in asdict(self).items() if k != "layers"}
+        return d | {"file": FILE, "num_layers": len(self.layers)}
+
+
+def keep_count(sparsity: float, n: int) -> int:
+    if not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
+        raise DnError(f"sparsity must be in (0, 1), got {sparsity!r}")
+    return max(1, min(n, round((1 - sparsity) * n)))
+
+
+# ---- the numpy reference -------------------------------------------------------------------------
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
+
+
+def bundle(gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """gate, up [n, d], down [d, n] -> [n, 3, d], one contiguous block per neuron."""
+    return np.ascontiguousarray(np.stack([gate, up, down.T], axis=1))
+
+
+def quantize_int4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w [m, d] -> (packed uint8 [m, d/2], scales float32 [m, d/GROUP]); symmetric, values -7..7."""
+    m, d = w.shape
+    g = w.reshape(m, d // GROUP, GROUP)
+    s = np.abs(g).max(-1) / 7 + 1e-12
+    q = (np.clip(np.round(g / s[..., None]), -7, 7).astype(np.int8) + 8).astype(np.uint8).reshape(m, d)
+    return q[:, 0::2] | (q[:, 1::2] << 4), s.astype(np.float32)
+
+
+def dequantize_int4(packed: np.ndarray, s: np.ndarray) -> np.ndarray:
+    m = packed.shape[0]
+    q = np.empty((m, packed.shape[1] * 2), np.float32)
+    q[:, 0::2], q[:, 1::2] = (packed & 15).astype(np.float32) - 8, (packed >> 4).astype(np.float32) - 8
+    return (q.reshape(m, -1, GROUP) * s[..., None]).reshape(m, -1)
+
+
+def predict(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
+    """x [T, d] -> predicted [gate, up] pre-activations [T, 2n] (float32)."""
+    x = x.astype(np.float32)
+    if layer.router == "int4":
+        return x @ dequantize_int4(layer.router_a, layer.router_b).T
+    return (x @ layer.router_a) @ layer.router_b
+
+
+def scores(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
+    """x [T, d] -> router scores [T, n] (float32)."""
+    n = layer.prior_c.shape[0]
+    p = predict(x, layer)
+    return np.abs(silu(p[:, :n]) * p[:, n:])
+
+
+def route(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
+    """x [T, d] -> indices of kept neurons [T, keep], sorted ascending (top-k of scores; ties: lower index)."""
+    s = scores(x, layer)
+    idx = np.argsort(-s, axis=1, kind="stable")[:, :layer.keep]
+    return np.sort(idx, axis=1)
+
+
+def sparse_mlp_step(x: np.ndarray, bundled: np.ndarray, layer: LayerSparse,
+                    idx: np.ndarray | None = None) -> np.ndarray:
+    """x [T, d], bundled [n, 3, d] -> y [T, d] (float64 accumulation: the oracle for both backends)."""
+    idx = route(x, layer) if idx is None else idx
+    x64 = x.astype(np.float64)
+    w = bundled[idx].astype(np.float64)                    # [T, k, 3, d]
+    g = np.einsum("tkd,td->tk", w[:, :, 0], x64)
+    u = np.einsum("tkd,td->tk", w[:, :, 1], x64)
+    h = silu(g) * u - layer.prior_c[idx]                   # prior: subtract the kept neurons' c
+    return np.einsum("tk,tkd->td", h, w[:, :, 2]) + layer.prior_y0
+
+
+def dense_mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    return (silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+# ---- fitting (numpy, on calibration MLP inputs) --------------------------------------------------
+
+def fit_router(x: np.ndarray, gate: np.ndarray, up: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reduced-rank regression of [G x, U x] on x: the best rank-r predictor on the calibration inputs.
+
+    With Y = X W S^-1 (W = [G; U]^T [d, 2n], S the RMS of each output so the gate and up halves weigh
+    alike), the optimum is W S^-1 V_r V_r^T S for V_r the top-r right singular vectors of Y, which are
+    those of L^T W S^-1 where X^T X = L L^T ([d, d]; no [T, 2n] product needed).
+    """
+    w = np.concatenate([gate, up], axis=0).T.astype(np.float64)   # [d, 2n]
+    x64 = x.astype(np.float64)
+    cov = x64.T @ x64 / len(x64)
+    evals, evecs = np.linalg.eigh(cov)
+    half = evecs * np.sqrt(np.clip(evals, 0, None))                # cov = half half^T
+    scale = np.sqrt(((cov @ w) * w).sum(0)) + 1e-6     # RMS of each output
+    _, _, vt = np.linalg.svd(half.T @ (w / scale), full_matrices=False)
+    v = vt[:rank].T                                                # [2n, r]
+    a = (w / scale) @ v                                            # [d, r]
+    b = v.T * scale                                                # [r, 2n]
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+def fit_prior(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, layer: LayerSparse,
+              kind: str) -> None:
+    """Fill layer.prior_c / prior_y0: median activation of each neuron over the tokens where it is skipped
+    (a median, since a few outlier tokens, e.g. the first of a window, dominate a mean)."""
+    n = gate.shape[0]
+    if kind == "none":
+        layer.prior_c, layer.prior_y0 = np.zeros(n, np.float32), np.zeros(down.shape[0], np.float32)
+        return
+    if kind != "median":
+        raise DnError(f"unknown prior {kind!r} (choose from {', '.join(PRIORS)})")
+    h = silu(x @ gate.T) * (x @ up.T)                               # [T, n]
+    kept = np.zeros(h.shape, bool)
+    np.put_along_axis(kept, route(x, layer), True, axis=1)
+    skipped = ~kept
+    with warnings.catch_warnings():  # a neuron never skipped has no median: c = 0
+        warnings.simplefilter("ignore", RuntimeWarning)
+        c = np.nan_to_num(np.nanmedian(np.where(skipped, h, np.nan), axis=0))
+    layer.prior_c = c.astype(np.float32)
+    layer.prior_y0 = (down.astype(np.float64) @ c).astype(np.float32)
+
+
+def fit_layer(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, keep: int,
+              rank: int, prior: str, router: str = DEFAULT_ROUTER) -> LayerSparse:
+    """x [T, d] calibration MLP inputs of one layer (float32) -> its fitted router and prior."""
+    n, d = gate.shape
+    if router == "int4":
+        if d % GROUP:
+            raise DnError(f"int4 router needs hidden size divisible by {GROUP}, got {d}")
+        a, b = quantize_int4(np.concatenate([gate, up]))
+    elif router == "lowrank":
+        a, b = fit_router(x, gate, up, rank)
+    else:
+        raise DnError(f"unknown router {router!r} (choose from {', '.join(ROUTERS)})")
+    layer = LayerSparse(keep, a, b, np.zeros(n, np.float32), np.zeros(d, np.float32), router)
+    fit_prior(x, gate, up, down, layer, prior)
+    return layer
+
+
+def oracle_route(x: np.ndarray, gate: np.ndarray, up: np.ndarray, keep: int) -> np.ndarray:
+    """Top-k of |silu(G x) * U x|: the best any router can do. [T, keep] sorted."""
+    h = np.abs(silu(x @ gate.T) * (x @ up.T))
+    return np.sort(np.argsort(-h, axis=1, kind="stable")[:, :keep], axis=1)
+
+
+def recall(idx: np.ndarray, ref: np.ndarray, n: int) -> float:
+    """Fraction of the oracle's kept neurons the router kept too."""
+    a = np.zeros((idx.shape[0], n), bool)
+    b = np.zeros_like(a)
+    np.put_along_axis(a, idx, True, axis=1)
+    np.put_along_axis(b, ref, True, axis=1)
+    return float((a & b).sum() / b.sum())
+
+
+# ---- bytes accounting ----------------------------------------------------------------------------
+
+def layer_bytes(spec: SparseSpec, dtype_bytes: int = 2) -> dict[str, int]:
+    """Per layer, resident bytes at the weights' dtype: kept neurons vs router and prior side data."""
+    d, n, r = spec.hidden, spec.intermediate, spec.rank
+    prior = 0 if spec.prior == "none" else (n + d)
+    router = 2 * n * (d // 2 + d // GROUP * 4) if spec.router == "int4" else r * (d + 2 * n) * dtype_bytes
+    return {"neuron": 3 * d * dtype_bytes, "router": router,
+            "prior": prior * dtype_bytes, "dense_mlp": 3 * d * n * dtype_bytes}
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+def save(spec: SparseSpec, out_dir: Path) -> dict:
+    """Write FILE into out_dir; return the section for dn_spec.json."""
+    tensors = {}
+    for i, layer in enumerate(spec.layers):
+        p = f"layers.{i}."
+        tensors |= {p + "router.a": layer.router_a, p + "router.b": layer.router_b,
+                    p + "prior.c": layer.prior_c, p + "prior.y0": layer.prior_y0}
+    safetensors_io.save({k: np.ascontiguousarray(v if v.dtype == np.uint8 else v.astype(np.float32))
+                         for k, v in tensors.items()},
+                        Path(out_dir) / FILE, metadata={"dn_sparse_version": str(VERSION)})
+    return spec.section()
+
+
+def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermediate: int) -> SparseSpec:
+    """Read and validate a sparse section + FILE against the model's shape; DnError on any mismatch."""
+    if not isinstance(section, dict):
+        raise DnError("sparse section of dn_spec.json is not an object")
+    if section.get("version") != VERSION:
+        raise DnError(f"unsupported sparse spec version {section.get('version')!r} (this dn reads {VERSION})")
+    for key, want in (("num_layers", num_layers), ("hidden", hidden), ("intermediate", intermediate)):
+        if section.get(key) != want:
+            raise DnError(f"sparse spec {key} is {section.get(key)!r}, the model has {want}")
+    if section.get("router") not in ROUTERS or section.get("prior") not in PRIORS:
+        raise DnError(f"sparse spec: unknown router/prior {section.get('router')!r}/{section.get('prior')!r}")
+    keep = section.get("keep")
+    if not isinstance(keep, list) or len(keep) != num_layers or not all(
+            isinstance(k, int) and 0 < k <= intermediate for k in keep):
+        raise DnError("sparse spec: keep must list one count in [1, intermediate] per layer")
+    path = Path(model_dir) / section.get("file", FILE)
+    if not path.is_file():
+        raise DnError(f"sparse spec file {path} is missing")
+    arrays = {k: v for k, (v, _) in safetensors_io.load(path).items()}
+    r, kind = section.get("rank"), section["router"]
+    shapes = {"router.a": (hidden, r), "router.b": (r, 2 * intermediate), "prior.c": (intermediate,),
+              "prior.y0": (hidden,)}
+    if kind == "int4":
+        shapes |= {"router.a": (2 * intermediate, hidden // 2), "router.b": (2 * intermediate, hidden // GROUP)}
+    layers = []
+    for i in range(num_layers):
+        got = {}
+        for name, shape in shapes.items():
+            a = arrays.get(f"layers.{i}.{name}")
+            if a is None or a.shape != shape:
+                raise DnError(f"{path.name}: layers.{i}.{name} is "
+                              f"{'missing' if a is None else a.shape}, expected {shape}")
+            got[name] = np.asarray(a) if a.dtype == np.uint8 else np.asarray(a, np.float32)
+        layers.append(LayerSparse(keep[i], got["router.a"], got["router.b"], got["prior.c"], got["prior.y0"],
+                                  kind))
+    fields = {k: section[k] for k in ("sparsity", "hidden", "intermediate", "router", "rank", "prior",
+                                      "keep", "calibration", "version") if k in section}
+    return SparseSpec(**fields, layers=layers)
+
+
+def load_for_model(model_dir: Path, spec) -> SparseSpec:
+    """The SparseSpec of a dn ModelSpec (spec.sparse), checked against its architecture."""
+    a = spec.architecture
+    return load(model_dir, spec.sparse, a.num_hidden_layers, a.hidden_size, a.intermediate_size)
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def dumps(section: dict) -> str:
+    return json.dumps(section, sort_keys=True)

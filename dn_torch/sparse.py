@@ -1,0 +1,209 @@
+"""Execute a dn sparse spec on torch: each layer's MLP becomes router -> gather of the kept neurons'
+bundled [gate | up | down] rows -> prior (dn/sparse.py has the math and the numpy reference).
+
+Paths: `gather` (index_select of bundled rows, then three small contractions; any device), `triton`
+(one fused kernel: gather, gate/up dot products, silu*up, prior correction and down accumulation; CUDA,
+batch of one token), and `masked` for many tokens at once (prefill/eval): the same decisions applied
+as a mask over the dense product, since gathering [T, k, 3, d] per token would not fit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dn import sparse as ref
+
+try:  # Triton only where a GPU backend is installed
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU installs
+    triton = None
+
+GATHER_LIMIT = 1 << 22  # elements of [T, k, 3, d] above which a step uses the masked path
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def mlp_weights(model, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layer i's (gate [n, d], up [n, d], down [d, n]) as float32 numpy."""
+    mlp = model.model.layers[i].mlp
+    if isinstance(mlp, SparseMLP):
+        b = _np(mlp.bundled)
+        return b[:, 0], b[:, 1], b[:, 2].T.copy()
+    return _np(mlp.gate_proj.weight), _np(mlp.up_proj.weight), _np(mlp.down_proj.weight)
+
+
+def collect_mlp_inputs(model, token_batches: list[np.ndarray]) -> list[np.ndarray]:
+    """Run the model over token batches [B, L]; return each layer's MLP inputs, float32 [sum B*L, d]."""
+    layers = model.model.layers
+    got = [[] for _ in layers]
+    hooks = [layer.mlp.register_forward_pre_hook(
+        lambda _m, args, i=i: got[i].append(_np(args[0].reshape(-1, args[0].shape[-1]))))
+        for i, layer in enumerate(layers)]
+    try:
+        dev = next(model.parameters()).device
+        with torch.inference_mode():
+            for tokens in token_batches:
+                model(torch.as_tensor(np.asarray(tokens), device=dev), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [np.concatenate(g) for g in got]
+
+
+class SparseMLP(nn.Module):
+    """Drop-in for a SwiGLU MLP executing one layer of the spec."""
+
+    def __init__(self, bundled: torch.Tensor, layer: ref.LayerSparse, path: str = "auto"):
+        super().__init__()
+        n = bundled.shape[0]
+        dt, dev = bundled.dtype, bundled.device
+        self.keep, self.n, self.path = layer.keep, n, path
+        self.oracle = False  # route by the true |silu(G x) * U x| (quality baselines only)
+        self.register_buffer("bundled", bundled.contiguous())                       # [n, 3, d]
+        # lowrank: factors [d, r], [r, 2n]; int4: [G; U]_q^T dequantized once ([d, 2n] float32; the
+        # packed-nibble kernel that would keep it at 4 bits is not written) and an identity-free b.
+        if layer.router == "int4":
+            a, b = ref.dequantize_int4(layer.router_a, layer.router_b).T, None
+        else:
+            a, b = layer.router_a, layer.router_b
+        self.register_buffer("router_a", torch.as_tensor(np.ascontiguousarray(a), device=dev).float())
+        self.router_b = None if b is None else torch.as_tensor(b, device=dev).float()
+        self.register_buffer("prior_c", torch.tensor(np.asarray(layer.prior_c, np.float32), device=dev).to(dt))
+        self.register_buffer("prior_y0", torch.tensor(np.asarray(layer.prior_y0, np.float32), device=dev).to(dt))
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d] -> kept indices [T, keep] sorted (top-k of the router scores, float32)."""
+        if self.oracle:
+            b = self.bundled
+            s = (nn.functional.silu(x @ b[:, 0].T) * (x @ b[:, 1].T)).abs()
+        else:
+            p = x.float() @ self.router_a
+            p = p if self.router_b is None else p @ self.router_b
+            s = (nn.functional.silu(p[:, :self.n]) * p[:, self.n:]).abs()
+        return torch.topk(s, self.keep, dim=1, sorted=False).indices.sort(dim=1).values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        idx = self.route(x2)
+        return self.step(x2, idx).reshape(shape)
+
+    def step(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        t, d = x.shape
+        path = self.path
+        if path == "auto":
+            if t == 1 and x.is_cuda and triton is not None:
+                path = "triton"
+            else:
+                path = "gather" if t * self.keep * 3 * d <= GATHER_LIMIT else "masked"
+        return {"gather": self._gather, "masked": self._masked, "triton": self._triton}[path](x, idx)
+
+    def _gather(self, x, idx):
+        w = self.bundled.index_select(0, idx.reshape(-1)).view(*idx.shape, 3, -1)   # [T, k, 3, d]
+        g = torch.einsum("tkd,td->tk", w[:, :, 0], x)
+        u = torch.einsum("tkd,td->tk", w[:, :, 1], x)
+        h = nn.functional.silu(g) * u - self.prior_c[idx]
+        return torch.einsum("tk,tkd->td", h, w[:, :, 2]) + self.prior_y0
+
+    def _masked(self, x, idx):
+        b = self.bundled
+        h = nn.functional.silu(x @ b[:, 0].T) * (x @ b[:, 1].T) - self.prior_c
+        mask = torch.zeros_like(h).scatter_(1, idx, 1.0)
+        return (h * mask) @ b[:, 2] + self.prior_y0
+
+    def _triton(self, x, idx):
+        return _fused_step(x, self.bundled, idx.reshape(-1), self.prior_c, self.prior_y0)
+
+
+if triton is not None:
+    @triton.jit
+    def _fused_kernel(x_ptr, w_ptr, idx_ptr, c_ptr, y_ptr, K, D: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One program: BLOCK_K kept neurons. Pass 1 dots their gate/up rows with x; pass 2 adds
+        (silu(g)*u - c) times their down rows into y (fp32 atomics across programs)."""
+        pid = tl.program_id(0)
+        ks = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+        live = ks < K
+        rows = tl.load(idx_ptr + ks, mask=live, other=0).to(tl.int64) * (3 * D)
+        g = tl.zeros([BLOCK_K], tl.float32)
+        u = tl.zeros([BLOCK_K], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            xv = tl.load(x_ptr + ds).to(tl.float32)
+            off = rows[:, None] + ds[None, :]
+            wg = tl.load(w_ptr + off, mask=live[:, None], other=0.0).to(tl.float32)
+            wu = tl.load(w_ptr + off + D, mask=live[:, None], other=0.0).to(tl.float32)
+            g += tl.sum(wg * xv[None, :], axis=1)
+            u += tl.sum(wu * xv[None, :], axis=1)
+        c = tl.load(c_ptr + tl.load(idx_ptr + ks, mask=live, other=0), mask=live, other=0.0).to(tl.float32)
+        h = g / (1.0 + tl.exp(-g)) * u - c
+        h = tl.where(live, h, 0.0)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            off = rows[:, None] + 2 * D + ds[None, :]
+            wd = tl.load(w_ptr + off, mask=live[:, None], other=0.0).to(tl.float32)
+            tl.atomic_add(y_ptr + ds, tl.sum(wd * h[:, None], axis=0))
+
+
+def _fused_step(x: torch.Tensor, bundled: torch.Tensor, idx: torch.Tensor, c: torch.Tensor,
+               y0: torch.Tensor, block_k: int = 16, block_d: int = 256) -> torch.Tensor:
+    """One token: x [1, d], bundled [n, 3, d], idx [k] -> y [1, d] (Triton, fp32 accumulation)."""
+    d, k = x.shape[-1], idx.numel()
+    if d % block_d:
+        block_d = 64 if d % 64 == 0 else d
+    y = y0.float().clone()
+    _fused_kernel[(triton.cdiv(k, block_k),)](x.reshape(-1).contiguous(), bundled, idx.contiguous(), c, y,
+                                              k, D=d, BLOCK_K=block_k, BLOCK_D=block_d)
+    return y.to(x.dtype).view(1, d)
+
+
+def attach(model, model_dir: Path, spec) -> None:
+    """Replace every layer's MLP by a SparseMLP executing spec.sparse (validated against the model)."""
+    install(model, ref.load_for_model(model_dir, spec))
+
+
+def install(model, s: ref.SparseSpec) -> None:
+    """Patch the MLPs with an in-memory SparseSpec (re-installing over SparseMLPs reuses their bundles)."""
+    if len(s.layers) != len(model.model.layers):
+        raise ref.DnError(f"sparse spec has {len(s.layers)} layers, the model {len(model.model.layers)}")
+    for i, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        if isinstance(mlp, SparseMLP):
+            bundled = mlp.bundled
+        else:
+            w = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T]
+            bundled = torch.stack([t.detach() for t in w], dim=1).contiguous()
+        layer.mlp = SparseMLP(bundled, s.layers[i])
+    model.dn_sparse = s
+
+
+def route(x: np.ndarray, mlp: SparseMLP) -> np.ndarray:
+    """x [T, d] numpy -> the kept indices the backend chooses, [T, keep]."""
+    with torch.inference_mode():
+        xt = torch.as_tensor(x, device=mlp.bundled.device, dtype=mlp.bundled.dtype)
+        return mlp.route(xt).cpu().numpy()
+
+
+def sparse_mlp_step(x: np.ndarray, mlp: SparseMLP, path: str = "auto") -> np.ndarray:
+    """x [T, d] numpy -> y [T, d] float32 through the backend's sparse MLP (path: auto/gather/masked/triton)."""
+    with torch.inference_mode():
+        xt = torch.as_tensor(x, device=mlp.bundled.device, dtype=mlp.bundled.dtype)
+        old, mlp.path = mlp.path, path
+        try:
+            return mlp(xt).float().cpu().numpy()
+        finally:
+            mlp.path = old
+
+
+def make_mlp(bundled: np.ndarray, layer: ref.LayerSparse, dtype: str = "float32", device: str | None = None):
+    """A standalone SparseMLP (tests, benchmarks)."""
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return SparseMLP(torch.as_tensor(bundled, device=dev).to(dt), layer)
