@@ -354,14 +354,14 @@ def test_metal_glue_decode_and_matvec_through_host_kernels(host_launch):
 
 def test_metal_glue_attach_bit_identical_through_host_kernels(host_launch, tmp_path):
     pytest.importorskip("mlx_lm")
-    from test_codec_mlx import _tiny
+    from test_families import tiny_model
 
     from dn.convert import convert
     from dn.spec import load_spec
     from dn_mlx import model as mlx_model
 
     _, calls = host_launch
-    dense_dir = _tiny(tmp_path / "dense", "qwen2")
+    dense_dir = tiny_model(tmp_path / "dense", "qwen2")
     convert(dense_dir, tmp_path / "coded", "lossless", None)
     tokens = np.random.default_rng(4).integers(0, 96, size=(1, 9))
     dense = mlx_model.load(dense_dir, load_spec(dense_dir), "float32")
