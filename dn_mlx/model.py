@@ -131,5 +131,5 @@ def reset_peak_memory() -> None:
 
 
 def free(model) -> None:
-    del model
+    """Give cached allocator memory back once the caller has dropped its model references."""
     mx.clear_cache()

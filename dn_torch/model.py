@@ -167,6 +167,6 @@ def reset_peak_memory() -> None:
 
 
 def free(model) -> None:
-    del model
+    """Give cached allocator memory back once the caller has dropped its model references."""
     if _device().type == "cuda":
         torch.cuda.empty_cache()
