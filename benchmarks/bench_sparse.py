@@ -62,8 +62,8 @@ def check(dev: str) -> list[dict]:
             x = rng.standard_normal((1, d)).astype(np.float32)
             xq = torch.as_tensor(x).to(DT[dtype]).float().numpy()
             bq = mlp.bundled.float().cpu().numpy()
-            idx = ts.route(x, mlp)
-            want = ref.sparse_mlp_step(xq, bq, layer, idx)
+            mask = ts.route(x, mlp)
+            want = ref.sparse_mlp_step(xq, bq, layer, mask)
             tol = KERNEL[dtype]
             for path in ("gather", "triton") if ts.triton is not None and dev == "cuda" else ("gather",):
                 got = ts.sparse_mlp_step(x, mlp, path)
@@ -88,13 +88,16 @@ def bench(d: int, n: int, dtype: str, keeps: list[float], iters: int, dev: str, 
 
     t_dense = timeit(dense, iters)
     rows = [{"keep": 1.0, "path": "dense", "us": t_dense * 1e6, "ratio": 1.0}]
+    qa, qs = ref.quantize_int4(torch.cat([gate, up]).float().cpu().numpy())
     for keep in keeps:
         k = max(1, round(keep * n))
         layer = ref.LayerSparse(k, np.zeros((d, 1), np.float32), np.zeros((1, 2 * n), np.float32),
                                 np.zeros(n, np.float32), np.zeros(d, np.float32))
         mlp = ts.SparseMLP(bundled, layer)
         idx = torch.randperm(n, generator=g)[:k].sort().values.to(dev)[None]
-        fns = {"gather": lambda m=mlp, i=idx: m._gather(x, i)}
+        routed = ts.SparseMLP(bundled, ref.LayerSparse(k, qa, qs, layer.prior_c, layer.prior_y0, "int4"))
+        fns = {"gather": lambda m=mlp, i=idx: m._gather(x, i),
+               "routed": lambda m=routed: m(x)}   # int4 router (unpacked per call) + top-k + step
         if dev == "cuda" and ts.triton is not None:
             for bk in blocks:
                 fns[f"triton{bk}"] = lambda bk=bk, m=mlp, i=idx: ts._fused_step(

@@ -53,13 +53,17 @@ def main(argv=None) -> int:
     p.add_argument("--priors", default="none,median")
     p.add_argument("--rank", type=int, default=sparse.DEFAULT_RANK)
     p.add_argument("--router", default=sparse.DEFAULT_ROUTER, choices=sparse.ROUTERS)
+    p.add_argument("--select", default=sparse.DEFAULT_SELECT, choices=sparse.SELECTS)
     p.add_argument("--calib-tokens", type=int, default=calibrate.MAX_TOKENS)
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
-    p.add_argument("--oracle", action="store_true", help="also rows routed by the oracle top-k")
+    p.add_argument("--oracle", action="store_true", help="also rows routed by the true activations (same rule)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fit-backend", default=None,
+                   help="backend that runs the dense model for fitting (default: --backend); the spec is the "
+                        "same either way, so MLX can be measured on a spec fitted through torch")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     from dn import backend as backends
@@ -78,18 +82,26 @@ def main(argv=None) -> int:
     print(f"dense ppl {rows[0]['ppl']:.4f} over {count} tokens ({time.time() - t0:.0f}s)", file=sys.stderr)
     wins = calibrate.calibration_windows(tok.encode(read_text(args.calib_text)), args.seed,
                                          max_tokens=args.calib_tokens)
-    inputs = [np.concatenate(p) for p in zip(*[mod.collect_mlp_inputs(model, [w[None]]) for w in wins])]
-    weights = [mod.mlp_weights(model, i) for i in range(len(inputs))]
-    evx = [np.concatenate(p) for p in zip(*[mod.collect_mlp_inputs(model, [np.asarray(ev[:args.ctx])[None]])])]
-    recalls = {}
+    fit = run if args.fit_backend in (None, be.NAME) else loader.load(None, args.fit_backend, "float32")
+    fmod = __import__(f"dn_{fit.backend.NAME}.sparse", fromlist=["sparse"])
+    inputs = [np.concatenate(p) for p in zip(*[fmod.collect_mlp_inputs(fit.model, [w[None]]) for w in wins])]
+    weights = [fmod.mlp_weights(fit.model, i) for i in range(len(inputs))]
+    evx = fmod.collect_mlp_inputs(fit.model, [np.asarray(ev[:args.ctx])[None]])
+    if fit is not run:
+        fit.backend.free(fit.model)
+        del fit
+    recalls, kept = {}, {}
     for s in [float(v) for v in args.sparsity.split(",")]:
         for prior in args.priors.split(","):
-            layers = calibrate.fit_model(inputs, lambda i: weights[i], s, prior, args.rank, False, args.router)
+            layers = calibrate.fit_model(inputs, lambda i: weights[i], s, prior, args.rank, False, args.router,
+                                         args.select)
             if prior == args.priors.split(",")[0]:
-                recalls[s] = [sparse.recall(sparse.route(x, lay), sparse.oracle_route(x, *w[:2], lay.keep),
-                                            w[0].shape[0]) for x, lay, w in zip(evx, layers, weights)]
+                masks = [sparse.route_mask(x, lay) for x, lay in zip(evx, layers)]
+                recalls[s] = [sparse.recall(m, sparse.oracle_mask(x, *w, m.sum(1)))
+                              for m, x, w in zip(masks, evx, weights)]
+                kept[s] = float(np.mean([m.mean() for m in masks]))
             spec = sparse.SparseSpec(s, weights[0][0].shape[1], weights[0][0].shape[0], args.router, args.rank,
-                                     prior, keep=[lay.keep for lay in layers], layers=layers)
+                                     prior, args.select, keep=[lay.keep for lay in layers], layers=layers)
             for oracle in ([False, True] if args.oracle else [False]):
                 mod.install(model, spec)
                 for layer in model.model.layers:
@@ -97,12 +109,14 @@ def main(argv=None) -> int:
                 nll, _ = perplexity(be, model, ev, args.ctx)
                 gen = [greedy(be, model, tok, q, args.gen_tokens) for q in prompts]
                 row = {"sparsity": s, "prior": prior, "router": "oracle" if oracle else args.router,
+                       "kept_on_eval": kept[s],
                        "ppl": math.exp(nll), "delta": math.exp(nll - dense_nll) - 1,
                        "agree": agreement(gen, dense_gen)}
                 rows.append(row)
                 print(json.dumps(row), f"({time.time() - t0:.0f}s)", file=sys.stderr)
-    result = {"backend": be.NAME, "device": be.device_name(), "eval_tokens": count, "calib_tokens": int(wins.size),
-              "router": args.router, "rank": args.rank, "gen_tokens": args.gen_tokens, "prompts": len(prompts),
+    result = {"backend": be.NAME, "fit_backend": args.fit_backend or be.NAME, "device": be.device_name(),
+              "eval_tokens": count, "calib_tokens": int(wins.size), "router": args.router, "select": args.select,
+              "rank": args.rank, "gen_tokens": args.gen_tokens, "prompts": len(prompts),
               "rows": rows,
               "recall_per_layer": {str(k): v for k, v in recalls.items()},
               "bytes_per_layer_bf16": sparse.layer_bytes(spec), "command": " ".join(sys.argv)}

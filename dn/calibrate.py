@@ -33,13 +33,14 @@ def calibration_windows(tokens: list[int], seed: int, ctx: int = CTX, max_tokens
 
 
 def fit_model(inputs: list[np.ndarray], weights, sparsity: float, prior: str, rank: int,
-              progress: bool = True, router: str = sparse.DEFAULT_ROUTER) -> list[sparse.LayerSparse]:
+              progress: bool = True, router: str = sparse.DEFAULT_ROUTER,
+              select: str = sparse.DEFAULT_SELECT) -> list[sparse.LayerSparse]:
     """inputs[i] [T, d]; weights(i) -> (gate, up, down) float32 -> fitted layers."""
     layers = []
     for i, x in enumerate(inputs):
         gate, up, down = weights(i)
         layers.append(sparse.fit_layer(x, gate, up, down, sparse.keep_count(sparsity, gate.shape[0]),
-                                       rank, prior, router))
+                                       rank, prior, router, select))
         if progress:
             print(f"\rfitting routers and priors: layer {i + 1}/{len(inputs)}", end="", file=sys.stderr)
     if progress:
@@ -49,7 +50,8 @@ def fit_model(inputs: list[np.ndarray], weights, sparsity: float, prior: str, ra
 
 def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, prior: str | None = None,
               seed: int = 0, backend: str = "auto", rank: int = sparse.DEFAULT_RANK,
-              max_tokens: int = MAX_TOKENS, progress: bool = True, router: str = sparse.DEFAULT_ROUTER) -> dict:
+              max_tokens: int = MAX_TOKENS, progress: bool = True, router: str = sparse.DEFAULT_ROUTER,
+              select: str = sparse.DEFAULT_SELECT) -> dict:
     """Fit routers + priors on calib_text (the text itself), write sparse.FILE into out_dir, return the
     `sparse` section for dn_spec.json. Raises DnError before writing anything on bad input."""
     from dn import backend as backends
@@ -66,6 +68,8 @@ def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, 
         raise DnError("the calibration text is empty")
     if router not in sparse.ROUTERS:
         raise DnError(f"unknown router {router!r} (choose from {', '.join(sparse.ROUTERS)})")
+    if select not in sparse.SELECTS:
+        raise DnError(f"unknown selection {select!r} (choose from {', '.join(sparse.SELECTS)})")
     if not 0 < rank <= min(spec.architecture.hidden_size, 2 * n):
         raise DnError(f"router rank {rank} out of range")
     tokens = Tokenizer(model_dir, spec.architecture.eos_token_id).encode(calib_text)
@@ -82,9 +86,11 @@ def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, 
     if progress:
         print(file=sys.stderr)
     inputs = [np.concatenate(p) for p in zip(*parts)]
-    layers = fit_model(inputs, lambda i: mod.mlp_weights(model, i), sparsity, prior, rank, progress, router)
+    layers = fit_model(inputs, lambda i: mod.mlp_weights(model, i), sparsity, prior, rank, progress, router,
+                       select)
     be.free(model)
     s = sparse.SparseSpec(sparsity, spec.architecture.hidden_size, n, router=router, rank=rank, prior=prior,
+                          select=select,
                           keep=[layer.keep for layer in layers], layers=layers,
                           calibration={"tokens": int(wins.size), "windows": len(wins), "ctx": int(wins.shape[1]),
                                        "seed": seed, "text_sha256": sparse.text_digest(calib_text),

@@ -38,6 +38,9 @@ def setup_arg_parser():
     p.add_argument("--calib-text", default=None, help="calibration text (default: $DN_CALIB_TEXT)")
     p.add_argument("--prior", default=None, choices=["none", "median"], help="prior for --sparsity (default median)")
     p.add_argument("--router", default=None, choices=["int4", "lowrank"], help="router for --sparsity (default int4)")
+    p.add_argument("--select", default=None, choices=["threshold", "topk"],
+                   help="per-token selection for --sparsity: calibrated threshold, varying count (default), "
+                        "or a fixed top-k count")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", choices=["auto", "mlx", "torch"],
                    help="backend that runs the dense model during calibration")
@@ -90,10 +93,9 @@ def _main(argv) -> int:
         text = read_text(text_path(args.calib_text, "DN_CALIB_TEXT"))  # fail before any work
         sparse_args = {"sparsity": args.sparsity, "calib_text": text, "prior": args.prior,
                        "seed": args.seed, "backend": args.backend}
-        if args.router:
-            sparse_args["router"] = args.router
-    elif args.prior or args.calib_text or args.router:
-        raise DnError("--prior, --router and --calib-text need --sparsity")
+        sparse_args |= {k: v for k, v in (("router", args.router), ("select", args.select)) if v}
+    elif args.prior or args.calib_text or args.router or args.select:
+        raise DnError("--prior, --router, --select and --calib-text need --sparsity")
     convert(resolve_model(args.model), out, args.codec, sparse_args)
     print(f"wrote {out}")
     return 0

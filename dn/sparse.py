@@ -1,7 +1,14 @@
 """Per-token sparse MLP: the spec (router + prior per layer), its file I/O, the fitting math and the
 numpy reference of one sparse MLP step, which both backends are tested against.
 
-A SwiGLU MLP is y = D (silu(G x) * (U x)) with n neurons. Per token the router keeps `keep` neurons:
+A SwiGLU MLP is y = D (silu(G x) * (U x)) with n neurons. Per token the router scores every neuron and
+keeps some of them:
+  select "threshold" (v2 default): keep neuron j iff score_j > t_j, t_j = tau / |D[:, j]| (a neuron's
+                    score weighted by its down column's norm, i.e. the size of what it would add), tau
+                    set per layer on calibration scores so that on average `keep` neurons pass; the
+                    count varies per token, which loses less than a fixed count.
+  select "topk":    exactly `keep` neurons per token, top-k of the scores (v1 files).
+Scores:
   router "int4":    scores s = |silu(g^)| * |u^| with [g^, u^] = [G; U]_q x, where [G; U]_q is a group-wise
                     (GROUP weights per float32 scale) symmetric int4 sketch of the gate and up weights,
                     a quarter of their bf16 bytes; the full-precision gate matrix is never needed to route.
@@ -30,10 +37,13 @@ import numpy as np
 from dn import safetensors_io
 from dn.errors import DnError
 
-VERSION = 1
+VERSION = 2
+READS = (1, 2)      # v1: top-k selection only, no router.t
 FILE = "dn_sparse.safetensors"
 ROUTERS = ("int4", "lowrank")
 PRIORS = ("none", "median")
+SELECTS = ("threshold", "topk")
+DEFAULT_SELECT = "threshold"
 DEFAULT_ROUTER = "int4"
 DEFAULT_PRIOR = "median"
 DEFAULT_RANK = 128
@@ -48,6 +58,8 @@ class LayerSparse:
     prior_c: np.ndarray       # [n] activation a skipped neuron is assumed to have (zeros: drop)
     prior_y0: np.ndarray      # [d] D @ prior_c
     router: str = "lowrank"
+    select: str = "topk"
+    thresh: np.ndarray | None = None   # threshold: [n] per-neuron score thresholds t_j
 
 
 @dataclass
@@ -58,7 +70,8 @@ class SparseSpec:
     router: str = DEFAULT_ROUTER
     rank: int = DEFAULT_RANK
     prior: str = DEFAULT_PRIOR
-    keep: list[int] = field(default_factory=list)
+    select: str = DEFAULT_SELECT
+    keep: list[int] = field(default_factory=list)          # per layer; threshold: calibrated mean count
     calibration: dict = field(default_factory=dict)
     layers: list[LayerSparse] = field(default_factory=list, repr=False)
     version: int = VERSION
@@ -117,23 +130,29 @@ def scores(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
     return np.abs(silu(p[:, :n]) * p[:, n:])
 
 
-def route(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
-    """x [T, d] -> indices of kept neurons [T, keep], sorted ascending (top-k of scores; ties: lower index)."""
+def route_mask(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
+    """x [T, d] -> kept neurons as a bool mask [T, n] (threshold: s > t; topk: top-`keep`, ties: lower index)."""
     s = scores(x, layer)
+    if layer.select == "threshold":
+        return s > layer.thresh
     idx = np.argsort(-s, axis=1, kind="stable")[:, :layer.keep]
-    return np.sort(idx, axis=1)
+    mask = np.zeros(s.shape, bool)
+    np.put_along_axis(mask, idx, True, axis=1)
+    return mask
 
 
 def sparse_mlp_step(x: np.ndarray, bundled: np.ndarray, layer: LayerSparse,
-                    idx: np.ndarray | None = None) -> np.ndarray:
+                    mask: np.ndarray | None = None) -> np.ndarray:
     """x [T, d], bundled [n, 3, d] -> y [T, d] (float64 accumulation: the oracle for both backends)."""
-    idx = route(x, layer) if idx is None else idx
-    x64 = x.astype(np.float64)
-    w = bundled[idx].astype(np.float64)                    # [T, k, 3, d]
-    g = np.einsum("tkd,td->tk", w[:, :, 0], x64)
-    u = np.einsum("tkd,td->tk", w[:, :, 1], x64)
-    h = silu(g) * u - layer.prior_c[idx]                   # prior: subtract the kept neurons' c
-    return np.einsum("tk,tkd->td", h, w[:, :, 2]) + layer.prior_y0
+    mask = route_mask(x, layer) if mask is None else mask
+    x64, w = x.astype(np.float64), bundled.astype(np.float64)
+    y = np.empty(x.shape, np.float64)
+    for t in range(len(x)):                                # per token: only its kept neurons are read
+        k = np.flatnonzero(mask[t])
+        g, u = w[k, 0] @ x64[t], w[k, 1] @ x64[t]
+        h = silu(g) * u - layer.prior_c[k]                 # prior: subtract the kept neurons' c
+        y[t] = h @ w[k, 2] + layer.prior_y0
+    return y
 
 
 def dense_mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
@@ -173,9 +192,7 @@ def fit_prior(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
     if kind != "median":
         raise DnError(f"unknown prior {kind!r} (choose from {', '.join(PRIORS)})")
     h = silu(x @ gate.T) * (x @ up.T)                               # [T, n]
-    kept = np.zeros(h.shape, bool)
-    np.put_along_axis(kept, route(x, layer), True, axis=1)
-    skipped = ~kept
+    skipped = ~route_mask(x, layer)
     with warnings.catch_warnings():  # a neuron never skipped has no median: c = 0
         warnings.simplefilter("ignore", RuntimeWarning)
         c = np.nan_to_num(np.nanmedian(np.where(skipped, h, np.nan), axis=0))
@@ -183,9 +200,18 @@ def fit_prior(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
     layer.prior_y0 = (down.astype(np.float64) @ c).astype(np.float32)
 
 
+def fit_threshold(x: np.ndarray, down: np.ndarray, layer: LayerSparse) -> np.ndarray:
+    """Per-neuron thresholds t_j = tau / |D[:, j]|, tau the (1 - keep/n) quantile of the norm-weighted
+    router scores over the calibration tokens: on those tokens `keep` neurons pass on average."""
+    norm = np.linalg.norm(down.astype(np.float64), axis=0) + 1e-12          # [n]
+    weighted = scores(x, layer) * norm
+    tau = np.quantile(weighted, 1 - layer.keep / len(norm), method="lower")
+    return (tau / norm).astype(np.float32)
+
+
 def fit_layer(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, keep: int,
-              rank: int, prior: str, router: str = DEFAULT_ROUTER) -> LayerSparse:
-    """x [T, d] calibration MLP inputs of one layer (float32) -> its fitted router and prior."""
+              rank: int, prior: str, router: str = DEFAULT_ROUTER, select: str = DEFAULT_SELECT) -> LayerSparse:
+    """x [T, d] calibration MLP inputs of one layer (float32) -> its fitted router, selection and prior."""
     n, d = gate.shape
     if router == "int4":
         if d % GROUP:
@@ -195,24 +221,28 @@ def fit_layer(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
         a, b = fit_router(x, gate, up, rank)
     else:
         raise DnError(f"unknown router {router!r} (choose from {', '.join(ROUTERS)})")
-    layer = LayerSparse(keep, a, b, np.zeros(n, np.float32), np.zeros(d, np.float32), router)
+    if select not in SELECTS:
+        raise DnError(f"unknown selection {select!r} (choose from {', '.join(SELECTS)})")
+    layer = LayerSparse(keep, a, b, np.zeros(n, np.float32), np.zeros(d, np.float32), router, select)
+    if select == "threshold":
+        layer.thresh = fit_threshold(x, down, layer)
     fit_prior(x, gate, up, down, layer, prior)
     return layer
 
 
-def oracle_route(x: np.ndarray, gate: np.ndarray, up: np.ndarray, keep: int) -> np.ndarray:
-    """Top-k of |silu(G x) * U x|: the best any router can do. [T, keep] sorted."""
-    h = np.abs(silu(x @ gate.T) * (x @ up.T))
-    return np.sort(np.argsort(-h, axis=1, kind="stable")[:, :keep], axis=1)
+def oracle_mask(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per token t, the counts[t] neurons with the largest true |silu(G x) * U x| * |D[:, j]|: the best any
+    router keeping that many can do. Bool [T, n]."""
+    h = np.abs(silu(x @ gate.T) * (x @ up.T)) * np.linalg.norm(down, axis=0)
+    order = np.argsort(-h, axis=1, kind="stable")
+    mask = np.zeros(h.shape, bool)
+    np.put_along_axis(mask, order, np.arange(h.shape[1])[None] < np.asarray(counts)[:, None], axis=1)
+    return mask
 
 
-def recall(idx: np.ndarray, ref: np.ndarray, n: int) -> float:
-    """Fraction of the oracle's kept neurons the router kept too."""
-    a = np.zeros((idx.shape[0], n), bool)
-    b = np.zeros_like(a)
-    np.put_along_axis(a, idx, True, axis=1)
-    np.put_along_axis(b, ref, True, axis=1)
-    return float((a & b).sum() / b.sum())
+def recall(mask: np.ndarray, ref: np.ndarray) -> float:
+    """Fraction of the oracle's kept neurons the router kept too (bool masks [T, n])."""
+    return float((mask & ref).sum() / max(1, ref.sum()))
 
 
 # ---- bytes accounting ----------------------------------------------------------------------------
@@ -221,6 +251,7 @@ def layer_bytes(spec: SparseSpec, dtype_bytes: int = 2) -> dict[str, int]:
     """Per layer, resident bytes at the weights' dtype: kept neurons vs router and prior side data."""
     d, n, r = spec.hidden, spec.intermediate, spec.rank
     prior = 0 if spec.prior == "none" else (n + d)
+    prior += n if spec.select == "threshold" else 0   # per-neuron thresholds ride with the router
     router = 2 * n * (d // 2 + d // GROUP * 4) if spec.router == "int4" else r * (d + 2 * n) * dtype_bytes
     return {"neuron": 3 * d * dtype_bytes, "router": router,
             "prior": prior * dtype_bytes, "dense_mlp": 3 * d * n * dtype_bytes}
@@ -235,6 +266,8 @@ def save(spec: SparseSpec, out_dir: Path) -> dict:
         p = f"layers.{i}."
         tensors |= {p + "router.a": layer.router_a, p + "router.b": layer.router_b,
                     p + "prior.c": layer.prior_c, p + "prior.y0": layer.prior_y0}
+        if layer.select == "threshold":
+            tensors[p + "router.t"] = layer.thresh
     safetensors_io.save({k: np.ascontiguousarray(v if v.dtype == np.uint8 else v.astype(np.float32))
                          for k, v in tensors.items()},
                         Path(out_dir) / FILE, metadata={"dn_sparse_version": str(VERSION)})
@@ -245,8 +278,12 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
     """Read and validate a sparse section + FILE against the model's shape; DnError on any mismatch."""
     if not isinstance(section, dict):
         raise DnError("sparse section of dn_spec.json is not an object")
-    if section.get("version") != VERSION:
-        raise DnError(f"unsupported sparse spec version {section.get('version')!r} (this dn reads {VERSION})")
+    version = section.get("version")
+    if version not in READS:
+        raise DnError(f"unsupported sparse spec version {version!r} (this dn reads {', '.join(map(str, READS))})")
+    select = section.get("select", "topk") if version >= 2 else "topk"
+    if select not in SELECTS:
+        raise DnError(f"sparse spec: unknown selection {select!r}")
     for key, want in (("num_layers", num_layers), ("hidden", hidden), ("intermediate", intermediate)):
         if section.get(key) != want:
             raise DnError(f"sparse spec {key} is {section.get(key)!r}, the model has {want}")
@@ -265,6 +302,8 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
               "prior.y0": (hidden,)}
     if kind == "int4":
         shapes |= {"router.a": (2 * intermediate, hidden // 2), "router.b": (2 * intermediate, hidden // GROUP)}
+    if select == "threshold":
+        shapes["router.t"] = (intermediate,)
     layers = []
     for i in range(num_layers):
         got = {}
@@ -275,10 +314,10 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
                               f"{'missing' if a is None else a.shape}, expected {shape}")
             got[name] = np.asarray(a) if a.dtype == np.uint8 else np.asarray(a, np.float32)
         layers.append(LayerSparse(keep[i], got["router.a"], got["router.b"], got["prior.c"], got["prior.y0"],
-                                  kind))
+                                  kind, select, got.get("router.t")))
     fields = {k: section[k] for k in ("sparsity", "hidden", "intermediate", "router", "rank", "prior",
-                                      "keep", "calibration", "version") if k in section}
-    return SparseSpec(**fields, layers=layers)
+                                      "keep", "calibration") if k in section}
+    return SparseSpec(**fields, select=select, layers=layers, version=version)
 
 
 def load_for_model(model_dir: Path, spec) -> SparseSpec:

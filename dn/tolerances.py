@@ -23,3 +23,6 @@ class ParityTol:
 
 # Backend vs backend on the same model (foundation issue thresholds).
 PARITY = {"float32": ParityTol(1e-4, 1.0, 1e-4), "bfloat16": ParityTol(2e-2, None, 2e-2)}
+
+# Sparse models: fraction of router keep/skip decisions two backends must share on the same inputs.
+ROUTE_AGREEMENT = 0.999

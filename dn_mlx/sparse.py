@@ -70,43 +70,69 @@ class SparseMLP(nn.Module):
         super().__init__()
         dt = bundled.dtype
         self.keep, self.n, self.path, self.oracle = layer.keep, bundled.shape[0], path, False
+        self.router, self.select = layer.router, layer.select
+        self.tape, self.replay = None, None   # see tape_routes
         self.bundled = bundled                                          # [n, 3, d]
-        # lowrank: factors [d, r], [r, 2n]; int4: [G; U]_q^T dequantized once ([d, 2n] float32; the
-        # packed-nibble kernel that would keep it at 4 bits is not written).
         if layer.router == "int4":
-            a, b = ref.dequantize_int4(layer.router_a, layer.router_b).T, None
+            # dn's packed nibbles (value q - 8, low nibble first) read as uint32 are MLX's 4-bit affine
+            # layout with bias -8 * scale: the router stays resident at 4 bits, via quantized_matmul.
+            self.router_a = mx.array(np.ascontiguousarray(layer.router_a).view(np.uint32))
+            self.router_b = mx.array(np.asarray(layer.router_b, np.float32))
+            self.router_bias = -8 * self.router_b
         else:
-            a, b = layer.router_a, layer.router_b
-        self.router_a = mx.array(np.ascontiguousarray(a, np.float32))
-        self.router_b = None if b is None else mx.array(np.asarray(b, np.float32))
+            self.router_a = mx.array(np.asarray(layer.router_a, np.float32))
+            self.router_b = mx.array(np.asarray(layer.router_b, np.float32))
+        t = layer.thresh if layer.select == "threshold" else np.zeros(0, np.float32)
+        self.thresh = mx.array(np.asarray(t, np.float32))
         self.prior_c = mx.array(np.asarray(layer.prior_c, np.float32)).astype(dt)
         self.prior_y0 = mx.array(np.asarray(layer.prior_y0, np.float32)).astype(dt)
 
-    def route(self, x: mx.array) -> mx.array:
-        """x [T, d] -> kept indices [T, keep] sorted (top-k of the router scores, float32)."""
+    def scores(self, x: mx.array) -> mx.array:
+        """x [T, d] -> router scores [T, n] float32."""
         if self.oracle:
             b = self.bundled
-            s = mx.abs(nn.silu(x @ b[:, 0].T) * (x @ b[:, 1].T))
+            return mx.abs(nn.silu(x @ b[:, 0].T) * (x @ b[:, 1].T)).astype(mx.float32)
+        if self.router == "int4":
+            p = mx.quantized_matmul(x.astype(mx.float32), self.router_a, self.router_b, self.router_bias,
+                                    transpose=True, group_size=ref.GROUP, bits=4)
         else:
-            p = x.astype(mx.float32) @ self.router_a
-            p = p if self.router_b is None else p @ self.router_b
-            s = mx.abs(nn.silu(p[:, :self.n]) * p[:, self.n:])
-        return mx.sort(mx.argpartition(-s, self.keep - 1, axis=1)[:, :self.keep], axis=1)
+            p = (x.astype(mx.float32) @ self.router_a) @ self.router_b
+        return mx.abs(nn.silu(p[:, :self.n]) * p[:, self.n:])
+
+    def route(self, x: mx.array) -> mx.array:
+        """x [T, d] -> kept neurons, bool [T, n]."""
+        s = self.scores(x)
+        if self.select == "threshold":
+            return s > self.thresh
+        idx = mx.argpartition(-s, self.keep - 1, axis=1)[:, :self.keep]
+        return mx.put_along_axis(mx.zeros(s.shape, mx.bool_), idx, mx.array(True), axis=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        return self.step(x2, self.route(x2)).reshape(shape)
+        mask = self.route(x2)
+        if self.tape is not None:
+            self.tape.append(np.array(mask))
+            if self.replay is not None:
+                mask = mx.array(self.replay.pop(0))
+        return self.step(x2, mask).reshape(shape)
 
-    def step(self, x: mx.array, idx: mx.array) -> mx.array:
+    def step(self, x: mx.array, mask: mx.array) -> mx.array:
         t, d = x.shape
         path = self.path
+        same = t == 1 or self.select == "topk"   # every row keeps the same count: [T, k] indices exist
         if path == "auto":
-            if _on_metal():
+            if _on_metal() and same:
                 path = "metal"
             else:
-                path = "gather" if t * self.keep * 3 * d <= GATHER_LIMIT else "masked"
-        return {"gather": self._gather, "masked": self._masked, "metal": self._metal}[path](x, idx)
+                path = "gather" if same and t * self.keep * 3 * d <= GATHER_LIMIT else "masked"
+        if path == "masked":
+            return self._masked(x, mask)
+        if not same:
+            raise ValueError(f"path {path!r} needs the same kept count per token; use 'masked'")
+        m = np.array(mask)                           # MLX has no nonzero: the indices come from the host
+        idx = mx.array(np.nonzero(m)[1].reshape(t, -1).astype(np.uint32))              # [T, k] sorted
+        return {"gather": self._gather, "metal": self._metal}[path](x, idx)
 
     def _gather(self, x, idx):
         w = mx.take(self.bundled, idx.reshape(-1), axis=0).reshape(*idx.shape, 3, -1)  # [T, k, 3, d]
@@ -115,11 +141,10 @@ class SparseMLP(nn.Module):
         h = nn.silu(g) * u - mx.take(self.prior_c, idx)
         return (h[:, None, :] @ w[:, :, 2])[:, 0] + self.prior_y0
 
-    def _masked(self, x, idx):
+    def _masked(self, x, mask):
         b = self.bundled
         h = nn.silu(x @ b[:, 0].T) * (x @ b[:, 1].T) - self.prior_c
-        mask = mx.put_along_axis(mx.zeros(h.shape, h.dtype), idx, mx.array(1.0, h.dtype), axis=1)
-        return (h * mask) @ b[:, 2] + self.prior_y0
+        return (h * mask.astype(h.dtype)) @ b[:, 2] + self.prior_y0
 
     def _metal(self, x, idx):
         return _metal_step(x, self.bundled, idx, self.prior_c, self.prior_y0)
@@ -160,13 +185,16 @@ def install(model, s: ref.SparseSpec) -> None:
     if len(s.layers) != len(model.model.layers):
         raise ref.DnError(f"sparse spec has {len(s.layers)} layers, the model {len(model.model.layers)}")
     for i, layer in enumerate(model.model.layers):
-        mlp = layer.mlp
-        if isinstance(mlp, SparseMLP):
-            bundled = mlp.bundled
-        else:
-            bundled = mx.stack([mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T], axis=1)
-        layer.mlp = SparseMLP(mx.contiguous(bundled), s.layers[i])
+        layer.mlp = sparse_mlp(layer.mlp, s.layers[i])
     model.dn_sparse = s
+
+
+def sparse_mlp(mlp, layer: ref.LayerSparse) -> SparseMLP:
+    """A SparseMLP for one layer, from a dense SwiGLU MLP or another SparseMLP (whose bundle it shares)."""
+    if isinstance(mlp, SparseMLP):
+        return SparseMLP(mlp.bundled, layer)
+    bundled = mx.stack([mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T], axis=1)
+    return SparseMLP(mx.contiguous(bundled), layer)
 
 
 def attach(model, model_dir: Path, spec) -> None:
@@ -174,8 +202,25 @@ def attach(model, model_dir: Path, spec) -> None:
     install(model, ref.load_for_model(model_dir, spec))
 
 
+def tape_routes(model, replay: list[list[np.ndarray]] | None = None) -> list[list[np.ndarray]]:
+    """Tape every sparse layer's router decisions (bool [T, n] per call, in call order) until
+    untape_routes. With replay (another run's tapes), each layer executes those decisions instead of its
+    own, still taping its own: parity runs two backends on identical routing and compares both."""
+    tapes = []
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.tape = []
+        layer.mlp.replay = None if replay is None else list(replay[i])
+        tapes.append(layer.mlp.tape)
+    return tapes
+
+
+def untape_routes(model) -> None:
+    for layer in model.model.layers:
+        layer.mlp.tape, layer.mlp.replay = None, None
+
+
 def route(x: np.ndarray, mlp: SparseMLP) -> np.ndarray:
-    """x [T, d] numpy -> the kept indices the backend chooses, [T, keep]."""
+    """x [T, d] numpy -> the neurons the backend keeps, bool [T, n]."""
     return np.array(mlp.route(mx.array(x).astype(mlp.bundled.dtype)))
 
 

@@ -57,6 +57,13 @@ def collect_mlp_inputs(model, token_batches: list[np.ndarray]) -> list[np.ndarra
     return [np.concatenate(g) for g in got]
 
 
+def _unpack_int4(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Packed nibbles uint8 [m, d/2], scales [m, d/GROUP] -> float32 [m, d] (dn.sparse.dequantize_int4)."""
+    m = q.shape[0]
+    w = torch.stack([(q & 15), (q >> 4)], dim=-1).view(m, -1).float() - 8
+    return (w.view(m, -1, ref.GROUP) * s[..., None]).view(m, -1)
+
+
 class SparseMLP(nn.Module):
     """Drop-in for a SwiGLU MLP executing one layer of the spec."""
 
@@ -64,46 +71,63 @@ class SparseMLP(nn.Module):
         super().__init__()
         n = bundled.shape[0]
         dt, dev = bundled.dtype, bundled.device
-        self.keep, self.n, self.path = layer.keep, n, path
+        self.keep, self.n, self.path, self.router, self.select = layer.keep, n, path, layer.router, layer.select
         self.oracle = False  # route by the true |silu(G x) * U x| (quality baselines only)
+        self.tape, self.replay = None, None   # see tape_routes
         self.register_buffer("bundled", bundled.contiguous())                       # [n, 3, d]
-        # lowrank: factors [d, r], [r, 2n]; int4: [G; U]_q^T dequantized once ([d, 2n] float32; the
-        # packed-nibble kernel that would keep it at 4 bits is not written) and an identity-free b.
-        if layer.router == "int4":
-            a, b = ref.dequantize_int4(layer.router_a, layer.router_b).T, None
-        else:
-            a, b = layer.router_a, layer.router_b
-        self.register_buffer("router_a", torch.as_tensor(np.ascontiguousarray(a), device=dev).float())
-        self.router_b = None if b is None else torch.as_tensor(b, device=dev).float()
+        # int4: the packed nibbles stay resident (4 bits per weight) and are unpacked per call;
+        # lowrank: factors [d, r], [r, 2n].
+        self.register_buffer("router_a", torch.tensor(np.ascontiguousarray(layer.router_a), device=dev))
+        self.register_buffer("router_b", torch.tensor(np.ascontiguousarray(layer.router_b), device=dev).float())
+        t = layer.thresh if layer.select == "threshold" else np.zeros(0, np.float32)
+        self.register_buffer("thresh", torch.tensor(np.asarray(t, np.float32), device=dev))
         self.register_buffer("prior_c", torch.tensor(np.asarray(layer.prior_c, np.float32), device=dev).to(dt))
         self.register_buffer("prior_y0", torch.tensor(np.asarray(layer.prior_y0, np.float32), device=dev).to(dt))
 
-    def route(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, d] -> kept indices [T, keep] sorted (top-k of the router scores, float32)."""
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d] -> router scores [T, n] float32."""
         if self.oracle:
             b = self.bundled
-            s = (nn.functional.silu(x @ b[:, 0].T) * (x @ b[:, 1].T)).abs()
+            return (nn.functional.silu(x @ b[:, 0].T) * (x @ b[:, 1].T)).abs().float()
+        if self.router == "int4":
+            p = x.float() @ _unpack_int4(self.router_a, self.router_b).T
         else:
-            p = x.float() @ self.router_a
-            p = p if self.router_b is None else p @ self.router_b
-            s = (nn.functional.silu(p[:, :self.n]) * p[:, self.n:]).abs()
-        return torch.topk(s, self.keep, dim=1, sorted=False).indices.sort(dim=1).values
+            p = (x.float() @ self.router_a.float()) @ self.router_b
+        return (nn.functional.silu(p[:, :self.n]) * p[:, self.n:]).abs()
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d] -> kept neurons, bool [T, n]."""
+        s = self.scores(x)
+        if self.select == "threshold":
+            return s > self.thresh
+        idx = torch.topk(s, self.keep, dim=1, sorted=False).indices
+        return torch.zeros_like(s, dtype=torch.bool).scatter_(1, idx, True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        idx = self.route(x2)
-        return self.step(x2, idx).reshape(shape)
+        mask = self.route(x2)
+        if self.tape is not None:
+            self.tape.append(mask.cpu().numpy())
+            if self.replay is not None:
+                mask = torch.as_tensor(self.replay.pop(0), device=mask.device)
+        return self.step(x2, mask).reshape(shape)
 
-    def step(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         t, d = x.shape
         path = self.path
+        same = t == 1 or self.select == "topk"   # every row keeps the same count: [T, k] indices exist
         if path == "auto":
             if t == 1 and x.is_cuda and triton is not None:
                 path = "triton"
             else:
-                path = "gather" if t * self.keep * 3 * d <= GATHER_LIMIT else "masked"
-        return {"gather": self._gather, "masked": self._masked, "triton": self._triton}[path](x, idx)
+                path = "gather" if same and t * self.keep * 3 * d <= GATHER_LIMIT else "masked"
+        if path == "masked":
+            return self._masked(x, mask)
+        if not same:
+            raise ValueError(f"path {path!r} needs the same kept count per token; use 'masked'")
+        idx = mask.nonzero()[:, 1].view(t, -1)                                        # [T, k] sorted
+        return {"gather": self._gather, "triton": self._triton}[path](x, idx)
 
     def _gather(self, x, idx):
         w = self.bundled.index_select(0, idx.reshape(-1)).view(*idx.shape, 3, -1)   # [T, k, 3, d]
@@ -112,11 +136,10 @@ class SparseMLP(nn.Module):
         h = nn.functional.silu(g) * u - self.prior_c[idx]
         return torch.einsum("tk,tkd->td", h, w[:, :, 2]) + self.prior_y0
 
-    def _masked(self, x, idx):
+    def _masked(self, x, mask):
         b = self.bundled
         h = nn.functional.silu(x @ b[:, 0].T) * (x @ b[:, 1].T) - self.prior_c
-        mask = torch.zeros_like(h).scatter_(1, idx, 1.0)
-        return (h * mask) @ b[:, 2] + self.prior_y0
+        return (h * mask.to(h.dtype)) @ b[:, 2] + self.prior_y0
 
     def _triton(self, x, idx):
         return _fused_step(x, self.bundled, idx.reshape(-1), self.prior_c, self.prior_y0)
@@ -174,18 +197,37 @@ def install(model, s: ref.SparseSpec) -> None:
     if len(s.layers) != len(model.model.layers):
         raise ref.DnError(f"sparse spec has {len(s.layers)} layers, the model {len(model.model.layers)}")
     for i, layer in enumerate(model.model.layers):
-        mlp = layer.mlp
-        if isinstance(mlp, SparseMLP):
-            bundled = mlp.bundled
-        else:
-            w = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T]
-            bundled = torch.stack([t.detach() for t in w], dim=1).contiguous()
-        layer.mlp = SparseMLP(bundled, s.layers[i])
+        layer.mlp = sparse_mlp(layer.mlp, s.layers[i])
     model.dn_sparse = s
 
 
+def sparse_mlp(mlp, layer: ref.LayerSparse) -> SparseMLP:
+    """A SparseMLP for one layer, from a dense SwiGLU MLP or another SparseMLP (whose bundle it shares)."""
+    if isinstance(mlp, SparseMLP):
+        return SparseMLP(mlp.bundled, layer)
+    w = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T]
+    return SparseMLP(torch.stack([t.detach() for t in w], dim=1).contiguous(), layer)
+
+
+def tape_routes(model, replay: list[list[np.ndarray]] | None = None) -> list[list[np.ndarray]]:
+    """Tape every sparse layer's router decisions (bool [T, n] per call, in call order) until
+    untape_routes. With replay (another run's tapes), each layer executes those decisions instead of its
+    own, still taping its own: parity runs two backends on identical routing and compares both."""
+    tapes = []
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.tape = []
+        layer.mlp.replay = None if replay is None else list(replay[i])
+        tapes.append(layer.mlp.tape)
+    return tapes
+
+
+def untape_routes(model) -> None:
+    for layer in model.model.layers:
+        layer.mlp.tape, layer.mlp.replay = None, None
+
+
 def route(x: np.ndarray, mlp: SparseMLP) -> np.ndarray:
-    """x [T, d] numpy -> the kept indices the backend chooses, [T, keep]."""
+    """x [T, d] numpy -> the neurons the backend keeps, bool [T, n]."""
     with torch.inference_mode():
         xt = torch.as_tensor(x, device=mlp.bundled.device, dtype=mlp.bundled.dtype)
         return mlp.route(xt).cpu().numpy()

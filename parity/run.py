@@ -2,6 +2,13 @@
 
 Relative error at a position = max|dlogit| / max|logit| over the vocabulary, first backend as reference.
 Thresholds come from dn.tolerances.PARITY; a breach exits 1.
+
+A sparse model (dn convert --sparsity) routes each token by comparing router scores to thresholds, a
+discontinuous decision: a near-tie that float32 rounding flips swaps a neuron and the difference compounds
+over the layers. So parity splits the question in two. (1) Router decisions: the second backend routes the
+same inputs on its own, and its decisions must agree with the first's (ROUTE_AGREEMENT). (2) Arithmetic:
+the second backend executes the first's decisions (tape_routes replay), and logits, hidden states and
+greedy tokens must meet the dense thresholds.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import sys
 import numpy as np
 
 from dn import cli
-from dn.tolerances import PARITY
+from dn.tolerances import PARITY, ROUTE_AGREEMENT
 
 PROMPTS = [
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -39,19 +46,37 @@ def rel_err(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
     return np.abs(ref - other).max(-1) / np.maximum(np.abs(ref).max(-1), 1e-30)
 
 
-def observe(run, tokens: int) -> dict:
-    """Everything parity compares, computed on one backend."""
+def observe(run, tokens: int, replay: list | None = None) -> dict:
+    """Everything parity compares, computed on one backend (a sparse model: taping its router decisions,
+    or executing `replay`, the reference's)."""
+    import importlib
+
     from dn.generate import generate_tokens
 
+    sparse = importlib.import_module(f"dn_{run.backend.NAME}.sparse") if run.spec.sparse else None
+    routes = sparse.tape_routes(run.model, replay) if sparse else None
     enc = [run.tokenizer.encode(p) for p in PROMPTS]
-    return {
+    out = {
         "logits": [run.backend.logits(run.model, np.array([ids]))[0] for ids in enc],
         "hidden": run.backend.hidden_states(run.model, np.array([enc[0]])),
         "greedy": list(generate_tokens(run.backend, run.model, enc[1], tokens)),
         "device": run.backend.device_name(),
         "resident_weight_bytes": run.backend.resident_weight_bytes(run.model),
         "peak_memory_bytes": run.backend.peak_memory_bytes(),
+        "routes": routes,
     }
+    if sparse:
+        sparse.untape_routes(run.model)
+    return out
+
+
+def route_agreement(a: list, b: list) -> float:
+    """Fraction of equal keep/skip decisions over every layer, call, token and neuron."""
+    same = total = 0
+    for la, lb in zip(a, b):
+        for x, y in zip(la, lb):
+            same, total = same + int((x == y).sum()), total + x.size
+    return same / max(1, total)
 
 
 def compare(a: dict, b: dict, dtype: str) -> dict:
@@ -63,11 +88,16 @@ def compare(a: dict, b: dict, dtype: str) -> dict:
     agreement = sum(x == y for x, y in zip(a["greedy"], b["greedy"])) / n
     passed = bool(errs.max() <= tol.max_rel_err and
                   (tol.greedy_agreement is None or agreement >= tol.greedy_agreement))
+    routes = None
+    if a.get("routes") is not None:
+        routes = route_agreement(a["routes"], b["routes"])
+        passed = passed and routes >= ROUTE_AGREEMENT
     return {"passed": passed, "max_rel_err": float(errs.max()), "mean_rel_err": float(errs.mean()),
+            "route_agreement": routes,
             "greedy_agreement": agreement, "tokens_compared": n, "positions_compared": int(errs.size),
             "first_divergent_layer": first, "layer_rel_err": layer_errs,
             "thresholds": {"max_rel_err": tol.max_rel_err, "greedy_agreement": tol.greedy_agreement,
-                           "hidden_rel_err": tol.hidden_rel_err}}
+                           "hidden_rel_err": tol.hidden_rel_err, "route_agreement": ROUTE_AGREEMENT}}
 
 
 def run_parity(model: str | None, backends: list[str], dtype: str, tokens: int) -> dict:
@@ -76,14 +106,15 @@ def run_parity(model: str | None, backends: list[str], dtype: str, tokens: int) 
     from dn import loader
 
     seen = {}
-    for name in backends:  # one model in memory at a time
+    for name in backends:  # one model in memory at a time; the second replays the first's routing
         run = loader.load(model, name, dtype)
-        seen[name] = observe(run, tokens)
+        seen[name] = observe(run, tokens, seen[backends[0]]["routes"] if seen else None)
         del run
         gc.collect()
     a, b = (seen[n] for n in backends)
     report = compare(a, b, dtype)
     report.update(model=str(model or "default"), dtype=dtype, reference=backends[0],
+                  sparse=seen[backends[0]]["routes"] is not None,
                   backends={n: {k: seen[n][k] for k in ("device", "resident_weight_bytes",
                                                         "peak_memory_bytes")} for n in backends})
     return report
@@ -100,7 +131,10 @@ def _main(argv) -> int:
     print(f"parity {backends[0]} vs {backends[1]} ({args.dtype}): max rel err {r['max_rel_err']:.2e} "
           f"(<= {r['thresholds']['max_rel_err']:.0e}), mean {r['mean_rel_err']:.2e} over "
           f"{r['positions_compared']} positions; greedy agreement {r['greedy_agreement']:.3f} over "
-          f"{r['tokens_compared']} tokens; first divergent layer {r['first_divergent_layer']}")
+          f"{r['tokens_compared']} tokens; first divergent layer {r['first_divergent_layer']}"
+          + ("" if r["route_agreement"] is None else
+             f"; router decisions agree {r['route_agreement']:.5f} (>= {ROUTE_AGREEMENT}), logits and tokens "
+             f"compared under the reference's routing"))
     for name, m in r["backends"].items():
         print(f"  {name:<6} {m['device']:<12} resident weights {m['resident_weight_bytes'] / 2**20:8.1f} MiB, "
               f"peak {m['peak_memory_bytes'] / 2**20:8.1f} MiB")
