@@ -44,6 +44,17 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return float(np.mean(fr))
 
 
+def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of generated positions holding the same token as dense (each run free-running)."""
+    return float(np.mean([np.mean(np.asarray(x) == np.asarray(y)) for x, y in zip(a, b)]))
+
+
+def equal_bytes_sparsity(s: float, d: int, n: int) -> float:
+    """Sparsity at which dropping keeps as many more neurons as the median prior's bytes buy ((n + d) numbers
+    per layer against 3d per bundled neuron): the equal-resident-bytes ablation the prior must beat."""
+    return s - (n + d) / (3 * d) / n
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--calib-text", required=True)
@@ -78,7 +89,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     dense_nll, count = perplexity(be, model, ev, args.ctx)
     dense_gen = [greedy(be, model, tok, q, args.gen_tokens) for q in prompts]
-    rows = [{"sparsity": 0.0, "prior": "dense", "ppl": math.exp(dense_nll), "delta": 0.0, "agree": 1.0}]
+    rows = [{"sparsity": 0.0, "prior": "dense", "ppl": math.exp(dense_nll), "delta": 0.0, "agree": 1.0,
+             "agree_tokens": 1.0}]
     print(f"dense ppl {rows[0]['ppl']:.4f} over {count} tokens ({time.time() - t0:.0f}s)", file=sys.stderr)
     wins = calibrate.calibration_windows(tok.encode(read_text(args.calib_text)), args.seed,
                                          max_tokens=args.calib_tokens)
@@ -90,30 +102,32 @@ def main(argv=None) -> int:
     if fit is not run:
         fit.backend.free(fit.model)
         del fit
-    recalls, kept = {}, {}
-    for s in [float(v) for v in args.sparsity.split(",")]:
-        for prior in args.priors.split(","):
-            layers = calibrate.fit_model(inputs, lambda i: weights[i], s, prior, args.rank, False, args.router,
-                                         args.select)
-            if prior == args.priors.split(",")[0]:
-                masks = [sparse.route_mask(x, lay) for x, lay in zip(evx, layers)]
-                recalls[s] = [sparse.recall(m, sparse.oracle_mask(x, *w, m.sum(1)))
-                              for m, x, w in zip(masks, evx, weights)]
-                kept[s] = float(np.mean([m.mean() for m in masks]))
-            spec = sparse.SparseSpec(s, weights[0][0].shape[1], weights[0][0].shape[0], args.router, args.rank,
-                                     prior, args.select, keep=[lay.keep for lay in layers], layers=layers)
-            for oracle in ([False, True] if args.oracle else [False]):
-                mod.install(model, spec)
-                for layer in model.model.layers:
-                    layer.mlp.oracle = oracle
-                nll, _ = perplexity(be, model, ev, args.ctx)
-                gen = [greedy(be, model, tok, q, args.gen_tokens) for q in prompts]
-                row = {"sparsity": s, "prior": prior, "router": "oracle" if oracle else args.router,
-                       "kept_on_eval": kept[s],
-                       "ppl": math.exp(nll), "delta": math.exp(nll - dense_nll) - 1,
-                       "agree": agreement(gen, dense_gen)}
-                rows.append(row)
-                print(json.dumps(row), f"({time.time() - t0:.0f}s)", file=sys.stderr)
+    recalls = {}
+    n, d = weights[0][0].shape
+    plan = [(s, prior, s) for s in [float(v) for v in args.sparsity.split(",")] for prior in args.priors.split(",")]
+    plan += [(s, "none@equal-bytes", equal_bytes_sparsity(s, d, n)) for s, prior, _ in plan if prior != "none"]
+    for s, prior, fit_s in plan:
+        layers = calibrate.fit_model(inputs, lambda i: weights[i], fit_s, prior.split("@")[0], args.rank, False,
+                                     args.router, args.select)
+        masks = [sparse.route_mask(x, lay) for x, lay in zip(evx, layers)]
+        kept = float(np.mean([m.mean() for m in masks]))  # threshold selection: count varies per token
+        if s not in recalls:
+            recalls[s] = [sparse.recall(m, sparse.oracle_mask(x, *w, m.sum(1)))
+                          for m, x, w in zip(masks, evx, weights)]
+        spec = sparse.SparseSpec(fit_s, d, n, args.router, args.rank, prior.split("@")[0], args.select,
+                                 keep=[lay.keep for lay in layers], layers=layers)
+        for oracle in ([False, True] if args.oracle and "@" not in prior else [False]):
+            mod.install(model, spec)
+            for layer in model.model.layers:
+                layer.mlp.oracle = oracle
+            nll, _ = perplexity(be, model, ev, args.ctx)
+            gen = [greedy(be, model, tok, q, args.gen_tokens) for q in prompts]
+            row = {"sparsity": s, "prior": prior, "router": "oracle" if oracle else args.router,
+                   "fit_sparsity": fit_s, "kept_on_eval": kept,
+                   "ppl": math.exp(nll), "delta": math.exp(nll - dense_nll) - 1,
+                   "agree": agreement(gen, dense_gen), "agree_tokens": token_agreement(gen, dense_gen)}
+            rows.append(row)
+            print(json.dumps(row), f"({time.time() - t0:.0f}s)", file=sys.stderr)
     result = {"backend": be.NAME, "fit_backend": args.fit_backend or be.NAME, "device": be.device_name(),
               "eval_tokens": count, "calib_tokens": int(wins.size), "router": args.router, "select": args.select,
               "rank": args.rank, "gen_tokens": args.gen_tokens, "prompts": len(prompts),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from dn import cli, codec
+from dn import cli, codec, sparse
 from dn.spec import DTYPE_BYTES, ROLES, ModelSpec, weight_bytes_by_role
 
 
@@ -28,6 +28,8 @@ def accounted(spec: ModelSpec, dtype: str, ctx: int) -> dict:
         plain = sum(t.numel for t in spec.tensors if t.name not in coded) * DTYPE_BYTES[dtype]
         luts = len(coded) * 2 << codec.MAXLEN  # decode tables built at load
         resident = spec.codec["coded_bytes"] + plain + luts + layer * (2 + DTYPE_BYTES[dtype])  # bits + weights
+    if spec.sparse:  # routers, thresholds and priors ride beside all the weights (no offload yet)
+        resident += sparse.side_bytes(spec.sparse, DTYPE_BYTES[dtype])
     return {"dtype": dtype, "roles": roles, "tied_embeddings": spec.architecture.tie_word_embeddings,
             "dense_weight_bytes": dense, "resident_weight_bytes": resident,
             "kv_cache_bytes": kv_cache_bytes(spec, ctx, dtype), "ctx": ctx}

@@ -257,6 +257,16 @@ def layer_bytes(spec: SparseSpec, dtype_bytes: int = 2) -> dict[str, int]:
             "prior": prior * dtype_bytes, "dense_mlp": 3 * d * n * dtype_bytes}
 
 
+def side_bytes(section: dict, dtype_bytes: int) -> int:
+    """Bytes a backend holds for a sparse section besides the model's own weights, as both backends keep
+    them: int4 router packed (4 bits + one float32 scale per GROUP), lowrank factors and thresholds in
+    float32, the prior at the compute dtype."""
+    d, n, r = section["hidden"], section["intermediate"], section.get("rank", DEFAULT_RANK)
+    router = 2 * n * (d // 2 + d // GROUP * 4) if section["router"] == "int4" else (d * r + r * 2 * n) * 4
+    thresh = 4 * n if section.get("select", "topk") == "threshold" else 0
+    return section["num_layers"] * (router + thresh + (n + d) * dtype_bytes)
+
+
 # ---- files ---------------------------------------------------------------------------------------
 
 def save(spec: SparseSpec, out_dir: Path) -> dict:

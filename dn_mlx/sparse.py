@@ -78,7 +78,6 @@ class SparseMLP(nn.Module):
             # layout with bias -8 * scale: the router stays resident at 4 bits, via quantized_matmul.
             self.router_a = mx.array(np.ascontiguousarray(layer.router_a).view(np.uint32))
             self.router_b = mx.array(np.asarray(layer.router_b, np.float32))
-            self.router_bias = -8 * self.router_b
         else:
             self.router_a = mx.array(np.asarray(layer.router_a, np.float32))
             self.router_b = mx.array(np.asarray(layer.router_b, np.float32))
@@ -93,7 +92,7 @@ class SparseMLP(nn.Module):
             b = self.bundled
             return mx.abs(nn.silu(x @ b[:, 0].T) * (x @ b[:, 1].T)).astype(mx.float32)
         if self.router == "int4":
-            p = mx.quantized_matmul(x.astype(mx.float32), self.router_a, self.router_b, self.router_bias,
+            p = mx.quantized_matmul(x.astype(mx.float32), self.router_a, self.router_b, -8 * self.router_b,
                                     transpose=True, group_size=ref.GROUP, bits=4)
         else:
             p = (x.astype(mx.float32) @ self.router_a) @ self.router_b

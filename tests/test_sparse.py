@@ -179,6 +179,43 @@ def test_backend_step_matches_reference(backend_name, dtype, router, select):
         np.testing.assert_allclose(y, want, rtol=tol.rtol, atol=tol.atol * scale, err_msg=path)
 
 
+def _hardware_path(backend_name: str, mod) -> str | None:
+    """The fused kernel path this machine can run for real: Metal on an Apple GPU, Triton on CUDA."""
+    if backend_name == "mlx":
+        return "metal" if mod._on_metal() else None
+    import torch
+
+    return "triton" if torch.cuda.is_available() and mod.triton is not None else None
+
+
+@pytest.mark.parametrize("select", sparse.SELECTS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hardware_kernel_matches_reference(backend_name, dtype, select):
+    """Metal (macOS CI's GPU step, DN_MLX_DEVICE=gpu) and Triton (CUDA) kernels against the numpy reference, one
+    token per step as decoding runs them; skipped where neither exists (tests/test_metal_sparse_host.py and
+    test_triton_kernel_in_interpreter check the same bodies on the host)."""
+    mod = importlib.import_module(f"dn_{backend_name}.sparse")
+    path = _hardware_path(backend_name, mod)
+    if path is None:
+        pytest.skip(f"no GPU kernel for {backend_name} on this machine")
+    from dn.safetensors_io import bf16_to_f32, f32_to_bf16
+
+    rng = np.random.default_rng(10)
+    layer, (g, u, dn) = _layer(rng, 40, "int4", select=select)
+    bq = sparse.bundle(g, u, dn)
+    mlp = mod.make_mlp(bq, layer, dtype)
+    x = rng.standard_normal((5, D)).astype(np.float32)
+    if dtype == "bfloat16":
+        bq, x = bf16_to_f32(f32_to_bf16(bq)), bf16_to_f32(f32_to_bf16(x))
+        layer.prior_c = bf16_to_f32(f32_to_bf16(layer.prior_c))
+        layer.prior_y0 = bf16_to_f32(f32_to_bf16(layer.prior_y0))
+    for t in range(len(x)):
+        want = sparse.sparse_mlp_step(x[t:t + 1], bq, layer, mod.route(x[t:t + 1], mlp))
+        got = mod.sparse_mlp_step(x[t:t + 1], mlp, path)
+        tol = KERNEL[dtype]
+        np.testing.assert_allclose(got, want, rtol=tol.rtol, atol=tol.atol * np.abs(want).max(), err_msg=path)
+
+
 @pytest.mark.parametrize("select", sparse.SELECTS)
 @pytest.mark.parametrize("router", sparse.ROUTERS)
 def test_backend_router_agrees_with_reference(backend_name, router, select):
@@ -284,3 +321,18 @@ def test_replayed_routes_are_executed(backend_name, sparse_model, prompt_tokens)
     mod.untape_routes(model)
     np.testing.assert_allclose(same, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     assert np.abs(other - want).max() > 0.1 * np.abs(want).max()
+
+
+def test_sparse_footprint_accounted_equals_measured(backend, loaded, default_spec, sparse_model):
+    """What a sparse folder adds to the resident bytes (packed router, thresholds, prior) is what dn footprint
+    accounts for it, byte for byte; the dense model on the same backend is the baseline, so backend extras
+    such as torch's rotary buffers cancel."""
+    from dn.footprint import accounted
+
+    out, spec, _ = sparse_model
+    model = backend.load(out, spec, "float32")
+    acc = accounted(spec, "float32", 512)["resident_weight_bytes"]
+    base = accounted(default_spec, "float32", 512)["resident_weight_bytes"]
+    added = backend.resident_weight_bytes(model) - backend.resident_weight_bytes(loaded)
+    assert added == acc - base
+    assert 0 < added < 0.1 * base

@@ -6,6 +6,7 @@
 #pragma once
 #include <ucontext.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -58,8 +59,24 @@ struct half {
   }
 };
 
+// MLX's kernel preamble (metal::utils()) names the 16-bit float types float16_t and bfloat16_t; MLX writes
+// them into the signatures of mx.fast.metal_kernel bodies for float16 / bfloat16 arrays.
+typedef half float16_t;
+
+// bfloat16: the top 16 bits of a float32, converted exactly.
+struct bfloat16_t {
+  uint16_t bits;
+  operator float() const {
+    uint32_t f = uint32_t(bits) << 16;
+    float out;
+    std::memcpy(&out, &f, 4);
+    return out;
+  }
+};
+
 namespace metal {
 enum class mem_flags { mem_none, mem_device, mem_threadgroup, mem_texture };
+inline float exp(float x) { return std::exp(x); }
 }  // namespace metal
 
 template <class To, class From>
