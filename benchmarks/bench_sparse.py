@@ -1,7 +1,8 @@
 """Sparse MLP step latency vs dense, per keep fraction, batch of one token (torch backend).
 
-Paths: dense (three matmuls), gather (index_select of bundled rows + three contractions), triton (the
-fused gather kernel, CUDA only). Ratios are against dense measured in the same run; absolute times are
+Paths: dense (three matmuls), gather (index_select of bundled rows + three contractions), routed (the
+int4 router, top-k and the step), sketch (routed + the sketch prior), triton (the fused gather kernel,
+CUDA only). Ratios are against dense measured in the same run; absolute times are
 meaningful only on a GPU. Also checks the Triton kernel against the numpy reference (--check).
     python benchmarks/bench_sparse.py --d 576 --n 1536 --dtype float32            # CPU, default model shape
     python benchmarks/bench_sparse.py --d 4096 --n 14336 --dtype bfloat16 --check  # H100
@@ -89,6 +90,7 @@ def bench(d: int, n: int, dtype: str, keeps: list[float], iters: int, dev: str, 
     t_dense = timeit(dense, iters)
     rows = [{"keep": 1.0, "path": "dense", "us": t_dense * 1e6, "ratio": 1.0}]
     qa, qs = ref.quantize_int4(torch.cat([gate, up]).float().cpu().numpy())
+    pa, pb = ref.quantize_int4(down.float().cpu().numpy())
     for keep in keeps:
         k = max(1, round(keep * n))
         layer = ref.LayerSparse(k, np.zeros((d, 1), np.float32), np.zeros((1, 2 * n), np.float32),
@@ -96,8 +98,11 @@ def bench(d: int, n: int, dtype: str, keeps: list[float], iters: int, dev: str, 
         mlp = ts.SparseMLP(bundled, layer)
         idx = torch.randperm(n, generator=g)[:k].sort().values.to(dev)[None]
         routed = ts.SparseMLP(bundled, ref.LayerSparse(k, qa, qs, layer.prior_c, layer.prior_y0, "int4"))
+        sketched = ts.SparseMLP(bundled, ref.LayerSparse(k, qa, qs, layer.prior_c, layer.prior_y0, "int4",
+                                                         "topk", None, pa, pb))
         fns = {"gather": lambda m=mlp, i=idx: m._gather(x, i),
-               "routed": lambda m=routed: m(x)}   # int4 router (unpacked per call) + top-k + step
+               "routed": lambda m=routed: m(x),      # int4 router (unpacked per call) + top-k + step
+               "sketch": lambda m=sketched: m(x)}    # the same + the sketch prior (int4 down, unpacked per call)
         if dev == "cuda" and ts.triton is not None:
             for bk in blocks:
                 fns[f"triton{bk}"] = lambda bk=bk, m=mlp, i=idx: ts._fused_step(
@@ -128,7 +133,7 @@ def main(argv=None) -> int:
     result["rows"] = bench(args.d, args.n, args.dtype, [float(k) for k in args.keeps.split(",")], args.iters, dev,
                            [int(b) for b in args.blocks.split(",")])
     for r in result["rows"]:
-        print(f"keep {r['keep']:.2f} {r['path']:7s} {r['us']:9.1f} us  {r['ratio']:.2f}x dense")
+        print(f"keep {r['keep']:.2f} {r['path']:8s} {r['us']:9.1f} us  {r['ratio']:.2f}x dense")
     for c in result.get("check", []):
         print("check", c)
     if args.json:

@@ -49,10 +49,11 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return float(np.mean([np.mean(np.asarray(x) == np.asarray(y)) for x, y in zip(a, b)]))
 
 
-def equal_bytes_sparsity(s: float, d: int, n: int) -> float:
-    """Sparsity at which dropping keeps as many more neurons as the median prior's bytes buy ((n + d) numbers
-    per layer against 3d per bundled neuron): the equal-resident-bytes ablation the prior must beat."""
-    return s - (n + d) / (3 * d) / n
+def equal_bytes_sparsity(s: float, d: int, n: int, prior: str) -> float:
+    """Sparsity at which plain dropping keeps as many more (bf16) neurons per layer as the prior's bytes would
+    buy: the equal-resident-bytes ablation the prior must beat."""
+    b = sparse.layer_bytes(sparse.SparseSpec(s, d, n, prior=prior))
+    return s - b["prior"] / b["neuron"] / n
 
 
 def main(argv=None) -> int:
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-text", required=True)
     p.add_argument("--backend", default="torch")
     p.add_argument("--sparsity", default="0.3,0.5,0.7")
-    p.add_argument("--priors", default="none,median")
+    p.add_argument("--priors", default=",".join(sparse.PRIORS))
     p.add_argument("--rank", type=int, default=sparse.DEFAULT_RANK)
     p.add_argument("--router", default=sparse.DEFAULT_ROUTER, choices=sparse.ROUTERS)
     p.add_argument("--select", default=sparse.DEFAULT_SELECT, choices=sparse.SELECTS)
@@ -70,7 +71,10 @@ def main(argv=None) -> int:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
-    p.add_argument("--oracle", action="store_true", help="also rows routed by the true activations (same rule)")
+    p.add_argument("--oracle", action="store_true",
+                   help="also rows routed by the true activations (same rule), with plain dropping")
+    p.add_argument("--equal-bytes", action=argparse.BooleanOptionalAction, default=True,
+                   help="also plain dropping at the keep each prior's bytes would buy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fit-backend", default=None,
                    help="backend that runs the dense model for fitting (default: --backend); the spec is the "
@@ -105,7 +109,8 @@ def main(argv=None) -> int:
     recalls = {}
     n, d = weights[0][0].shape
     plan = [(s, prior, s) for s in [float(v) for v in args.sparsity.split(",")] for prior in args.priors.split(",")]
-    plan += [(s, "none@equal-bytes", equal_bytes_sparsity(s, d, n)) for s, prior, _ in plan if prior != "none"]
+    plan += [(s, f"none@bytes-of-{prior}", equal_bytes_sparsity(s, d, n, prior)) for s, prior, _ in plan
+             if prior != "none" and args.equal_bytes]
     for s, prior, fit_s in plan:
         layers = calibrate.fit_model(inputs, lambda i: weights[i], fit_s, prior.split("@")[0], args.rank, False,
                                      args.router, args.select)
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
                           for m, x, w in zip(masks, evx, weights)]
         spec = sparse.SparseSpec(fit_s, d, n, args.router, args.rank, prior.split("@")[0], args.select,
                                  keep=[lay.keep for lay in layers], layers=layers)
-        for oracle in ([False, True] if args.oracle and "@" not in prior else [False]):
+        for oracle in ([False, True] if args.oracle and prior == "none" else [False]):
             mod.install(model, spec)
             for layer in model.model.layers:
                 layer.mlp.oracle = oracle

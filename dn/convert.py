@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dn import cli
+from dn import cli, sparse
 from dn.errors import DnError
 
 COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -36,7 +36,8 @@ def setup_arg_parser():
     p.add_argument("--codec", choices=["lossless"], default=None, help="compress the weights losslessly")
     p.add_argument("--sparsity", type=sparsity, default=None, help="MLP sparsity in (0, 1): fit routers/priors")
     p.add_argument("--calib-text", default=None, help="calibration text (default: $DN_CALIB_TEXT)")
-    p.add_argument("--prior", default=None, choices=["none", "median"], help="prior for --sparsity (default median)")
+    p.add_argument("--prior", default=None, choices=sparse.PRIORS,
+                   help=f"prior for --sparsity (default {sparse.DEFAULT_PRIOR})")
     p.add_argument("--router", default=None, choices=["int4", "lowrank"], help="router for --sparsity (default int4)")
     p.add_argument("--select", default=None, choices=["threshold", "topk"],
                    help="per-token selection for --sparsity: calibrated threshold, varying count (default), "

@@ -19,6 +19,11 @@ Scores:
                     y += D c - D[:, kept] c[kept] = y0 - sum_kept c_j D[:, j]; the kept down rows are
                     gathered anyway, so the prior costs n + d numbers per layer and no matmul over
                     the skipped neurons.
+  prior "sketch":   each skipped neuron j adds h^_j D~[:, j], where h^ = silu(g^) * u^ is the router's own
+                    (signed) estimate of its activation, already computed to route, and D~ a group-wise
+                    int4 sketch of the down matrix (GROUP weights per scale along n): together with the
+                    int4 router, an int4 copy of the whole MLP answers for the skipped neurons while the
+                    kept ones run in full precision. Costs d (n/2 + 4 n/GROUP) bytes per layer.
   prior "none":     plain dropping.
 The neurons' weights are bundled per neuron, bundle[j] = [G[j], U[j], D[:, j]] ([n, 3, d]), so one
 contiguous gather fetches everything a kept neuron needs.
@@ -41,7 +46,7 @@ VERSION = 2
 READS = (1, 2)      # v1: top-k selection only, no router.t
 FILE = "dn_sparse.safetensors"
 ROUTERS = ("int4", "lowrank")
-PRIORS = ("none", "median")
+PRIORS = ("none", "median", "sketch")
 SELECTS = ("threshold", "topk")
 DEFAULT_SELECT = "threshold"
 DEFAULT_ROUTER = "int4"
@@ -60,6 +65,8 @@ class LayerSparse:
     router: str = "lowrank"
     select: str = "topk"
     thresh: np.ndarray | None = None   # threshold: [n] per-neuron score thresholds t_j
+    prior_a: np.ndarray | None = None  # sketch: packed nibbles of D, uint8 [d, n/2]
+    prior_b: np.ndarray | None = None  # sketch: scales [d, n/GROUP]
 
 
 @dataclass
@@ -123,11 +130,16 @@ def predict(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
     return (x @ layer.router_a) @ layer.router_b
 
 
-def scores(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
-    """x [T, d] -> router scores [T, n] (float32)."""
+def estimate(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
+    """x [T, d] -> the router's estimate of every neuron's activation silu(g^) * u^, [T, n] (float32)."""
     n = layer.prior_c.shape[0]
     p = predict(x, layer)
-    return np.abs(silu(p[:, :n]) * p[:, n:])
+    return silu(p[:, :n]) * p[:, n:]
+
+
+def scores(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
+    """x [T, d] -> router scores [T, n] (float32)."""
+    return np.abs(estimate(x, layer))
 
 
 def route_mask(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
@@ -152,6 +164,9 @@ def sparse_mlp_step(x: np.ndarray, bundled: np.ndarray, layer: LayerSparse,
         g, u = w[k, 0] @ x64[t], w[k, 1] @ x64[t]
         h = silu(g) * u - layer.prior_c[k]                 # prior: subtract the kept neurons' c
         y[t] = h @ w[k, 2] + layer.prior_y0
+    if layer.prior_a is not None:                          # sketch: the router's estimate of the skipped
+        est = np.where(mask, 0, estimate(x, layer)).astype(np.float64)
+        y += est @ dequantize_int4(layer.prior_a, layer.prior_b).astype(np.float64).T
     return y
 
 
@@ -186,8 +201,12 @@ def fit_prior(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
     """Fill layer.prior_c / prior_y0: median activation of each neuron over the tokens where it is skipped
     (a median, since a few outlier tokens, e.g. the first of a window, dominate a mean)."""
     n = gate.shape[0]
-    if kind == "none":
+    if kind in ("none", "sketch"):
         layer.prior_c, layer.prior_y0 = np.zeros(n, np.float32), np.zeros(down.shape[0], np.float32)
+        if kind == "sketch":
+            if n % GROUP:
+                raise DnError(f"sketch prior needs an intermediate size divisible by {GROUP}, got {n}")
+            layer.prior_a, layer.prior_b = quantize_int4(np.ascontiguousarray(down, np.float32))
         return
     if kind != "median":
         raise DnError(f"unknown prior {kind!r} (choose from {', '.join(PRIORS)})")
@@ -250,11 +269,16 @@ def recall(mask: np.ndarray, ref: np.ndarray) -> float:
 def layer_bytes(spec: SparseSpec, dtype_bytes: int = 2) -> dict[str, int]:
     """Per layer, resident bytes at the weights' dtype: kept neurons vs router and prior side data."""
     d, n, r = spec.hidden, spec.intermediate, spec.rank
-    prior = 0 if spec.prior == "none" else (n + d)
-    prior += n if spec.select == "threshold" else 0   # per-neuron thresholds ride with the router
+    prior = {"none": 0, "median": (n + d) * dtype_bytes, "sketch": sketch_bytes(d, n)}[spec.prior]
+    thresh = n * dtype_bytes if spec.select == "threshold" else 0   # per-neuron thresholds ride with the router
     router = 2 * n * (d // 2 + d // GROUP * 4) if spec.router == "int4" else r * (d + 2 * n) * dtype_bytes
-    return {"neuron": 3 * d * dtype_bytes, "router": router,
-            "prior": prior * dtype_bytes, "dense_mlp": 3 * d * n * dtype_bytes}
+    return {"neuron": 3 * d * dtype_bytes, "router": router + thresh, "prior": prior,
+            "dense_mlp": 3 * d * n * dtype_bytes}
+
+
+def sketch_bytes(d: int, n: int) -> int:
+    """The sketch prior's int4 down matrix: d rows of n/2 packed bytes and n/GROUP float32 scales."""
+    return d * (n // 2 + n // GROUP * 4)
 
 
 def side_bytes(section: dict, dtype_bytes: int) -> int:
@@ -264,7 +288,8 @@ def side_bytes(section: dict, dtype_bytes: int) -> int:
     d, n, r = section["hidden"], section["intermediate"], section.get("rank", DEFAULT_RANK)
     router = 2 * n * (d // 2 + d // GROUP * 4) if section["router"] == "int4" else (d * r + r * 2 * n) * 4
     thresh = 4 * n if section.get("select", "topk") == "threshold" else 0
-    return section["num_layers"] * (router + thresh + (n + d) * dtype_bytes)
+    sketch = sketch_bytes(d, n) if section.get("prior") == "sketch" else 0
+    return section["num_layers"] * (router + thresh + sketch + (n + d) * dtype_bytes)
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -278,6 +303,8 @@ def save(spec: SparseSpec, out_dir: Path) -> dict:
                     p + "prior.c": layer.prior_c, p + "prior.y0": layer.prior_y0}
         if layer.select == "threshold":
             tensors[p + "router.t"] = layer.thresh
+        if layer.prior_a is not None:
+            tensors |= {p + "prior.a": layer.prior_a, p + "prior.b": layer.prior_b}
     safetensors_io.save({k: np.ascontiguousarray(v if v.dtype == np.uint8 else v.astype(np.float32))
                          for k, v in tensors.items()},
                         Path(out_dir) / FILE, metadata={"dn_sparse_version": str(VERSION)})
@@ -314,6 +341,8 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
         shapes |= {"router.a": (2 * intermediate, hidden // 2), "router.b": (2 * intermediate, hidden // GROUP)}
     if select == "threshold":
         shapes["router.t"] = (intermediate,)
+    if section["prior"] == "sketch":
+        shapes |= {"prior.a": (hidden, intermediate // 2), "prior.b": (hidden, intermediate // GROUP)}
     layers = []
     for i in range(num_layers):
         got = {}
@@ -324,7 +353,7 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
                               f"{'missing' if a is None else a.shape}, expected {shape}")
             got[name] = np.asarray(a) if a.dtype == np.uint8 else np.asarray(a, np.float32)
         layers.append(LayerSparse(keep[i], got["router.a"], got["router.b"], got["prior.c"], got["prior.y0"],
-                                  kind, select, got.get("router.t")))
+                                  kind, select, got.get("router.t"), got.get("prior.a"), got.get("prior.b")))
     fields = {k: section[k] for k in ("sparsity", "hidden", "intermediate", "router", "rank", "prior",
                                       "keep", "calibration") if k in section}
     return SparseSpec(**fields, select=select, layers=layers, version=version)

@@ -85,22 +85,30 @@ class SparseMLP(nn.Module):
         self.thresh = mx.array(np.asarray(t, np.float32))
         self.prior_c = mx.array(np.asarray(layer.prior_c, np.float32)).astype(dt)
         self.prior_y0 = mx.array(np.asarray(layer.prior_y0, np.float32)).astype(dt)
+        # sketch prior: int4 down matrix [d, n] in the router's layout, applied by quantized_matmul
+        self.sketch = layer.prior_a is not None
+        if self.sketch:
+            self.prior_a = mx.array(np.ascontiguousarray(layer.prior_a).view(np.uint32))
+            self.prior_b = mx.array(np.asarray(layer.prior_b, np.float32))
 
-    def scores(self, x: mx.array) -> mx.array:
-        """x [T, d] -> router scores [T, n] float32."""
+    def estimate(self, x: mx.array) -> mx.array:
+        """x [T, d] -> the router's estimate silu(g^) * u^ of every neuron's activation, [T, n] float32."""
+        if self.router == "int4":
+            p = _int4_matmul(x.astype(mx.float32), self.router_a, self.router_b)
+        else:
+            p = (x.astype(mx.float32) @ self.router_a) @ self.router_b
+        return nn.silu(p[:, :self.n]) * p[:, self.n:]
+
+    def scores(self, x: mx.array, est: mx.array | None = None) -> mx.array:
+        """x [T, d] -> router scores [T, n] float32 (est: the estimate, when already computed)."""
         if self.oracle:
             b = self.bundled
             return mx.abs(nn.silu(x @ b[:, 0].T) * (x @ b[:, 1].T)).astype(mx.float32)
-        if self.router == "int4":
-            p = mx.quantized_matmul(x.astype(mx.float32), self.router_a, self.router_b, -8 * self.router_b,
-                                    transpose=True, group_size=ref.GROUP, bits=4)
-        else:
-            p = (x.astype(mx.float32) @ self.router_a) @ self.router_b
-        return mx.abs(nn.silu(p[:, :self.n]) * p[:, self.n:])
+        return mx.abs(self.estimate(x) if est is None else est)
 
-    def route(self, x: mx.array) -> mx.array:
+    def route(self, x: mx.array, est: mx.array | None = None) -> mx.array:
         """x [T, d] -> kept neurons, bool [T, n]."""
-        s = self.scores(x)
+        s = self.scores(x, est)
         if self.select == "threshold":
             return s > self.thresh
         idx = mx.argpartition(-s, self.keep - 1, axis=1)[:, :self.keep]
@@ -109,14 +117,27 @@ class SparseMLP(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        mask = self.route(x2)
+        est = self.estimate(x2)                                  # [T, n]: routes, and feeds the sketch prior
+        mask = self.route(x2, est)
         if self.tape is not None:
             self.tape.append(np.array(mask))
             if self.replay is not None:
                 mask = mx.array(self.replay.pop(0))
-        return self.step(x2, mask).reshape(shape)
+        return self.step(x2, mask, est).reshape(shape)
 
-    def step(self, x: mx.array, mask: mx.array) -> mx.array:
+    def step(self, x: mx.array, mask: mx.array, est: mx.array | None = None) -> mx.array:
+        """x [T, d], mask bool [T, n] -> y [T, d]: kept neurons exactly, skipped ones by the prior."""
+        y = self._kept(x, mask)
+        if self.sketch:
+            est = self.estimate(x) if est is None else est
+            y = y + self._sketch(est, mask).astype(y.dtype)
+        return y
+
+    def _sketch(self, est, mask):
+        """The router's estimate of the skipped neurons [T, n] times the int4 down sketch -> [T, d] float32."""
+        return _int4_matmul(mx.where(mask, 0.0, est), self.prior_a, self.prior_b)
+
+    def _kept(self, x: mx.array, mask: mx.array) -> mx.array:
         t, d = x.shape
         path = self.path
         same = t == 1 or self.select == "topk"   # every row keeps the same count: [T, k] indices exist
@@ -147,6 +168,11 @@ class SparseMLP(nn.Module):
 
     def _metal(self, x, idx):
         return _metal_step(x, self.bundled, idx, self.prior_c, self.prior_y0)
+
+
+def _int4_matmul(x: mx.array, packed: mx.array, scales: mx.array) -> mx.array:
+    """x [T, k] float32 @ W.T for W [m, k] held as dn's packed int4 (uint32 view [m, k/8], scales [m, k/GROUP])."""
+    return mx.quantized_matmul(x, packed, scales, -8 * scales, transpose=True, group_size=ref.GROUP, bits=4)
 
 
 def _on_metal() -> bool:

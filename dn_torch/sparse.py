@@ -83,21 +83,30 @@ class SparseMLP(nn.Module):
         self.register_buffer("thresh", torch.tensor(np.asarray(t, np.float32), device=dev))
         self.register_buffer("prior_c", torch.tensor(np.asarray(layer.prior_c, np.float32), device=dev).to(dt))
         self.register_buffer("prior_y0", torch.tensor(np.asarray(layer.prior_y0, np.float32), device=dev).to(dt))
+        # sketch prior: int4 down matrix, packed [d, n/2] + scales [d, n/GROUP], unpacked per call like the router
+        self.sketch = layer.prior_a is not None
+        if self.sketch:
+            self.register_buffer("prior_a", torch.tensor(np.ascontiguousarray(layer.prior_a), device=dev))
+            self.register_buffer("prior_b", torch.tensor(np.asarray(layer.prior_b, np.float32), device=dev))
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, d] -> router scores [T, n] float32."""
-        if self.oracle:
-            b = self.bundled
-            return (nn.functional.silu(x @ b[:, 0].T) * (x @ b[:, 1].T)).abs().float()
+    def estimate(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d] -> the router's estimate silu(g^) * u^ of every neuron's activation, [T, n] float32."""
         if self.router == "int4":
             p = x.float() @ _unpack_int4(self.router_a, self.router_b).T
         else:
             p = (x.float() @ self.router_a.float()) @ self.router_b
-        return (nn.functional.silu(p[:, :self.n]) * p[:, self.n:]).abs()
+        return nn.functional.silu(p[:, :self.n]) * p[:, self.n:]
 
-    def route(self, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor, est: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, d] -> router scores [T, n] float32 (est: the estimate, when already computed)."""
+        if self.oracle:
+            b = self.bundled
+            return (nn.functional.silu(x @ b[:, 0].T) * (x @ b[:, 1].T)).abs().float()
+        return (self.estimate(x) if est is None else est).abs()
+
+    def route(self, x: torch.Tensor, est: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, d] -> kept neurons, bool [T, n]."""
-        s = self.scores(x)
+        s = self.scores(x, est)
         if self.select == "threshold":
             return s > self.thresh
         idx = torch.topk(s, self.keep, dim=1, sorted=False).indices
@@ -106,14 +115,27 @@ class SparseMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        mask = self.route(x2)
+        est = self.estimate(x2)                                  # [T, n]: routes, and feeds the sketch prior
+        mask = self.route(x2, est)
         if self.tape is not None:
             self.tape.append(mask.cpu().numpy())
             if self.replay is not None:
                 mask = torch.as_tensor(self.replay.pop(0), device=mask.device)
-        return self.step(x2, mask).reshape(shape)
+        return self.step(x2, mask, est).reshape(shape)
 
-    def step(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, mask: torch.Tensor, est: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, d], mask bool [T, n] -> y [T, d]: kept neurons exactly, skipped ones by the prior."""
+        y = self._kept(x, mask)
+        if self.sketch:
+            est = self.estimate(x) if est is None else est
+            y = y + self._sketch(est, mask).to(y.dtype)
+        return y
+
+    def _sketch(self, est, mask):
+        """The router's estimate of the skipped neurons [T, n] times the int4 down sketch -> [T, d] float32."""
+        return est.masked_fill(mask, 0) @ _unpack_int4(self.prior_a, self.prior_b).T
+
+    def _kept(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         t, d = x.shape
         path = self.path
         same = t == 1 or self.select == "topk"   # every row keeps the same count: [T, k] indices exist

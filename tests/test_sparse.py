@@ -16,7 +16,7 @@ from dn import sparse
 from dn.errors import DnError
 from dn.tolerances import KERNEL, PARITY
 
-D, N = 128, 96
+D, N = 128, 128  # N a multiple of sparse.GROUP: the sketch prior quantizes D along n
 
 
 def _weights(rng, d=D, n=N):
@@ -68,6 +68,30 @@ def test_median_prior_adds_c_for_skipped_neurons_only():
                                atol=1e-6)
 
 
+def test_sketch_prior_adds_the_router_estimate_for_skipped_neurons_only():
+    rng = np.random.default_rng(3)
+    layer, (g, u, dn) = _layer(rng, 30, prior="sketch")
+    assert not layer.prior_c.any() and layer.prior_a.shape == (D, N // 2)
+    dq = sparse.dequantize_int4(layer.prior_a, layer.prior_b)
+    assert np.abs(dq - dn).max() <= np.abs(dn).max() / 7 / 2 + 1e-6            # half an int4 step at worst
+    x = rng.standard_normal((3, D)).astype(np.float32)
+    kept = sparse.route_mask(x, layer)
+    h = sparse.silu(x.astype(np.float64) @ g.T) * (x.astype(np.float64) @ u.T)
+    p = x.astype(np.float64) @ sparse.dequantize_int4(layer.router_a, layer.router_b).astype(np.float64).T
+    est = sparse.silu(p[:, :N]) * p[:, N:]
+    want = np.where(kept, h, 0) @ dn.T + np.where(kept, 0, est) @ dq.T
+    np.testing.assert_allclose(sparse.sparse_mlp_step(x, sparse.bundle(g, u, dn), layer), want, rtol=1e-4,
+                               atol=1e-5)
+    drop = np.where(kept, h, 0) @ dn.T
+    assert np.abs(want - h @ dn.T).sum() < np.abs(drop - h @ dn.T).sum()  # it does recover part of the loss
+
+
+def test_sketch_prior_needs_n_divisible_by_group():
+    rng = np.random.default_rng(3)
+    with pytest.raises(DnError, match="divisible"):
+        _layer(rng, 30, prior="sketch", n=96)
+
+
 def test_full_rank_router_matches_oracle():
     rng = np.random.default_rng(3)
     gate, up, down = _weights(rng)
@@ -96,24 +120,27 @@ def test_sparsity_outside_unit_interval(bad):
         sparse.keep_count(bad, N)
 
 
-def _spec(rng, layers=2, router="int4", select=sparse.DEFAULT_SELECT):
-    fitted = [_layer(rng, 48, router, select=select)[0] for _ in range(layers)]
-    return sparse.SparseSpec(0.5, D, N, router=router, rank=16, select=select, keep=[f.keep for f in fitted],
-                             layers=fitted)
+def _spec(rng, layers=2, router="int4", select=sparse.DEFAULT_SELECT, prior="median"):
+    fitted = [_layer(rng, 48, router, prior, select=select)[0] for _ in range(layers)]
+    return sparse.SparseSpec(0.5, D, N, router=router, rank=16, prior=prior, select=select,
+                             keep=[f.keep for f in fitted], layers=fitted)
 
 
+@pytest.mark.parametrize("prior", sparse.PRIORS)
 @pytest.mark.parametrize("select", sparse.SELECTS)
 @pytest.mark.parametrize("router", sparse.ROUTERS)
-def test_spec_roundtrip(tmp_path, router, select):
-    s = _spec(np.random.default_rng(5), router=router, select=select)
+def test_spec_roundtrip(tmp_path, router, select, prior):
+    s = _spec(np.random.default_rng(5), router=router, select=select, prior=prior)
     section = json.loads(json.dumps(sparse.save(s, tmp_path)))
     back = sparse.load(tmp_path, section, 2, D, N)
-    assert back.keep == s.keep and back.router == router and back.select == select
+    assert back.keep == s.keep and back.router == router and back.select == select and back.prior == prior
     x = np.random.default_rng(6).standard_normal((9, D)).astype(np.float32)
     for a, b in zip(back.layers, s.layers):
-        for name in ("router_a", "router_b", "prior_c", "prior_y0", "thresh"):
+        for name in ("router_a", "router_b", "prior_c", "prior_y0", "thresh", "prior_a", "prior_b"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
         np.testing.assert_array_equal(sparse.route_mask(x, a), sparse.route_mask(x, b))
+        bq = sparse.bundle(*_weights(np.random.default_rng(1)))
+        np.testing.assert_array_equal(sparse.sparse_mlp_step(x, bq, a), sparse.sparse_mlp_step(x, bq, b))
 
 
 def test_v1_spec_still_loads_as_topk(tmp_path):
@@ -131,6 +158,12 @@ def test_v1_spec_still_loads_as_topk(tmp_path):
 def test_spec_mismatch_is_a_clear_error(tmp_path, change, needle):
     section = sparse.save(_spec(np.random.default_rng(6)), tmp_path) | change
     with pytest.raises(DnError, match=needle):
+        sparse.load(tmp_path, section, 2, D, N)
+
+
+def test_sketch_section_without_sketch(tmp_path):
+    section = sparse.save(_spec(np.random.default_rng(6)), tmp_path) | {"prior": "sketch"}
+    with pytest.raises(DnError, match="prior.a is missing"):
         sparse.load(tmp_path, section, 2, D, N)
 
 
@@ -153,13 +186,14 @@ def test_spec_tensor_with_wrong_shape(tmp_path):
 
 # ---- backends against the reference ---------------------------------------------------------------
 
+@pytest.mark.parametrize("prior", ["median", "sketch"])
 @pytest.mark.parametrize("select", sparse.SELECTS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("router", sparse.ROUTERS)
-def test_backend_step_matches_reference(backend_name, dtype, router, select):
+def test_backend_step_matches_reference(backend_name, dtype, router, select, prior):
     mod = importlib.import_module(f"dn_{backend_name}.sparse")
     rng = np.random.default_rng(8)
-    layer, (g, u, dn) = _layer(rng, 40, router, select=select)
+    layer, (g, u, dn) = _layer(rng, 40, router, prior, select=select)
     mlp = mod.make_mlp(sparse.bundle(g, u, dn), layer, dtype)
     x = rng.standard_normal((7, D)).astype(np.float32)
     bq = sparse.bundle(g, u, dn)
@@ -188,9 +222,10 @@ def _hardware_path(backend_name: str, mod) -> str | None:
     return "triton" if torch.cuda.is_available() and mod.triton is not None else None
 
 
+@pytest.mark.parametrize("prior", ["median", "sketch"])
 @pytest.mark.parametrize("select", sparse.SELECTS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_hardware_kernel_matches_reference(backend_name, dtype, select):
+def test_hardware_kernel_matches_reference(backend_name, dtype, select, prior):
     """Metal (macOS CI's GPU step, DN_MLX_DEVICE=gpu) and Triton (CUDA) kernels against the numpy reference, one
     token per step as decoding runs them; skipped where neither exists (tests/test_metal_sparse_host.py and
     test_triton_kernel_in_interpreter check the same bodies on the host)."""
@@ -201,7 +236,7 @@ def test_hardware_kernel_matches_reference(backend_name, dtype, select):
     from dn.safetensors_io import bf16_to_f32, f32_to_bf16
 
     rng = np.random.default_rng(10)
-    layer, (g, u, dn) = _layer(rng, 40, "int4", select=select)
+    layer, (g, u, dn) = _layer(rng, 40, "int4", prior, select=select)
     bq = sparse.bundle(g, u, dn)
     mlp = mod.make_mlp(bq, layer, dtype)
     x = rng.standard_normal((5, D)).astype(np.float32)
@@ -336,3 +371,19 @@ def test_sparse_footprint_accounted_equals_measured(backend, loaded, default_spe
     added = backend.resident_weight_bytes(model) - backend.resident_weight_bytes(loaded)
     assert added == acc - base
     assert 0 < added < 0.1 * base
+
+
+@pytest.mark.parametrize("prior", sparse.PRIORS)
+@pytest.mark.parametrize("router", sparse.ROUTERS)
+def test_side_bytes_are_what_a_layer_holds(backend_name, router, prior):
+    """sparse.side_bytes (what dn footprint adds per layer) equals the bytes a backend's SparseMLP holds besides
+    its bundled weights, for every router and prior kind."""
+    from dn import backend as backends
+
+    mod = importlib.import_module(f"dn_{backend_name}.sparse")
+    layer, w = _layer(np.random.default_rng(11), 40, router, prior)
+    mlp = mod.make_mlp(sparse.bundle(*w), layer, "float32")
+    section = {"hidden": D, "intermediate": N, "rank": 16, "router": router, "prior": prior,
+               "select": layer.select, "num_layers": 1}
+    held = backends.get(backend_name).resident_weight_bytes(mlp) - 3 * D * N * 4
+    assert held == sparse.side_bytes(section, 4)
