@@ -71,10 +71,11 @@ def main(argv=None) -> int:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
-    p.add_argument("--oracle", action="store_true",
-                   help="also rows routed by the true activations (same rule), with plain dropping")
-    p.add_argument("--equal-bytes", action=argparse.BooleanOptionalAction, default=True,
-                   help="also plain dropping at the keep each prior's bytes would buy")
+    p.add_argument("--oracle", default="", help="sparsities (comma-separated) that also get a row routed by the "
+                                                "true activations (same rule), with plain dropping")
+    p.add_argument("--equal-bytes", default="median,sketch",
+                   help="priors (comma-separated) ablated by plain dropping at the keep their bytes would buy")
+    p.add_argument("--no-equal-bytes", dest="equal_bytes", action="store_const", const="", help="no ablation rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fit-backend", default=None,
                    help="backend that runs the dense model for fitting (default: --backend); the spec is the "
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     n, d = weights[0][0].shape
     plan = [(s, prior, s) for s in [float(v) for v in args.sparsity.split(",")] for prior in args.priors.split(",")]
     plan += [(s, f"none@bytes-of-{prior}", equal_bytes_sparsity(s, d, n, prior)) for s, prior, _ in plan
-             if prior != "none" and args.equal_bytes]
+             if prior in args.equal_bytes.split(",")]
     for s, prior, fit_s in plan:
         layers = calibrate.fit_model(inputs, lambda i: weights[i], fit_s, prior.split("@")[0], args.rank, False,
                                      args.router, args.select)
@@ -121,7 +122,8 @@ def main(argv=None) -> int:
                           for m, x, w in zip(masks, evx, weights)]
         spec = sparse.SparseSpec(fit_s, d, n, args.router, args.rank, prior.split("@")[0], args.select,
                                  keep=[lay.keep for lay in layers], layers=layers)
-        for oracle in ([False, True] if args.oracle and prior == "none" else [False]):
+        oracle_at = [float(v) for v in args.oracle.split(",") if v]
+        for oracle in ([False, True] if s in oracle_at and prior == "none" else [False]):
             mod.install(model, spec)
             for layer in model.model.layers:
                 layer.mlp.oracle = oracle

@@ -64,6 +64,20 @@ def _unpack_int4(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (w.view(m, -1, ref.GROUP) * s[..., None]).view(m, -1)
 
 
+def _int4_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x [T, k] float32 @ W.T for W [m, k] held packed (q uint8 [m, k/2], scales s [m, k/GROUP]) -> [T, m].
+    Few tokens: per-group partial dots of the raw nibbles, scaled afterwards, so W is never scaled or
+    interleaved in memory; many tokens: unpack once and matmul."""
+    if x.shape[0] > 16:
+        return x @ _unpack_int4(q, s).T
+    m, g, t = q.shape[0], s.shape[1], x.shape[0]
+    xe, xo = (x[:, i::2].reshape(t, g, ref.GROUP // 2) for i in (0, 1))          # even / odd columns
+    lo, hi = ((q & 15).float(), (q >> 4).float())                                 # [m, k/2] values + 8
+    p = (torch.einsum("mgk,tgk->tmg", lo.view(m, g, -1), xe)
+         + torch.einsum("mgk,tgk->tmg", hi.view(m, g, -1), xo))                   # [T, m, g]
+    return ((p - 8 * x.view(t, g, ref.GROUP).sum(-1)[:, None]) * s).sum(-1)
+
+
 class SparseMLP(nn.Module):
     """Drop-in for a SwiGLU MLP executing one layer of the spec."""
 
@@ -92,7 +106,7 @@ class SparseMLP(nn.Module):
     def estimate(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, d] -> the router's estimate silu(g^) * u^ of every neuron's activation, [T, n] float32."""
         if self.router == "int4":
-            p = x.float() @ _unpack_int4(self.router_a, self.router_b).T
+            p = _int4_matmul(x.float(), self.router_a, self.router_b)
         else:
             p = (x.float() @ self.router_a.float()) @ self.router_b
         return nn.functional.silu(p[:, :self.n]) * p[:, self.n:]
@@ -133,7 +147,7 @@ class SparseMLP(nn.Module):
 
     def _sketch(self, est, mask):
         """The router's estimate of the skipped neurons [T, n] times the int4 down sketch -> [T, d] float32."""
-        return est.masked_fill(mask, 0) @ _unpack_int4(self.prior_a, self.prior_b).T
+        return _int4_matmul(est.masked_fill(mask, 0), self.prior_a, self.prior_b)
 
     def _kept(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         t, d = x.shape
