@@ -50,7 +50,7 @@ PRIORS = ("none", "median", "sketch")
 SELECTS = ("threshold", "topk")
 DEFAULT_SELECT = "threshold"
 DEFAULT_ROUTER = "int4"
-DEFAULT_PRIOR = "median"
+DEFAULT_PRIOR = "sketch"
 DEFAULT_RANK = 128
 GROUP = 64          # int4 router: weights per scale
 

@@ -152,6 +152,8 @@ class SparseMLP(nn.Module):
             raise ValueError(f"path {path!r} needs the same kept count per token; use 'masked'")
         m = np.array(mask)                           # MLX has no nonzero: the indices come from the host
         idx = mx.array(np.nonzero(m)[1].reshape(t, -1).astype(np.uint32))              # [T, k] sorted
+        if idx.shape[1] == 0:                    # threshold selection may keep no neuron: the prior alone
+            return mx.broadcast_to(self.prior_y0, (t, d))
         return {"gather": self._gather, "metal": self._metal}[path](x, idx)
 
     def _gather(self, x, idx):

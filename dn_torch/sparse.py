@@ -163,6 +163,8 @@ class SparseMLP(nn.Module):
         if not same:
             raise ValueError(f"path {path!r} needs the same kept count per token; use 'masked'")
         idx = mask.nonzero()[:, 1].view(t, -1)                                        # [T, k] sorted
+        if idx.shape[1] == 0:                    # threshold selection may keep no neuron: the prior alone
+            return self.prior_y0.expand(t, d).clone()
         return {"gather": self._gather, "triton": self._triton}[path](x, idx)
 
     def _gather(self, x, idx):

@@ -213,6 +213,24 @@ def test_backend_step_matches_reference(backend_name, dtype, router, select, pri
         np.testing.assert_allclose(y, want, rtol=tol.rtol, atol=tol.atol * scale, err_msg=path)
 
 
+@pytest.mark.parametrize("prior", ["median", "sketch"])
+def test_backend_step_with_no_neuron_kept(backend_name, prior):
+    """Threshold selection can keep no neuron for a token (seen at sparsity 0.7 on the real model): every path
+    returns the prior alone, as the reference does."""
+    mod = importlib.import_module(f"dn_{backend_name}.sparse")
+    rng = np.random.default_rng(12)
+    layer, (g, u, dn) = _layer(rng, 40, "int4", prior, select="threshold")
+    layer.thresh = np.full(N, np.inf, np.float32)
+    x = rng.standard_normal((3, D)).astype(np.float32)
+    mlp = mod.make_mlp(sparse.bundle(g, u, dn), layer, "float32")
+    assert not mod.route(x, mlp).any()
+    want = sparse.sparse_mlp_step(x, sparse.bundle(g, u, dn), layer)
+    paths = ["gather", "masked"] + [p for p in [_hardware_path(backend_name, mod)] if p]
+    for path in paths:
+        got = np.concatenate([mod.sparse_mlp_step(x[t:t + 1], mlp, path) for t in range(len(x))])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(np.abs(want).max(), 1e-6), err_msg=path)
+
+
 def _hardware_path(backend_name: str, mod) -> str | None:
     """The fused kernel path this machine can run for real: Metal on an Apple GPU, Triton on CUDA."""
     if backend_name == "mlx":
