@@ -112,17 +112,18 @@ def main(argv=None) -> int:
     plan = [(s, prior, s) for s in [float(v) for v in args.sparsity.split(",")] for prior in args.priors.split(",")]
     plan += [(s, f"none@bytes-of-{prior}", equal_bytes_sparsity(s, d, n, prior)) for s, prior, _ in plan
              if prior in args.equal_bytes.split(",")]
+    oracle_at = [float(v) for v in args.oracle.split(",") if v]
     for s, prior, fit_s in plan:
-        layers = calibrate.fit_model(inputs, lambda i: weights[i], fit_s, prior.split("@")[0], args.rank, False,
-                                     args.router, args.select)
+        kind = prior.split("@")[0]   # "none@bytes-of-sketch" fits plain dropping
+        layers = calibrate.fit_model(inputs, lambda i: weights[i], fit_s, kind, args.rank, False, args.router,
+                                     args.select)
         masks = [sparse.route_mask(x, lay) for x, lay in zip(evx, layers)]
         kept = float(np.mean([m.mean() for m in masks]))  # threshold selection: count varies per token
         if s not in recalls:
             recalls[s] = [sparse.recall(m, sparse.oracle_mask(x, *w, m.sum(1)))
                           for m, x, w in zip(masks, evx, weights)]
-        spec = sparse.SparseSpec(fit_s, d, n, args.router, args.rank, prior.split("@")[0], args.select,
+        spec = sparse.SparseSpec(fit_s, d, n, args.router, args.rank, kind, args.select,
                                  keep=[lay.keep for lay in layers], layers=layers)
-        oracle_at = [float(v) for v in args.oracle.split(",") if v]
         for oracle in ([False, True] if s in oracle_at and prior == "none" else [False]):
             mod.install(model, spec)
             for layer in model.model.layers:

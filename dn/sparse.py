@@ -269,16 +269,17 @@ def recall(mask: np.ndarray, ref: np.ndarray) -> float:
 def layer_bytes(spec: SparseSpec, dtype_bytes: int = 2) -> dict[str, int]:
     """Per layer, resident bytes at the weights' dtype: kept neurons vs router and prior side data."""
     d, n, r = spec.hidden, spec.intermediate, spec.rank
-    prior = {"none": 0, "median": (n + d) * dtype_bytes, "sketch": sketch_bytes(d, n)}[spec.prior]
+    prior = {"none": 0, "median": (n + d) * dtype_bytes, "sketch": int4_bytes(d, n)}[spec.prior]
     thresh = n * dtype_bytes if spec.select == "threshold" else 0   # per-neuron thresholds ride with the router
-    router = 2 * n * (d // 2 + d // GROUP * 4) if spec.router == "int4" else r * (d + 2 * n) * dtype_bytes
+    router = int4_bytes(2 * n, d) if spec.router == "int4" else r * (d + 2 * n) * dtype_bytes
     return {"neuron": 3 * d * dtype_bytes, "router": router + thresh, "prior": prior,
             "dense_mlp": 3 * d * n * dtype_bytes}
 
 
-def sketch_bytes(d: int, n: int) -> int:
-    """The sketch prior's int4 down matrix: d rows of n/2 packed bytes and n/GROUP float32 scales."""
-    return d * (n // 2 + n // GROUP * 4)
+def int4_bytes(rows: int, cols: int) -> int:
+    """A packed int4 matrix (quantize_int4): cols/2 bytes of nibbles and cols/GROUP float32 scales per row;
+    the int4 router is int4_bytes(2n, d), the sketch prior int4_bytes(d, n)."""
+    return rows * (cols // 2 + cols // GROUP * 4)
 
 
 def side_bytes(section: dict, dtype_bytes: int) -> int:
@@ -286,9 +287,9 @@ def side_bytes(section: dict, dtype_bytes: int) -> int:
     them: int4 router packed (4 bits + one float32 scale per GROUP), lowrank factors and thresholds in
     float32, the prior at the compute dtype."""
     d, n, r = section["hidden"], section["intermediate"], section.get("rank", DEFAULT_RANK)
-    router = 2 * n * (d // 2 + d // GROUP * 4) if section["router"] == "int4" else (d * r + r * 2 * n) * 4
+    router = int4_bytes(2 * n, d) if section["router"] == "int4" else (d * r + r * 2 * n) * 4
     thresh = 4 * n if section.get("select", "topk") == "threshold" else 0
-    sketch = sketch_bytes(d, n) if section.get("prior") == "sketch" else 0
+    sketch = int4_bytes(d, n) if section.get("prior") == "sketch" else 0
     return section["num_layers"] * (router + thresh + sketch + (n + d) * dtype_bytes)
 
 
