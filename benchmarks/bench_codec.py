@@ -92,12 +92,15 @@ def bench_shape(shape, device: str, reps: int, steps: int) -> dict:
 
 def bench_model(coded_dir: str | None, dtype: str, reps: int) -> dict:
     """Decode-step latency of the default model, dense vs compressed (dn convert --codec lossless), on
-    the torch backend, batch 1/4/16, after a 32-token prompt; resident weight bytes of both."""
+    the torch backend, batch 1/4/16, after a 32-token prompt; resident weight bytes of both, accounted
+    (dn.footprint) and measured (dn.memory; the coded load follows the dense one, see dn.memory on reuse)."""
     import tempfile
     from pathlib import Path
 
     from dn import backend as backends
+    from dn import memory
     from dn.convert import convert
+    from dn.footprint import accounted
     from dn.sources import resolve_model
     from dn.spec import load_spec
 
@@ -108,8 +111,12 @@ def bench_model(coded_dir: str | None, dtype: str, reps: int) -> dict:
             convert(dense_dir, Path(tmp) / "coded", "lossless", None)
             return bench_model(str(Path(tmp) / "coded"), dtype, reps)
     res = {"model": str(dense_dir.name), "dtype": dtype, "device": be.device_name(), "batches": {}}
-    models = {k: be.load(Path(d), load_spec(Path(d)), dtype) for k, d in (("dense", dense_dir), ("coded", coded_dir))}
-    res.update({f"{k}_resident_bytes": be.resident_weight_bytes(m) for k, m in models.items()})
+    models = {}
+    for k, d in (("dense", dense_dir), ("coded", Path(coded_dir))):
+        spec = load_spec(d)
+        models[k], measured = memory.measure_load(be, d, spec, dtype)
+        res[f"{k}_resident_bytes"] = accounted(spec, dtype, 0)["resident_weight_bytes"]
+        res[f"{k}_measured_resident_bytes"] = measured["measured_resident_bytes"]
     prompt = np.random.default_rng(0).integers(100, 40000, size=(16, 32))
     for b in (1, 4, 16):
         row = {}

@@ -1,8 +1,8 @@
 """Sparse MLP step latency vs dense, per keep fraction, batch of one token (torch backend).
 
 Paths: dense (three matmuls), gather (index_select of bundled rows + three contractions), routed (the
-int4 router, top-k and the step), sketch (routed + the sketch prior), triton (the fused gather kernel,
-CUDA only). Ratios are against dense measured in the same run; absolute times are
+int4 router, top-k and the step), sketch (routed + the sketch prior), fused (the fused gather kernel,
+Triton on CUDA). Ratios are against dense measured in the same run; absolute times are
 meaningful only on a GPU. Also checks the Triton kernel against the numpy reference (--check).
     python benchmarks/bench_sparse.py --d 576 --n 1536 --dtype float32            # CPU, default model shape
     python benchmarks/bench_sparse.py --d 4096 --n 14336 --dtype bfloat16 --check  # H100
@@ -18,9 +18,12 @@ import time
 import numpy as np
 import torch
 
+from dn import backend as backends
 from dn import sparse as ref
+from dn import sparse_mlp
 from dn.tolerances import KERNEL
-from dn_torch import sparse as ts
+
+be = backends.get("torch")
 
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -59,22 +62,23 @@ def check(dev: str) -> list[dict]:
             layer = random_layer(rng, d, n, n // 3)
             layer.prior_y0 = (down @ layer.prior_c).astype(np.float32)
             bundled = ref.bundle(gate, up, down)
-            mlp = ts.make_mlp(bundled, layer, dtype, dev)
+            mlp = be.make_sparse_mlp(bundled, layer, dtype, dev)
             x = rng.standard_normal((1, d)).astype(np.float32)
             xq = torch.as_tensor(x).to(DT[dtype]).float().numpy()
             bq = mlp.bundled.float().cpu().numpy()
-            mask = ts.route(x, mlp)
+            mask = sparse_mlp.route(x, mlp)
             want = ref.sparse_mlp_step(xq, bq, layer, mask)
             tol = KERNEL[dtype]
-            for path in ("gather", "triton") if ts.triton is not None and dev == "cuda" else ("gather",):
-                got = ts.sparse_mlp_step(x, mlp, path)
+            fused = mlp.ops.fused_available(mlp.prior_c)
+            for path in ("gather", "fused") if fused else ("gather",):
+                got = sparse_mlp.step(x, mlp, path)
                 err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-12))
                 ok = bool(np.allclose(got, want, rtol=tol.rtol, atol=tol.atol * np.abs(want).max()))
                 out.append({"dtype": dtype, "d": d, "n": n, "path": path, "rel_err": err, "ok": ok})
     return out
 
 
-def bench(d: int, n: int, dtype: str, keeps: list[float], iters: int, dev: str, blocks: list[int]) -> list[dict]:
+def bench(d: int, n: int, dtype: str, keeps: list[float], iters: int, dev: str) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(0)
     dt = DT[dtype]
     gate, up = (torch.randn(n, d, generator=g) * 0.02 for _ in range(2))
@@ -95,18 +99,17 @@ def bench(d: int, n: int, dtype: str, keeps: list[float], iters: int, dev: str, 
         k = max(1, round(keep * n))
         layer = ref.LayerSparse(k, np.zeros((d, 1), np.float32), np.zeros((1, 2 * n), np.float32),
                                 np.zeros(n, np.float32), np.zeros(d, np.float32))
-        mlp = ts.SparseMLP(bundled, layer)
+        b = bundled.float().cpu().numpy()
+        mlp = be.make_sparse_mlp(b, layer, dtype, dev)
         idx = torch.randperm(n, generator=g)[:k].sort().values.to(dev)[None]
-        routed = ts.SparseMLP(bundled, ref.LayerSparse(k, qa, qs, layer.prior_c, layer.prior_y0, "int4"))
-        sketched = ts.SparseMLP(bundled, ref.LayerSparse(k, qa, qs, layer.prior_c, layer.prior_y0, "int4",
-                                                         "topk", None, pa, pb))
+        routed = be.make_sparse_mlp(b, ref.LayerSparse(k, qa, qs, layer.prior_c, layer.prior_y0, "int4"), dtype, dev)
+        sketched = be.make_sparse_mlp(b, ref.LayerSparse(k, qa, qs, layer.prior_c, layer.prior_y0, "int4",
+                                                         "topk", None, pa, pb), dtype, dev)
         fns = {"gather": lambda m=mlp, i=idx: m._gather(x, i),
                "routed": lambda m=routed: m(x),      # int4 router (unpacked per call) + top-k + step
                "sketch": lambda m=sketched: m(x)}    # the same + the sketch prior (int4 down, unpacked per call)
-        if dev == "cuda" and ts.triton is not None:
-            for bk in blocks:
-                fns[f"triton{bk}"] = lambda bk=bk, m=mlp, i=idx: ts._fused_step(
-                    x, bundled, i.reshape(-1), m.prior_c, m.prior_y0, block_k=bk)
+        if mlp.ops.fused_available(x):
+            fns["fused"] = lambda m=mlp, i=idx: m.ops.fused_step(x, m.bundled, i, m.prior_c, m.prior_y0)
         for path, fn in fns.items():
             t = timeit(fn, iters)
             rows.append({"keep": keep, "path": path, "us": t * 1e6, "ratio": t / t_dense})
@@ -121,7 +124,6 @@ def main(argv=None) -> int:
     p.add_argument("--keeps", default="0.1,0.25,0.5,0.7,0.9")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--check", action="store_true")
-    p.add_argument("--blocks", default="16,32,64", help="Triton BLOCK_K values to time")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,8 +132,7 @@ def main(argv=None) -> int:
               "command": " ".join(["python"] + sys.argv)}
     if args.check:
         result["check"] = check(dev)
-    result["rows"] = bench(args.d, args.n, args.dtype, [float(k) for k in args.keeps.split(",")], args.iters, dev,
-                           [int(b) for b in args.blocks.split(",")])
+    result["rows"] = bench(args.d, args.n, args.dtype, [float(k) for k in args.keeps.split(",")], args.iters, dev)
     for r in result["rows"]:
         print(f"keep {r['keep']:.2f} {r['path']:8s} {r['us']:9.1f} us  {r['ratio']:.2f}x dense")
     for c in result.get("check", []):

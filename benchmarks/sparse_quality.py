@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from dn import calibrate, sparse
+from dn import calibrate, sparse, store
 from dn.evaluate import perplexity
 
 PROMPTS = ["The history of the city begins", "In a statement released on Monday, the company said",
@@ -52,7 +52,7 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
 def equal_bytes_sparsity(s: float, d: int, n: int, prior: str) -> float:
     """Sparsity at which plain dropping keeps as many more (bf16) neurons per layer as the prior's bytes would
     buy: the equal-resident-bytes ablation the prior must beat."""
-    b = sparse.layer_bytes(sparse.SparseSpec(s, d, n, prior=prior))
+    b = store.sparse_side({"hidden": d, "intermediate": n, "router": "int4", "prior": prior}, 2)
     return s - b["prior"] / b["neuron"] / n
 
 
@@ -88,7 +88,6 @@ def main(argv=None) -> int:
 
     run = loader.load(None, args.backend, "float32")
     be, model, tok = run.backend, run.model, run.tokenizer
-    mod = __import__(f"dn_{be.NAME}.sparse", fromlist=["sparse"])
     ev = tok.encode(read_text(args.eval_text))[:args.eval_tokens]
     prompts = PROMPTS[:args.prompts]
     t0 = time.time()
@@ -100,7 +99,7 @@ def main(argv=None) -> int:
     wins = calibrate.calibration_windows(tok.encode(read_text(args.calib_text)), args.seed,
                                          max_tokens=args.calib_tokens)
     fit = run if args.fit_backend in (None, be.NAME) else loader.load(None, args.fit_backend, "float32")
-    fmod = __import__(f"dn_{fit.backend.NAME}.sparse", fromlist=["sparse"])
+    fmod = fit.backend
     inputs = [np.concatenate(p) for p in zip(*[fmod.collect_mlp_inputs(fit.model, [w[None]]) for w in wins])]
     weights = [fmod.mlp_weights(fit.model, i) for i in range(len(inputs))]
     evx = fmod.collect_mlp_inputs(fit.model, [np.asarray(ev[:args.ctx])[None]])
@@ -125,7 +124,7 @@ def main(argv=None) -> int:
         spec = sparse.SparseSpec(fit_s, d, n, args.router, args.rank, kind, args.select,
                                  keep=[lay.keep for lay in layers], layers=layers)
         for oracle in ([False, True] if s in oracle_at and prior == "none" else [False]):
-            mod.install(model, spec)
+            be.install_sparse(model, spec)
             for layer in model.model.layers:
                 layer.mlp.oracle = oracle
             nll, _ = perplexity(be, model, ev, args.ctx)
@@ -141,7 +140,7 @@ def main(argv=None) -> int:
               "rank": args.rank, "gen_tokens": args.gen_tokens, "prompts": len(prompts),
               "rows": rows,
               "recall_per_layer": {str(k): v for k, v in recalls.items()},
-              "bytes_per_layer_bf16": sparse.layer_bytes(spec), "command": " ".join(sys.argv)}
+              "bytes_per_layer_bf16": store.sparse_side(spec.section(), 2), "command": " ".join(sys.argv)}
     del backends
     print(json.dumps(result, indent=1))
     if args.json:

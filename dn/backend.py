@@ -41,13 +41,29 @@ class Backend(Protocol):
     def hidden_states(self, model: Any, tokens: np.ndarray) -> list[np.ndarray]:
         """tokens [1, L] -> [embeddings, after layer 0, ..., after layer N-1], each float32 [L, D]."""
 
-    def resident_weight_bytes(self, model: Any) -> int: ...
+    def import_model_code(self, spec: ModelSpec) -> None:
+        """Import the code load() runs for spec, so a measured load (dn.memory) counts weights, not imports."""
 
-    def peak_memory_bytes(self) -> int: ...
-
-    def reset_peak_memory(self) -> None: ...
+    def memory_stats(self, reset_peak: bool = False) -> dict | None:
+        """The device allocator's {kind, active_bytes, peak_kind, peak_bytes} (peak since the last reset; reset
+        after reading when asked), or None where there is none (torch on the CPU): dn.memory then measures
+        the process."""
 
     def free(self, model: Any) -> None: ...
+
+    # The sparse MLP (dn/sparse_mlp.py has its logic): what calibration, parity and benchmarks call.
+    def collect_mlp_inputs(self, model: Any, token_batches: list[np.ndarray]) -> list[np.ndarray]:
+        """Run the model over token batches [B, L]; each layer's MLP inputs, float32 [sum B*L, d]."""
+
+    def mlp_weights(self, model: Any, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Layer i's (gate [n, d], up [n, d], down [d, n]) as float32 numpy."""
+
+    def install_sparse(self, model: Any, s: Any) -> None:
+        """Patch the model's MLPs with an in-memory dn.sparse.SparseSpec."""
+
+    def make_sparse_mlp(self, bundled: np.ndarray, layer: Any, dtype: str = "float32",
+                        device: str | None = None) -> Any:
+        """A standalone sparse MLP over bundled weights [n, 3, d] (tests, benchmarks)."""
 
 
 def get(name: str) -> Backend:

@@ -77,16 +77,15 @@ def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, 
     be = backends.resolve(backend)
     plain = type(spec)(spec.architecture, spec.tensors)   # dense model: no codec/sparse sections
     model = be.load(model_dir, plain, "float32") if spec.codec is None else be.load(model_dir, spec, "float32")
-    mod = __import__(f"dn_{be.NAME}.sparse", fromlist=["sparse"])
     parts = []
     for j, w in enumerate(wins):  # one window at a time keeps the progress bar honest
-        parts.append(mod.collect_mlp_inputs(model, [w[None]]))
+        parts.append(be.collect_mlp_inputs(model, [w[None]]))
         if progress:
             print(f"\rcalibration forward passes: {j + 1}/{len(wins)}", end="", file=sys.stderr)
     if progress:
         print(file=sys.stderr)
     inputs = [np.concatenate(p) for p in zip(*parts)]
-    layers = fit_model(inputs, lambda i: mod.mlp_weights(model, i), sparsity, prior, rank, progress, router,
+    layers = fit_model(inputs, lambda i: be.mlp_weights(model, i), sparsity, prior, rank, progress, router,
                        select)
     be.free(model)
     s = sparse.SparseSpec(sparsity, spec.architecture.hidden_size, n, router=router, rank=rank, prior=prior,

@@ -45,7 +45,7 @@ def perplexity(backend, model, tokens: list[int], ctx: int, batch: int = 1) -> t
 
 
 def _main(argv) -> int:
-    from dn import footprint, loader
+    from dn import footprint, loader, memory
     from dn.text import read_text, text_path
 
     args = setup_arg_parser().parse_args(argv)
@@ -59,13 +59,14 @@ def _main(argv) -> int:
     result = {"model": str(args.model or run.model_dir), "backend": run.backend.NAME,
               "device": run.backend.device_name(), "dtype": args.dtype, "tokens": count,
               "ppl": math.exp(nll), "nll": nll,
-              "resident_weight_bytes": run.backend.resident_weight_bytes(run.model),
-              "dense_weight_bytes": acc["dense_weight_bytes"],
-              "peak_memory_bytes": run.backend.peak_memory_bytes()}
+              "resident_weight_bytes": acc["resident_weight_bytes"],  # accounted
+              "dense_weight_bytes": acc["dense_weight_bytes"], **run.memory,  # measured by the platform
+              "peak_memory_bytes": memory.peak_bytes(run.backend)}  # load and eval, absolute
     print(f"[{result['backend']} {result['device']} {args.dtype}] ppl {result['ppl']:.4f} over {count} tokens; "
-          f"resident weights {result['resident_weight_bytes'] / 2**20:.1f} MiB "
-          f"(dense {result['dense_weight_bytes'] / 2**20:.1f} MiB); "
-          f"peak {result['peak_memory_bytes'] / 2**20:.0f} MiB")
+          f"resident weights {result['resident_weight_bytes'] / 2**20:.1f} MiB accounted "
+          f"(dense {result['dense_weight_bytes'] / 2**20:.1f} MiB), "
+          f"{result['measured_resident_bytes'] / 2**20:.1f} MiB measured ({result['measured_kind']}), "
+          f"load peak {result['load_peak_bytes'] / 2**20:.1f} MiB; peak {result['peak_memory_bytes'] / 2**20:.0f} MiB")
     if args.json:
         footprint.write_json(result, args.json)
     return 0

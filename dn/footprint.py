@@ -1,12 +1,12 @@
-"""Footprint: bytes by role accounted from the spec, beside what the backend measures. `dn footprint`."""
+"""Footprint: bytes by role accounted from the spec, beside what the platform measures a load holds. `dn footprint`."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from dn import cli, codec, sparse
-from dn.spec import DTYPE_BYTES, ROLES, ModelSpec, weight_bytes_by_role
+from dn import cli, store
+from dn.spec import DTYPE_BYTES, ROLES, ModelSpec
 
 
 def kv_cache_bytes(spec: ModelSpec, ctx: int, dtype: str, batch: int = 1) -> int:
@@ -15,24 +15,16 @@ def kv_cache_bytes(spec: ModelSpec, ctx: int, dtype: str, batch: int = 1) -> int
 
 
 def accounted(spec: ModelSpec, dtype: str, ctx: int) -> dict:
-    """Dense weights by role at the compute dtype, and the KV cache at ctx. With the lossless codec,
-    resident = coded bytes + the other tensors at the compute dtype + decode tables + one layer of
-    decode scratch (16-bit bits and weights at the compute dtype)."""
-    roles = weight_bytes_by_role(spec, dtype)
-    dense = sum(roles.values())
-    resident = dense
-    if spec.codec:
-        coded = set(spec.codec["coded_tensors"])
-        layer = max(sum(t.numel for t in spec.layer_tensors(i) if t.name in coded)
-                    for i in range(spec.architecture.num_hidden_layers))
-        plain = sum(t.numel for t in spec.tensors if t.name not in coded) * DTYPE_BYTES[dtype]
-        luts = len(coded) * 2 << codec.MAXLEN  # decode tables built at load
-        resident = spec.codec["coded_bytes"] + plain + luts + layer * (2 + DTYPE_BYTES[dtype])  # bits + weights
-    if spec.sparse:  # routers, thresholds and priors ride beside all the weights (no offload yet)
-        resident += sparse.side_bytes(spec.sparse, DTYPE_BYTES[dtype])
+    """Dense weights by role at the compute dtype, what dn keeps resident (dn.store.resident_bytes: every
+    format, by part) and the KV cache at ctx."""
+    b = DTYPE_BYTES[dtype]
+    roles = dict.fromkeys(ROLES, 0)
+    for e in store.entries(spec):
+        roles[e.role] += e.numel * b
+    resident = store.resident_bytes(spec, dtype)
     return {"dtype": dtype, "roles": roles, "tied_embeddings": spec.architecture.tie_word_embeddings,
-            "dense_weight_bytes": dense, "resident_weight_bytes": resident,
-            "kv_cache_bytes": kv_cache_bytes(spec, ctx, dtype), "ctx": ctx}
+            "dense_weight_bytes": sum(roles.values()), "resident_weight_bytes": resident["total"],
+            "resident_by_format": resident, "kv_cache_bytes": kv_cache_bytes(spec, ctx, dtype), "ctx": ctx}
 
 
 def setup_arg_parser():
@@ -59,10 +51,25 @@ def report_lines(report: dict) -> list[str]:
               f"  {'kv cache':<12}{_mib(acc['kv_cache_bytes'])}  at ctx {acc['ctx']}"]
     m = report.get("measured")
     if m:
-        lines += [f"measured on {m['backend']} ({m['device']}):",
-                  f"  {'weights':<12}{_mib(m['resident_weight_bytes'])}  resident",
-                  f"  {'peak':<12}{_mib(m['peak_memory_bytes'])}  {m['peak_kind']}"]
+        lines += measured_lines(m)
     return lines
+
+
+def _detail(m: dict) -> str:
+    parts = {k: m[f"{k}_bytes"] for k in ("anon", "file", "pss")}
+    return ", ".join(f"{k} {v / 2**20:.2f}" for k, v in parts.items() if v is not None)
+
+
+def measured_lines(m: dict) -> list[str]:
+    """What the load added, measured by the platform (dn.memory); the process's view too where a device
+    allocator gave the figures."""
+    process = [f"  {'process':<12}{_mib(m['rss_bytes'])}  {m['rss_kind']} ({_detail(m)} MiB)",
+               f"  {'its peak':<12}{_mib(m['rss_peak_bytes'])}  {m['rss_peak_kind']}"]
+    own = m["measured_kind"] == m["rss_kind"]  # no device allocator: the process figures are the measure
+    return [f"measured on {m['backend']} ({m['device']}), what the load added:",
+            f"  {'resident':<12}{_mib(m['measured_resident_bytes'])}  {m['measured_kind']}"
+            + (f" ({_detail(m)} MiB)" if own else ""),
+            f"  {'load peak':<12}{_mib(m['load_peak_bytes'])}  {m['load_peak_kind']}", *([] if own else process)]
 
 
 def _main(argv) -> int:
@@ -85,12 +92,7 @@ def _main(argv) -> int:
 
 
 def measured(run) -> dict:
-    be = run.backend
-    kind = "mlx peak" if be.NAME == "mlx" else ("cuda max allocated" if "cuda" in be.device_name()
-                                                 else "process peak RSS")
-    return {"backend": be.NAME, "device": be.device_name(),
-            "resident_weight_bytes": be.resident_weight_bytes(run.model),
-            "peak_memory_bytes": be.peak_memory_bytes(), "peak_kind": kind}
+    return {"backend": run.backend.NAME, "device": run.backend.device_name(), **run.memory}
 
 
 def write_json(report: dict, path: str) -> None:

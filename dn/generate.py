@@ -53,7 +53,7 @@ def prompt_ids(tokenizer, prompt: str, raw: bool) -> list[int]:
 
 
 def _main(argv) -> int:
-    from dn import loader
+    from dn import loader, memory
     from dn.tokenizer import StreamDecoder
 
     args = setup_arg_parser().parse_args(argv)
@@ -72,7 +72,7 @@ def _main(argv) -> int:
     decode_rate = (n - 1) / (end - first) if n > 1 else 0.0
     print(f"[{run.backend.NAME} {run.backend.device_name()} {args.dtype}] prompt {len(ids)} tokens "
           f"{len(ids) / (first - start):.1f} tok/s; generated {n} tokens {decode_rate:.1f} tok/s; "
-          f"peak memory {run.backend.peak_memory_bytes() / 2**20:.0f} MiB", file=sys.stderr)
+          f"peak memory {memory.peak_bytes(run.backend) / 2**20:.0f} MiB", file=sys.stderr)
     return 0
 
 

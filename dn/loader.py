@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dn import backend as backends
+from dn import memory, safetensors_io
 from dn.sources import resolve_model
 from dn.spec import ModelSpec, load_spec
 from dn.tokenizer import Tokenizer
@@ -20,13 +21,14 @@ class Loaded:
     model: Any
     dtype: str
     tokenizer: Tokenizer
+    memory: dict  # what the load added, measured by the platform (dn.memory.measure_load)
 
 
 def load(model: str | None, backend: str = "auto", dtype: str = "float32") -> Loaded:
     be = backends.resolve(backend)  # first, so a missing backend fails before any conversion
     model_dir = resolve_model(model)
     spec = load_spec(model_dir)
+    safetensors_io.check_folder(model_dir)
     tokenizer = Tokenizer(model_dir, spec.architecture.eos_token_id)
-    be.reset_peak_memory()
-    handle = be.load(model_dir, spec, dtype)
-    return Loaded(model_dir, spec, be, handle, dtype, tokenizer)
+    handle, measured = memory.measure_load(be, model_dir, spec, dtype)
+    return Loaded(model_dir, spec, be, handle, dtype, tokenizer, measured)

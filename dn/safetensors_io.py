@@ -56,6 +56,13 @@ def read_header(path: str | Path) -> tuple[dict, int]:
     return header, end
 
 
+def check_folder(folder: str | Path) -> None:
+    """Every safetensors file of a model folder (weights and dn's side files) has a sound header and all the
+    bytes it declares, so a truncated or clobbered file is one clear line before any framework reads it."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        read_header(f)
+
+
 def load(path: str | Path, mmap: bool = True) -> dict[str, tuple[np.ndarray, str]]:
     """Map every tensor: name -> (array of stored bits, safetensors dtype string)."""
     header, offset = read_header(path)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dn import safetensors_io
+from dn import quant, safetensors_io
 from dn.errors import DnError
 
 VERSION = 2
@@ -107,19 +107,13 @@ def bundle(gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
 
 
 def quantize_int4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """w [m, d] -> (packed uint8 [m, d/2], scales float32 [m, d/GROUP]); symmetric, values -7..7."""
-    m, d = w.shape
-    g = w.reshape(m, d // GROUP, GROUP)
-    s = np.abs(g).max(-1) / 7 + 1e-12
-    q = (np.clip(np.round(g / s[..., None]), -7, 7).astype(np.int8) + 8).astype(np.uint8).reshape(m, d)
-    return q[:, 0::2] | (q[:, 1::2] << 4), s.astype(np.float32)
+    """w [m, d] -> (packed uint8 [m, d/2], low nibble first; scales float32 [m, d/GROUP]); symmetric, values -7..7."""
+    packed, scales, _ = quant.quantize_symmetric(w, 4, GROUP)
+    return packed.view(np.uint8), scales
 
 
 def dequantize_int4(packed: np.ndarray, s: np.ndarray) -> np.ndarray:
-    m = packed.shape[0]
-    q = np.empty((m, packed.shape[1] * 2), np.float32)
-    q[:, 0::2], q[:, 1::2] = (packed & 15).astype(np.float32) - 8, (packed >> 4).astype(np.float32) - 8
-    return (q.reshape(m, -1, GROUP) * s[..., None]).reshape(m, -1)
+    return quant.dequantize_symmetric(packed, s, 4, GROUP)
 
 
 def predict(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
@@ -262,35 +256,6 @@ def oracle_mask(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarra
 def recall(mask: np.ndarray, ref: np.ndarray) -> float:
     """Fraction of the oracle's kept neurons the router kept too (bool masks [T, n])."""
     return float((mask & ref).sum() / max(1, ref.sum()))
-
-
-# ---- bytes accounting ----------------------------------------------------------------------------
-
-def layer_bytes(spec: SparseSpec, dtype_bytes: int = 2) -> dict[str, int]:
-    """Per layer, resident bytes at the weights' dtype: kept neurons vs router and prior side data."""
-    d, n, r = spec.hidden, spec.intermediate, spec.rank
-    prior = {"none": 0, "median": (n + d) * dtype_bytes, "sketch": int4_bytes(d, n)}[spec.prior]
-    thresh = n * dtype_bytes if spec.select == "threshold" else 0   # per-neuron thresholds ride with the router
-    router = int4_bytes(2 * n, d) if spec.router == "int4" else r * (d + 2 * n) * dtype_bytes
-    return {"neuron": 3 * d * dtype_bytes, "router": router + thresh, "prior": prior,
-            "dense_mlp": 3 * d * n * dtype_bytes}
-
-
-def int4_bytes(rows: int, cols: int) -> int:
-    """A packed int4 matrix (quantize_int4): cols/2 bytes of nibbles and cols/GROUP float32 scales per row;
-    the int4 router is int4_bytes(2n, d), the sketch prior int4_bytes(d, n)."""
-    return rows * (cols // 2 + cols // GROUP * 4)
-
-
-def side_bytes(section: dict, dtype_bytes: int) -> int:
-    """Bytes a backend holds for a sparse section besides the model's own weights, as both backends keep
-    them: int4 router packed (4 bits + one float32 scale per GROUP), lowrank factors and thresholds in
-    float32, the prior at the compute dtype."""
-    d, n, r = section["hidden"], section["intermediate"], section.get("rank", DEFAULT_RANK)
-    router = int4_bytes(2 * n, d) if section["router"] == "int4" else (d * r + r * 2 * n) * 4
-    thresh = 4 * n if section.get("select", "topk") == "threshold" else 0
-    sketch = int4_bytes(d, n) if section.get("prior") == "sketch" else 0
-    return section["num_layers"] * (router + thresh + sketch + (n + d) * dtype_bytes)
 
 
 # ---- files ---------------------------------------------------------------------------------------

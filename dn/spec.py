@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from dn import safetensors_io
+from dn import quant, safetensors_io
 from dn.errors import DnError
 
 SPEC_VERSION = 1
@@ -143,6 +143,7 @@ class ModelSpec:
     source: str = ""
     codec: dict | None = None
     sparse: dict | None = None
+    quant: dict | None = None     # config.json's "quantization" (mlx-lm's affine layout), see dn/quant.py
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -200,6 +201,19 @@ def inventory(model_dir: Path) -> list[TensorInfo]:
     return sorted(tensors, key=lambda t: t.name)
 
 
+def stored_tensors(model_dir: Path, spec: ModelSpec) -> list[TensorInfo]:
+    """What a folder holds: its safetensors headers, plus the lossless-coded tensors its codec index lists."""
+    tensors = inventory(model_dir)
+    if spec.codec:
+        path = Path(model_dir) / spec.codec.get("index", "dn_codec.json")
+        try:
+            index = json.loads(path.read_text())["tensors"]
+            tensors += [TensorInfo(n, list(h["shape"]), h["dtype"], role_of(n)) for n, h in index.items()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise DnError(f"{path}: unreadable codec index ({e.__class__.__name__})") from None
+    return tensors
+
+
 def load_spec(model_dir: Path) -> ModelSpec:
     """The spec of a model folder: dn_spec.json when dn wrote one, else derived from config + headers."""
     model_dir = Path(model_dir)
@@ -209,13 +223,26 @@ def load_spec(model_dir: Path) -> ModelSpec:
             spec = ModelSpec.from_json(json.loads(path.read_text()))
         except json.JSONDecodeError:
             raise DnError(f"{path}: not valid JSON") from None
-        if spec.codec is None:
-            validate(spec, inventory(model_dir))
+        if spec.quant is not None:
+            quant.check_config(spec.quant)
+        validate(spec, stored_tensors(model_dir, spec))
         return spec
-    arch = Architecture.from_hf_config(read_config(model_dir))
-    spec = ModelSpec(arch, inventory(model_dir), source=str(model_dir))
+    cfg = read_config(model_dir)
+    arch = Architecture.from_hf_config(cfg)
+    spec = ModelSpec(arch, inventory(model_dir), source=str(model_dir), quant=_quantization(cfg))
     validate(spec, spec.tensors)
     return spec
+
+
+def _quantization(cfg: dict) -> dict | None:
+    """An mlx-lm-quantized folder's "quantization" dict (None for a dense one), checked."""
+    q = cfg.get("quantization", cfg.get("quantization_config"))
+    if q is None:
+        return None
+    if isinstance(q, dict) and "quant_method" in q:  # transformers' AWQ, GPTQ, bitsandbytes, ...
+        raise DnError(f"unsupported quantization method {q['quant_method']!r} (dn reads mlx-lm's affine layout)")
+    quant.check_config(q)
+    return q
 
 
 def validate(spec: ModelSpec, tensors: list[TensorInfo]) -> None:
@@ -224,6 +251,8 @@ def validate(spec: ModelSpec, tensors: list[TensorInfo]) -> None:
     by_name = {t.name: t for t in tensors}
     q_out, kv_out = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
     expect = {"model.embed_tokens.weight": [a.vocab_size, a.hidden_size]}
+    if not a.tie_word_embeddings:
+        expect["lm_head.weight"] = [a.vocab_size, a.hidden_size]
     for i in range(a.num_hidden_layers):
         p = f"model.layers.{i}."
         expect |= {p + "self_attn.q_proj.weight": [q_out, a.hidden_size],
@@ -233,17 +262,25 @@ def validate(spec: ModelSpec, tensors: list[TensorInfo]) -> None:
                    p + "mlp.gate_proj.weight": [a.intermediate_size, a.hidden_size],
                    p + "mlp.up_proj.weight": [a.intermediate_size, a.hidden_size],
                    p + "mlp.down_proj.weight": [a.hidden_size, a.intermediate_size]}
+    mods = quant.layout(spec.quant, by_name) if spec.quant else {}
     for name, shape in expect.items():
-        t = by_name.get(name)
-        if t is None:
-            raise DnError(f"weights lack tensor {name} required by the config")
-        if list(t.shape) != shape:
-            raise DnError(f"tensor {name} has shape {t.shape}, config implies {shape}")
+        q = mods.get(name[:-len(".weight")])
+        stored = quant.packed_shapes(shape, q["bits"], q["group_size"]) if q else {"weight": shape}
+        for kind, want in stored.items():
+            _check_shape(by_name, name[:-len("weight")] + kind, want)
+
+
+def _check_shape(by_name: dict, name: str, shape: list[int]) -> None:
+    t = by_name.get(name)
+    if t is None:
+        raise DnError(f"weights lack tensor {name} required by the config")
+    if list(t.shape) != shape:
+        raise DnError(f"tensor {name} has shape {t.shape}, config implies {shape}")
 
 
 def weight_bytes_by_role(spec: ModelSpec, dtype: str | None = None) -> dict[str, int]:
     """Dense bytes of the weights by role, at `dtype` if given (as loaded) else as stored."""
     out = dict.fromkeys(ROLES, 0)
-    for t in spec.tensors:
-        out[t.role] += t.numel * DTYPE_BYTES[dtype or t.dtype]
+    for t, shape, _ in quant.dense_tensors(spec.quant, spec.tensors):  # quantized: as before quantization
+        out[t.role] += math.prod(shape) * DTYPE_BYTES[dtype or t.dtype]
     return out

@@ -246,10 +246,15 @@ class CodecLinear(nn.Module):
         for k, v in (("_packed", packed), ("_current", current), ("_start", start), ("_shape", tuple(shape))):
             object.__setattr__(self, k, v)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    @property
+    def weight(self) -> mx.array:
+        """The decoded weight (its layer's pack is decoded once, when the layer's first projection asks)."""
         n = self._shape[0] * self._shape[1]
         bits = self._current.get(self._packed)[self._start:self._start + n]
-        w = _weight(bits, self._packed._meta[3], self.dtype_ref.dtype).reshape(self._shape)
+        return _weight(bits, self._packed._meta[3], self.dtype_ref.dtype).reshape(self._shape)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self.weight
         if "bias" in self:
             return mx.addmm(self["bias"], x, w.T)
         return x @ w.T

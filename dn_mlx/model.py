@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
     for f in weight_files(model_dir):
         weights.update(mx.load(str(f)))
     weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
+    if spec.quant is not None:  # quantized layers swapped in before loading: no dense weight is ever built
+        from dn.quant import layout
+        from dn_mlx import quant
+
+        quant.quantize_model(model, spec.quant | layout(spec.quant, weights))
     if spec.codec is None:
         model.load_weights(list(weights.items()), strict=True)
         model.set_dtype(_DTYPES[dtype])
@@ -118,16 +124,25 @@ def hidden_states(model, tokens: np.ndarray) -> list[np.ndarray]:
     return [np.array(h[0].astype(mx.float32)) for h in sink]
 
 
-def resident_weight_bytes(model) -> int:
-    return sum(v.nbytes for _, v in nn.utils.tree_flatten(model.parameters()))
+def import_model_code(spec: ModelSpec) -> None:
+    """Import what load() runs for spec (mlx-lm's model module, dn's codec and sparse modules), so that a
+    measured load counts weights, not code."""
+    from mlx_lm.utils import _get_classes
+
+    _get_classes(spec.architecture.to_mlx_config())
+    for name, section in (("codec", spec.codec), ("sparse", spec.sparse), ("quant", spec.quant)):
+        if section is not None:
+            importlib.import_module(f"dn_mlx.{name}")
 
 
-def peak_memory_bytes() -> int:
-    return int(mx.get_peak_memory())
-
-
-def reset_peak_memory() -> None:
-    mx.reset_peak_memory()
+def memory_stats(reset_peak: bool = False) -> dict:
+    """MLX's allocator (Metal buffers, or malloc on the CPU build; both meaningful): bytes of live arrays now
+    and at the peak (then reset when asked)."""
+    stats = {"kind": "mlx active", "active_bytes": int(mx.get_active_memory()),
+             "peak_kind": "mlx peak", "peak_bytes": int(mx.get_peak_memory())}
+    if reset_peak:
+        mx.reset_peak_memory()
+    return stats
 
 
 def free(model) -> None:

@@ -5,15 +5,18 @@ from dn_torch.model import (
                             device_name,
                             free,
                             hidden_states,
+                            import_model_code,
                             is_available,
                             load,
                             logits,
                             make_cache,
-                            peak_memory_bytes,
-                            reset_peak_memory,
-                            resident_weight_bytes,
+                            memory_stats,
                             token_nll,
 )
+from dn_torch.sparse import collect_mlp_inputs, mlp_weights
+from dn_torch.sparse import install as install_sparse
+from dn_torch.sparse import make_mlp as make_sparse_mlp
 
-__all__ = ["NAME", "device_name", "free", "hidden_states", "is_available", "load", "logits", "make_cache",
-           "peak_memory_bytes", "reset_peak_memory", "resident_weight_bytes", "token_nll"]
+__all__ = ["NAME", "collect_mlp_inputs", "install_sparse", "make_sparse_mlp", "mlp_weights",
+           "device_name", "free", "hidden_states", "import_model_code", "is_available", "load", "logits",
+           "make_cache", "memory_stats", "token_nll"]

@@ -117,10 +117,14 @@ class CodecLinear(nn.Module):
         self._scratch, self.start, self.shape = scratch, start, tuple(shape)
         self.bias = bias
 
-    def forward(self, x):
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded weight: valid while this projection's layer runs (the layer hook decodes it)."""
         n = self.shape[0] * self.shape[1]
-        w = self._scratch[0][self.start:self.start + n].view(self.shape)
-        return nn.functional.linear(x, w, self.bias)
+        return self._scratch[0][self.start:self.start + n].view(self.shape)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 def _layer_hook(packed: PackedLayer, scratch: list):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import math
 import os
-import resource
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dn import safetensors_io
+from dn.errors import DnError
 from dn.spec import ModelSpec, weight_files
 
 NAME = "torch"
@@ -68,7 +70,9 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
 
     logging.disable_progress_bar()
     torch_dtype = _DTYPES[dtype]
-    if spec.codec is None:
+    if spec.quant is not None:
+        model = _load_quantized(model_dir, spec, torch_dtype)
+    elif spec.codec is None:
         model = _model_class(spec).from_pretrained(
             model_dir, config=_config(spec), dtype=torch_dtype, local_files_only=True)
         model.to(_device())
@@ -99,6 +103,101 @@ def _load_plain_tensors(model, model_dir: Path) -> None:
                     params[name].copy_(t)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+
+
+def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: torch.dtype):
+    """An mlx-lm quantized folder: the skeleton stays on meta, its quantized modules are swapped in, and each
+    stored tensor is read from the file straight into its final tensor; packed weights last, a chunk of rows
+    at a time into the layout they compute in (no dense, nor second packed, copy of a matrix ever exists)."""
+    from dn import quant as q
+    from dn_torch import quant
+
+    config = _config(spec)
+    with torch.device("meta"):
+        model = _model_class(spec)(config)
+    # mlx-lm's loader rule: a module is quantized iff its scales are stored
+    quant.quantize_model(model, {**spec.quant, **q.layout(spec.quant, [t.name for t in spec.tensors])})
+    packed = []
+    for f in weight_files(model_dir):
+        for stored in _stored_tensors(f):
+            module, want = _slot(model, stored)
+            if isinstance(module, (quant.QuantizedLinear, quant.QuantizedEmbedding)) and want is module.weight:
+                packed.append((module, stored))
+            elif want is not None:
+                _place(module, stored, dtype)
+    # Non-persistent buffers (rotary frequencies) were never loaded: rebuilt as in _skeleton.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(_device())
+    _check_loaded(model, model_dir, skip={id(m.weight) for m, _ in packed})
+    for module, stored in packed:
+        module.fill(stored.read, dtype)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _check_loaded(model, model_dir)
+    return model
+
+
+def _check_loaded(model, model_dir: Path, skip=frozenset()) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta and id(t) not in skip:
+            raise DnError(f"{model_dir}: weights lack tensor {name}")
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U32": torch.uint32,
+              "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8}
+
+
+class _Stored:
+    """One tensor of a safetensors file, read on demand (whole, or rows [r0, r1)) into fresh memory on the
+    device. Plain reads, not a mapping: mapped pages would count as resident until the file is closed."""
+
+    def __init__(self, path: Path, name: str, info: dict, offset: int):
+        if info["dtype"] not in _ST_DTYPES:
+            raise DnError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        self.path, self.name, self.shape, self.dtype = path, name, list(info["shape"]), _ST_DTYPES[info["dtype"]]
+        self.start = offset + info["data_offsets"][0]
+
+    def read(self, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        shape = self.shape if r1 is None else [min(r1, self.shape[0]) - r0, *self.shape[1:]]
+        t = torch.empty(shape, dtype=self.dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + r0 * math.prod(self.shape[1:]) * t.element_size())
+            f.readinto(t.view(-1).view(torch.uint8).numpy())
+        return t.to(_device())
+
+
+def _stored_tensors(path: Path) -> list[_Stored]:
+    header, offset = safetensors_io.read_header(path)
+    return [_Stored(path, name, info, offset) for name, info in header.items()]
+
+
+def _slot(model, stored: _Stored):
+    """(module, the parameter or buffer the skeleton holds for a stored tensor), checked against it; (None,
+    None) for a tensor the model has no place for."""
+    path, _, attr = stored.name.rpartition(".")
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None, None
+    want = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
+    if want is not None and (list(want.shape) != stored.shape
+                             or (not want.is_floating_point() and want.dtype != stored.dtype)):
+        raise DnError(f"tensor {stored.name} is {stored.dtype} {stored.shape}, the model expects "
+                      f"{want.dtype} {list(want.shape)}")
+    return module, want
+
+
+def _place(module, stored: _Stored, dtype: torch.dtype) -> None:
+    """Read a stored tensor into its place: quantized modules' scales, biases and bias as stored (fill
+    converts them), float parameters at dtype."""
+    from dn_torch import quant
+
+    attr = stored.name.rpartition(".")[2]
+    t = stored.read()
+    if attr in module._parameters:
+        module._parameters[attr] = torch.nn.Parameter(t.to(dtype), requires_grad=False)
+    else:
+        as_stored = isinstance(module, (quant.QuantizedLinear, quant.QuantizedEmbedding)) or not t.is_floating_point()
+        module._buffers[attr] = t if as_stored else t.to(dtype)
 
 
 def make_cache(model):
@@ -144,26 +243,25 @@ def hidden_states(model, tokens: np.ndarray) -> list[np.ndarray]:
     return captured
 
 
-def resident_weight_bytes(model) -> int:
-    """Bytes of every distinct storage behind parameters and buffers (tied weights counted once)."""
-    storages = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-    return sum(storages.values())
+def import_model_code(spec: ModelSpec) -> None:
+    """Import what load() runs for spec (transformers imports a modeling module on first use), so that a
+    measured load counts weights, not code."""
+    _model_class(spec)
+    for name, section in (("codec", spec.codec), ("sparse", spec.sparse), ("quant", spec.quant)):
+        if section is not None:
+            importlib.import_module(f"dn_torch.{name}")
 
 
-def peak_memory_bytes() -> int:
-    """CUDA: peak allocated by torch; CPU: peak resident set size of the process."""
-    if _device().type == "cuda":
-        return int(torch.cuda.max_memory_allocated())
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def reset_peak_memory() -> None:
-    if _device().type == "cuda":
+def memory_stats(reset_peak: bool = False) -> dict | None:
+    """CUDA's allocator: bytes of live tensors now and at the peak (then reset when asked). None on the CPU,
+    which has no device allocator (dn.memory measures the process), and on MPS (not wired up)."""
+    if _device().type != "cuda":
+        return None
+    stats = {"kind": "cuda allocated", "active_bytes": int(torch.cuda.memory_allocated()),
+             "peak_kind": "cuda max allocated", "peak_bytes": int(torch.cuda.max_memory_allocated())}
+    if reset_peak:
         torch.cuda.reset_peak_memory_stats()
+    return stats
 
 
 def free(model) -> None:

@@ -17,8 +17,10 @@ import sys
 
 import numpy as np
 
-from dn import cli
+from dn import cli, memory
 from dn.tolerances import PARITY, ROUTE_AGREEMENT
+
+MEMORY = ("measured_resident_bytes", "measured_kind", "load_peak_bytes", "load_peak_kind")  # of dn.memory
 
 PROMPTS = [
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -49,11 +51,11 @@ def rel_err(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
 def observe(run, tokens: int, replay: list | None = None) -> dict:
     """Everything parity compares, computed on one backend (a sparse model: taping its router decisions,
     or executing `replay`, the reference's)."""
-    import importlib
-
+    from dn import sparse_mlp
+    from dn.footprint import accounted
     from dn.generate import generate_tokens
 
-    sparse = importlib.import_module(f"dn_{run.backend.NAME}.sparse") if run.spec.sparse else None
+    sparse = sparse_mlp if run.spec.sparse else None
     routes = sparse.tape_routes(run.model, replay) if sparse else None
     enc = [run.tokenizer.encode(p) for p in PROMPTS]
     out = {
@@ -61,8 +63,9 @@ def observe(run, tokens: int, replay: list | None = None) -> dict:
         "hidden": run.backend.hidden_states(run.model, np.array([enc[0]])),
         "greedy": list(generate_tokens(run.backend, run.model, enc[1], tokens)),
         "device": run.backend.device_name(),
-        "resident_weight_bytes": run.backend.resident_weight_bytes(run.model),
-        "peak_memory_bytes": run.backend.peak_memory_bytes(),
+        "resident_weight_bytes": accounted(run.spec, run.dtype, 0)["resident_weight_bytes"],
+        **{k: run.memory[k] for k in MEMORY},
+        "peak_memory_bytes": memory.peak_bytes(run.backend),
         "routes": routes,
     }
     if sparse:
@@ -115,7 +118,7 @@ def run_parity(model: str | None, backends: list[str], dtype: str, tokens: int) 
     report = compare(a, b, dtype)
     report.update(model=str(model or "default"), dtype=dtype, reference=backends[0],
                   sparse=seen[backends[0]]["routes"] is not None,
-                  backends={n: {k: seen[n][k] for k in ("device", "resident_weight_bytes",
+                  backends={n: {k: seen[n][k] for k in ("device", "resident_weight_bytes", *MEMORY,
                                                         "peak_memory_bytes")} for n in backends})
     return report
 
@@ -136,8 +139,9 @@ def _main(argv) -> int:
              f"; router decisions agree {r['route_agreement']:.5f} (>= {ROUTE_AGREEMENT}), logits and tokens "
              f"compared under the reference's routing"))
     for name, m in r["backends"].items():
-        print(f"  {name:<6} {m['device']:<12} resident weights {m['resident_weight_bytes'] / 2**20:8.1f} MiB, "
-              f"peak {m['peak_memory_bytes'] / 2**20:8.1f} MiB")
+        print(f"  {name:<6} {m['device']:<12} resident weights {m['resident_weight_bytes'] / 2**20:8.1f} MiB "
+              f"accounted, {m['measured_resident_bytes'] / 2**20:8.1f} MiB measured ({m['measured_kind']}), "
+              f"load peak {m['load_peak_bytes'] / 2**20:8.1f} MiB, peak {m['peak_memory_bytes'] / 2**20:8.1f} MiB")
     print("PASSED" if r["passed"] else "FAILED")
     if args.json:
         from dn.footprint import write_json

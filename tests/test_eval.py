@@ -28,7 +28,11 @@ def test_eval_cli_json(tmp_path, eval_text, backend_name):
     assert proc.returncode == 0, proc.stderr
     r = json.loads(out.read_text())
     assert set(r) == {"model", "backend", "device", "dtype", "tokens", "ppl", "nll", "resident_weight_bytes",
-                      "dense_weight_bytes", "peak_memory_bytes"}
+                      "dense_weight_bytes", "measured_resident_bytes", "measured_kind", "load_peak_bytes",
+                      "load_peak_kind", "rss_bytes", "anon_bytes", "file_bytes", "pss_bytes", "rss_kind",
+                      "rss_peak_bytes", "rss_peak_kind", "peak_memory_bytes"}
+    assert r["resident_weight_bytes"] == r["dense_weight_bytes"] == 538060032  # accounted, dense default model
+    assert r["load_peak_bytes"] >= r["measured_resident_bytes"] > 0.9 * r["resident_weight_bytes"]
     assert r["backend"] == backend_name and r["tokens"] == 126
     assert np.isclose(r["ppl"], math.exp(r["nll"])) and 1 < r["ppl"] < 1000
 

@@ -12,9 +12,9 @@ from dn.tolerances import PARITY
 H, INTER, LAYERS, HEADS, KV, HD, VOCAB = 64, 96, 2, 4, 2, 16, 128
 
 
-def tiny_model(path, model_type: str):
+def tiny_model(path, model_type: str, inter: int = INTER):
     rng = np.random.default_rng(0)
-    cfg = {"model_type": model_type, "hidden_size": H, "intermediate_size": INTER, "num_hidden_layers": LAYERS,
+    cfg = {"model_type": model_type, "hidden_size": H, "intermediate_size": inter, "num_hidden_layers": LAYERS,
            "num_attention_heads": HEADS, "num_key_value_heads": KV, "head_dim": HD, "vocab_size": VOCAB,
            "rms_norm_eps": 1e-6, "max_position_embeddings": 128, "tie_word_embeddings": model_type != "mistral",
            "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}}
@@ -25,8 +25,8 @@ def tiny_model(path, model_type: str):
         p = f"model.layers.{i}."
         shapes |= {p + "self_attn.q_proj.weight": (HEADS * HD, H), p + "self_attn.k_proj.weight": (KV * HD, H),
                    p + "self_attn.v_proj.weight": (KV * HD, H), p + "self_attn.o_proj.weight": (H, HEADS * HD),
-                   p + "mlp.gate_proj.weight": (INTER, H), p + "mlp.up_proj.weight": (INTER, H),
-                   p + "mlp.down_proj.weight": (H, INTER), p + "input_layernorm.weight": (H,),
+                   p + "mlp.gate_proj.weight": (inter, H), p + "mlp.up_proj.weight": (inter, H),
+                   p + "mlp.down_proj.weight": (H, inter), p + "input_layernorm.weight": (H,),
                    p + "post_attention_layernorm.weight": (H,)}
         if model_type == "qwen2":
             shapes |= {p + f"self_attn.{n}_proj.bias": (d,) for n, d in (("q", HEADS * HD), ("k", KV * HD),

@@ -342,6 +342,7 @@ def host_metal(builder, tmp_path, monkeypatch):
     source, names, input dtypes, template arguments, grid, threadgroup and output shapes the Python code
     passes are the ones compiled and run, so a mismatch with the body fails to compile or gives wrong results."""
     mx = pytest.importorskip("mlx.core")
+    from dn_mlx import ops as mlx_ops
     from dn_mlx import sparse as mlx_sparse
 
     dtypes = {getattr(mx, n): n for n in _C_TYPES}
@@ -379,7 +380,7 @@ def host_metal(builder, tmp_path, monkeypatch):
 
     mlx_sparse._kernel.cache_clear()
     monkeypatch.setattr(mx.fast, "metal_kernel", metal_kernel)
-    monkeypatch.setattr(mlx_sparse, "_on_metal", lambda: True)
+    monkeypatch.setattr(mlx_ops, "fused_available", lambda x: True)
     yield mlx_sparse, calls
     mlx_sparse._kernel.cache_clear()
 
@@ -442,7 +443,7 @@ def test_sparse_mlp_metal_path_through_host_kernels(host_metal, dtype):
     """SparseMLP end to end on the Metal path ('auto' picks it on Metal with top-k): router -> host-side
     indices -> the two launches; against dn.sparse's reference on the same rounded weights and routes, and
     against the MLX gather path (scaled tolerance, as tests/test_sparse.py)."""
-    from dn import sparse
+    from dn import sparse, sparse_mlp
 
     mlx_sparse, calls = host_metal
     t, k, n, d = SHAPES[0]
@@ -459,10 +460,10 @@ def test_sparse_mlp_metal_path_through_host_kernels(host_metal, dtype):
         layer.prior_y0 = bf16_to_f32(f32_to_bf16(layer.prior_y0))
     for xs in (x, x[:1]):  # a prompt and a decode step
         calls.clear()
-        mask = mlx_sparse.route(xs, mlp)
+        mask = sparse_mlp.route(xs, mlp)
         want = sparse.sparse_mlp_step(xs, bq, layer, mask)
-        got = mlx_sparse.sparse_mlp_step(xs, mlp, "auto")
+        got = sparse_mlp.step(xs, mlp, "auto")
         assert [c["kernel"] for c in calls] == ["sparse_hidden", "sparse_down"]
         scale = float(np.abs(want).max())
         _close(got, want, KERNEL[dtype], "metal path vs reference", scale)
-        _close(got, mlx_sparse.sparse_mlp_step(xs, mlp, "gather"), KERNEL[dtype], "metal vs gather path", scale)
+        _close(got, sparse_mlp.step(xs, mlp, "gather"), KERNEL[dtype], "metal vs gather path", scale)

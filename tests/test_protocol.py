@@ -56,3 +56,22 @@ def test_core_imports_no_framework():
             "bad = [m for m in ('torch', 'mlx', 'transformers', 'mlx_lm') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# Kernel micro-benchmarks time one backend's kernels on its own arrays, as that backend's tests do.
+KERNEL_BENCHMARKS = {"bench_codec.py", "bench_quant.py"}
+
+
+def test_nothing_reaches_into_a_backend_but_through_the_protocol():
+    """dn/, parity/ and the benchmarks get a backend from dn.backend.get (the package, which satisfies the
+    Protocol); none imports a backend's modules by name."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    files = [f for d in ("dn", "parity", "benchmarks") for f in sorted((root / d).glob("*.py"))
+             if f.name not in KERNEL_BENCHMARKS]
+    pattern = re.compile(r"(from|import)\s+dn_(torch|mlx)\b|dn_\{[^}]*\}\.|__import__\(")
+    found = [f"{f.relative_to(root)}:{i}" for f in files
+             for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found, found

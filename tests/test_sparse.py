@@ -3,7 +3,6 @@ and an end-to-end calibrate -> load on both backends."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -12,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from dn import sparse
+from dn import backend as backends
+from dn import sparse, sparse_mlp
 from dn.errors import DnError
 from dn.tolerances import KERNEL, PARITY
 
@@ -191,10 +191,10 @@ def test_spec_tensor_with_wrong_shape(tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("router", sparse.ROUTERS)
 def test_backend_step_matches_reference(backend_name, dtype, router, select, prior):
-    mod = importlib.import_module(f"dn_{backend_name}.sparse")
+    mod = backends.get(backend_name)
     rng = np.random.default_rng(8)
     layer, (g, u, dn) = _layer(rng, 40, router, prior, select=select)
-    mlp = mod.make_mlp(sparse.bundle(g, u, dn), layer, dtype)
+    mlp = mod.make_sparse_mlp(sparse.bundle(g, u, dn), layer, dtype)
     x = rng.standard_normal((7, D)).astype(np.float32)
     bq = sparse.bundle(g, u, dn)
     if dtype == "bfloat16":  # the reference sees the same rounded weights and inputs
@@ -203,12 +203,12 @@ def test_backend_step_matches_reference(backend_name, dtype, router, select, pri
         bq, x = bf16_to_f32(f32_to_bf16(bq)), bf16_to_f32(f32_to_bf16(x))
         layer.prior_c = bf16_to_f32(f32_to_bf16(layer.prior_c))
         layer.prior_y0 = bf16_to_f32(f32_to_bf16(layer.prior_y0))
-    mask = mod.route(x, mlp)
+    mask = sparse_mlp.route(x, mlp)
     want = sparse.sparse_mlp_step(x, bq, layer, mask)
     tol = KERNEL[dtype]
     scale = np.abs(want).max()
-    got = {"masked": mod.sparse_mlp_step(x, mlp, "masked"),   # all tokens; gather: one token per step
-           "gather": np.concatenate([mod.sparse_mlp_step(x[t:t + 1], mlp, "gather") for t in range(len(x))])}
+    got = {"masked": sparse_mlp.step(x, mlp, "masked"),   # all tokens; gather: one token per step
+           "gather": np.concatenate([sparse_mlp.step(x[t:t + 1], mlp, "gather") for t in range(len(x))])}
     for path, y in got.items():
         np.testing.assert_allclose(y, want, rtol=tol.rtol, atol=tol.atol * scale, err_msg=path)
 
@@ -217,27 +217,23 @@ def test_backend_step_matches_reference(backend_name, dtype, router, select, pri
 def test_backend_step_with_no_neuron_kept(backend_name, prior):
     """Threshold selection can keep no neuron for a token (seen at sparsity 0.7 on the real model): every path
     returns the prior alone, as the reference does."""
-    mod = importlib.import_module(f"dn_{backend_name}.sparse")
+    mod = backends.get(backend_name)
     rng = np.random.default_rng(12)
     layer, (g, u, dn) = _layer(rng, 40, "int4", prior, select="threshold")
     layer.thresh = np.full(N, np.inf, np.float32)
     x = rng.standard_normal((3, D)).astype(np.float32)
-    mlp = mod.make_mlp(sparse.bundle(g, u, dn), layer, "float32")
-    assert not mod.route(x, mlp).any()
+    mlp = mod.make_sparse_mlp(sparse.bundle(g, u, dn), layer, "float32")
+    assert not sparse_mlp.route(x, mlp).any()
     want = sparse.sparse_mlp_step(x, sparse.bundle(g, u, dn), layer)
-    paths = ["gather", "masked"] + [p for p in [_hardware_path(backend_name, mod)] if p]
+    paths = ["gather", "masked"] + [p for p in [_hardware_path(mlp)] if p]
     for path in paths:
-        got = np.concatenate([mod.sparse_mlp_step(x[t:t + 1], mlp, path) for t in range(len(x))])
+        got = np.concatenate([sparse_mlp.step(x[t:t + 1], mlp, path) for t in range(len(x))])
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(np.abs(want).max(), 1e-6), err_msg=path)
 
 
-def _hardware_path(backend_name: str, mod) -> str | None:
+def _hardware_path(mlp) -> str | None:
     """The fused kernel path this machine can run for real: Metal on an Apple GPU, Triton on CUDA."""
-    if backend_name == "mlx":
-        return "metal" if mod._on_metal() else None
-    import torch
-
-    return "triton" if torch.cuda.is_available() and mod.triton is not None else None
+    return "fused" if mlp.ops.fused_available(mlp.prior_c) else None
 
 
 @pytest.mark.parametrize("prior", ["median", "sketch"])
@@ -247,24 +243,23 @@ def test_hardware_kernel_matches_reference(backend_name, dtype, select, prior):
     """Metal (macOS CI's GPU step, DN_MLX_DEVICE=gpu) and Triton (CUDA) kernels against the numpy reference, one
     token per step as decoding runs them; skipped where neither exists (tests/test_metal_sparse_host.py and
     test_triton_kernel_in_interpreter check the same bodies on the host)."""
-    mod = importlib.import_module(f"dn_{backend_name}.sparse")
-    path = _hardware_path(backend_name, mod)
-    if path is None:
-        pytest.skip(f"no GPU kernel for {backend_name} on this machine")
     from dn.safetensors_io import bf16_to_f32, f32_to_bf16
 
     rng = np.random.default_rng(10)
     layer, (g, u, dn) = _layer(rng, 40, "int4", prior, select=select)
     bq = sparse.bundle(g, u, dn)
-    mlp = mod.make_mlp(bq, layer, dtype)
+    mlp = backends.get(backend_name).make_sparse_mlp(bq, layer, dtype)
+    path = _hardware_path(mlp)
+    if path is None:
+        pytest.skip(f"no GPU kernel for {backend_name} on this machine")
     x = rng.standard_normal((5, D)).astype(np.float32)
     if dtype == "bfloat16":
         bq, x = bf16_to_f32(f32_to_bf16(bq)), bf16_to_f32(f32_to_bf16(x))
         layer.prior_c = bf16_to_f32(f32_to_bf16(layer.prior_c))
         layer.prior_y0 = bf16_to_f32(f32_to_bf16(layer.prior_y0))
     for t in range(len(x)):
-        want = sparse.sparse_mlp_step(x[t:t + 1], bq, layer, mod.route(x[t:t + 1], mlp))
-        got = mod.sparse_mlp_step(x[t:t + 1], mlp, path)
+        want = sparse.sparse_mlp_step(x[t:t + 1], bq, layer, sparse_mlp.route(x[t:t + 1], mlp))
+        got = sparse_mlp.step(x[t:t + 1], mlp, path)
         tol = KERNEL[dtype]
         np.testing.assert_allclose(got, want, rtol=tol.rtol, atol=tol.atol * np.abs(want).max(), err_msg=path)
 
@@ -272,12 +267,12 @@ def test_hardware_kernel_matches_reference(backend_name, dtype, select, prior):
 @pytest.mark.parametrize("select", sparse.SELECTS)
 @pytest.mark.parametrize("router", sparse.ROUTERS)
 def test_backend_router_agrees_with_reference(backend_name, router, select):
-    mod = importlib.import_module(f"dn_{backend_name}.sparse")
+    mod = backends.get(backend_name)
     rng = np.random.default_rng(9)
     layer, (g, u, dn) = _layer(rng, 40, router, select=select)
-    mlp = mod.make_mlp(sparse.bundle(g, u, dn), layer, "float32")
+    mlp = mod.make_sparse_mlp(sparse.bundle(g, u, dn), layer, "float32")
     x = rng.standard_normal((200, D)).astype(np.float32)
-    got, want = mod.route(x, mlp), sparse.route_mask(x, layer)
+    got, want = sparse_mlp.route(x, mlp), sparse.route_mask(x, layer)
     assert got.shape == want.shape == (200, N) and got.dtype == bool
     assert (got == want).mean() >= 0.999
 
@@ -357,51 +352,56 @@ def test_sparse_parity_on_both_backends(sparse_model):
 
 def test_replayed_routes_are_executed(backend_name, sparse_model, prompt_tokens):
     """Replay really overrides the router: its own decisions reproduce the logits, flipped ones do not."""
-    from dn import backend as backends
-
     out, spec, _ = sparse_model
     be = backends.get(backend_name)
-    mod = importlib.import_module(f"dn_{backend_name}.sparse")
     model = be.load(out, spec, "float32")
     tokens = np.asarray(prompt_tokens)[:, :12]
-    tapes = mod.tape_routes(model)
+    tapes = sparse_mlp.tape_routes(model)
     want = be.logits(model, tokens)
-    mod.tape_routes(model, tapes)
+    sparse_mlp.tape_routes(model, tapes)
     same = be.logits(model, tokens)
     flipped = [[~m for m in layer] for layer in tapes]
-    mod.tape_routes(model, flipped)
+    sparse_mlp.tape_routes(model, flipped)
     other = be.logits(model, tokens)
-    mod.untape_routes(model)
+    sparse_mlp.untape_routes(model)
     np.testing.assert_allclose(same, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     assert np.abs(other - want).max() > 0.1 * np.abs(want).max()
 
 
-def test_sparse_footprint_accounted_equals_measured(backend, loaded, default_spec, sparse_model):
-    """What a sparse folder adds to the resident bytes (packed router, thresholds, prior) is what dn footprint
-    accounts for it, byte for byte; the dense model on the same backend is the baseline, so backend extras
-    such as torch's rotary buffers cancel."""
-    from dn.footprint import accounted
+def test_sparse_footprint_accounted_matches_measured(backend_name, sparse_model, tmp_path):
+    """A sparse folder's resident bytes as the platform measures its load (dn footprint, a fresh process: see
+    tests/test_memory.py) match what dn footprint accounts for it: the dense weights in their bundles plus the
+    packed router, thresholds and prior."""
+    from helpers import run_dn
+    from test_memory import matches_accounted, off_by
 
-    out, spec, _ = sparse_model
-    model = backend.load(out, spec, "float32")
-    acc = accounted(spec, "float32", 512)["resident_weight_bytes"]
-    base = accounted(default_spec, "float32", 512)["resident_weight_bytes"]
-    added = backend.resident_weight_bytes(model) - backend.resident_weight_bytes(loaded)
-    assert added == acc - base
-    assert 0 < added < 0.1 * base
+    out, _, _ = sparse_model
+    proc = run_dn("footprint", "--model", str(out), "--backend", backend_name, "--json", str(tmp_path / "fp.json"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "fp.json").read_text())
+    acc = report["accounted"]["resident_weight_bytes"]
+    assert matches_accounted(report["measured"], acc), off_by(report["measured"], acc)
+
+
+def _held_bytes(mlp) -> int:
+    """Bytes of the arrays a backend module holds (the unit check of the accounting formula; whole models are
+    measured by the platform in tests/test_memory.py)."""
+    if hasattr(mlp, "buffers"):
+        return sum(t.nbytes for t in mlp.buffers())
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(mlp.parameters()))
 
 
 @pytest.mark.parametrize("prior", sparse.PRIORS)
 @pytest.mark.parametrize("router", sparse.ROUTERS)
 def test_side_bytes_are_what_a_layer_holds(backend_name, router, prior):
-    """sparse.side_bytes (what dn footprint adds per layer) equals the bytes a backend's SparseMLP holds besides
-    its bundled weights, for every router and prior kind."""
-    from dn import backend as backends
+    """dn.store.sparse_side (what dn footprint adds per layer) equals the bytes a backend's SparseMLP holds
+    besides its bundled weights, for every router and prior kind."""
+    from dn import store
 
-    mod = importlib.import_module(f"dn_{backend_name}.sparse")
     layer, w = _layer(np.random.default_rng(11), 40, router, prior)
-    mlp = mod.make_mlp(sparse.bundle(*w), layer, "float32")
+    mlp = backends.get(backend_name).make_sparse_mlp(sparse.bundle(*w), layer, "float32")
     section = {"hidden": D, "intermediate": N, "rank": 16, "router": router, "prior": prior,
                "select": layer.select, "num_layers": 1}
-    held = backends.get(backend_name).resident_weight_bytes(mlp) - 3 * D * N * 4
-    assert held == sparse.side_bytes(section, 4)
+    assert _held_bytes(mlp) - 3 * D * N * 4 == store.sparse_side(section, 4)["held"]

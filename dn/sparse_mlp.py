@@ -1,0 +1,195 @@
+"""The sparse MLP, written once over a backend's ops (the Keras 3 way): routing, selection, the prior and
+tape/replay are policy and live here; `dn_<backend>.ops` supplies the array ops and fused kernels, and
+`dn_<backend>.sparse.SparseMLP` only binds this class to its framework's Module.
+
+dn/sparse.py holds the math and the numpy reference every path is tested against.
+
+The neurons' weights come from the weight store in one of two forms:
+- bundled [n, 3, d] ([gate row | up row | down column] per neuron; dense models): a kept neuron is one
+  contiguous read, and the fused kernels run on it;
+- the layer's own projections, in whatever format they are stored (lossless-coded, affine-quantized):
+  kept rows of gate/up come from `ops.rows`, and the down projection runs on the scattered activations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+GATHER_LIMIT = 1 << 22  # elements of [T, k, 3, d] above which a step uses the masked path
+PATHS = ("auto", "gather", "masked", "fused")
+
+
+class SparseMLP:
+    """One layer of the sparse spec. The backend subclass sets `ops` and calls `setup` from __init__."""
+
+    ops: Any = None
+
+    def setup(self, bundled, proj, layer, path: str = "auto") -> None:
+        """bundled: [n, 3, d] backend array or None; proj: (gate, up, down) modules or None."""
+        o = self.ops
+        self.keep, self.n, self.path, self.oracle = layer.keep, layer.prior_c.shape[0], path, False
+        self.router, self.select = layer.router, layer.select
+        self.tape, self.replay = None, None   # see tape_routes
+        like = bundled if bundled is not None else o.weight_like(proj[0])
+        if bundled is not None:
+            o.hold(self, "bundled", bundled)
+        else:
+            self.bundled = None
+            self.gate_proj, self.up_proj, self.down_proj = proj
+        # int4: router and sketch stay packed (4 bits + a float32 scale per GROUP), applied by a kernel that
+        # reads them packed; lowrank: float32 factors [d, r], [r, 2n].
+        o.hold(self, "router_a", o.from_numpy(o.packed(layer.router_a) if layer.router == "int4"
+                                              else np.asarray(layer.router_a, np.float32), like))
+        o.hold(self, "router_b", o.from_numpy(np.asarray(layer.router_b, np.float32), like))
+        t = layer.thresh if layer.select == "threshold" else np.zeros(0, np.float32)
+        o.hold(self, "thresh", o.from_numpy(np.asarray(t, np.float32), like))
+        o.hold(self, "prior_c", o.cast(o.from_numpy(np.asarray(layer.prior_c, np.float32), like), like))
+        o.hold(self, "prior_y0", o.cast(o.from_numpy(np.asarray(layer.prior_y0, np.float32), like), like))
+        self.sketch = layer.prior_a is not None
+        if self.sketch:  # int4 down matrix [d, n], in the router's layout
+            o.hold(self, "prior_a", o.from_numpy(o.packed(layer.prior_a), like))
+            o.hold(self, "prior_b", o.from_numpy(np.asarray(layer.prior_b, np.float32), like))
+
+    # ---- routing ----------------------------------------------------------------------------------
+
+    def estimate(self, x):
+        """x [T, d] -> the router's estimate silu(g^) * u^ of every neuron's activation, [T, n] float32."""
+        o = self.ops
+        if self.router == "int4":
+            p = o.int4_matmul(o.float32(x), self.router_a, self.router_b)
+        else:
+            p = (o.float32(x) @ self.router_a) @ self.router_b
+        return o.silu(p[:, :self.n]) * p[:, self.n:]
+
+    def scores(self, x, est=None):
+        """x [T, d] -> router scores [T, n] float32 (est: the estimate, when already computed)."""
+        o = self.ops
+        if self.oracle:  # route by the true activations (quality baselines only)
+            g, u = self._project(x)
+            return o.float32(o.abs(o.silu(g) * u))
+        return o.abs(self.estimate(x) if est is None else est)
+
+    def route(self, x, est=None):
+        """x [T, d] -> kept neurons, bool [T, n]."""
+        s = self.scores(x, est)
+        if self.select == "threshold":
+            return s > self.thresh
+        return self.ops.topk_mask(s, self.keep)
+
+    def call(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        est = self.estimate(x2)                                  # [T, n]: routes, and feeds the sketch prior
+        mask = self.route(x2, est)
+        if self.tape is not None:
+            self.tape.append(self.ops.to_numpy(mask))
+            if self.replay is not None:
+                mask = self.ops.from_numpy(self.replay.pop(0), x)
+        return self.step(x2, mask, est).reshape(shape)
+
+    # ---- execution --------------------------------------------------------------------------------
+
+    def step(self, x, mask, est=None):
+        """x [T, d], mask bool [T, n] -> y [T, d]: kept neurons exactly, skipped ones by the prior."""
+        o = self.ops
+        y = self._kept(x, mask)
+        if self.sketch:
+            est = self.estimate(x) if est is None else est
+            y = y + o.cast(o.int4_matmul(o.zero_where(est, mask), self.prior_a, self.prior_b), y)
+        return y
+
+    def _kept(self, x, mask):
+        o = self.ops
+        t, d = x.shape
+        same = t == 1 or self.select == "topk"   # every row keeps the same count: [T, k] indices exist
+        path = self.path
+        if path == "auto":
+            fused = self.bundled is not None and same and o.fused_available(x)
+            path = "fused" if fused else (
+                "gather" if same and t * self.keep * 3 * d <= GATHER_LIMIT else "masked")
+        if path == "masked":
+            return self._masked(x, mask)
+        if not same:
+            raise ValueError(f"path {path!r} needs the same kept count per token; use 'masked'")
+        idx = o.kept_indices(mask)                                # [T, k], sorted
+        if idx.shape[1] == 0:                    # threshold selection may keep no neuron: the prior alone
+            return o.broadcast_to(self.prior_y0, (t, d))
+        if path == "fused":
+            return o.fused_step(x, self.bundled, idx, self.prior_c, self.prior_y0)
+        return self._gather(x, idx)
+
+    def _project(self, x):
+        """Every neuron's gate and up pre-activations, [T, n] each."""
+        if self.bundled is not None:
+            return x @ self.bundled[:, 0].T, x @ self.bundled[:, 1].T
+        return self.gate_proj(x), self.up_proj(x)
+
+    def _masked(self, x, mask):
+        g, u = self._project(x)
+        h = self.ops.silu(g) * u - self.prior_c
+        h = h * self.ops.cast(mask, h)
+        down = h @ self.bundled[:, 2] if self.bundled is not None else self.down_proj(h)
+        return down + self.prior_y0
+
+    def _gather(self, x, idx):
+        o = self.ops
+        t, k = idx.shape
+        if self.bundled is not None:
+            w = o.take_rows(self.bundled, idx)                    # [T, k, 3, d]
+            wg, wu, wd = w[:, :, 0], w[:, :, 1], w[:, :, 2]
+        else:
+            wg, wu = (o.rows(p, idx.reshape(-1)).reshape(t, k, -1) for p in (self.gate_proj, self.up_proj))
+        h = o.silu(o.rowdot(wg, x)) * o.rowdot(wu, x) - o.take(self.prior_c, idx)
+        if self.bundled is not None:
+            return o.rowsum(h, wd) + self.prior_y0
+        # stored down is [d, n] in its own format: run it on the kept activations scattered back to [T, n]
+        return self.down_proj(o.scatter(h, idx, self.n)) + self.prior_y0
+
+
+# ---- policy on a whole model: install, tape/replay, numpy entry points ---------------------------------
+
+def install(model, s, cls) -> None:
+    """Patch the MLPs with an in-memory SparseSpec (re-installing over SparseMLPs reuses their weights)."""
+    from dn.errors import DnError
+
+    if len(s.layers) != len(model.model.layers):
+        raise DnError(f"sparse spec has {len(s.layers)} layers, the model {len(model.model.layers)}")
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp = cls(layer.mlp, s.layers[i])  # copies the arrays: s (memory-mapped) is not kept
+
+
+def tape_routes(model, replay: list[list[np.ndarray]] | None = None) -> list[list[np.ndarray]]:
+    """Tape every sparse layer's router decisions (bool [T, n] per call, in call order) until
+    untape_routes. With replay (another run's tapes), each layer executes those decisions instead of its
+    own, still taping its own: parity runs two backends on identical routing and compares both."""
+    tapes = []
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.tape = []
+        layer.mlp.replay = None if replay is None else list(replay[i])
+        tapes.append(layer.mlp.tape)
+    return tapes
+
+
+def untape_routes(model) -> None:
+    for layer in model.model.layers:
+        layer.mlp.tape, layer.mlp.replay = None, None
+
+
+def route(x: np.ndarray, mlp: SparseMLP) -> np.ndarray:
+    """x [T, d] numpy -> the neurons the backend keeps, bool [T, n]."""
+    o = mlp.ops
+    return o.to_numpy(mlp.route(o.cast(o.from_numpy(x, mlp.prior_c), mlp.prior_c)))
+
+
+def step(x: np.ndarray, mlp: SparseMLP, path: str = "auto") -> np.ndarray:
+    """x [T, d] numpy -> y [T, d] float32 through the backend's sparse MLP (path: one of PATHS)."""
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r} (choose from {', '.join(PATHS)})")
+    o = mlp.ops
+    old, mlp.path = mlp.path, path
+    try:
+        return o.to_numpy(o.float32(mlp.call(o.cast(o.from_numpy(x, mlp.prior_c), mlp.prior_c))))
+    finally:
+        mlp.path = old

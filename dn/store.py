@@ -1,0 +1,90 @@
+"""The weight store: where each weight of a model lives and in what format, as plain data, and the one
+function that accounts for the bytes a backend holds resident for it.
+
+Formats: `dense` (the compute dtype), `lossless` (dn/codec.py: entropy-coded, decoded one layer at a time
+into one scratch buffer), `affine` (dn/quant.py: mlx-lm's group quantization, kept packed). A sparse section
+(dn/sparse.py) adds side data per layer: the router, its thresholds and the prior. Backends build each
+weight in its format (dn_<backend>.quant, dn_<backend>.codec) and run them through their ops; the sparse
+MLP asks them for whole matrices or for kept neurons' rows (dn/sparse_mlp.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dn import codec, quant, sparse
+from dn.spec import DTYPE_BYTES, ModelSpec
+
+FORMATS = ("dense", "lossless", "affine")
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    shape: tuple[int, ...]          # the dense shape
+    role: str
+    format: str = "dense"
+    bits: int | None = None         # affine only
+    group_size: int | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def entries(spec: ModelSpec) -> list[Entry]:
+    """One entry per weight of the model, in its stored format."""
+    coded = set(spec.codec["coded_tensors"]) if spec.codec else set()
+    out = []
+    for t, shape, q in quant.dense_tensors(spec.quant, spec.tensors):
+        if q:
+            out.append(Entry(t.name, tuple(shape), t.role, "affine", q["bits"], q["group_size"]))
+        else:
+            out.append(Entry(t.name, tuple(shape), t.role, "lossless" if t.name in coded else "dense"))
+    return out
+
+
+def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:
+    """Bytes a backend holds for the model's weights at the compute dtype, by part; `total` is what
+    `resident_weight_bytes` reports everywhere.
+    - dense: numel x dtype; affine: packed codes + a scale and a bias per group at the compute dtype;
+    - lossless: the coded bytes, the decode tables built at load, and one layer of decode scratch (16-bit
+      bits and weights at the compute dtype);
+    - sparse: each layer's router, thresholds and prior (sparse_side)."""
+    b = DTYPE_BYTES[dtype]
+    parts = dict.fromkeys(("dense", "affine", "lossless", "sparse"), 0)
+    for e in entries(spec):
+        if e.format == "affine":
+            parts["affine"] += quant.quantized_bytes(e.shape[0], e.numel // e.shape[0], e.bits, e.group_size, b)
+        elif e.format == "dense":
+            parts["dense"] += e.numel * b
+    if spec.codec:
+        coded = set(spec.codec["coded_tensors"])
+        layer = max(sum(t.numel for t in spec.layer_tensors(i) if t.name in coded)
+                    for i in range(spec.architecture.num_hidden_layers))
+        luts = len(coded) * 2 << codec.MAXLEN
+        parts["lossless"] = spec.codec["coded_bytes"] + luts + layer * (2 + b)
+    if spec.sparse:  # routers, thresholds and priors ride beside all the weights (no offload yet)
+        parts["sparse"] = spec.sparse["num_layers"] * sparse_side(spec.sparse, b)["held"]
+    return parts | {"total": sum(parts.values())}
+
+
+def sparse_side(section: dict, dtype_bytes: int) -> dict[str, int]:
+    """Per layer, the bytes a sparse section holds as both backends keep them: `router` (int4 packed, 4 bits +
+    a float32 scale per GROUP; or the lowrank factors in float32), `thresh` (float32 per neuron), `prior`
+    (what the prior kind itself needs: the median's c and y0 at the compute dtype, the sketch's packed int4
+    down matrix), `zeros` (the c and y0 the runtime holds as zeros for the other priors); `held` sums them.
+    For scale: one neuron's bundle and the dense MLP at that dtype."""
+    d, n, r = section["hidden"], section["intermediate"], section.get("rank", sparse.DEFAULT_RANK)
+    kind = section.get("prior")
+    out = {"router": _int4(2 * n, d) if section["router"] == "int4" else (d * r + r * 2 * n) * 4,
+           "thresh": 4 * n if section.get("select", "topk") == "threshold" else 0,
+           "prior": {"median": (n + d) * dtype_bytes, "sketch": _int4(d, n)}.get(kind, 0),
+           "zeros": 0 if kind == "median" else (n + d) * dtype_bytes}
+    return out | {"held": sum(out.values()), "neuron": 3 * d * dtype_bytes, "dense_mlp": 3 * d * n * dtype_bytes}
+
+
+def _int4(rows: int, cols: int) -> int:
+    """dn's packed int4 sketch (sparse.quantize_int4): cols/2 bytes of nibbles + a float32 scale per GROUP."""
+    return rows * (cols // 2 + cols // sparse.GROUP * 4)

@@ -1,0 +1,118 @@
+"""The array ops dn's backend-neutral layers (dn/sparse_mlp.py) are written over, on MLX.
+
+dn_torch/ops.py has the same functions; a test checks the two modules match, name for name."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+from mlx import nn
+
+from dn import sparse as ref
+from dn_mlx import quant
+
+
+def hold(module: nn.Module, name: str, array: mx.array) -> None:
+    """Keep an array on a module so it is listed with the module's weights."""
+    setattr(module, name, array)
+
+
+def from_numpy(a: np.ndarray, like: mx.array) -> mx.array:
+    """numpy -> array on MLX's default device (dtype kept; `like` for the torch twin's device)."""
+    return mx.array(np.ascontiguousarray(a))
+
+
+def to_numpy(a: mx.array) -> np.ndarray:
+    return np.array(a)
+
+
+def float32(x: mx.array) -> mx.array:
+    return x.astype(mx.float32)
+
+
+def cast(x: mx.array, like: mx.array) -> mx.array:
+    return x.astype(like.dtype)
+
+
+def weight_like(module: nn.Module) -> mx.array:
+    """An array with the module's compute dtype (any weight format)."""
+    leaves = nn.utils.tree_flatten(module.parameters())
+    return next(v for _, v in leaves if mx.issubdtype(v.dtype, mx.floating))
+
+
+def silu(x: mx.array) -> mx.array:
+    return nn.silu(x)
+
+
+def abs(x: mx.array) -> mx.array:
+    return mx.abs(x)
+
+
+def zero_where(x: mx.array, mask: mx.array) -> mx.array:
+    return mx.where(mask, mx.zeros((), x.dtype), x)
+
+
+def topk_mask(s: mx.array, k: int) -> mx.array:
+    idx = mx.argpartition(-s, k - 1, axis=1)[:, :k]
+    return mx.put_along_axis(mx.zeros(s.shape, mx.bool_), idx, mx.array(True), axis=1)
+
+
+def kept_indices(mask: mx.array) -> mx.array:
+    """bool [T, n] with the same count per row -> sorted indices [T, k] (MLX has no nonzero: host side)."""
+    m = np.array(mask)
+    return mx.array(np.nonzero(m)[1].reshape(m.shape[0], -1).astype(np.uint32))
+
+
+def take(a: mx.array, idx: mx.array) -> mx.array:
+    return mx.take(a, idx)
+
+
+def take_rows(w: mx.array, idx: mx.array) -> mx.array:
+    """w [n, ...], idx [T, k] -> [T, k, ...]."""
+    return mx.take(w, idx.reshape(-1), axis=0).reshape(*idx.shape, *w.shape[1:])
+
+
+def rowdot(w: mx.array, x: mx.array) -> mx.array:
+    """w [T, k, d], x [T, d] -> [T, k]."""
+    return (w @ x[:, :, None])[..., 0]
+
+
+def rowsum(h: mx.array, w: mx.array) -> mx.array:
+    """h [T, k], w [T, k, d] -> [T, d]."""
+    return (h[:, None, :] @ w)[:, 0]
+
+
+def scatter(h: mx.array, idx: mx.array, n: int) -> mx.array:
+    """h [T, k] at columns idx [T, k] of a zero [T, n]."""
+    return mx.put_along_axis(mx.zeros((h.shape[0], n), h.dtype), idx, h, axis=1)
+
+
+def broadcast_to(a: mx.array, shape: tuple) -> mx.array:
+    return mx.broadcast_to(a, shape)
+
+
+def rows(module: nn.Module, idx: mx.array) -> mx.array:
+    """Rows idx of a projection's weight [out, in], whatever its format, at the compute dtype."""
+    return quant.rows(module, idx)  # dense, coded (its decoded weight) or quantized (those rows dequantized)
+
+
+def packed(a: np.ndarray) -> np.ndarray:
+    """dn's packed int4 nibbles uint8 [m, k/2] read as uint32 [m, k/8]: MLX's 4-bit affine layout."""
+    return np.ascontiguousarray(a).view(np.uint32)
+
+
+def int4_matmul(x: mx.array, q: mx.array, s: mx.array) -> mx.array:
+    """x [T, k] float32 @ W.T for W [m, k] held as dn's packed int4 (value q - 8: bias -8 * scale)."""
+    return mx.quantized_matmul(x, q, s, -8 * s, transpose=True, group_size=ref.GROUP, bits=4)
+
+
+def fused_available(x: mx.array) -> bool:
+    """The fused sparse kernels run here: Metal on an Apple GPU."""
+    return mx.metal.is_available() and mx.default_device() == mx.gpu
+
+
+def fused_step(x, bundled, idx, c, y0):
+    """Kept neurons through the two Metal kernels (dn_mlx/sparse.py)."""
+    from dn_mlx import sparse
+
+    return sparse._metal_step(x, bundled, idx, c, y0)
