@@ -106,8 +106,8 @@ def bench(d: int, n: int, dtype: str, keeps: list[float], iters: int, dev: str) 
         sketched = be.make_sparse_mlp(b, ref.LayerSparse(k, qa, qs, layer.prior_c, layer.prior_y0, "int4",
                                                          "topk", None, pa, pb), dtype, dev)
         fns = {"gather": lambda m=mlp, i=idx: m._gather(x, i),
-               "routed": lambda m=routed: m(x),      # int4 router (unpacked per call) + top-k + step
-               "sketch": lambda m=sketched: m(x)}    # the same + the sketch prior (int4 down, unpacked per call)
+               "routed": lambda m=routed: m(x),      # int4 router (quantized matmul) + top-k + step
+               "sketch": lambda m=sketched: m(x)}    # the same + the sketch prior (int4 down, quantized matmul)
         if mlp.ops.fused_available(x):
             fns["fused"] = lambda m=mlp, i=idx: m.ops.fused_step(x, m.bundled, i, m.prior_c, m.prior_y0)
         for path, fn in fns.items():

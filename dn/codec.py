@@ -257,16 +257,31 @@ def compress_model(src: Path, dst: Path, progress: bool = True) -> dict:
             "stored_bytes": sum(a.nbytes for a, _ in plain.values()) + sum(a.nbytes for a in coded.values())}
 
 
-def load_model_codec(model_dir: Path) -> dict[str, EncodedTensor]:
-    """Every coded tensor of a compressed folder, checksums verified."""
+def load_index(model_dir: Path) -> dict[str, dict]:
+    """The coded tensors of a compressed folder, name -> header (dn_codec.json), format version checked."""
     try:
         index = json.loads((Path(model_dir) / INDEX_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DnError(f"{model_dir}: unreadable {INDEX_FILE} ({e.__class__.__name__})") from None
     if index.get("version") != VERSION:
         raise DnError(f"codec: format version {index.get('version')!r} is not supported (this dn reads {VERSION})")
-    data = {k: v for k, (v, _) in safetensors_io.load(Path(model_dir) / DATA_FILE).items()}
-    return {name: from_tensors(name, h, data) for name, h in index["tensors"].items()}
+    return index["tensors"]
+
+
+def load_model_codec(model_dir: Path, names=None) -> dict[str, EncodedTensor]:
+    """Every coded tensor of a compressed folder (mapped), or the named ones read into fresh memory (a loader
+    taking one layer at a time then holds one layer's), checksums verified."""
+    index = load_index(model_dir)
+    path = Path(model_dir) / DATA_FILE
+    missing = [n for n in names or () if n not in index]
+    if missing:
+        raise DnError(f"codec: tensor {missing[0]} is not in {INDEX_FILE}")
+    if names is None:
+        names, stored = list(index), safetensors_io.load(path)
+    else:
+        stored = safetensors_io.load(path, mmap=False, names=[f"{n}.{b}" for n in names for b in BUFFERS])
+    data = {k: v for k, (v, _) in stored.items()}
+    return {name: from_tensors(name, index[name], data) for name in names}
 
 
 def _bar(total: int):

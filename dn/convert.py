@@ -41,7 +41,8 @@ def setup_arg_parser():
     p.add_argument("--out", required=True, help="new folder to write (must not exist)")
     p.add_argument("--codec", choices=["lossless"], default=None, help="compress the weights losslessly")
     p.add_argument("-q", "--quantize", action="store_true",
-                   help="quantize Linear and Embedding weights as mlx-lm does (affine, group-wise)")
+                   help="quantize Linear and Embedding weights, affine group-wise, in mlx-lm's layout "
+                        "(mlx_lm.load reads it)")
     p.add_argument("--q-bits", type=int, default=None, help=f"bits per weight for -q, one of {quant.BITS} (default 4)")
     p.add_argument("--q-group-size", type=int, default=None,
                    help=f"weights per scale and bias for -q, one of {quant.GROUP_SIZES} (default 64)")

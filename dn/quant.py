@@ -143,11 +143,14 @@ def _groups(w: np.ndarray, group_size: int, dtype) -> np.ndarray:
 def quantize(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """w [m, k] -> (packed uint32 [m, k*bits/32], scales float32 [m, k/gs], biases float32 [m, k/gs]) on each
     group's min/max grid: bias = min, scale = (max - min) / (2^bits - 1), q = clip(round((w - min) / scale)),
-    in float32, round half to even (np.rint). Both edges of a group lie on its grid (so a weight already on
-    such a grid, e.g. one dequantized from GGUF Q4_1, keeps it), and every weight is within scale/2 of its
-    value. A constant group (max == min) gets codes 0, bias = min and scale = 1e-7 (mlx's floor) so that no
-    scale is 0. Not mx.quantize's grid (it moves the grid so one edge is exactly scale * round(edge / scale),
-    which re-grids every Q4_1 block); mlx-lm's loader uses whatever scales and biases are stored."""
+    in float32, rounding half to even (np.rint).
+
+    Both edges of a group lie on its grid (up to float32 rounding), so a weight already on such a grid (e.g.
+    dequantized from GGUF Q4_1 at 4 bits, groups of 32) keeps it, and every weight is within scale/2 of its
+    dequantized value (plus what storing scale and bias as bf16/f16 moves the grid). A constant group
+    (max == min) gets codes 0, bias = min and scale 1e-7 (mlx's floor): no scale is 0. This is not
+    mx.quantize's grid (which moves the grid so that the larger-magnitude edge is exactly scale * round(edge /
+    scale), re-gridding every Q4_1 block); mlx-lm's loader uses whatever scales and biases are stored."""
     check(bits, group_size)
     g = _groups(w, group_size, np.float32)
     n_bins = np.float32((1 << bits) - 1)

@@ -63,15 +63,27 @@ def check_folder(folder: str | Path) -> None:
         read_header(f)
 
 
-def load(path: str | Path, mmap: bool = True) -> dict[str, tuple[np.ndarray, str]]:
-    """Map every tensor: name -> (array of stored bits, safetensors dtype string)."""
+def load(path: str | Path, mmap: bool = True, names=None) -> dict[str, tuple[np.ndarray, str]]:
+    """Map every tensor (or read each into fresh memory, mmap=False): name -> (array of stored bits,
+    safetensors dtype string). names: only those (absent ones are left out). Reads, not a mapping, let a
+    loader hold what it has not dropped yet only: mapped pages stay resident until the whole file is unmapped."""
     header, offset = read_header(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r") if mmap else np.fromfile(path, dtype=np.uint8)
+    if names is not None:
+        header = {n: header[n] for n in names if n in header}
     out = {}
-    for name, info in header.items():
-        start, stop = info["data_offsets"]
-        buf = data[offset + start: offset + stop]
-        out[name] = (buf.view(DTYPES[info["dtype"]]).reshape(info["shape"]), info["dtype"])
+    if mmap:
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+        for name, info in header.items():
+            start, stop = info["data_offsets"]
+            buf = data[offset + start: offset + stop]
+            out[name] = (buf.view(DTYPES[info["dtype"]]).reshape(info["shape"]), info["dtype"])
+        return out
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            f.seek(offset + info["data_offsets"][0])
+            dt = np.dtype(DTYPES[info["dtype"]])
+            count = (info["data_offsets"][1] - info["data_offsets"][0]) // dt.itemsize
+            out[name] = (np.fromfile(f, dtype=dt, count=count).reshape(info["shape"]), info["dtype"])
     return out
 
 

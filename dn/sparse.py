@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -277,8 +278,10 @@ def save(spec: SparseSpec, out_dir: Path) -> dict:
     return spec.section()
 
 
-def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermediate: int) -> SparseSpec:
-    """Read and validate a sparse section + FILE against the model's shape; DnError on any mismatch."""
+def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermediate: int,
+         lazy: bool = False) -> SparseSpec:
+    """Read and validate a sparse section + FILE against the model's shape; DnError on any mismatch. lazy: the
+    layers are read from the file one at a time when asked for (a loader then holds one layer's, not the file)."""
     if not isinstance(section, dict):
         raise DnError("sparse section of dn_spec.json is not an object")
     version = section.get("version")
@@ -299,7 +302,7 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
     path = Path(model_dir) / section.get("file", FILE)
     if not path.is_file():
         raise DnError(f"sparse spec file {path} is missing")
-    arrays = {k: v for k, (v, _) in safetensors_io.load(path).items()}
+    header, _ = safetensors_io.read_header(path)
     r, kind = section.get("rank"), section["router"]
     shapes = {"router.a": (hidden, r), "router.b": (r, 2 * intermediate), "prior.c": (intermediate,),
               "prior.y0": (hidden,)}
@@ -309,26 +312,44 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
         shapes["router.t"] = (intermediate,)
     if section["prior"] == "sketch":
         shapes |= {"prior.a": (hidden, intermediate // 2), "prior.b": (hidden, intermediate // GROUP)}
-    layers = []
     for i in range(num_layers):
-        got = {}
         for name, shape in shapes.items():
-            a = arrays.get(f"layers.{i}.{name}")
-            if a is None or a.shape != shape:
+            info = header.get(f"layers.{i}.{name}")
+            if info is None or tuple(info["shape"]) != shape:
                 raise DnError(f"{path.name}: layers.{i}.{name} is "
-                              f"{'missing' if a is None else a.shape}, expected {shape}")
-            got[name] = np.asarray(a) if a.dtype == np.uint8 else np.asarray(a, np.float32)
-        layers.append(LayerSparse(keep[i], got["router.a"], got["router.b"], got["prior.c"], got["prior.y0"],
-                                  kind, select, got.get("router.t"), got.get("prior.a"), got.get("prior.b")))
+                              f"{'missing' if info is None else tuple(info['shape'])}, expected {shape}")
+    layers = _Layers(path, list(shapes), keep, kind, select)
     fields = {k: section[k] for k in ("sparsity", "hidden", "intermediate", "router", "rank", "prior",
                                       "keep", "calibration") if k in section}
-    return SparseSpec(**fields, select=select, layers=layers, version=version)
+    return SparseSpec(**fields, select=select, layers=layers if lazy else list(layers), version=version)
 
 
-def load_for_model(model_dir: Path, spec) -> SparseSpec:
+class _Layers(Sequence):
+    """The layers of a sparse file, layer i read from it (plain reads, not a mapping) each time it is asked for."""
+
+    def __init__(self, path: Path, names: list[str], keep: list[int], kind: str, select: str):
+        self.path, self.names, self.keep, self.kind, self.select = path, names, keep, kind, select
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        stored = safetensors_io.load(self.path, mmap=False, names=[f"layers.{i}.{n}" for n in self.names])
+        got = {n: stored[f"layers.{i}.{n}"][0] for n in self.names}
+        got = {n: a if a.dtype == np.uint8 else a.astype(np.float32, copy=False) for n, a in got.items()}
+        return LayerSparse(self.keep[i], got["router.a"], got["router.b"], got["prior.c"], got["prior.y0"],
+                           self.kind, self.select, got.get("router.t"), got.get("prior.a"), got.get("prior.b"))
+
+
+def load_for_model(model_dir: Path, spec, lazy: bool = False) -> SparseSpec:
     """The SparseSpec of a dn ModelSpec (spec.sparse), checked against its architecture."""
     a = spec.architecture
-    return load(model_dir, spec.sparse, a.num_hidden_layers, a.hidden_size, a.intermediate_size)
+    return load(model_dir, spec.sparse, a.num_hidden_layers, a.hidden_size, a.intermediate_size, lazy)
 
 
 def text_digest(text: str) -> str:

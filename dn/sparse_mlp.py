@@ -38,19 +38,20 @@ class SparseMLP:
         else:
             self.bundled = None
             self.gate_proj, self.up_proj, self.down_proj = proj
-        # int4: router and sketch stay packed (4 bits + a float32 scale per GROUP), applied by a kernel that
-        # reads them packed; lowrank: float32 factors [d, r], [r, 2n].
-        o.hold(self, "router_a", o.from_numpy(o.packed(layer.router_a) if layer.router == "int4"
-                                              else np.asarray(layer.router_a, np.float32), like))
-        o.hold(self, "router_b", o.from_numpy(np.asarray(layer.router_b, np.float32), like))
+        # int4: router and sketch stay packed (affine 4-bit, groups of GROUP), run by the backend's quantized
+        # matmul; lowrank: float32 factors [d, r], [r, 2n].
+        if layer.router == "int4":
+            self.router_q = o.int4_linear(layer.router_a, layer.router_b, like)
+        else:
+            o.hold(self, "router_a", o.from_numpy(np.asarray(layer.router_a, np.float32), like))
+            o.hold(self, "router_b", o.from_numpy(np.asarray(layer.router_b, np.float32), like))
         t = layer.thresh if layer.select == "threshold" else np.zeros(0, np.float32)
         o.hold(self, "thresh", o.from_numpy(np.asarray(t, np.float32), like))
         o.hold(self, "prior_c", o.cast(o.from_numpy(np.asarray(layer.prior_c, np.float32), like), like))
         o.hold(self, "prior_y0", o.cast(o.from_numpy(np.asarray(layer.prior_y0, np.float32), like), like))
         self.sketch = layer.prior_a is not None
-        if self.sketch:  # int4 down matrix [d, n], in the router's layout
-            o.hold(self, "prior_a", o.from_numpy(o.packed(layer.prior_a), like))
-            o.hold(self, "prior_b", o.from_numpy(np.asarray(layer.prior_b, np.float32), like))
+        if self.sketch:  # int4 down matrix [d, n], in the router's format
+            self.sketch_q = o.int4_linear(layer.prior_a, layer.prior_b, like)
 
     # ---- routing ----------------------------------------------------------------------------------
 
@@ -58,7 +59,7 @@ class SparseMLP:
         """x [T, d] -> the router's estimate silu(g^) * u^ of every neuron's activation, [T, n] float32."""
         o = self.ops
         if self.router == "int4":
-            p = o.int4_matmul(o.float32(x), self.router_a, self.router_b)
+            p = o.int4_matmul(x, self.router_q)
         else:
             p = (o.float32(x) @ self.router_a) @ self.router_b
         return o.silu(p[:, :self.n]) * p[:, self.n:]
@@ -97,7 +98,7 @@ class SparseMLP:
         y = self._kept(x, mask)
         if self.sketch:
             est = self.estimate(x) if est is None else est
-            y = y + o.cast(o.int4_matmul(o.zero_where(est, mask), self.prior_a, self.prior_b), y)
+            y = y + o.cast(o.int4_matmul(o.zero_where(est, mask), self.sketch_q), y)
         return y
 
     def _kept(self, x, mask):

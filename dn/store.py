@@ -27,6 +27,7 @@ class Entry:
     format: str = "dense"
     bits: int | None = None         # affine only
     group_size: int | None = None
+    scale_bytes: int | None = None  # affine: bytes of a stored scale or bias (kept so when below the compute dtype)
 
     @property
     def numel(self) -> int:
@@ -36,10 +37,12 @@ class Entry:
 def entries(spec: ModelSpec) -> list[Entry]:
     """One entry per weight of the model, in its stored format."""
     coded = set(spec.codec["coded_tensors"]) if spec.codec else set()
+    stored = {t.name: DTYPE_BYTES[t.dtype] for t in spec.tensors}
     out = []
     for t, shape, q in quant.dense_tensors(spec.quant, spec.tensors):
         if q:
-            out.append(Entry(t.name, tuple(shape), t.role, "affine", q["bits"], q["group_size"]))
+            scale = stored.get(t.name.removesuffix(".weight") + ".scales", 4)
+            out.append(Entry(t.name, tuple(shape), t.role, "affine", q["bits"], q["group_size"], scale))
         else:
             out.append(Entry(t.name, tuple(shape), t.role, "lossless" if t.name in coded else "dense"))
     return out
@@ -48,7 +51,8 @@ def entries(spec: ModelSpec) -> list[Entry]:
 def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:
     """Bytes a backend holds for the model's weights at the compute dtype, by part; `total` is what
     `resident_weight_bytes` reports everywhere.
-    - dense: numel x dtype; affine: packed codes + a scale and a bias per group at the compute dtype;
+    - dense: numel x dtype; affine: packed codes + a scale and a bias per group, at the compute dtype or as
+      stored when that is smaller (16-bit scales are exact in float32 arithmetic);
     - lossless: the coded bytes, the decode tables built at load, and one layer of decode scratch (16-bit
       bits and weights at the compute dtype);
     - sparse: each layer's router, thresholds and prior (sparse_side)."""
@@ -56,7 +60,8 @@ def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:
     parts = dict.fromkeys(("dense", "affine", "lossless", "sparse"), 0)
     for e in entries(spec):
         if e.format == "affine":
-            parts["affine"] += quant.quantized_bytes(e.shape[0], e.numel // e.shape[0], e.bits, e.group_size, b)
+            parts["affine"] += quant.quantized_bytes(e.shape[0], e.numel // e.shape[0], e.bits, e.group_size,
+                                                     min(b, e.scale_bytes))
         elif e.format == "dense":
             parts["dense"] += e.numel * b
     if spec.codec:
@@ -71,20 +76,21 @@ def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:
 
 
 def sparse_side(section: dict, dtype_bytes: int) -> dict[str, int]:
-    """Per layer, the bytes a sparse section holds as both backends keep them: `router` (int4 packed, 4 bits +
-    a float32 scale per GROUP; or the lowrank factors in float32), `thresh` (float32 per neuron), `prior`
-    (what the prior kind itself needs: the median's c and y0 at the compute dtype, the sketch's packed int4
-    down matrix), `zeros` (the c and y0 the runtime holds as zeros for the other priors); `held` sums them.
-    For scale: one neuron's bundle and the dense MLP at that dtype."""
+    """Per layer, the bytes a sparse section holds as both backends keep them: `router` (int4 packed, 4 bits + a
+    scale and a bias per GROUP at the compute dtype; or the lowrank factors in float32), `thresh` (float32 per
+    neuron), `prior` (what the prior kind itself needs: the median's c and y0 at the compute dtype, the
+    sketch's packed int4 down matrix), `zeros` (the c and y0 the runtime holds as zeros for the other
+    priors); `held` sums them. For scale: one neuron's bundle and the dense MLP at that dtype."""
     d, n, r = section["hidden"], section["intermediate"], section.get("rank", sparse.DEFAULT_RANK)
     kind = section.get("prior")
-    out = {"router": _int4(2 * n, d) if section["router"] == "int4" else (d * r + r * 2 * n) * 4,
+    out = {"router": _int4(2 * n, d, dtype_bytes) if section["router"] == "int4" else (d * r + r * 2 * n) * 4,
            "thresh": 4 * n if section.get("select", "topk") == "threshold" else 0,
-           "prior": {"median": (n + d) * dtype_bytes, "sketch": _int4(d, n)}.get(kind, 0),
+           "prior": {"median": (n + d) * dtype_bytes, "sketch": _int4(d, n, dtype_bytes)}.get(kind, 0),
            "zeros": 0 if kind == "median" else (n + d) * dtype_bytes}
     return out | {"held": sum(out.values()), "neuron": 3 * d * dtype_bytes, "dense_mlp": 3 * d * n * dtype_bytes}
 
 
-def _int4(rows: int, cols: int) -> int:
-    """dn's packed int4 sketch (sparse.quantize_int4): cols/2 bytes of nibbles + a float32 scale per GROUP."""
-    return rows * (cols // 2 + cols // sparse.GROUP * 4)
+def _int4(rows: int, cols: int, dtype_bytes: int) -> int:
+    """dn's int4 sketch (sparse.quantize_int4) as held: affine 4-bit, a scale and a bias per GROUP at the
+    compute dtype."""
+    return quant.quantized_bytes(rows, cols, 4, sparse.GROUP, dtype_bytes)

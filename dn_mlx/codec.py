@@ -237,9 +237,9 @@ class CodecLinear(nn.Module):
     outputs are bit-identical to the dense layer. `dtype_ref` is a 0-d array that model.set_dtype casts
     like the dense weight, so the decoded weight takes the dtype the dense one would have had."""
 
-    def __init__(self, packed: _Packed, current: _Current, start: int, shape, bias: mx.array | None):
+    def __init__(self, packed: _Packed, current: _Current, start: int, shape, bias: mx.array | None, dtype=None):
         super().__init__()
-        self.dtype_ref = mx.zeros((), _MX_DTYPES[packed._meta[3]])
+        self.dtype_ref = mx.zeros((), dtype or _MX_DTYPES[packed._meta[3]])
         if bias is not None:
             self.bias = bias
         # Plain attributes: the pack belongs to the layer's parameters (layer.dn_codec), counted once.
@@ -262,15 +262,18 @@ class CodecLinear(nn.Module):
 
 def attach(model, model_dir: Path, spec) -> None:
     """Replace every coded q/k/v/o/gate/up/down projection of model.model.layers by a CodecLinear; each
-    layer's coded tensors form one pack (layer.dn_codec), decoded in one launch when the layer runs."""
-    encs = codec.load_model_codec(Path(model_dir))
+    layer's coded tensors form one pack (layer.dn_codec), decoded in one launch when the layer runs. A layer's
+    coded tensors are read and packed before the next layer's are read."""
+    index = codec.load_index(Path(model_dir))
     current, used = _Current(), set()
     for i, layer in enumerate(model.model.layers):
         names = [(f"model.layers.{i}.{path}.weight", path) for path in _PROJ]
-        names = [(name, path) for name, path in names if name in encs]
+        names = [(name, path) for name, path in names if name in index]
         if not names:
             continue
-        pk = codec.pack({name: encs[name] for name, _ in names})
+        encs = codec.load_model_codec(Path(model_dir), [name for name, _ in names])
+        pk = codec.pack(encs)
+        del encs
         layer.dn_codec = packed = _Packed(pk)
         for (name, path), (_, start, shape) in zip(names, pk.slices):
             parent_name, attr = path.split(".")
@@ -279,9 +282,10 @@ def attach(model, model_dir: Path, spec) -> None:
             if tuple(old.weight.shape) != tuple(shape):
                 raise DnError(f"codec: {name} has shape {tuple(shape)}, the model expects "
                               f"{tuple(old.weight.shape)}")
-            setattr(parent, attr, CodecLinear(packed, current, start, shape, old.get("bias")))
+            # the dense weight it replaces has the compute dtype already (attach may run after set_dtype)
+            setattr(parent, attr, CodecLinear(packed, current, start, shape, old.get("bias"), old.weight.dtype))
             used.add(name)
-    missing = sorted(set(encs) - used)
+    missing = sorted(set(index) - used)
     if missing:
         raise DnError(f"codec: coded tensor {missing[0]} is not a projection this model has "
                       f"({len(missing)} unmatched)")

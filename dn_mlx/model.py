@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from pathlib import Path
 
@@ -55,16 +56,14 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
         from dn_mlx import quant
 
         quant.quantize_model(model, spec.quant | layout(spec.quant, weights))
-    if spec.codec is None:
         model.load_weights(list(weights.items()), strict=True)
         model.set_dtype(_DTYPES[dtype])
     else:
-        from dn_mlx import codec
+        _load_plain(model, model_dir, spec, weights, _DTYPES[dtype])
+    if spec.quant is not None:
+        from dn_mlx import quant
 
-        known = dict(nn.utils.tree_flatten(model.parameters()))
-        model.load_weights([(k, v) for k, v in weights.items() if k in known], strict=False)
-        model.set_dtype(_DTYPES[dtype])
-        codec.attach(model, model_dir, spec)
+        quant._keep_stored_scales(model, weights, _DTYPES[dtype])
     if spec.sparse is not None:
         from dn_mlx import sparse
 
@@ -73,6 +72,82 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
     model.eval()
     model.dn_dtype = dtype
     return model
+
+
+_CHUNK_BYTES = 2 << 20  # of a stored tensor read at a time when it changes dtype
+_STORED = {"BF16": (np.uint16, mx.bfloat16), "F16": (np.float16, mx.float16), "F32": (np.float32, mx.float32)}
+
+
+def _load_plain(model, model_dir: Path, spec: ModelSpec, weights: dict, dtype) -> None:
+    """A dense or lossless folder, straight into its final form: the peak is the model plus about one layer.
+    mx.load's (lazy) arrays only check names and shapes against the skeleton; each stored tensor is then read
+    from its file in its turn (plain reads: outside the decoder layers first, then layer by layer), cast to
+    dtype and evaluated, a chunk of rows at a time when it changes dtype (_read_as), so no stored copy of more
+    than a chunk exists beside the model. A sparse folder's dense MLPs are built as their bundles (dn_mlx.sparse.
+    lay_out_bundled); coded projections are swapped in before anything is read (dn_mlx.codec.attach)."""
+    from dn import safetensors_io
+
+    if spec.codec is not None:  # the coded projections are stored elsewhere: load what the model has a place for
+        known = dict(nn.utils.tree_flatten(model.parameters()))
+        for k in [k for k in weights if k not in known]:
+            del weights[k]
+    stored = {}  # name -> (file, header entry, data offset) of the tensors read by _read_as
+    for f in weight_files(model_dir):
+        header, offset = safetensors_io.read_header(f)
+        for name, info in header.items():
+            a = weights.get(name)  # as stored: the families' sanitize only drops keys
+            if (a is not None and info["dtype"] in _STORED and a.dtype == _STORED[info["dtype"]][1]
+                    and list(a.shape) == info["shape"]):
+                stored[name] = (f, info, offset)
+    model.load_weights(list(weights.items()), strict=spec.codec is None)  # names and shapes checked; nothing read
+    weights.clear()
+    model.set_dtype(dtype)
+    if spec.codec is not None:  # before reading: the skeleton's own (lazy) projections are never built
+        from dn_mlx import codec
+
+        codec.attach(model, model_dir, spec)
+    outside = [k for k in stored if not k.startswith("model.layers.")]  # the embedding, norm, an untied head
+    model.load_weights([(k, _read_as(*stored.pop(k), dtype)) for k in outside], strict=False)
+    bundle = spec.sparse is not None and spec.codec is None
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}."
+        layer.load_weights([(k.removeprefix(prefix), _read_as(*stored.pop(k), dtype)) for k in list(stored)
+                            if k.startswith(prefix)], strict=False)
+        if bundle:
+            from dn_mlx import sparse
+
+            sparse.lay_out_bundled(layer.mlp, dtype)
+        mx.clear_cache()  # as in _read_as
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+
+
+def _read_as(path: Path, info: dict, offset: int, dtype) -> mx.array:
+    """A stored floating tensor at dtype, evaluated, from plain reads of its file. One that changes dtype and is
+    larger than _CHUNK_BYTES is filled a chunk of rows at a time: each slice update is evaluated before the next
+    read and reuses the array's buffer. Same values as astype of the whole array."""
+    np_dtype, stored = _STORED[info["dtype"]]
+    shape, start, item = info["shape"], offset + info["data_offsets"][0], np.dtype(np_dtype).itemsize
+    row = math.prod(shape[1:]) * item
+
+    def rows(f, r0: int, n: int) -> mx.array:
+        f.seek(start + r0 * row)
+        return mx.array(np.fromfile(f, np_dtype, n * row // item).reshape(n, *shape[1:])).view(stored).astype(dtype)
+
+    # Freed buffers (stored copies) are released, not handed out again to a smaller array that would then hold,
+    # and be counted for, more than its bytes.
+    mx.clear_cache()
+    with open(path, "rb") as f:
+        if stored == dtype or not shape or math.prod(shape) * item <= _CHUNK_BYTES:
+            out = mx.array(np.fromfile(f, np_dtype, math.prod(shape), offset=start).reshape(shape)).view(stored)
+            out = out.astype(dtype)
+        else:
+            out, step = mx.zeros(shape, dtype), max(1, _CHUNK_BYTES // row)
+            for r0 in range(0, shape[0], step):
+                out[r0:r0 + step] = rows(f, r0, min(step, shape[0] - r0))
+                mx.eval(out)
+    mx.eval(out)
+    return out
 
 
 def make_cache(model):

@@ -36,6 +36,8 @@ def cast(x: mx.array, like: mx.array) -> mx.array:
 
 def weight_like(module: nn.Module) -> mx.array:
     """An array with the module's compute dtype (any weight format)."""
+    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):  # scales may be held 16-bit
+        return mx.zeros((), getattr(module, "_compute", module.scales.dtype))
     leaves = nn.utils.tree_flatten(module.parameters())
     return next(v for _, v in leaves if mx.issubdtype(v.dtype, mx.floating))
 
@@ -96,14 +98,21 @@ def rows(module: nn.Module, idx: mx.array) -> mx.array:
     return quant.rows(module, idx)  # dense, coded (its decoded weight) or quantized (those rows dequantized)
 
 
-def packed(a: np.ndarray) -> np.ndarray:
-    """dn's packed int4 nibbles uint8 [m, k/2] read as uint32 [m, k/8]: MLX's 4-bit affine layout."""
-    return np.ascontiguousarray(a).view(np.uint32)
+def int4_linear(packed: np.ndarray, scales: np.ndarray, like: mx.array) -> nn.Module:
+    """dn's packed int4 sketch (nibbles uint8 [m, k/2] low first, float32 scales [m, k/GROUP], value q - 8) as an
+    affine-quantized linear: the nibbles read as uint32 are MLX's 4-bit layout, the bias is -8 * scale. Scales
+    and biases at like's dtype."""
+    m, half = packed.shape
+    lin = nn.QuantizedLinear(2 * half, m, bias=False, group_size=ref.GROUP, bits=4)  # lazy init, replaced below
+    s = mx.array(np.asarray(scales, np.float32))
+    lin.weight = mx.array(np.ascontiguousarray(packed).view(np.uint32))
+    lin.scales, lin.biases = s.astype(like.dtype), (-8 * s).astype(like.dtype)
+    return lin
 
 
-def int4_matmul(x: mx.array, q: mx.array, s: mx.array) -> mx.array:
-    """x [T, k] float32 @ W.T for W [m, k] held as dn's packed int4 (value q - 8: bias -8 * scale)."""
-    return mx.quantized_matmul(x, q, s, -8 * s, transpose=True, group_size=ref.GROUP, bits=4)
+def int4_matmul(x: mx.array, lin: nn.Module) -> mx.array:
+    """x [T, k] @ W.T through an int4_linear, in its compute dtype -> [T, m] float32."""
+    return lin(x.astype(lin.scales.dtype)).astype(mx.float32)
 
 
 def fused_available(x: mx.array) -> bool:

@@ -36,5 +36,28 @@ def rows(module: nn.Module, idx) -> mx.array:
     idx = mx.array(idx)
     if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         return module.weight[idx]
-    return mx.dequantize(module.weight[idx], module.scales[idx], module.biases[idx], group_size=module.group_size,
-                         bits=module.bits, mode=module.mode)
+    dt = getattr(module, "_compute", module.scales.dtype)  # scales held 16-bit under a 32-bit compute dtype
+    return mx.dequantize(module.weight[idx], module.scales[idx].astype(dt), module.biases[idx].astype(dt),
+                         group_size=module.group_size, bits=module.bits, mode=module.mode)
+
+
+class _Embedding(nn.QuantizedEmbedding):
+    """Looks rows up at the compute dtype, whatever dtype its scales are held in."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        s, b = (self[k][x].astype(self._compute) for k in ("scales", "biases"))  # dequantized in that dtype
+        return mx.dequantize(self["weight"][x], s, b, group_size=self.group_size, bits=self.bits, mode=self.mode)
+
+
+def _keep_stored_scales(model: nn.Module, weights: dict, dtype) -> None:
+    """After set_dtype to a 32-bit compute dtype: hold the stored 16-bit scales and biases again (exact in 32-bit
+    arithmetic, half the bytes), as torch does; quantized embeddings still return rows at the compute dtype."""
+    if dtype.size <= 2:
+        return
+    model.load_weights([(k, v) for k, v in weights.items()
+                        if k.endswith((".scales", ".biases")) and v.dtype.size == 2], strict=False)
+    for _, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            object.__setattr__(module, "_compute", dtype)  # a plain attribute, not a parameter
+        if type(module) is nn.QuantizedEmbedding:
+            module.__class__ = _Embedding

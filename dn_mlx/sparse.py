@@ -43,9 +43,26 @@ def _weights(mlp):
                                                                             mlp.down_proj))
     proj = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if all(type(p) is nn.Linear for p in proj):
+        b, views = mlp.__dict__.get("_dn_bundled", (None, ()))  # laid out by the loader (lay_out_bundled)
+        if b is not None and all(p.weight is v for p, v in zip(proj, views)):
+            return b, None
         bundled = mx.stack([mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T], axis=1)
         return mx.contiguous(bundled), None
     return None, proj
+
+
+def lay_out_bundled(mlp, dtype, device=None) -> dict[str, mx.array]:
+    """For a loader: a dense MLP's gate, up and down weights (as loaded, evaluated or not) become views of one
+    [n, 3, d] array at dtype, the bundle SparseMLP computes on; evaluating them builds it (the weights they
+    were are freed as it is), and the sparse MLP then takes it as it is: no second copy of a layer's weights.
+    Returns {"gate_proj.weight": view, ...}, as dn_torch's; device: MLX's default."""
+    proj = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    b = mx.contiguous(mx.stack([proj[0].weight, proj[1].weight, proj[2].weight.T], axis=1)).astype(dtype)
+    views = (b[:, 0], b[:, 1], b[:, 2].T)
+    for p, v in zip(proj, views):
+        p.weight = v
+    object.__setattr__(mlp, "_dn_bundled", (b, views))  # a plain attribute: the weights already hold its bytes
+    return dict(zip(("gate_proj.weight", "up_proj.weight", "down_proj.weight"), views))
 
 
 def _np(a: mx.array) -> np.ndarray:
@@ -117,7 +134,7 @@ def _metal_step(x, bundled, idx, c, y0, simdgroups: int = 4):
 
 def attach(model, model_dir: Path, spec) -> None:
     """Replace every layer's MLP by a SparseMLP executing spec.sparse (validated against the model)."""
-    sparse_mlp.install(model, ref.load_for_model(model_dir, spec), SparseMLP)
+    sparse_mlp.install(model, ref.load_for_model(model_dir, spec, lazy=True), SparseMLP)  # a layer at a time
 
 
 def install(model, s: ref.SparseSpec) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,11 +22,11 @@ class PackedLayer(nn.Module):
         super().__init__()
         self.lanes, self.steps, self.maxlen, self.dtype, self.n = p.lanes, p.steps, p.maxlen, p.dtype, p.n
         self.slices = p.slices
-        self.register_buffer("words", torch.from_numpy(p.words.view("int32").copy()))
-        self.register_buffer("offsets", torch.from_numpy(p.offsets.view("int32").copy()))
-        self.register_buffer("luts", torch.from_numpy(p.luts.view("int16").copy()))
-        self.register_buffer("raw", torch.from_numpy(p.raw.copy()))
-        self.register_buffer("table", torch.from_numpy(p.table.copy()))
+        # The pack's own arrays (fresh from dn.codec.pack), shared rather than copied: a loader holds one copy
+        # of a layer's coded data beside the model, not two.
+        for name, a in (("words", p.words.view("int32")), ("offsets", p.offsets.view("int32")),
+                        ("luts", p.luts.view("int16")), ("raw", p.raw), ("table", p.table)):
+            self.register_buffer(name, torch.from_numpy(np.require(a, requirements=["C", "W"])))
 
     def stream_meta(self):
         """Per stream: (bit position, LUT base, output base, count), as dn.codec.stream_meta."""
@@ -139,20 +140,23 @@ def _layer_hook(packed: PackedLayer, scratch: list):
 
 
 def attach(model, model_dir: Path, spec) -> None:
-    """Replace the coded projections of every decoder layer; decode each layer just before it runs."""
-    encs = codec.load_model_codec(model_dir)
-    ref = next(model.parameters())
+    """Replace the coded projections of every decoder layer; decode each layer just before it runs. A layer's
+    coded tensors are read, packed and moved to the device before the next layer's are read."""
+    index = codec.load_index(model_dir)
+    ref = next(p for p in model.parameters() if not p.is_meta and p.is_floating_point())  # device, dtype
     layers = model.model.layers
-    packs = [codec.pack({k: v for k, v in encs.items() if k.startswith(f"model.layers.{i}.")})
-             for i in range(len(layers))]
-    n_max = max(p.n for p in packs)
+    names = [[k for k in index if k.startswith(f"model.layers.{i}.")] for i in range(len(layers))]
+    n_max = max(sum(index[k]["n"] for k in ks) for ks in names)
     bits = torch.empty(n_max, dtype=torch.int16, device=ref.device)
     w = bits.view(torch.bfloat16) if ref.dtype == torch.bfloat16 else torch.empty(n_max, dtype=ref.dtype,
                                                                                    device=ref.device)
     scratch = [w, bits]
     model.register_buffer("dn_codec_scratch_bits", bits, persistent=False)
     model.register_buffer("dn_codec_scratch_weights", w, persistent=False)
-    for layer, p in zip(layers, packs):
+    for layer, ks in zip(layers, names):
+        if not ks:
+            continue
+        p = codec.pack(codec.load_model_codec(model_dir, ks))
         packed = PackedLayer(p).to(ref.device)
         layer.dn_codec = packed
         for name, start, shape in p.slices:

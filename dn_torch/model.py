@@ -53,16 +53,12 @@ def _model_class(spec: ModelSpec):
     return getattr(transformers, _config(spec).architectures[0])
 
 
-def _skeleton(spec: ModelSpec, dtype: torch.dtype):
-    """The model with no weights loaded (meta tensors), for folders whose weights dn provides."""
+def _meta_model(spec: ModelSpec):
+    """(model, config): transformers' model for spec with every weight on meta, nothing allocated yet."""
     config = _config(spec)
     with torch.device("meta"):
         model = _model_class(spec)(config)
-    model.to_empty(device=_device()).to(dtype)
-    # Non-persistent buffers (rotary frequencies) were never loaded: rebuild them, in float32 as
-    # from_pretrained leaves them.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(_device())
-    return model
+    return model, config
 
 
 def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
@@ -72,16 +68,8 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
     torch_dtype = _DTYPES[dtype]
     if spec.quant is not None:
         model = _load_quantized(model_dir, spec, torch_dtype)
-    elif spec.codec is None:
-        model = _model_class(spec).from_pretrained(
-            model_dir, config=_config(spec), dtype=torch_dtype, local_files_only=True)
-        model.to(_device())
     else:
-        from dn_torch import codec
-
-        model = _skeleton(spec, torch_dtype)
-        _load_plain_tensors(model, model_dir)
-        codec.attach(model, model_dir, spec)
+        model = _load_plain(model_dir, spec, torch_dtype)
     if spec.sparse is not None:
         from dn_torch import sparse
 
@@ -91,18 +79,46 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
     return model
 
 
-def _load_plain_tensors(model, model_dir: Path) -> None:
-    """Copy the tensors stored under their usual names (norms, embeddings, ...) into the skeleton."""
-    from safetensors.torch import load_file
+def _load_plain(model_dir: Path, spec: ModelSpec, dtype: torch.dtype):
+    """A dense or lossless folder, straight into its final form: the skeleton stays on meta and each stored
+    tensor is read from the file into its own parameter at dtype, a chunk of rows at a time (no copy of the
+    checkpoint, mapped or read, exists beside the model); a sparse folder's dense MLPs are read straight into
+    their bundles (dn_torch.sparse.lay_out_bundled); coded projections are swapped in after, one layer at a
+    time (dn_torch.codec.attach). Same values as from_pretrained: each tensor converted as Tensor.to does."""
+    model, config = _meta_model(spec)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()  # tie_weights sets it
+    into = {}  # stored name -> the tensor it is read into, laid out before reading
+    if spec.sparse is not None and spec.codec is None:
+        from dn_torch import sparse
 
-    params = dict(model.named_parameters())
+        for i, layer in enumerate(model.model.layers):
+            views = sparse.lay_out_bundled(layer.mlp, dtype, _device())
+            into |= {f"model.layers.{i}.mlp.{k}": v for k, v in views.items()}
     for f in weight_files(model_dir):
-        for name, t in load_file(f, device=str(_device())).items():
-            if name in params:
-                with torch.no_grad():
-                    params[name].copy_(t)
-    if getattr(model.config, "tie_word_embeddings", False):
+        for stored in _stored_tensors(f):
+            if stored.name in into:
+                _fill(into.pop(stored.name), stored)
+                continue
+            module, want = (None, None) if stored.name in tied else _slot(model, stored)
+            if want is not None:
+                _place(module, stored, dtype)
+    if into:
+        raise DnError(f"{model_dir}: weights lack tensor {min(into)}")
+    _rotary(model, config)
+    if spec.codec is not None:
+        from dn_torch import codec
+
+        codec.attach(model, model_dir, spec)
+    if tied:
         model.tie_weights()
+    _check_loaded(model, model_dir)
+    return model
+
+
+def _rotary(model, config) -> None:
+    """Non-persistent buffers (rotary frequencies) are never stored: rebuilt, in float32 as from_pretrained
+    leaves them."""
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(_device())
 
 
 def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: torch.dtype):
@@ -112,9 +128,7 @@ def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: torch.dtype):
     from dn import quant as q
     from dn_torch import quant
 
-    config = _config(spec)
-    with torch.device("meta"):
-        model = _model_class(spec)(config)
+    model, config = _meta_model(spec)
     # mlx-lm's loader rule: a module is quantized iff its scales are stored
     quant.quantize_model(model, {**spec.quant, **q.layout(spec.quant, [t.name for t in spec.tensors])})
     packed = []
@@ -125,8 +139,7 @@ def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: torch.dtype):
                 packed.append((module, stored))
             elif want is not None:
                 _place(module, stored, dtype)
-    # Non-persistent buffers (rotary frequencies) were never loaded: rebuilt as in _skeleton.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(_device())
+    _rotary(model, config)
     _check_loaded(model, model_dir, skip={id(m.weight) for m, _ in packed})
     for module, stored in packed:
         module.fill(stored.read, dtype)
@@ -192,12 +205,38 @@ def _place(module, stored: _Stored, dtype: torch.dtype) -> None:
     from dn_torch import quant
 
     attr = stored.name.rpartition(".")[2]
-    t = stored.read()
     if attr in module._parameters:
-        module._parameters[attr] = torch.nn.Parameter(t.to(dtype), requires_grad=False)
+        module._parameters[attr] = torch.nn.Parameter(_read_as(stored, dtype), requires_grad=False)
+    elif isinstance(module, (quant.QuantizedLinear, quant.QuantizedEmbedding)) or not stored.dtype.is_floating_point:
+        module._buffers[attr] = stored.read()
     else:
-        as_stored = isinstance(module, (quant.QuantizedLinear, quant.QuantizedEmbedding)) or not t.is_floating_point()
-        module._buffers[attr] = t if as_stored else t.to(dtype)
+        module._buffers[attr] = _read_as(stored, dtype)
+
+
+_CHUNK_BYTES = 2 << 20  # of a tensor read at a time when it changes dtype: all a load holds beside the model
+
+
+def _read_as(stored: _Stored, dtype: torch.dtype) -> torch.Tensor:
+    """A stored tensor at dtype. One that changes dtype is read a chunk of rows at a time into the tensor it
+    ends in, so no whole copy at the stored dtype exists (Tensor.copy_ converts as Tensor.to does)."""
+    if stored.dtype == dtype or len(stored.shape) < 2:
+        return stored.read().to(dtype)
+    out = torch.empty(stored.shape, dtype=dtype, device=_device())
+    _fill(out, stored)
+    return out
+
+
+def _fill(out: torch.Tensor, stored: _Stored) -> None:
+    """Read a stored tensor into out (any dtype, any strides: a view of a bundle), a chunk of rows at a time."""
+    if list(out.shape) != stored.shape:
+        raise DnError(f"tensor {stored.name} is {stored.dtype} {stored.shape}, the model expects "
+                      f"{out.dtype} {list(out.shape)}")
+    if len(stored.shape) < 2:
+        out.copy_(stored.read())
+        return
+    step = max(1, _CHUNK_BYTES // (math.prod(stored.shape[1:]) * stored.dtype.itemsize))
+    for r0 in range(0, stored.shape[0], step):
+        out[r0:r0 + step].copy_(stored.read(r0, r0 + step))
 
 
 def make_cache(model):

@@ -39,7 +39,8 @@ def weight_like(module: nn.Module) -> torch.Tensor:
     w = getattr(module, "weight", None)
     if isinstance(w, torch.Tensor) and w.is_floating_point():
         return w
-    return next(t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point())
+    # quantized: its scales may be held 16-bit under a 32-bit compute dtype
+    return torch.empty(0, dtype=module.compute_dtype, device=module.scales.device)
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -97,30 +98,22 @@ def rows(module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     return quant.rows(module, idx)  # dense, coded (its decoded weight) or quantized (those rows dequantized)
 
 
-def packed(a: np.ndarray) -> np.ndarray:
-    """dn's packed int4 nibbles uint8 [m, k/2], as held on this backend."""
-    return np.ascontiguousarray(a)
+def int4_linear(packed: np.ndarray, scales: np.ndarray, like: torch.Tensor) -> nn.Module:
+    """dn's packed int4 sketch (nibbles uint8 [m, k/2] low first, float32 scales [m, k/GROUP], value q - 8) as an
+    affine-quantized linear: the nibbles read as uint32 are the 4-bit layout, the bias is -8 * scale. Scales and
+    biases at like's dtype; in the layout torch's int4 kernel reads where it runs (16-bit compute on CPU)."""
+    m, half = packed.shape
+    lin = quant.QuantizedLinear(2 * half, m, False, 4, ref.GROUP, like.dtype)
+    s = from_numpy(np.asarray(scales, np.float32), like)  # a copy: the source may be a file mapping
+    lin.weight = from_numpy(np.ascontiguousarray(packed).view(np.uint32), like)
+    lin.scales, lin.biases = s.to(like.dtype), (-8 * s).to(like.dtype)
+    lin.prepare(like.dtype)
+    return lin
 
 
-def int4_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x [T, k] float32 @ W.T for W [m, k] held packed (q uint8 [m, k/2], scales s [m, k/GROUP]) -> [T, m].
-    Few tokens: per-group partial dots of the raw nibbles, scaled afterwards, so W is never scaled or
-    interleaved in memory; many tokens: unpack once and matmul."""
-    if x.shape[0] > 16:
-        return x @ _unpack_int4(q, s).T
-    m, g, t = q.shape[0], s.shape[1], x.shape[0]
-    xe, xo = (x[:, i::2].reshape(t, g, ref.GROUP // 2) for i in (0, 1))          # even / odd columns
-    lo, hi = ((q & 15).float(), (q >> 4).float())                                 # [m, k/2] values + 8
-    p = (torch.einsum("mgk,tgk->tmg", lo.view(m, g, -1), xe)
-         + torch.einsum("mgk,tgk->tmg", hi.view(m, g, -1), xo))                   # [T, m, g]
-    return ((p - 8 * x.view(t, g, ref.GROUP).sum(-1)[:, None]) * s).sum(-1)
-
-
-def _unpack_int4(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Packed nibbles uint8 [m, d/2], scales [m, d/GROUP] -> float32 [m, d] (dn.sparse.dequantize_int4)."""
-    m = q.shape[0]
-    w = torch.stack([(q & 15), (q >> 4)], dim=-1).view(m, -1).float() - 8
-    return (w.view(m, -1, ref.GROUP) * s[..., None]).view(m, -1)
+def int4_matmul(x: torch.Tensor, lin: nn.Module) -> torch.Tensor:
+    """x [T, k] @ W.T through an int4_linear, in its compute dtype -> [T, m] float32."""
+    return lin(x.to(lin.compute_dtype)).float()
 
 
 def fused_available(x: torch.Tensor) -> bool:

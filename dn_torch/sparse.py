@@ -45,9 +45,26 @@ def _weights(mlp):
                                                                             mlp.down_proj))
     proj = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if all(type(p) is nn.Linear for p in proj):
+        b = getattr(mlp, "dn_bundled", None)  # laid out by the loader: the weights are its views (lay_out_bundled)
+        if b is not None and [p.weight.data_ptr() for p in proj] == [b[:, j].data_ptr() for j in range(3)]:
+            return b, None
         w = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T]
         return torch.stack([t.detach() for t in w], dim=1).contiguous(), None
     return None, proj
+
+
+def lay_out_bundled(mlp, dtype: torch.dtype, device=None) -> dict[str, torch.Tensor]:
+    """For a loader: a dense MLP's gate, up and down weights (on meta) become views of one [n, 3, d] block at
+    dtype on device, the bundle SparseMLP computes on; returns {"gate_proj.weight": view, ...} for the loader
+    to read each stored projection into. The sparse MLP then takes the block as it is: no second copy of a
+    layer's weights."""
+    n, d = mlp.gate_proj.weight.shape
+    b = torch.empty(n, 3, d, dtype=dtype, device=device)
+    views = {"gate_proj.weight": b[:, 0], "up_proj.weight": b[:, 1], "down_proj.weight": b[:, 2].T}
+    for name, v in views.items():
+        getattr(mlp, name.split(".")[0]).weight = nn.Parameter(v, requires_grad=False)
+    mlp.dn_bundled = b  # a plain attribute, not a buffer: the weights already hold its bytes
+    return views
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -125,7 +142,7 @@ def _fused_step(x: torch.Tensor, bundled: torch.Tensor, idx: torch.Tensor, c: to
 
 def attach(model, model_dir: Path, spec) -> None:
     """Replace every layer's MLP by a SparseMLP executing spec.sparse (validated against the model)."""
-    sparse_mlp.install(model, ref.load_for_model(model_dir, spec), SparseMLP)
+    sparse_mlp.install(model, ref.load_for_model(model_dir, spec, lazy=True), SparseMLP)  # a layer at a time
 
 
 def install(model, s: ref.SparseSpec) -> None:

@@ -53,13 +53,9 @@ def _fit(dense_dir) -> list[sparse.LayerSparse]:
 
 def _quantized(dense_dir, out):
     """A -q folder (4 bits, groups of 32) and its twin: a dense folder holding the dequantized weights."""
-    quant = pytest.importorskip("dn.quant", reason="dn/quant.py (affine quantization) not built yet")
-    import inspect
-
+    from dn import quant
     from dn.convert import convert
 
-    if "quant" not in inspect.signature(convert).parameters:  # TEMP while dn convert -q lands
-        pytest.skip("dn convert -q not built yet")
     convert(dense_dir, out, None, None, quant={"bits": 4, "group_size": 32})
     twin = out.with_name(out.name + "-dequantized")
     shutil.copytree(dense_dir, twin)
@@ -90,12 +86,9 @@ def folders(tmp_path_factory):
     convert(dense, root / "lossless", "lossless", None)
     layers = _fit(dense)
     out = {("dense", False): (dense, dense), ("lossless", False): (root / "lossless", dense)}
-    try:
-        q, twin = _quantized(dense, root / "q4g32")
-        out[("q4g32", False)] = (q, twin)
-        _add_sparse(twin, root / "q4g32-dequantized+sparse", layers)
-    except pytest.skip.Exception:
-        pass
+    q, twin = _quantized(dense, root / "q4g32")
+    out[("q4g32", False)] = (q, twin)
+    _add_sparse(twin, root / "q4g32-dequantized+sparse", layers)
     _add_sparse(dense, root / "dense+sparse", layers)
     for fmt in [f for f, _ in list(out) if f != "dense"]:
         ref = "q4g32-dequantized+sparse" if fmt == "q4g32" else "dense+sparse"
@@ -118,8 +111,6 @@ def _run(be, folder):
 @pytest.mark.parametrize("sparse_mlp", [False, True], ids=["plain", "sparse"])
 @pytest.mark.parametrize("fmt", ["dense", "lossless", "q4g32"])
 def test_format_runs_and_matches_its_reference(backend, folders, fmt, sparse_mlp):
-    if (fmt, sparse_mlp) not in folders:
-        pytest.skip(f"{fmt} folders not built (dn/quant.py missing)")
     folder, ref = folders[(fmt, sparse_mlp)]
     logits, greedy, steps = _run(backend, folder)
     assert np.isfinite(logits).all() and len(greedy) == 6
@@ -152,8 +143,6 @@ def test_truncated_weights_are_one_line(backend_name, folders, tmp_path, default
     from helpers import run_dn as dn
 
     fmt, sp = kind.removesuffix("+sparse"), kind.endswith("+sparse")
-    if (fmt, sp) not in folders:
-        pytest.skip(f"{kind} folders not built")
     folder = _copy_with_tokenizer(folders[(fmt, sp)][0], tmp_path / "m", default_model_dir)
     for victim in sorted(folder.glob("*.safetensors")):
         saved = victim.read_bytes()
@@ -173,8 +162,6 @@ def test_spec_that_does_not_match_its_tensors_is_one_line(folders, tmp_path, def
     from helpers import run_dn as dn
 
     fmt, sp = kind.removesuffix("+sparse"), kind.endswith("+sparse")
-    if (fmt, sp) not in folders:
-        pytest.skip(f"{kind} folders not built")
     folder = _copy_with_tokenizer(folders[(fmt, sp)][0], tmp_path / "m", default_model_dir)
     spec = load_spec(folder)
     spec.architecture.intermediate_size += 64

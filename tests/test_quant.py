@@ -1,5 +1,6 @@
-"""Quantized weights (mlx-lm's affine format): dn/quant.py against mlx, the sparse int4 sketches unchanged,
-`dn convert -q` writing what mlx-lm writes, and quantized folders on both backends."""
+"""Quantized weights (mlx-lm's affine format): dn/quant.py's min/max grid (its error bound, exact grids, mlx
+reading its tensors), the sparse int4 sketches unchanged, `dn convert -q` writing mlx-lm's layout, and quantized
+folders on both backends."""
 
 from __future__ import annotations
 
@@ -28,33 +29,66 @@ def _weights(rng, m=40, k=256):
     return w.astype(np.float32)
 
 
-@pytest.mark.parametrize(("bits", "group_size"), ALL)
-def test_quantize_is_mlx_quantize(bits, group_size):
-    """Bit for bit mlx's CPU kernel (the stream pinned: other devices' kernels may round ties otherwise)."""
-    mx = pytest.importorskip("mlx.core")
-    w = _weights(np.random.default_rng(bits * 1000 + group_size))
-    packed, scales, biases = quant.quantize(w, bits, group_size)
-    ref = [np.array(a) for a in mx.quantize(mx.array(w), group_size, bits, stream=mx.cpu)]
-    assert packed.dtype == np.uint32 and packed.shape == ref[0].shape
-    np.testing.assert_array_equal(packed, ref[0])
-    np.testing.assert_array_equal(scales, ref[1])
-    np.testing.assert_array_equal(biases, ref[2])
-    deq = mx.dequantize(*(mx.array(a) for a in ref), group_size=group_size, bits=bits, stream=mx.cpu)
-    np.testing.assert_array_equal(quant.dequantize(packed, scales, biases, bits, group_size), np.array(deq))
+def _as_bf16(a):
+    """float32 -> float32 holding its bf16 rounding: a scale or bias as convert stores it for a bf16 weight."""
+    return safetensors_io.bf16_to_f32(safetensors_io.f32_to_bf16(a))
 
 
 @pytest.mark.parametrize(("bits", "group_size"), ALL)
 def test_dequantize_round_trip(bits, group_size):
-    """Codes round-trip through pack/unpack; a weight is off by at most one step (half a step when its code
-    is not clipped at the far edge of its group)."""
+    """Codes round-trip through pack/unpack; every weight is within half a step of its dequantized value (plus,
+    with bf16-stored scales and biases, what their rounding moves the grid); constant groups are exact and no
+    scale is 0."""
     rng = np.random.default_rng(bits)
     codes = rng.integers(0, 1 << bits, (3, 4 * group_size), dtype=np.uint8)
     np.testing.assert_array_equal(quant.unpack(quant.pack(codes, bits), bits, codes.shape[1]), codes)
     w = _weights(rng)
     packed, scales, biases = quant.quantize(w, bits, group_size)
-    err = np.abs(w - quant.dequantize(packed, scales, biases, bits, group_size)).reshape(len(w), -1, group_size)
-    assert (err.max(-1) <= np.abs(scales) * (1 + 1e-5)).all()
+    assert scales.dtype == biases.dtype == np.float32 and (scales > 0).all()
+    n = len(w)
+    err = np.abs(w - quant.dequantize(packed, scales, biases, bits, group_size)).reshape(n, -1, group_size)
+    half = scales[..., None] / 2
+    assert (err <= half * (1 + 1e-5) + 1e-7).all()
     assert err[:2].max() == 0  # zero and constant rows are exact
+    s, b = _as_bf16(scales), _as_bf16(biases)
+    err = np.abs(w - quant.dequantize(packed, s, b, bits, group_size)).reshape(n, -1, group_size)
+    moved = np.abs(b - biases)[..., None] + ((1 << bits) - 1) * np.abs(s - scales)[..., None]
+    assert (err <= (half + moved) * (1 + 1e-5) + 1e-7).all()
+
+
+@pytest.mark.parametrize(("bits", "group_size"), ALL)
+def test_a_weight_on_a_min_max_grid_round_trips_exactly(bits, group_size):
+    """Random codes (each group's 0 and 2^bits - 1 among them) times a random scale plus a random min, all
+    exactly representable in bf16 and their products in float32: quantize finds those codes, scales and biases,
+    and dequantize gives the weight back bit for bit (as GGUF Q4_1 blocks keep their grid at 4 bits, 32)."""
+    rng = np.random.default_rng(100 * bits + group_size)
+    m, groups, top = 8, 4, (1 << bits) - 1
+    codes = rng.integers(0, top + 1, (m, groups, group_size))
+    codes[..., 0], codes[..., -1] = 0, top
+    codes = rng.permuted(codes, axis=-1)
+    scale = (rng.integers(1, 128, (m, groups)) * 2.0 ** -12).astype(np.float32)
+    low = (rng.integers(-255, 256, (m, groups)) * 2.0 ** -9).astype(np.float32)
+    w = (codes * scale[..., None] + low[..., None]).astype(np.float32).reshape(m, -1)
+    packed, scales, biases = quant.quantize(w, bits, group_size)
+    np.testing.assert_array_equal(quant.unpack(packed, bits, w.shape[1]), codes.reshape(m, -1))
+    np.testing.assert_array_equal(scales, scale)
+    np.testing.assert_array_equal(biases, low)
+    np.testing.assert_array_equal(_as_bf16(scales), scales)  # stored as bf16 without moving the grid
+    np.testing.assert_array_equal(_as_bf16(biases), biases)
+    np.testing.assert_array_equal(quant.dequantize(packed, scales, biases, bits, group_size), w)
+
+
+@pytest.mark.parametrize(("bits", "group_size"), ALL)
+def test_mlx_reads_the_layout(bits, group_size):
+    """mx.dequantize of dn's packed codes, scales and biases is dn's dequantize, and the packed tensors have
+    mx.quantize's dtypes and shapes (the values differ: dn fits another grid)."""
+    mx = pytest.importorskip("mlx.core")
+    w = _weights(np.random.default_rng(bits * 1000 + group_size))
+    ours = quant.quantize(w, bits, group_size)
+    ref = [np.array(a) for a in mx.quantize(mx.array(w), group_size, bits, stream=mx.cpu)]
+    assert [(a.dtype, a.shape) for a in ours] == [(a.dtype, a.shape) for a in ref]
+    deq = mx.dequantize(*(mx.array(a) for a in ours), group_size=group_size, bits=bits, stream=mx.cpu)
+    np.testing.assert_array_equal(np.array(deq), quant.dequantize(*ours, bits, group_size))
 
 
 def _old_quantize_int4(w):
@@ -158,13 +192,6 @@ def _mlx_lm_quantized(src, q):
                           quant_predicate=lambda p, m: emb if emb and p == EMBEDDING else True)
 
 
-def _np(a):
-    """mlx array -> numpy (bf16 as float32, exactly)."""
-    import mlx.core as mx
-
-    return np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)
-
-
 def _logits(model, tokens):
     import mlx.core as mx
 
@@ -178,9 +205,12 @@ CASES = [("mistral", quantization(4, 32, 8, 64)), ("qwen2", quantization(3, 64))
 
 
 @pytest.mark.parametrize(("model_type", "q"), CASES)
-def test_convert_writes_what_mlx_lm_writes(tmp_path, default_model_dir, model_type, q):
-    """dn convert -q writes mlx-lm's tensors bit for bit and its config; mlx_lm.load runs the folder with dn's
-    logits; and dn runs the folder mlx-lm wrote (no dn_spec.json) with the same logits."""
+def test_convert_writes_mlx_lm_layout(tmp_path, default_model_dir, model_type, q):
+    """dn convert -q writes the tensors mlx-lm's own conversion writes (names, dtypes, shapes) and its config's
+    quantization dict; mlx_lm.load runs the folder with dn's logits; and dn runs the folder mlx-lm wrote (no
+    dn_spec.json) with mlx-lm's logits. The values differ by design: mx.quantize moves each group's grid so that
+    one edge is exactly scale * round(edge / scale), dn keeps the min/max grid (both edges on it, so a weight
+    already on a Q4_1-style grid keeps it); mlx-lm's loader uses whatever scales and biases are stored."""
     mlx_lm = pytest.importorskip("mlx_lm")
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -195,8 +225,7 @@ def test_convert_writes_what_mlx_lm_writes(tmp_path, default_model_dir, model_ty
     ref = dict(tree_flatten(ref_model.parameters()))
     assert sorted(ours) == sorted(ref)
     for name, a in ref.items():
-        assert ours[name].dtype == a.dtype, name
-        np.testing.assert_array_equal(_np(ours[name]), _np(a), err_msg=name)
+        assert (ours[name].dtype, ours[name].shape) == (a.dtype, a.shape), name
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization"] == config["quantization_config"] == ref_config["quantization"]
 
@@ -207,7 +236,8 @@ def test_convert_writes_what_mlx_lm_writes(tmp_path, default_model_dir, model_ty
     save_config(ref_config, tmp_path / "mlx" / "config.json")
     spec = load_spec(tmp_path / "mlx")
     assert spec.quant == ref_config["quantization"]
-    np.testing.assert_array_equal(mlx.logits(mlx.load(tmp_path / "mlx", spec, "bfloat16"), TOKENS), ours_logits)
+    np.testing.assert_array_equal(mlx.logits(mlx.load(tmp_path / "mlx", spec, "bfloat16"), TOKENS),
+                                  _logits(ref_model, TOKENS))
 
 
 @pytest.fixture(scope="module")
