@@ -17,7 +17,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dn import benchmark
 from dn import quant as ref
 from dn_torch import quant as tq
 
@@ -32,13 +32,8 @@ FORMATS = ((4, 32), (4, 64), (8, 64))
 
 
 def timer(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    """Median seconds per call after one warm-up (dn.benchmark.timer, the timer every benchmark shares)."""
+    return benchmark.timer(fn, reps=reps, warmup=1)["median_s"]
 
 
 def quantized(w: np.ndarray, bits: int, gs: int, dtype) -> tq.QuantizedLinear:
