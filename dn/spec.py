@@ -277,10 +277,3 @@ def _check_shape(by_name: dict, name: str, shape: list[int]) -> None:
     if list(t.shape) != shape:
         raise DnError(f"tensor {name} has shape {t.shape}, config implies {shape}")
 
-
-def weight_bytes_by_role(spec: ModelSpec, dtype: str | None = None) -> dict[str, int]:
-    """Dense bytes of the weights by role, at `dtype` if given (as loaded) else as stored."""
-    out = dict.fromkeys(ROLES, 0)
-    for t, shape, _ in quant.dense_tensors(spec.quant, spec.tensors):  # quantized: as before quantization
-        out[t.role] += math.prod(shape) * DTYPE_BYTES[dtype or t.dtype]
-    return out
