@@ -7,6 +7,7 @@ anyway, so dn reads the header itself and memory-maps the data.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -78,13 +79,19 @@ def load(path: str | Path, mmap: bool = True, names=None) -> dict[str, tuple[np.
             buf = data[offset + start: offset + stop]
             out[name] = (buf.view(DTYPES[info["dtype"]]).reshape(info["shape"]), info["dtype"])
         return out
+    return {name: (read_rows(path, info, offset), info["dtype"]) for name, info in header.items()}
+
+
+def read_rows(path: str | Path, info: dict, offset: int, r0: int = 0, r1: int | None = None) -> np.ndarray:
+    """Rows [r0, r1) of one tensor (its header entry; offset: the file's data offset from read_header) as stored
+    bits, read into fresh memory: a plain read, not a mapping, so only what a loader still holds is resident."""
+    shape, dt = list(info["shape"]), np.dtype(DTYPES[info["dtype"]])
+    rows, per = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
+    r1 = rows if r1 is None else min(r1, rows)
     with open(path, "rb") as f:
-        for name, info in header.items():
-            f.seek(offset + info["data_offsets"][0])
-            dt = np.dtype(DTYPES[info["dtype"]])
-            count = (info["data_offsets"][1] - info["data_offsets"][0]) // dt.itemsize
-            out[name] = (np.fromfile(f, dtype=dt, count=count).reshape(info["shape"]), info["dtype"])
-    return out
+        f.seek(offset + info["data_offsets"][0] + r0 * per * dt.itemsize)
+        a = np.fromfile(f, dtype=dt, count=(r1 - r0) * per)
+    return a.reshape([r1 - r0, *shape[1:]] if shape else [])
 
 
 def save(tensors: dict[str, tuple[np.ndarray, str] | np.ndarray], path: str | Path,

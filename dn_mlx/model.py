@@ -75,7 +75,7 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
 
 
 _CHUNK_BYTES = 2 << 20  # of a stored tensor read at a time when it changes dtype
-_STORED = {"BF16": (np.uint16, mx.bfloat16), "F16": (np.float16, mx.float16), "F32": (np.float32, mx.float32)}
+_STORED = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}  # floating dtypes read by _read_as
 
 
 def _load_plain(model, model_dir: Path, spec: ModelSpec, weights: dict, dtype) -> None:
@@ -96,7 +96,7 @@ def _load_plain(model, model_dir: Path, spec: ModelSpec, weights: dict, dtype) -
         header, offset = safetensors_io.read_header(f)
         for name, info in header.items():
             a = weights.get(name)  # as stored: the families' sanitize only drops keys
-            if (a is not None and info["dtype"] in _STORED and a.dtype == _STORED[info["dtype"]][1]
+            if (a is not None and info["dtype"] in _STORED and a.dtype == _STORED[info["dtype"]]
                     and list(a.shape) == info["shape"]):
                 stored[name] = (f, info, offset)
     model.load_weights(list(weights.items()), strict=spec.codec is None)  # names and shapes checked; nothing read
@@ -123,29 +123,28 @@ def _load_plain(model, model_dir: Path, spec: ModelSpec, weights: dict, dtype) -
 
 
 def _read_as(path: Path, info: dict, offset: int, dtype) -> mx.array:
-    """A stored floating tensor at dtype, evaluated, from plain reads of its file. One that changes dtype and is
-    larger than _CHUNK_BYTES is filled a chunk of rows at a time: each slice update is evaluated before the next
-    read and reuses the array's buffer. Same values as astype of the whole array."""
-    np_dtype, stored = _STORED[info["dtype"]]
-    shape, start, item = info["shape"], offset + info["data_offsets"][0], np.dtype(np_dtype).itemsize
-    row = math.prod(shape[1:]) * item
+    """A stored floating tensor at dtype, evaluated, from plain reads of its file (dn.safetensors_io.read_rows).
+    One that changes dtype and is larger than _CHUNK_BYTES is filled a chunk of rows at a time: each slice
+    update is evaluated before the next read and reuses the array's buffer. Same values as astype of the whole
+    array."""
+    from dn import safetensors_io
 
-    def rows(f, r0: int, n: int) -> mx.array:
-        f.seek(start + r0 * row)
-        return mx.array(np.fromfile(f, np_dtype, n * row // item).reshape(n, *shape[1:])).view(stored).astype(dtype)
+    stored, shape = _STORED[info["dtype"]], info["shape"]
+
+    def rows(r0: int = 0, r1: int | None = None) -> mx.array:
+        return mx.array(safetensors_io.read_rows(path, info, offset, r0, r1)).view(stored).astype(dtype)
 
     # Freed buffers (stored copies) are released, not handed out again to a smaller array that would then hold,
     # and be counted for, more than its bytes.
     mx.clear_cache()
-    with open(path, "rb") as f:
-        if stored == dtype or not shape or math.prod(shape) * item <= _CHUNK_BYTES:
-            out = mx.array(np.fromfile(f, np_dtype, math.prod(shape), offset=start).reshape(shape)).view(stored)
-            out = out.astype(dtype)
-        else:
-            out, step = mx.zeros(shape, dtype), max(1, _CHUNK_BYTES // row)
-            for r0 in range(0, shape[0], step):
-                out[r0:r0 + step] = rows(f, r0, min(step, shape[0] - r0))
-                mx.eval(out)
+    row = math.prod(shape[1:]) * stored.size
+    if stored == dtype or not shape or shape[0] * row <= _CHUNK_BYTES:
+        out = rows()
+    else:
+        out, step = mx.zeros(shape, dtype), max(1, _CHUNK_BYTES // row)
+        for r0 in range(0, shape[0], step):
+            out[r0:r0 + step] = rows(r0, r0 + step)
+            mx.eval(out)
     mx.eval(out)
     return out
 

@@ -161,21 +161,18 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 class _Stored:
     """One tensor of a safetensors file, read on demand (whole, or rows [r0, r1)) into fresh memory on the
-    device. Plain reads, not a mapping: mapped pages would count as resident until the file is closed."""
+    device. Plain reads (dn.safetensors_io.read_rows), not a mapping: mapped pages would count as resident
+    until the file is closed."""
 
     def __init__(self, path: Path, name: str, info: dict, offset: int):
         if info["dtype"] not in _ST_DTYPES:
             raise DnError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         self.path, self.name, self.shape, self.dtype = path, name, list(info["shape"]), _ST_DTYPES[info["dtype"]]
-        self.start = offset + info["data_offsets"][0]
+        self.info, self.offset = info, offset
 
     def read(self, r0: int = 0, r1: int | None = None) -> torch.Tensor:
-        shape = self.shape if r1 is None else [min(r1, self.shape[0]) - r0, *self.shape[1:]]
-        t = torch.empty(shape, dtype=self.dtype)
-        with open(self.path, "rb") as f:
-            f.seek(self.start + r0 * math.prod(self.shape[1:]) * t.element_size())
-            f.readinto(t.view(-1).view(torch.uint8).numpy())
-        return t.to(_device())
+        t = torch.from_numpy(safetensors_io.read_rows(self.path, self.info, self.offset, r0, r1))
+        return t.view(self.dtype).to(_device())  # BF16 is read as its uint16 bits
 
 
 def _stored_tensors(path: Path) -> list[_Stored]:
