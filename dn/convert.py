@@ -129,6 +129,7 @@ def write_quantized(src: Path, dst: Path, q: dict, arch) -> dict:
 
 def convert(src: Path, out: Path, codec: str | None, sparse_args: dict | None, quant: dict | None = None) -> None:
     """quant: a "quantization" dict (see quantization()) to write the weights quantized."""
+    from dn.sources import as_made_by_mkdir
     from dn.spec import inventory, load_spec
 
     spec = load_spec(src)
@@ -153,6 +154,7 @@ def convert(src: Path, out: Path, codec: str | None, sparse_args: dict | None, q
             spec.sparse = calibrate.calibrate(src, tmp, **sparse_args)
         spec.source = str(src)
         spec.save(tmp)
+        as_made_by_mkdir(tmp)  # mkdtemp makes it 0700
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

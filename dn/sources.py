@@ -89,6 +89,14 @@ def hub_snapshot(repo_id: str) -> Path:
         raise DnError(f"Hub repo {repo_id}: {e.__class__.__name__}: {str(e)[:100]}") from None
 
 
+def as_made_by_mkdir(path: Path) -> None:
+    """Give a folder from tempfile.mkdtemp (mode 0700) the mode a plain mkdir gives (0777 less the umask), so a
+    converted model renamed from it is readable by others as any folder the user makes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o777 & ~mask)
+
+
 def _fingerprint(path: Path) -> str:
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
@@ -106,6 +114,7 @@ def convert_gguf(path: Path, name: str, progress: bool = True) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         gguf.convert(path, tmp, progress=progress)
+        as_made_by_mkdir(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first
