@@ -30,7 +30,9 @@ class Backend(Protocol):
 
     def load(self, model_dir: Path, spec: ModelSpec, dtype: str = "float32") -> Any: ...
 
-    def make_cache(self, model: Any) -> Any: ...
+    def make_cache(self, model: Any, max_kv_size: int | None = None, kv_bits: int | None = None) -> Any:
+        """A fresh KV cache for logits(); max_kv_size bounds it to that many tokens (a rotating or sliding-window
+        cache), kv_bits quantizes it; what a backend cannot do raises DnError."""
 
     def logits(self, model: Any, tokens: np.ndarray, cache: Any = None, last_only: bool = False) -> np.ndarray:
         """tokens [B, L] int -> float32 logits [B, L, V] ([B, 1, V] if last_only); extends cache."""

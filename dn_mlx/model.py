@@ -149,10 +149,30 @@ def _read_as(path: Path, info: dict, offset: int, dtype) -> mx.array:
     return out
 
 
-def make_cache(model):
-    from mlx_lm.models.cache import make_prompt_cache
+def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None):
+    """mlx-lm's cache for the model; under max_kv_size each layer a RotatingKVCache (as mlx-lm's generate: the
+    first 4 tokens and the last ones, max_kv_size in all); under kv_bits a QuantizedKVCache (groups of 64)."""
+    from mlx_lm.models import cache as c
 
-    return make_prompt_cache(model)
+    from dn.errors import DnError
+
+    own = c.make_prompt_cache(model)  # a model's own make_cache ignores mlx-lm's max_kv_size: bounded here
+    if max_kv_size is None and kv_bits is None:
+        return own
+    if kv_bits is not None and max_kv_size is not None:
+        raise DnError("--kv-bits and --max-kv-size do not combine (mlx-lm has no quantized rotating cache)")
+    out = []
+    for layer in own:
+        if type(layer) is c.RotatingKVCache and max_kv_size is not None:  # a sliding-window layer
+            out.append(c.RotatingKVCache(min(layer.max_size, max_kv_size), keep=layer.keep))
+        elif type(layer) is not c.KVCache:
+            raise DnError(f"--max-kv-size/--kv-bits: this model's {type(layer).__name__} layers cannot be "
+                          "bounded or quantized")
+        elif max_kv_size is not None:
+            out.append(c.RotatingKVCache(max_kv_size, keep=4))
+        else:
+            out.append(c.QuantizedKVCache(group_size=64, bits=kv_bits))
+    return out
 
 
 def logits(model, tokens: np.ndarray, cache=None, last_only: bool = False) -> np.ndarray:

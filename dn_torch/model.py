@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import math
 import os
 from pathlib import Path
@@ -236,17 +238,50 @@ def _fill(out: torch.Tensor, stored: _Stored) -> None:
         out[r0:r0 + step].copy_(stored.read(r0, r0 + step))
 
 
-def make_cache(model):
+def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None):
+    """transformers' DynamicCache; under max_kv_size its layers are sliding-window layers keeping the last
+    max_kv_size tokens; under kv_bits, transformers' QuantizedCache (needs optimum-quanto or hqq)."""
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    if kv_bits is not None:
+        if max_kv_size is not None:
+            raise DnError("--kv-bits and --max-kv-size do not combine (no quantized sliding-window cache)")
+        return _quantized_cache(model, kv_bits)
+    cache = DynamicCache(config=model.config)
+    if max_kv_size is not None:
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        if not all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers):
+            raise DnError("--max-kv-size: this model's cache layers cannot be bounded")
+        cache.layers = [DynamicSlidingWindowLayer(min(max_kv_size, getattr(layer, "sliding_window", max_kv_size)))
+                        for layer in cache.layers]
+    return cache
+
+
+def _quantized_cache(model, kv_bits: int):
+    from transformers import QuantizedCache
+    from transformers.utils import is_hqq_available, is_optimum_quanto_available
+
+    if is_optimum_quanto_available() and kv_bits in (2, 4):
+        return QuantizedCache("quanto", model.config, nbits=kv_bits)
+    if is_hqq_available() and kv_bits in (1, 2, 3, 4, 8):
+        return QuantizedCache("hqq", model.config, nbits=kv_bits)
+    raise DnError(f"--kv-bits {kv_bits} on torch needs transformers' quantized cache backend: "
+                  "pip install optimum-quanto (2 or 4 bits) or hqq (2, 3, 4 or 8 bits)")
+
+
+@functools.cache
+def _cache_kwarg(model_class) -> str:
+    """The forward's name for the cache: `cache` since transformers 5.x renamed it (`past_key_values` is
+    deprecated, removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 @torch.inference_mode()
 def logits(model, tokens: np.ndarray, cache=None, last_only: bool = False) -> np.ndarray:
     ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=_device())
-    out = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
-                logits_to_keep=1 if last_only else 0)
+    out = model(input_ids=ids, use_cache=cache is not None, logits_to_keep=1 if last_only else 0,
+                **{_cache_kwarg(type(model)): cache})
     return out.logits.float().cpu().numpy()
 
 
