@@ -2,7 +2,8 @@
 and/or sparse.
 
 Everything is written into a temporary folder beside --out and renamed at the end, so an interrupted
-or failed run leaves nothing behind.
+or failed run leaves nothing behind. --upload-repo USER/NAME then adds a model card and pushes the folder to
+the Hugging Face Hub (dn/hub.py); a failed upload keeps the folder.
 """
 
 from __future__ import annotations
@@ -59,7 +60,15 @@ def setup_arg_parser():
                         "or a fixed top-k count")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", choices=["auto", "mlx", "torch"],
-                   help="backend that runs the dense model during calibration")
+                   help="backend that runs the dense model during calibration (and --card-eval-text)")
+    p.add_argument("--upload-repo", default=None, metavar="USER/NAME",
+                   help="push the converted folder to this Hugging Face Hub repo, with a model card (README.md)")
+    p.add_argument("--private", action="store_true", help="create the --upload-repo repo private")
+    p.add_argument("--card-eval-text", default=None, metavar="FILE",
+                   help="measure perplexity of the result and of its source on this text for the model card "
+                        "(otherwise the card says quality was not measured)")
+    p.add_argument("--card-eval-tokens", type=cli.positive_int, default=None,
+                   help="tokens of --card-eval-text to evaluate (default 4096)")
     return p
 
 
@@ -190,9 +199,40 @@ def _main(argv) -> int:
         sparse_args |= {k: v for k, v in (("router", args.router), ("select", args.select)) if v}
     elif args.prior or args.calib_text or args.router or args.select:
         raise DnError("--prior, --router, --select and --calib-text need --sparsity")
-    convert(resolve_model(args.model), out, args.codec, sparse_args, quantize)
+    card_text = upload_args(args)
+    src = resolve_model(args.model)
+    convert(src, out, args.codec, sparse_args, quantize)
     print(f"wrote {out}")
+    if args.upload_repo:
+        from dn import hub
+
+        quality = None
+        if card_text is not None:
+            try:
+                quality = hub.measure(out, src, card_text, Path(args.card_eval_text).name, args.backend,
+                                      args.card_eval_tokens or hub.CARD_EVAL_TOKENS)
+            except DnError as e:
+                raise DnError(f"{e}; the converted folder is kept at {out}") from None
+        url = hub.publish(out, args.upload_repo, private=args.private, base=hub.base_model(args.model),
+                          quality=quality)
+        print(f"uploaded {out} to {url}")
     return 0
+
+
+def upload_args(args) -> str | None:
+    """Check the upload flags before any work; the --card-eval-text text, read now (None without it)."""
+    from dn.text import read_text
+
+    if not args.upload_repo:
+        if args.private or args.card_eval_text or args.card_eval_tokens:
+            raise DnError("--private, --card-eval-text and --card-eval-tokens need --upload-repo")
+        return None
+    from dn import hub
+
+    hub.preflight(args.upload_repo)
+    if args.card_eval_tokens and not args.card_eval_text:
+        raise DnError("--card-eval-tokens needs --card-eval-text")
+    return read_text(Path(args.card_eval_text).expanduser()) if args.card_eval_text else None
 
 
 def main(argv=None) -> int:
