@@ -15,6 +15,7 @@ VERBS = {
     "footprint": ("dn.footprint", "bytes by role, accounted and measured"),
     "convert": ("dn.convert", "write a model folder (optionally compressed or sparse)"),
     "codec": ("dn.codec_cmd", "lossless codec tools (stats)"),
+    "bench": ("dn.bench", "weight configurations x backends against dense: memory, quality, speed"),
 }
 
 
