@@ -169,7 +169,7 @@ def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None
             raise DnError(f"--max-kv-size/--kv-bits: this model's {type(layer).__name__} layers cannot be "
                           "bounded or quantized")
         elif max_kv_size is not None:
-            out.append(c.RotatingKVCache(max_kv_size, keep=4))
+            out.append(c.RotatingKVCache(max_kv_size, keep=min(4, max_kv_size - 1)))
         else:
             out.append(c.QuantizedKVCache(group_size=64, bits=kv_bits))
     return out

@@ -239,8 +239,9 @@ def _fill(out: torch.Tensor, stored: _Stored) -> None:
 
 
 def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None):
-    """transformers' DynamicCache; under max_kv_size its layers are sliding-window layers keeping the last
-    max_kv_size tokens; under kv_bits, transformers' QuantizedCache (needs optimum-quanto or hqq)."""
+    """transformers' DynamicCache; under max_kv_size each layer keeps max_kv_size tokens as mlx-lm's rotating
+    cache does (the first 4 and the latest); under kv_bits, transformers' QuantizedCache (needs optimum-quanto
+    or hqq)."""
     from transformers import DynamicCache
 
     if kv_bits is not None:
@@ -251,11 +252,54 @@ def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None
     if max_kv_size is not None:
         from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-        if not all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers):
-            raise DnError("--max-kv-size: this model's cache layers cannot be bounded")
-        cache.layers = [DynamicSlidingWindowLayer(min(max_kv_size, getattr(layer, "sliding_window", max_kv_size)))
-                        for layer in cache.layers]
+        layers = []
+        for layer in cache.layers:
+            if type(layer) is DynamicSlidingWindowLayer and layer.sliding_window <= max_kv_size:
+                layers.append(layer)  # the model's own window is already within the bound
+            elif type(layer) is DynamicLayer:
+                layers.append(_rotating_layer_class()(max_kv_size, keep=4))
+            else:
+                raise DnError(f"--max-kv-size: this model's {type(layer).__name__} cache layers cannot be bounded "
+                              "on torch")
+        cache.layers = layers
     return cache
+
+
+@functools.cache
+def _rotating_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class RotatingLayer(DynamicLayer):
+        """mlx-lm's RotatingKVCache on a transformers cache layer: after each update it keeps the first `keep`
+        tokens (attention sinks) and the latest ones, max_size - 1 in all, so the next token attends to max_size
+        (the tokens of one update attend to all that is kept before them). Keys are cached after rope, so the
+        kept tokens keep their positions; the mask sees the kept tokens as the ones just before the query."""
+
+        def __init__(self, max_size: int, keep: int = 0):
+            super().__init__()
+            self.max_size, self.keep, self.cumulative_length = max_size, min(keep, max_size - 1), 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states)
+            self.cumulative_length += key_states.shape[-2]
+            drop = keys.shape[-2] - (self.max_size - 1)
+            if drop > 0:
+                k = self.keep
+                self.keys = torch.cat([keys[..., :k, :], keys[..., k + drop:, :]], dim=-2)
+                self.values = torch.cat([values[..., :k, :], values[..., k + drop:, :]], dim=-2)
+            return keys, values
+
+        def get_seq_length(self) -> int:
+            return self.cumulative_length
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            stored = 0 if self.keys is None else self.keys.shape[-2]
+            return stored + query_length, self.cumulative_length - stored
+
+        def get_max_length(self) -> int:
+            return self.max_size
+
+    return RotatingLayer
 
 
 def _quantized_cache(model, kv_bits: int):
