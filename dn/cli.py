@@ -10,6 +10,7 @@ from dn.errors import DnError
 
 VERBS = {
     "generate": ("dn.generate", "stream text from a model"),
+    "chat": ("dn.chat", "a conversation in the terminal, kept across turns"),
     "eval": ("dn.evaluate", "perplexity over a text file, with footprint"),
     "parity": ("parity.run", "compare the backends on the same model"),
     "footprint": ("dn.footprint", "bytes by role, accounted and measured"),
@@ -19,11 +20,33 @@ VERBS = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default in --help (none for flags without one, or off by default)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default is not None and action.default is not argparse.SUPPRESS and action.nargs != 0
+        if shown and action.option_strings and "%(default)" not in text and "default:" not in text:
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line, not usage plus error."""
+    """argparse that reports a bad flag as one line, not usage plus error, shows defaults in --help, and
+    resolves `--dtype auto` (add_model_args) once the backend is known."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        if getattr(ns, "dtype", None) == "auto":
+            ns.dtype = default_dtype(getattr(ns, "backend", "auto"))
+        return ns
 
 
 def positive_int(text: str) -> int:
@@ -46,11 +69,45 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def add_model_args(parser, dtype_default="float32"):
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def default_dtype(backend: str) -> str:
+    """`--dtype auto`: the model's own bfloat16 where the device computes it natively (Metal, CUDA/ROCm,
+    MLX's GPU), float32 on a CPU."""
+    from dn import backend as backends
+
+    try:
+        device = backends.resolve(backend).device_name()
+    except DnError:  # no usable backend: the load says so in its own words
+        return "float32"
+    return "bfloat16" if device.split(":")[0] in ("metal", "cuda", "gpu") else "float32"
+
+
+def add_model_args(parser, dtype_default="auto"):
     parser.add_argument("--model", default=None,
                         help="model folder, .gguf file or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "mlx", "torch"])
-    parser.add_argument("--dtype", default=dtype_default, choices=["float32", "bfloat16"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "mlx", "torch"],
+                        help="auto: MLX on Apple silicon, torch elsewhere")
+    parser.add_argument("--dtype", default=dtype_default, choices=["auto", "float32", "bfloat16"],
+                        help="compute dtype; auto: bfloat16 on Metal and CUDA, float32 on a CPU")
 
 
 def run(main, argv=None) -> int:
@@ -68,8 +125,9 @@ def run(main, argv=None) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        lines = [f"  {v:<10} {h}" for v, (_, h) in VERBS.items()]
-        print("usage: dn <verb> [options]\n\nverbs:\n" + "\n".join(lines))
+        lines = [f"  {v:<13} {h}" for v, (_, h) in VERBS.items()]
+        print("usage: dn <verb> [options]   (dn <verb> --help for a verb's options)\n\nverbs:\n" + "\n".join(lines)
+              + "\n\noptions:\n  -h, --help    show this help\n  -V, --version print dn's version")
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
         from dn import __version__
