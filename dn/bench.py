@@ -143,14 +143,13 @@ def parse_configs(text: str, max_resident: str | None = None) -> list[Config]:
     if not configs:
         raise DnError("--configs is empty")
     budgets = [parse_budget(b) for b in max_resident.split(",") if b.strip()] if max_resident else []
-    configs += [parse_config(f"{c.name}@{b}") for b in budgets for c in list(configs) if c.budget is None]
     dense = [c for c in configs if c.fmt == "dense" and not c.sparsity and not c.budget] or [parse_config("dense")]
     out, seen = [], set()
     for c in dense[:1] + configs:
         if (c.stored, c.budget) not in seen:
             seen.add((c.stored, c.budget))
             out.append(c)
-    return out
+    return out + [parse_config(f"{c.name}@{b}") for b in budgets for c in out if c.budget is None]
 
 
 def residency_hook():
