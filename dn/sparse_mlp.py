@@ -26,18 +26,19 @@ class SparseMLP:
 
     ops: Any = None
 
-    def setup(self, bundled, proj, layer, path: str = "auto") -> None:
-        """bundled: [n, 3, d] backend array or None; proj: (gate, up, down) modules or None."""
+    def setup(self, bundled, proj, layer, path: str = "auto", like=None) -> None:
+        """bundled: [n, 3, d] backend array or None; proj: (gate, up, down) modules or None; neither: the
+        router and prior alone (residency holds the neurons), at the dtype and device of `like`."""
         o = self.ops
         self.keep, self.n, self.path, self.oracle = layer.keep, layer.prior_c.shape[0], path, False
         self.router, self.select = layer.router, layer.select
         self.tape, self.replay = None, None   # see tape_routes
-        like = bundled if bundled is not None else o.weight_like(proj[0])
+        like = bundled if bundled is not None else o.weight_like(proj[0]) if proj is not None else like
         if bundled is not None:
             o.hold(self, "bundled", bundled)
         else:
             self.bundled = None
-            self.gate_proj, self.up_proj, self.down_proj = proj
+            self.gate_proj, self.up_proj, self.down_proj = proj or (None, None, None)
         # int4: router and sketch stay packed (affine 4-bit, groups of GROUP), run by the backend's quantized
         # matmul; lowrank: float32 factors [d, r], [r, 2n].
         if layer.router == "int4":

@@ -59,11 +59,8 @@ def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:
     b = DTYPE_BYTES[dtype]
     parts = dict.fromkeys(("dense", "affine", "lossless", "sparse"), 0)
     for e in entries(spec):
-        if e.format == "affine":
-            parts["affine"] += quant.quantized_bytes(e.shape[0], e.numel // e.shape[0], e.bits, e.group_size,
-                                                     min(b, e.scale_bytes))
-        elif e.format == "dense":
-            parts["dense"] += e.numel * b
+        if e.format != "lossless":
+            parts[e.format] += entry_bytes(e, b)
     if spec.codec:
         coded = set(spec.codec["coded_tensors"])
         layer = max(sum(t.numel for t in spec.layer_tensors(i) if t.name in coded)
@@ -73,6 +70,14 @@ def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:
     if spec.sparse:  # routers, thresholds and priors ride beside all the weights (no offload yet)
         parts["sparse"] = spec.sparse["num_layers"] * sparse_side(spec.sparse, b)["held"]
     return parts | {"total": sum(parts.values())}
+
+
+def entry_bytes(e: Entry, dtype_bytes: int) -> int:
+    """Bytes a dense or affine entry is held in at a compute dtype of dtype_bytes (lossless: see resident_bytes)."""
+    if e.format == "affine":
+        return quant.quantized_bytes(e.shape[0], e.numel // e.shape[0], e.bits, e.group_size,
+                                     min(dtype_bytes, e.scale_bytes))
+    return e.numel * dtype_bytes
 
 
 def sparse_side(section: dict, dtype_bytes: int) -> dict[str, int]:

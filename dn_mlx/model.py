@@ -45,12 +45,20 @@ def _skeleton(spec: ModelSpec):
     return model_class(args_class.from_dict(config))
 
 
-def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
+def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=None):
+    """residency: a dn.residency.Runtime: the MLPs are not read from the folder but held under its plan."""
     model = _skeleton(spec)
     weights = {}
     for f in weight_files(model_dir):
         weights.update(mx.load(str(f)))
     weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
+    if residency is not None:
+        from dn_mlx import resident
+
+        for layer in model.model.layers:
+            layer.mlp = resident.Placeholder()
+        for k in [k for k in weights if ".mlp." in k]:
+            del weights[k]
     if spec.quant is not None:  # quantized layers swapped in before loading: no dense weight is ever built
         from dn.quant import layout
         from dn_mlx import quant
@@ -64,7 +72,16 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
         from dn_mlx import quant
 
         quant._keep_stored_scales(model, weights, _DTYPES[dtype])
-    if spec.sparse is not None:
+    if residency is not None:
+        from dn_mlx import resident
+
+        sparse_layers = None
+        if residency.plan.mode == "sparse":
+            from dn_mlx import sparse
+
+            sparse_layers = sparse.routers(model_dir, spec, _DTYPES[dtype])
+        resident.install(model, residency, sparse_layers)
+    elif spec.sparse is not None:
         from dn_mlx import sparse
 
         sparse.attach(model, model_dir, spec)
@@ -72,6 +89,12 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
     model.eval()
     model.dn_dtype = dtype
     return model
+
+
+def _placeholder():
+    from dn_mlx import resident
+
+    return resident.Placeholder
 
 
 _CHUNK_BYTES = 2 << 20  # of a stored tensor read at a time when it changes dtype
@@ -108,7 +131,8 @@ def _load_plain(model, model_dir: Path, spec: ModelSpec, weights: dict, dtype) -
         codec.attach(model, model_dir, spec)
     outside = [k for k in stored if not k.startswith("model.layers.")]  # the embedding, norm, an untied head
     model.load_weights([(k, _read_as(*stored.pop(k), dtype)) for k in outside], strict=False)
-    bundle = spec.sparse is not None and spec.codec is None
+    bundle = spec.sparse is not None and spec.codec is None and not isinstance(model.model.layers[0].mlp,
+                                                                                 _placeholder())
     for i, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{i}."
         layer.load_weights([(k.removeprefix(prefix), _read_as(*stored.pop(k), dtype)) for k in list(stored)

@@ -137,6 +137,20 @@ def attach(model, model_dir: Path, spec) -> None:
     sparse_mlp.install(model, ref.load_for_model(model_dir, spec, lazy=True), SparseMLP)  # a layer at a time
 
 
+class RouterOnly(sparse_mlp.SparseMLP):
+    """A layer's router and prior without its neurons (residency holds those: dn/residency.py)."""
+
+    ops = ops
+
+    def __init__(self, layer: ref.LayerSparse, like: mx.array):
+        self.setup(None, None, layer, like=like)
+
+
+def routers(model_dir: Path, spec, dtype) -> list[RouterOnly]:
+    like = mx.zeros((), dtype)
+    return [RouterOnly(layer, like) for layer in ref.load_for_model(model_dir, spec, lazy=True).layers]
+
+
 def install(model, s: ref.SparseSpec) -> None:
     """Patch the MLPs with an in-memory SparseSpec (re-installing over SparseMLPs reuses their weights)."""
     sparse_mlp.install(model, s, SparseMLP)

@@ -63,16 +63,21 @@ def _meta_model(spec: ModelSpec):
     return model, config
 
 
-def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
+def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=None):
+    """residency: a dn.residency.Runtime: the MLPs are not read from the folder but held under its plan."""
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     torch_dtype = _DTYPES[dtype]
     if spec.quant is not None:
-        model = _load_quantized(model_dir, spec, torch_dtype)
+        model = _load_quantized(model_dir, spec, torch_dtype, residency is not None)
     else:
-        model = _load_plain(model_dir, spec, torch_dtype)
-    if spec.sparse is not None:
+        model = _load_plain(model_dir, spec, torch_dtype, residency is not None)
+    if residency is not None:
+        from dn_torch import resident
+
+        resident.install(model, residency, _sparse_layers(model_dir, spec, residency, torch_dtype))
+    elif spec.sparse is not None:
         from dn_torch import sparse
 
         sparse.attach(model, model_dir, spec)
@@ -81,16 +86,35 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32"):
     return model
 
 
-def _load_plain(model_dir: Path, spec: ModelSpec, dtype: torch.dtype):
+def _sparse_layers(model_dir: Path, spec: ModelSpec, runtime, dtype: torch.dtype):
+    """Sparse residency: each layer's router and prior, without its neurons (dn_torch.sparse.RouterOnly)."""
+    if runtime.plan.mode != "sparse":
+        return None
+    from dn_torch import sparse
+
+    return sparse.routers(model_dir, spec, _device(), dtype)
+
+
+def _without_mlps(model) -> None:
+    """Residency: the MLPs are held by dn.residency, not read from the folder (their tensors find no slot)."""
+    from dn_torch import resident
+
+    for layer in model.model.layers:
+        layer.mlp = resident.Placeholder()
+
+
+def _load_plain(model_dir: Path, spec: ModelSpec, dtype: torch.dtype, resident: bool = False):
     """A dense or lossless folder, straight into its final form: the skeleton stays on meta and each stored
     tensor is read from the file into its own parameter at dtype, a chunk of rows at a time (no copy of the
     checkpoint, mapped or read, exists beside the model); a sparse folder's dense MLPs are read straight into
     their bundles (dn_torch.sparse.lay_out_bundled); coded projections are swapped in after, one layer at a
     time (dn_torch.codec.attach). Same values as from_pretrained: each tensor converted as Tensor.to does."""
     model, config = _meta_model(spec)
+    if resident:
+        _without_mlps(model)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()  # tie_weights sets it
     into = {}  # stored name -> the tensor it is read into, laid out before reading
-    if spec.sparse is not None and spec.codec is None:
+    if spec.sparse is not None and spec.codec is None and not resident:
         from dn_torch import sparse
 
         for i, layer in enumerate(model.model.layers):
@@ -123,7 +147,7 @@ def _rotary(model, config) -> None:
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(_device())
 
 
-def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: torch.dtype):
+def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: torch.dtype, resident: bool = False):
     """An mlx-lm quantized folder: the skeleton stays on meta, its quantized modules are swapped in, and each
     stored tensor is read from the file straight into its final tensor; packed weights last, a chunk of rows
     at a time into the layout they compute in (no dense, nor second packed, copy of a matrix ever exists)."""
@@ -131,6 +155,8 @@ def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: torch.dtype):
     from dn_torch import quant
 
     model, config = _meta_model(spec)
+    if resident:
+        _without_mlps(model)
     # mlx-lm's loader rule: a module is quantized iff its scales are stored
     quant.quantize_model(model, {**spec.quant, **q.layout(spec.quant, [t.name for t in spec.tensors])})
     packed = []
