@@ -89,6 +89,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def progress(total: int, desc: str, unit: str):
+    """A tqdm bar on stderr for a long run; off when stderr is not a terminal (logs, pipes, tests)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+
+
 def default_dtype(backend: str) -> str:
     """`--dtype auto`: the model's own bfloat16 where the device computes it natively (Metal, CUDA/ROCm,
     MLX's GPU), float32 on a CPU."""

@@ -17,7 +17,7 @@ def setup_arg_parser():
     p.add_argument("--ctx", type=cli.positive_int, default=512, help="window length in tokens")
     p.add_argument("--max-tokens", type=cli.positive_int, default=None, help="use only the first N tokens")
     p.add_argument("--batch", type=cli.positive_int, default=1, help="windows per forward pass")
-    p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the result here as JSON")
     return p
 
 
@@ -27,8 +27,9 @@ def windows(tokens: list[int], ctx: int) -> list[np.ndarray]:
     return [w for w in out if len(w) > 1]
 
 
-def perplexity(backend, model, tokens: list[int], ctx: int, batch: int = 1) -> tuple[float, int]:
-    """(mean NLL per predicted token, number of predicted tokens)."""
+def perplexity(backend, model, tokens: list[int], ctx: int, batch: int = 1,
+               progress: bool = False) -> tuple[float, int]:
+    """(mean NLL per predicted token, number of predicted tokens); progress: a bar on stderr (cli.progress)."""
     from dn.errors import DnError
 
     wins = windows(tokens, ctx)
@@ -38,25 +39,44 @@ def perplexity(backend, model, tokens: list[int], ctx: int, batch: int = 1) -> t
     chunks = [np.stack(full[i:i + batch]) for i in range(0, len(full), batch)]
     chunks += [w[None] for w in wins if len(w) != ctx]  # [B, L] each
     total, count = 0.0, 0
+    bar = cli.progress(sum(len(w) - 1 for w in wins), "dn eval", "tok") if progress else None
     for chunk in chunks:
         nll = backend.token_nll(model, chunk)
         total, count = total + float(nll.sum()), count + nll.size
+        if bar is not None:
+            bar.update(nll.size)
+    if bar is not None:
+        bar.close()
     return total / count, count
+
+
+def text_tokens(model: str | None, text: str) -> list[int]:
+    """The text as the model's tokens, before any weight is loaded (a text too short fails at once)."""
+    from dn.sources import resolve_model
+    from dn.spec import load_spec
+    from dn.tokenizer import Tokenizer
+
+    model_dir = resolve_model(model)
+    return Tokenizer(model_dir, load_spec(model_dir).architecture.eos_token_id).encode(text)
 
 
 def _main(argv) -> int:
     from dn import footprint, loader, memory
+    from dn.errors import DnError
     from dn.text import read_text, text_path
 
     args = setup_arg_parser().parse_args(argv)
-    text = read_text(text_path(args.text, "DN_EVAL_TEXT"))
+    path = text_path(args.text, "DN_EVAL_TEXT")
+    tokens = text_tokens(args.model, read_text(path))
+    if len(tokens) < args.ctx:
+        raise DnError(f"{path} has {len(tokens)} tokens, fewer than one window of --ctx {args.ctx}: "
+                      "pass a smaller --ctx or a longer text")
     run = loader.load(args.model, args.backend, args.dtype)
-    tokens = run.tokenizer.encode(text)
     if args.max_tokens:
         tokens = tokens[:args.max_tokens]
-    nll, count = perplexity(run.backend, run.model, tokens, args.ctx, args.batch)
+    nll, count = perplexity(run.backend, run.model, tokens, args.ctx, args.batch, progress=True)
     acc = footprint.accounted(run.spec, args.dtype, args.ctx)
-    result = {"model": str(args.model or run.model_dir), "backend": run.backend.NAME,
+    result = {"model": "default" if args.model is None else str(args.model), "backend": run.backend.NAME,
               "device": run.backend.device_name(), "dtype": args.dtype, "tokens": count,
               "ppl": math.exp(nll), "nll": nll,
               "resident_weight_bytes": acc["resident_weight_bytes"],  # accounted

@@ -1,7 +1,7 @@
 """Resolve `--model` to a local Hugging Face folder: a folder, a .gguf file, a Hub repo id, or the default.
 
-Converted folders live in the user cache directory (or $DN_CACHE); a conversion is written to a
-temporary folder and renamed, so an interrupted run leaves nothing half-written.
+Converted folders live in the user cache directory (or $DN_CACHE), keyed by the GGUF's content; a conversion
+is written to a temporary folder and renamed, so an interrupted run leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import importlib.metadata
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -82,8 +83,13 @@ def hub_snapshot(repo_id: str) -> Path:
         if offline:
             raise DnError(f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
                           "forbids downloading it") from None
-        raise DnError(f"{repo_id} could not be downloaded and is not in the Hugging Face cache") from None
-    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
+        raise DnError(f"{repo_id} is not in the Hugging Face cache and the Hub could not be reached "
+                      "(check the network, or download it where there is one)") from None
+    except GatedRepoError:
+        raise DnError(f"Hub repo {repo_id} is gated: accept its terms on the Hub and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise DnError(f"no Hub repo {repo_id} (or it is private: log in with hf auth login)") from None
+    except RevisionNotFoundError as e:
         raise DnError(f"Hub repo {repo_id}: {e.__class__.__name__}") from None
     except OSError as e:
         raise DnError(f"Hub repo {repo_id}: {e.__class__.__name__}: {str(e)[:100]}") from None
@@ -97,10 +103,23 @@ def as_made_by_mkdir(path: Path) -> None:
     os.chmod(path, 0o777 & ~mask)
 
 
+FINGERPRINT_SPAN = 1 << 20  # bytes read from each end of a GGUF for its cache key
+
+
 def _fingerprint(path: Path) -> str:
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+    """The cache key of a GGUF's conversion: its content (size, first and last MiB: the header with its metadata
+    and tensor table, and the end of the tensor data), not its path, so every environment that has the same
+    file (a venv, nox's, a copy) shares one conversion. Reads 2 MiB, whatever the file's size."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            h.update(f"{size}|".encode() + f.read(FINGERPRINT_SPAN))
+            f.seek(max(FINGERPRINT_SPAN, size - FINGERPRINT_SPAN))
+            h.update(f.read(FINGERPRINT_SPAN))
+    except OSError as e:
+        raise DnError(f"cannot read {path}: {e.strerror}") from None
+    return h.hexdigest()[:12]
 
 
 def convert_gguf(path: Path, name: str, progress: bool = True) -> Path:
@@ -113,7 +132,7 @@ def convert_gguf(path: Path, name: str, progress: bool = True) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        gguf.convert(path, tmp, progress=progress)
+        gguf.convert(path, tmp, progress=progress and sys.stderr.isatty())
         as_made_by_mkdir(tmp)
         try:
             tmp.rename(target)

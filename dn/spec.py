@@ -151,8 +151,12 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> ModelSpec:
-        if d.get("version") != SPEC_VERSION:
-            raise DnError(f"unsupported dn spec version {d.get('version')!r} (this dn reads {SPEC_VERSION})")
+        version = d.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and version > SPEC_VERSION:
+            raise DnError(f"this model was converted by a newer dn ({SPEC_FILE} version {version}, this dn reads "
+                          f"version {SPEC_VERSION}): upgrade dn (pip install -U dreamnova) or convert it again")
+        if version != SPEC_VERSION:
+            raise DnError(f"unsupported dn spec version {version!r} (this dn reads {SPEC_VERSION})")
         try:
             arch = Architecture(**{f.name: d["architecture"][f.name] for f in fields(Architecture)
                                    if f.name in d["architecture"]})

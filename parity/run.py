@@ -48,20 +48,31 @@ def rel_err(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
     return np.abs(ref - other).max(-1) / np.maximum(np.abs(ref).max(-1), 1e-30)
 
 
-def observe(run, tokens: int, replay: list | None = None) -> dict:
+def steps(tokens: int) -> int:
+    """What observe() reports to its progress bar: one step per prompt, one for the hidden states, one per
+    greedy token."""
+    return len(PROMPTS) + 1 + tokens
+
+
+def observe(run, tokens: int, replay: list | None = None, bar=None) -> dict:
     """Everything parity compares, computed on one backend (a sparse model: taping its router decisions,
-    or executing `replay`, the reference's)."""
+    or executing `replay`, the reference's); bar: a progress bar to advance (steps())."""
     from dn import sparse_mlp
     from dn.footprint import accounted
     from dn.generate import generate_tokens
+
+    def tick(value):
+        if bar is not None:
+            bar.update(1)
+        return value
 
     sparse = sparse_mlp if run.spec.sparse else None
     routes = sparse.tape_routes(run.model, replay) if sparse else None
     enc = [run.tokenizer.encode(p) for p in PROMPTS]
     out = {
-        "logits": [run.backend.logits(run.model, np.array([ids]))[0] for ids in enc],
-        "hidden": run.backend.hidden_states(run.model, np.array([enc[0]])),
-        "greedy": list(generate_tokens(run.backend, run.model, enc[1], tokens)),
+        "logits": [tick(run.backend.logits(run.model, np.array([ids]))[0]) for ids in enc],
+        "hidden": tick(run.backend.hidden_states(run.model, np.array([enc[0]]))),
+        "greedy": [tick(t) for t in generate_tokens(run.backend, run.model, enc[1], tokens)],
         "device": run.backend.device_name(),
         "resident_weight_bytes": accounted(run.spec, run.dtype, 0)["resident_weight_bytes"],
         **{k: run.memory[k] for k in MEMORY},
@@ -109,11 +120,14 @@ def run_parity(model: str | None, backends: list[str], dtype: str, tokens: int) 
     from dn import loader
 
     seen = {}
-    for name in backends:  # one model in memory at a time; the second replays the first's routing
-        run = loader.load(model, name, dtype)
-        seen[name] = observe(run, tokens, seen[backends[0]]["routes"] if seen else None)
-        del run
-        gc.collect()
+    with cli.progress(len(backends) * steps(tokens), "dn parity", "step") as bar:
+        for name in backends:  # one model in memory at a time; the second replays the first's routing
+            bar.set_postfix_str(f"loading {name}")
+            run = loader.load(model, name, dtype)
+            bar.set_postfix_str(name)
+            seen[name] = observe(run, tokens, seen[backends[0]]["routes"] if seen else None, bar)
+            del run
+            gc.collect()
     a, b = (seen[n] for n in backends)
     report = compare(a, b, dtype)
     report.update(model=str(model or "default"), dtype=dtype, reference=backends[0],
