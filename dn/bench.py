@@ -173,7 +173,7 @@ def residency_hook():
 
 def keyed(text: str, flag: str, cast) -> dict:
     """`32,lossless:4,mlx:8` -> {"": 32, "lossless": 4, "mlx": 8}: a default, and values for a configuration or
-    a backend by name."""
+    a backend by name (`torch:4096,mlx:1024`: no default, each record's backend or config must be named)."""
     out = {}
     for item in text.split(","):
         key, _, value = item.strip().rpartition(":")
@@ -181,17 +181,15 @@ def keyed(text: str, flag: str, cast) -> dict:
             out[key] = cast(value.strip())
         except (ValueError, argparse.ArgumentTypeError):
             raise DnError(f"{flag}: bad value {item.strip()!r}") from None
-    if "" not in out:
-        raise DnError(f"{flag} {text!r} has no default (a value without NAME:)")
     return out
 
 
-def pick(table: dict, config: Config, backend: str):
+def pick(table: dict, config: Config, backend: str, flag: str = "value"):
     """A keyed value for one record: by configuration name, then its stored format, then backend, else default."""
-    for key in (config.name, config.stored, config.fmt, backend):
+    for key in (config.name, config.stored, config.fmt, backend, ""):
         if key in table:
             return table[key]
-    return table[""]
+    raise DnError(f"{flag} has no value for {config.name} on {backend} (give a default: a value without NAME:)")
 
 
 def _dtypes(text: str) -> tuple[str, ...]:
@@ -667,12 +665,12 @@ def _main(argv) -> int:
     dtypes = keyed(args.dtypes, "--dtypes", _dtypes)
     decode = keyed(args.decode_tokens, "--decode-tokens", _count)
     max_tokens = keyed(args.max_tokens, "--max-tokens", _count)
-    known = {k for c in configs for k in (c.name, c.stored, c.fmt)} | set(names)
+    known = {k for c in configs for k in (c.name, c.stored, c.fmt)} | set(backends.BACKENDS)
     for flag, table_ in (("--dtypes", dtypes), ("--decode-tokens", decode), ("--max-tokens", max_tokens)):
         for key in table_:
             if key and key not in known:
                 raise DnError(f"{flag}: {key!r} names neither a config nor a backend of this run")
-    if set(max_tokens) - {"", *names}:
+    if set(max_tokens) - {"", *backends.BACKENDS}:
         raise DnError("--max-tokens is per backend only (a perplexity delta needs dense on the same tokens)")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in tasks:
@@ -702,13 +700,14 @@ def _main(argv) -> int:
     folders = {c.stored: folder_for(c, model_dir, root, calib, args.calib_backend) for c in configs}
     jobs = []
     for be in names:
-        for dtype in dict.fromkeys(d for c in configs for d in pick(dtypes, c, be)):
+        for dtype in dict.fromkeys(d for c in configs for d in pick(dtypes, c, be, "--dtypes")):
             for c in configs:
                 if c is configs[0] or dtype in pick(dtypes, c, be):  # dense: the baseline of every dtype
                     jobs.append({"config": c.name, "stored": c.stored, "budget": c.budget, "backend": be,
                                  "dtype": dtype, "folder": str(folders[c.stored]), "text": str(text),
-                                 "max_tokens": pick(max_tokens, c, be), "ctx": args.ctx, "batches": batches,
-                                 "decode_reps": pick(decode, c, be), "warmup": args.warmup,
+                                 "max_tokens": pick(max_tokens, c, be, "--max-tokens"), "ctx": args.ctx,
+                                 "batches": batches, "decode_reps": pick(decode, c, be, "--decode-tokens"),
+                                 "warmup": args.warmup,
                                  "prefill_tokens": args.prefill_tokens, "prefill_reps": args.prefill_reps})
     command = ["dn", "bench", *argv]
     extra = {"model": str(args.model or model_dir), "text": str(text), "threads": args.threads,

@@ -54,8 +54,10 @@ def test_keyed_values():
     pick = {n: bench.pick(table, bench.parse_config(n), b) for n, b in
             (("dense", "torch"), ("lossless", "mlx"), ("q8", "mlx"), ("lossless@25%", "torch"))}
     assert pick == {"dense": 32, "lossless": 4, "q8": 8, "lossless@25%": 4}
-    with pytest.raises(DnError, match="no default"):
-        bench.keyed("mlx:4", "--decode-tokens", int)
+    per_backend = bench.keyed("torch:4096,mlx:1024", "--max-tokens", int)
+    assert bench.pick(per_backend, bench.parse_config("q8"), "mlx") == 1024
+    with pytest.raises(DnError, match="--max-tokens has no value for q8 on torch"):
+        bench.pick(bench.keyed("mlx:4", "--max-tokens", int), bench.parse_config("q8"), "torch", "--max-tokens")
 
 
 def test_residency_hook(monkeypatch):
