@@ -96,7 +96,9 @@ def bench_peers(session):
 
 @nox.session(default=False)
 def bench_kernels(session):
-    """Kernel-level benchmarks (codec decode, quantized matmul, sparse MLP step, backend speed)."""
+    """The other benchmarks/bench_*.py scripts (codec decode, quantized matmul, sparse MLP step, backend speed...);
+    bench_formats (a caller of dn bench) and bench_peers run in the sessions above."""
     install(session)
-    for script in ("bench_backends", "bench_codec", "bench_quant", "bench_sparse"):
-        session.run("python", str(ROOT / "benchmarks" / f"{script}.py"), *session.posargs, env=text_env())
+    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        if script.stem not in ("bench_formats", "bench_peers"):
+            session.run("python", str(script), *session.posargs, env=text_env())
