@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from dn import cli, store
+from dn import cli, residency, store
 from dn.spec import DTYPE_BYTES, ROLES, ModelSpec
 
 
@@ -33,6 +33,7 @@ def setup_arg_parser():
     p.add_argument("--ctx", type=cli.positive_int, default=2048, help="context length for the KV cache")
     p.add_argument("--no-measure", action="store_true", help="account only; do not load the model")
     p.add_argument("--json", default=None, help="write the report here")
+    residency.add_args(p)
     return p
 
 
@@ -80,12 +81,20 @@ def _main(argv) -> int:
     model_dir = resolve_model(args.model)
     spec = load_spec(model_dir)
     report = {"model": str(args.model or model_dir), "accounted": accounted(spec, args.dtype, args.ctx)}
+    plan = None
+    if args.max_resident is not None and args.no_measure:  # planned from the accounting alone
+        plan = residency.make_plan(spec, args.dtype, residency.parse_budget(args.max_resident,
+                                   residency.dense_bf16(spec)), args.residency_mode,
+                                   residency.block_bytes(spec, args.dtype))
     if not args.no_measure:
         from dn import loader
 
-        run = loader.load(str(model_dir), args.backend, args.dtype)
+        run = loader.load(str(model_dir), args.backend, args.dtype, **residency.load_args(args))
         report["measured"] = measured(run)
-    print("\n".join(report_lines(report)))
+        plan = run.residency.plan if run.residency else None
+    if plan is not None:
+        report["plan"] = plan.summary()
+    print("\n".join(report_lines(report) + (plan.lines() if plan else [])))
     if args.json:
         write_json(report, args.json)
     return 0

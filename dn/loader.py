@@ -24,11 +24,22 @@ class Loaded:
     memory: dict  # what the load added, measured by the platform (dn.memory.measure_load)
 
 
-def load(model: str | None, backend: str = "auto", dtype: str = "float32") -> Loaded:
+    residency: Any = None  # dn.residency.Runtime when loaded under --max-resident
+
+
+def load(model: str | None, backend: str = "auto", dtype: str = "float32", max_resident: str | None = None,
+         mode: str = "exact", calib_text: str | None = None, prefetch: bool = False) -> Loaded:
+    """max_resident: a budget ('300MB', '25%' of dense bf16): the MLPs are held by dn.residency under it."""
     be = backends.resolve(backend)  # first, so a missing backend fails before any conversion
     model_dir = resolve_model(model)
     spec = load_spec(model_dir)
     safetensors_io.check_folder(model_dir)
     tokenizer = Tokenizer(model_dir, spec.architecture.eos_token_id)
-    handle, measured = memory.measure_load(be, model_dir, spec, dtype)
-    return Loaded(model_dir, spec, be, handle, dtype, tokenizer, measured)
+    runtime = None
+    if max_resident is not None:
+        from dn import residency
+
+        runtime = residency.open_runtime(be, model_dir, spec, dtype, residency.parse_budget(
+            max_resident, residency.dense_bf16(spec)), mode, calib_text, prefetch)
+    handle, measured = memory.measure_load(be, model_dir, spec, dtype, residency=runtime)
+    return Loaded(model_dir, spec, be, handle, dtype, tokenizer, measured, runtime)

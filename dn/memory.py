@@ -120,7 +120,7 @@ def _delta(before: dict, after: dict, key: str) -> int | None:
     return None if before[key] is None or after[key] is None else after[key] - before[key]
 
 
-def measure_load(backend, model_dir, spec, dtype: str):
+def measure_load(backend, model_dir, spec, dtype: str, **load_args):
     """backend.load(model_dir, spec, dtype), measured: returns (model, figures). measured_resident_bytes and
     load_peak_bytes are what the load holds after it and at its peak, above the baseline taken just before
     it; rss_* are the process's view, reported beside them whatever measured_kind is."""
@@ -128,7 +128,7 @@ def measure_load(backend, model_dir, spec, dtype: str):
     _settle(backend)
     base, base_dev = snapshot(), backend.memory_stats(reset_peak=True)
     rss_peak_kind = reset_peak()
-    model = backend.load(model_dir, spec, dtype)
+    model = backend.load(model_dir, spec, dtype, **{k: v for k, v in load_args.items() if v is not None})
     rss_peak = peak()
     _settle(backend)  # cached allocator blocks are free memory, not the model's
     after, dev = snapshot(), backend.memory_stats()
@@ -144,3 +144,52 @@ def measure_load(backend, model_dir, spec, dtype: str):
                        load_peak_bytes=max(dev["peak_bytes"], dev["active_bytes"]) - active,
                        load_peak_kind=dev["peak_kind"])
     return model, figures
+
+
+class Monitor:
+    """Memory the process holds above its pre-load baseline while it runs: the backend's allocator where it has
+    one (MLX, CUDA), else the process's resident set. The baseline is what measure_load measured from: what is
+    held right after the load minus what the load added. sample() once per step; summary() gives the peak
+    (the allocator's or VmHWM since reset(), so between samples too), the median and the 99th percentile."""
+
+    def __init__(self, backend, loaded: dict):
+        self.be, self.samples = backend, []
+        stats = backend.memory_stats()
+        self.allocator = stats is not None
+        if self.allocator:
+            self.kind, self.base = stats["kind"], stats["active_bytes"] - loaded["measured_resident_bytes"]
+        else:
+            snap = snapshot()
+            self.kind, self.base = snap["kind"], snap["rss"] - loaded["rss_bytes"]
+
+    def now(self) -> int:
+        if self.allocator:
+            return self.be.memory_stats()["active_bytes"] - self.base
+        return snapshot()["rss"] - self.base
+
+    def reset(self) -> None:
+        self.samples = []
+        if self.allocator:
+            self.be.memory_stats(reset_peak=True)
+        else:
+            reset_peak()
+
+    def sample(self) -> int:
+        self.samples.append(self.now())
+        return self.samples[-1]
+
+    def peak(self) -> int:
+        if self.allocator:
+            stats = self.be.memory_stats()
+            top = max(stats["peak_bytes"], stats["active_bytes"])
+        else:
+            top = max(peak(), snapshot()["rss"])
+        return max(top - self.base, *self.samples, 0)
+
+    def summary(self) -> dict:
+        import numpy as np
+
+        s = np.asarray(self.samples or [self.now()])
+        return {"resident_peak_bytes": int(self.peak()), "resident_median_bytes": int(np.median(s)),
+                "resident_p99_bytes": int(np.percentile(s, 99)), "resident_samples": len(s),
+                "resident_kind": self.kind}

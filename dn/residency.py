@@ -107,12 +107,24 @@ class Plan:
                 "it is not counted: it is not the process's memory)"]
 
 
+def dense_bf16(spec: ModelSpec) -> int:
+    """The model's weights as dense bf16: what budget percentages are of."""
+    return sum(e.numel for e in store.entries(spec)) * 2
+
+
 def fixed_bytes(spec: ModelSpec, dtype: str) -> int:
     """Bytes of everything but the MLP projections, as held at dtype (dn.store's accounting)."""
     b = DTYPE_BYTES[dtype]
     total = store.resident_bytes(spec, dtype)
     mlp = sum(store.entry_bytes(e, b) for e in store.entries(spec) if e.role == "mlp")
     return total["total"] - total["sparse"] - mlp
+
+
+def block_bytes(spec: ModelSpec, dtype: str) -> int:
+    """One block as accounted (dn.store), for a plan made without the cold file (dn footprint --no-measure)."""
+    b = DTYPE_BYTES[dtype]
+    layer = sum(store.entry_bytes(e, b) for e in store.entries(spec) if e.name.startswith("model.layers.0.mlp."))
+    return layer * BLOCK // spec.architecture.intermediate_size
 
 
 def make_plan(spec: ModelSpec, dtype: str, budget: int, mode: str, block_bytes: int) -> Plan:
@@ -126,11 +138,10 @@ def make_plan(spec: ModelSpec, dtype: str, budget: int, mode: str, block_bytes: 
     n_layers, blocks = a.num_hidden_layers, a.intermediate_size // BLOCK
     side = spec.sparse["num_layers"] * store.sparse_side(spec.sparse, DTYPE_BYTES[dtype])["held"] \
         if mode == "sparse" else 0
-    dense_bf16 = sum(e.numel for e in store.entries(spec)) * 2
-    plan = Plan(mode, budget, dense_bf16, fixed_bytes(spec, dtype), side, block_bytes, blocks, n_layers)
+    plan = Plan(mode, budget, dense_bf16(spec), fixed_bytes(spec, dtype), side, block_bytes, blocks, n_layers)
     if budget < plan.minimum:
         raise DnError(f"--max-resident {budget / 2**20:.1f} MiB is below this model's minimum of "
-                      f"{plan.minimum / 2**20:.1f} MiB ({100 * plan.minimum / dense_bf16:.1f}% of dense bf16: "
+                      f"{plan.minimum / 2**20:.1f} MiB ({100 * plan.minimum / plan.dense_bf16:.1f}% of dense bf16: "
                       f"embedding/lm_head, attention, norms{', routers, priors' if side else ''} and one layer's "
                       f"MLP read at a time, {dtype})")
     # h resident blocks in each of L layers and a buffer of (blocks - h): fixed + side + (L h + blocks - h) B
@@ -279,13 +290,16 @@ class ColdTier:
         return self.read_positions(layer, np.arange(start, stop))
 
     def read_positions(self, layer: int, positions) -> list[np.ndarray]:
-        """Blocks at sorted file positions -> joined tensors; one read per tensor and contiguous run."""
+        """Blocks at sorted file positions -> joined tensors (None for no block); one read per tensor and
+        contiguous run."""
         pos = np.asarray(positions, np.int64)
-        runs = np.split(pos, np.flatnonzero(np.diff(pos) != 1) + 1) if pos.size else []
+        if not pos.size:
+            return None
+        runs = np.split(pos, np.flatnonzero(np.diff(pos) != 1) + 1)
         out = []
         for t, spec in enumerate(self.layout):
             raw = [self._read(layer, t, int(r[0]), int(r[-1]) + 1) for r in runs]
-            raw = raw[0] if len(raw) == 1 else np.concatenate(raw) if raw else np.empty((0, spec["stride"]), np.uint8)
+            raw = raw[0] if len(raw) == 1 else np.concatenate(raw)
             if spec["stride"] != spec["nbytes"]:
                 raw = np.ascontiguousarray(raw[:, :spec["nbytes"]])
             v = raw.view(spec["numpy"]).reshape(len(pos), *spec["shape"])
@@ -319,7 +333,7 @@ class ResidentMLP:
         self._perm = self._c = None
 
     def _part(self, arrays):
-        return self.R.make_part(arrays, self.tier.index["part"]) if len(arrays[0]) else None
+        return None if arrays is None else self.R.make_part(arrays, self.tier.index["part"])
 
     # exact ----------------------------------------------------------------------------------------------
     def _cold(self, start=None):
@@ -463,6 +477,17 @@ class Runtime:
                 "hit_rate": self.hits / seen if seen else 1.0, "tokens": self.tokens}
 
 
+def install(model, runtime: Runtime, R, module_cls, sparse_layers=None) -> None:
+    """Put a ResidentMLP (bound to the backend's Module by module_cls) in each layer, over the placeholders the
+    loader left; the hot blocks are read here, and the counters start after."""
+    for i, layer in enumerate(model.model.layers):
+        s = sparse_layers[i] if sparse_layers is not None else None
+        mlp = ResidentMLP(R, runtime.tier, i, runtime.plan, runtime, s)
+        runtime.mlps.append(mlp)
+        layer.mlp = module_cls(mlp)
+    runtime.reset_counters()
+
+
 # ---- building and opening --------------------------------------------------------------------------------
 
 def _store_layer(model_dir: Path, spec: ModelSpec, i: int) -> dict[str, np.ndarray]:
@@ -586,3 +611,49 @@ def open_runtime(backend, model_dir: Path, spec: ModelSpec, dtype: str, budget: 
     plan = make_plan(spec, dtype, budget, mode, tier.block_bytes)
     (path / f"plan-{mode}-{budget}.json").write_text(json.dumps(plan.summary(), indent=1))
     return Runtime(tier, plan, prefetch)
+
+
+# ---- the CLI and dn bench -----------------------------------------------------------------------------
+
+def add_args(parser) -> None:
+    """--max-resident and its companions, on generate, eval, footprint and bench."""
+    g = parser.add_argument_group("residency")
+    g.add_argument("--max-resident", default=None, metavar="SIZE",
+                   help="memory budget for the weights: 300MB, 1.5GiB, or 25%% of the model's dense bf16 weights; "
+                        "the hottest MLP neurons stay resident, the rest are read from a cold file (default: off)")
+    g.add_argument("--residency-mode", default="exact", choices=MODES,
+                   help="exact: every neuron, cold ones read per token; sparse: a sparse model's router picks "
+                        "neurons per token; per-sequence: the prompt picks each layer's set (default: exact)")
+    g.add_argument("--calib-text", default=None, metavar="FILE",
+                   help="rank neurons by activation on this text when the cold file is first written (default: "
+                        "by weight norms)")
+    g.add_argument("--prefetch", action="store_true",
+                   help="exact mode: read the next layer's cold neurons in a thread (default: off)")
+
+
+def load_args(args) -> dict:
+    return {"max_resident": args.max_resident, "mode": args.residency_mode, "calib_text": args.calib_text,
+            "prefetch": args.prefetch}
+
+
+def fields(runtime: Runtime | None) -> dict:
+    """The residency figures of a run (dn eval --json, dn bench), None without a budget."""
+    if runtime is None:
+        return dict.fromkeys(("max_resident_bytes", "fetched_bytes_per_token", "hit_rate", "residency_mode"))
+    return {"max_resident_bytes": runtime.plan.budget, "residency_mode": runtime.plan.mode,
+            "planned_resident_bytes": runtime.plan.resident, **runtime.stats()}
+
+
+def bench_options(budget: str, model_dir: Path, backend: str, dtype: str) -> dict:
+    """dn bench's hook: `25%` (exact mode) or `25%:per-sequence`, over the record's folder."""
+    from dn import loader
+
+    size, _, mode = budget.partition(":")
+    held = {}
+
+    def load():
+        held["run"] = loader.load(str(model_dir), backend, dtype, max_resident=size, mode=mode or "exact",
+                                  calib_text=os.environ.get("DN_CALIB_TEXT"))
+        return held["run"]
+
+    return {"load": load, "fields": lambda: fields(held["run"].residency)}

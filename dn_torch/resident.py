@@ -186,12 +186,6 @@ class Placeholder(nn.Module):
 
 
 def install(model, runtime: residency.Runtime, sparse_layers=None) -> None:
-    """Put a ResidentMLP in each layer (after load, over Placeholders)."""
     import sys
 
-    R = sys.modules[__name__]
-    for i, layer in enumerate(model.model.layers):
-        s = sparse_layers[i] if sparse_layers is not None else None
-        mlp = residency.ResidentMLP(R, runtime.tier, i, runtime.plan, runtime, s)
-        runtime.mlps.append(mlp)
-        layer.mlp = ResidentModule(mlp)
+    residency.install(model, runtime, sys.modules[__name__], ResidentModule, sparse_layers)
