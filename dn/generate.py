@@ -78,10 +78,10 @@ def generate_tokens(backend, model, prompt_ids: list[int], max_tokens: int, temp
     step = max_kv_size or len(prompt_ids)
     for i in range(0, len(prompt_ids), step):
         logits = backend.logits(model, np.array([prompt_ids[i:i + step]]), cache, last_only=True)[0, -1]
-    for _ in range(max_tokens):
+    for i in range(max_tokens):
         token = sample(logits, temp, rng, top_p, min_p, top_k)
         yield token
-        if token in eos_ids:
+        if token in eos_ids or i == max_tokens - 1:
             return
         logits = backend.logits(model, np.array([[token]]), cache, last_only=True)[0, -1]
 
@@ -119,12 +119,13 @@ def read_prompt(prompt: str) -> str:
     return text.rstrip("\n")
 
 
-def stream(run, ids: list[int], args, out=sys.stdout, **kwargs) -> list[int]:
+def stream(run, ids: list[int], args, out=None, **kwargs) -> list[int]:
     """Generate from ids, printing the text as it comes (end-of-sequence tokens not shown); stats on stderr
     when args.verbose. Returns the tokens generated."""
     from dn import memory
     from dn.tokenizer import StreamDecoder
 
+    out = out or sys.stdout
     decoder, tokens, start, first = StreamDecoder(run.tokenizer), [], time.perf_counter(), None
     for token in generate_tokens(run.backend, run.model, ids, args.max_tokens, args.temp, args.seed,
                                  run.tokenizer.eos_ids, **sampling_kwargs(args), max_kv_size=args.max_kv_size,
