@@ -60,3 +60,140 @@ def test_footprint_json_without_loading(tmp_path, default_model_dir):
 
 def test_convert_refuses_existing_output(tmp_path):
     assert_one_line_error(dn("convert", "--out", str(tmp_path)), "already exists")
+
+
+def dn_main(capsys, *args):
+    """The CLI in-process, as a SimpleNamespace(returncode, stdout, stderr) like run_dn's."""
+    from types import SimpleNamespace
+
+    from dn import cli
+
+    try:
+        rc = cli.main(list(args))
+    except SystemExit as e:  # argparse
+        rc = e.code
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+
+
+def test_help_lists_version_and_shows_defaults(capsys):
+    top = dn_main(capsys, "--help")
+    assert top.returncode == 0 and "--version" in top.stdout and "chat" in top.stdout
+    proc = dn_main(capsys, "generate", "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for shown in ("(default: 128)", "(default: auto)", "(default: 1.0)", "--top-k", "--max-kv-size", "--kv-bits",
+                  "--system-prompt", "bfloat16 on Metal and CUDA, float32 on a CPU"):
+        assert shown in text, shown
+
+
+def test_dtype_auto_is_bfloat16_where_native(monkeypatch):
+    from dn import backend as backends
+    from dn import cli
+    from dn.errors import DnError
+
+    class Device:
+        def __init__(self, name):
+            self.name = name
+
+        def device_name(self):
+            return self.name
+
+    for device, dtype in (("cpu", "float32"), ("cuda:NVIDIA H200", "bfloat16"), ("metal:Apple M3", "bfloat16"),
+                          ("gpu", "bfloat16"), ("mps", "float32")):
+        monkeypatch.setattr(backends, "resolve", lambda name, d=device: Device(d))
+        assert cli.default_dtype("auto") == dtype
+    def missing(name):
+        raise DnError(f"backend {name} is not installed")
+
+    monkeypatch.setattr(backends, "resolve", missing)
+    assert cli.default_dtype("mlx") == "float32"  # the load then reports the missing backend
+
+
+def test_eval_text_shorter_than_ctx(capsys, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    assert_one_line_error(dn_main(capsys, "eval", "--text", str(short), "--ctx", "64"),
+                          "fewer than one window of --ctx 64")
+
+
+def test_eval_json_names_the_default_model(capsys, tmp_path, eval_text):
+    out = tmp_path / "e.json"
+    proc = dn_main(capsys, "eval", "--backend", "torch", "--text", str(eval_text), "--max-tokens", "64",
+                   "--ctx", "32", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["model"] == "default"
+    assert "\r" not in proc.stderr  # no progress bar when stderr is not a terminal
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from dn import cli
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, shown in ((io.StringIO(), False), (Terminal(), True)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        with cli.progress(10, "dn eval", "tok") as bar:
+            bar.update(10)
+        assert ("dn eval" in stream.getvalue()) == shown
+
+
+def test_unreachable_hub_without_cache(tmp_path):
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "0"}
+    assert_one_line_error(dn("generate", "--model", "nobody/no-such-model", env=env), "could not be reached")
+
+
+def test_folder_from_a_newer_dn(capsys, tmp_path, default_model_dir):
+    from dn.spec import SPEC_FILE, SPEC_VERSION, load_spec
+
+    folder = tmp_path / "newer"
+    folder.mkdir()
+    for f in default_model_dir.iterdir():
+        (folder / f.name).symlink_to(f)
+    spec = load_spec(default_model_dir).to_json()
+    (folder / SPEC_FILE).write_text(json.dumps({**spec, "version": SPEC_VERSION + 1}))
+    assert_one_line_error(dn_main(capsys, "generate", "--model", str(folder)), "converted by a newer dn")
+
+
+def test_gguf_cache_key_is_the_content_not_the_path(tmp_path):
+    import os
+
+    from dn.sources import FINGERPRINT_SPAN, _fingerprint
+
+    data = bytearray(os.urandom(3 * FINGERPRINT_SPAN))
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    os.utime(b, ns=(0, 0))
+    assert _fingerprint(a) == _fingerprint(b)
+    data[-1] ^= 1
+    b.write_bytes(data)
+    assert _fingerprint(a) != _fingerprint(b)
+
+
+def test_converted_folders_get_mkdirs_mode(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from dn import gguf
+    from dn.sources import convert_gguf
+
+    def fake_convert(path, out, progress=True):
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(gguf, "convert", fake_convert)
+    monkeypatch.setenv("DN_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"GGUF" + bytes(64))
+    mask = os.umask(0o022)
+    try:
+        target = convert_gguf(src, "m", progress=False)
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
