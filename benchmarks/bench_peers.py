@@ -140,6 +140,9 @@ def run_binade(folder: Path, work: Path, src: dict[str, np.ndarray]) -> tuple[li
         exact = all(np.array_equal(pm.tensor(n).view(np.uint16), src[n].view(np.uint16)) for n in packed)
     except Exception as e:
         return [row | {"error": error_line(e)}], None
+    if not packed:
+        return [row | {"error": "binade packs no tensor of this model (Linear/embedding by Llama-style names, "
+                                "both sides >= 256)"}], None
     w = report["packed_numel"]
     files = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     other = sum(src[n].nbytes for n in src if n not in report["tensors"])
@@ -223,9 +226,16 @@ def main(argv=None) -> int:
             config = bench.parse_config("lossless")
             lossless = bench.folder_for(config, folder, cache_dir() / "bench", None, "auto")
             print("dn convert --codec lossless (cached) ...", file=sys.stderr)
-            bench.convert(config, folder, lossless, None, "auto", dict(os.environ))
+            convert_error = None
+            try:
+                bench.convert(config, folder, lossless, None, "auto", dict(os.environ))
+            except DnError as e:  # a model dn does not run (e.g. BERT): the codec's own stats still count
+                lossless, convert_error = None, str(e)
             rows = dn_rows(folder, stats, packed, lossless)
-            rows = rows[:1] + binade_rows + rows[1:]
+            rows = rows[:1 if packed else 0] + binade_rows + rows[1 if packed else 0:]
+            if convert_error:
+                rows.append({"codec": "dn lossless (dn convert --codec lossless)", "version": version("dreamnova"),
+                             "tensors": "every tensor", "error": convert_error})
             print("lmzip ...", file=sys.stderr)
             rows += run_lmzip(folder, work, stats["total"]["weights"])
     except DnError as e:
