@@ -596,7 +596,7 @@ def setup_arg_parser():
     p.add_argument("--text", default=None, help="evaluation text (default: $DN_EVAL_TEXT)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="FORMAT[+sparseNN][@BUDGET], comma-separated; dense is always run (default %(default)s)")
-    p.add_argument("--backends", default="mlx,torch")
+    p.add_argument("--backends", default="mlx,torch", help="backends to run, in this order")
     p.add_argument("--dtypes", default="bfloat16",
                    help="compute dtypes, joined by +, optionally per backend or config: float32+bfloat16,mlx:float32")
     p.add_argument("--batch", default="1", help="decode batch sizes, e.g. 1,4")
