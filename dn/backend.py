@@ -28,7 +28,8 @@ class Backend(Protocol):
 
     def device_name(self) -> str: ...
 
-    def load(self, model_dir: Path, spec: ModelSpec, dtype: str = "float32") -> Any: ...
+    def load(self, model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency: Any = None) -> Any:
+        """residency: a dn.residency.Runtime; the MLPs are then held under its plan, not read from the folder."""
 
     def make_cache(self, model: Any, max_kv_size: int | None = None, kv_bits: int | None = None) -> Any:
         """A fresh KV cache for logits(); max_kv_size bounds it to that many tokens (a rotating or sliding-window
@@ -52,6 +53,11 @@ class Backend(Protocol):
         the process."""
 
     def free(self, model: Any) -> None: ...
+
+    def resident_module(self) -> Any:
+        """The backend's `resident` module: the block layout and the ops dn.residency runs on (layout_key,
+        block_arrays, part_info, make_part, acts, down, settle, to_numpy, from_numpy, concat, take_cols,
+        install)."""
 
     # The sparse MLP (dn/sparse_mlp.py has its logic): what calibration, parity and benchmarks call.
     def collect_mlp_inputs(self, model: Any, token_batches: list[np.ndarray]) -> list[np.ndarray]:

@@ -35,7 +35,9 @@ def _main(argv) -> int:
 
     args = setup_arg_parser().parse_args(argv)
     generate.check_cache_args(args)
-    run = loader.load(args.model, args.backend, args.dtype)
+    from dn import residency
+
+    run = loader.load(args.model, args.backend, args.dtype, **residency.load_args(args))
     tok = run.tokenizer
     if not tok.chat_template:
         raise DnError("dn chat needs a model with a chat template (use dn generate --raw)")

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from dn import cli
+from dn import cli, residency
 
 
 def setup_arg_parser():
@@ -18,6 +18,7 @@ def setup_arg_parser():
     p.add_argument("--max-tokens", type=cli.positive_int, default=None, help="use only the first N tokens")
     p.add_argument("--batch", type=cli.positive_int, default=1, help="windows per forward pass")
     p.add_argument("--json", default=None, metavar="OUT", help="write the result here as JSON")
+    residency.add_args(p)
     return p
 
 
@@ -28,7 +29,7 @@ def windows(tokens: list[int], ctx: int) -> list[np.ndarray]:
 
 
 def perplexity(backend, model, tokens: list[int], ctx: int, batch: int = 1,
-               progress: bool = False) -> tuple[float, int]:
+               progress: bool = False, on_chunk=None) -> tuple[float, int]:
     """(mean NLL per predicted token, number of predicted tokens); progress: a bar on stderr (cli.progress)."""
     from dn.errors import DnError
 
@@ -43,6 +44,8 @@ def perplexity(backend, model, tokens: list[int], ctx: int, batch: int = 1,
     for chunk in chunks:
         nll = backend.token_nll(model, chunk)
         total, count = total + float(nll.sum()), count + nll.size
+        if on_chunk is not None:
+            on_chunk()
         if bar is not None:
             bar.update(nll.size)
     if bar is not None:
@@ -71,22 +74,32 @@ def _main(argv) -> int:
     if len(tokens) < args.ctx:
         raise DnError(f"{path} has {len(tokens)} tokens, fewer than one window of --ctx {args.ctx}: "
                       "pass a smaller --ctx or a longer text")
-    run = loader.load(args.model, args.backend, args.dtype)
+    run = loader.load(args.model, args.backend, args.dtype, **residency.load_args(args))
     if args.max_tokens:
         tokens = tokens[:args.max_tokens]
-    nll, count = perplexity(run.backend, run.model, tokens, args.ctx, args.batch, progress=True)
+    mon = memory.Monitor(run.backend, run.memory)
+    mon.reset()
+    if run.residency is not None:
+        run.residency.prompt_tokens = args.ctx // residency.PROMPT_SHARE  # per-sequence: a window's prompt
+    nll, count = perplexity(run.backend, run.model, tokens, args.ctx, args.batch, progress=True,
+                            on_chunk=mon.sample)
     acc = footprint.accounted(run.spec, args.dtype, args.ctx)
     result = {"model": "default" if args.model is None else str(args.model), "backend": run.backend.NAME,
               "device": run.backend.device_name(), "dtype": args.dtype, "tokens": count,
               "ppl": math.exp(nll), "nll": nll,
               "resident_weight_bytes": acc["resident_weight_bytes"],  # accounted
               "dense_weight_bytes": acc["dense_weight_bytes"], **run.memory,  # measured by the platform
-              "peak_memory_bytes": memory.peak_bytes(run.backend)}  # load and eval, absolute
+              "peak_memory_bytes": memory.peak_bytes(run.backend),  # load and eval, absolute
+              **mon.summary(), **residency.fields(run.residency)}  # over the evaluation, above the baseline
     print(f"[{result['backend']} {result['device']} {args.dtype}] ppl {result['ppl']:.4f} over {count} tokens; "
           f"resident weights {result['resident_weight_bytes'] / 2**20:.1f} MiB accounted "
           f"(dense {result['dense_weight_bytes'] / 2**20:.1f} MiB), "
           f"{result['measured_resident_bytes'] / 2**20:.1f} MiB measured ({result['measured_kind']}), "
           f"load peak {result['load_peak_bytes'] / 2**20:.1f} MiB; peak {result['peak_memory_bytes'] / 2**20:.0f} MiB")
+    if run.residency is not None:
+        from dn.generate import residency_line
+
+        print(residency_line(run.residency, result).replace("while generating", "while evaluating"))
     if args.json:
         footprint.write_json(result, args.json)
     return 0

@@ -34,6 +34,9 @@ def add_generation_args(p) -> None:
     p.add_argument("--verbose", nargs="?", const=True, default=True, type=_bool, metavar="BOOL",
                    help="print speed and memory statistics on stderr (--verbose false or -q: do not)")
     p.add_argument("-q", "--quiet", dest="verbose", action="store_false", help="same as --verbose false")
+    from dn import residency
+
+    residency.add_args(p)
 
 
 def _bool(text: str) -> bool:
@@ -126,12 +129,18 @@ def stream(run, ids: list[int], args, out=None, **kwargs) -> list[int]:
     from dn.tokenizer import StreamDecoder
 
     out = out or sys.stdout
+    mon = memory.Monitor(run.backend, run.memory) if run.residency is not None else None
+    if mon:
+        mon.reset()
+        run.residency.reset_counters()
     decoder, tokens, start, first = StreamDecoder(run.tokenizer), [], time.perf_counter(), None
     for token in generate_tokens(run.backend, run.model, ids, args.max_tokens, args.temp, args.seed,
                                  run.tokenizer.eos_ids, **sampling_kwargs(args), max_kv_size=args.max_kv_size,
                                  kv_bits=args.kv_bits, **kwargs):
         first = first or time.perf_counter()
         tokens.append(token)
+        if mon:
+            mon.sample()
         if token not in run.tokenizer.eos_ids:
             print(decoder.add(token), end="", flush=True, file=out)
     end = time.perf_counter()
@@ -142,16 +151,28 @@ def stream(run, ids: list[int], args, out=None, **kwargs) -> list[int]:
         print(f"[{run.backend.NAME} {run.backend.device_name()} {args.dtype}] prompt {len(ids)} tokens "
               f"{len(ids) / (first - start):.1f} tok/s; generated {n} tokens {decode_rate:.1f} tok/s; "
               f"peak memory {memory.peak_bytes(run.backend) / 2**20:.0f} MiB", file=sys.stderr)
+        if mon:
+            print(residency_line(run.residency, mon.summary()), file=sys.stderr)
     return tokens
 
 
+def residency_line(runtime, measured: dict) -> str:
+    """What a run under --max-resident held and read, on one line."""
+    mib = lambda n: f"{n / 2**20:.1f} MiB"
+    st = runtime.stats()
+    return (f"[residency {runtime.plan.mode}] budget {mib(runtime.plan.budget)}; resident while generating: "
+            f"peak {mib(measured['resident_peak_bytes'])}, median {mib(measured['resident_median_bytes'])} "
+            f"({measured['resident_kind']}); read {mib(st['fetched_bytes_per_token'])} per token, "
+            f"hit rate {100 * st['hit_rate']:.0f}%")
+
+
 def _main(argv) -> int:
-    from dn import loader
+    from dn import loader, residency
 
     args = setup_arg_parser().parse_args(argv)
     check_cache_args(args)
     prompt = read_prompt(args.prompt)
-    run = loader.load(args.model, args.backend, args.dtype)
+    run = loader.load(args.model, args.backend, args.dtype, **residency.load_args(args))
     stream(run, prompt_ids(run.tokenizer, prompt, args.raw, args.system_prompt), args)
     return 0
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import threading
@@ -250,6 +251,8 @@ class ColdTier:
         except OSError as e:
             raise DnError(f"cold tier file {self.dir / COLD} is missing ({e.strerror})") from None
         size = os.fstat(self.fd).st_size
+        # private and copy-on-write: writable views for frameworks that want them; nothing is ever written
+        self.map = mmap.mmap(self.fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE) if size else None
         if size != self.index["size"]:
             raise DnError(f"cold tier file {self.dir / COLD} is {size} bytes, its index says {self.index['size']}: "
                           "truncated or changed; delete the folder to rebuild it")
@@ -267,38 +270,48 @@ class ColdTier:
     def order(self, layer: int) -> list[int]:
         return self.index["layers"][layer]["order"]
 
-    def _read(self, layer: int, t: int, start: int, stop: int) -> np.ndarray:
-        """Tensor t of blocks [start, stop) -> uint8 [stop - start, stride], checked."""
+    def _read(self, layer: int, t: int, start: int, stop: int, copy: bool) -> np.ndarray:
+        """Tensor t of blocks [start, stop) -> uint8 [stop - start, stride], checked. copy: into fresh memory
+        (pread; for blocks kept resident); else a view of the file's mapping, valid until release(layer)."""
         spec = self.layout[t]
-        buf = np.empty((stop - start, spec["stride"]), np.uint8)
         off = self.index["layers"][layer]["offsets"][t] + start * spec["stride"]
-        got = os.preadv(self.fd, [memoryview(buf).cast("B")], off)
-        if got != buf.nbytes:
+        n = (stop - start) * spec["stride"]
+        if copy:
+            buf = np.empty((stop - start, spec["stride"]), np.uint8)
+            got = os.preadv(self.fd, [memoryview(buf).cast("B")], off)
+        else:
+            buf = np.frombuffer(self.map, np.uint8, n, off).reshape(stop - start, spec["stride"])
+            got = buf.nbytes
+        if got != n:
             raise DnError(f"cold tier file {self.dir / COLD}: short read at layer {layer} (truncated?)")
         bad = np.flatnonzero(checksum(buf) != self.sums[layer][t][start:stop])
         if bad.size:
             raise DnError(f"cold tier file {self.dir / COLD}: block {start + int(bad[0])} of layer {layer} fails "
                           "its checksum (changed underneath?); delete the folder to rebuild it")
         with self._lock:
-            self.fetched += buf.nbytes
+            self.fetched += n
             self.reads += 1
         return buf
 
-    def read(self, layer: int, start: int, stop: int) -> list[np.ndarray]:
+    def read(self, layer: int, start: int, stop: int, copy: bool = False) -> list[np.ndarray] | None:
         """Blocks [start, stop) of a layer (file positions, hotness order) -> each tensor of those blocks joined
         along its block axis, as the backend lays it out (no copy where that axis is the first)."""
-        return self.read_positions(layer, np.arange(start, stop))
+        return self.read_positions(layer, np.arange(start, stop), copy)
 
-    def read_positions(self, layer: int, positions) -> list[np.ndarray]:
+    def read_positions(self, layer: int, positions, copy: bool = False) -> list[np.ndarray] | None:
         """Blocks at sorted file positions -> joined tensors (None for no block); one read per tensor and
-        contiguous run."""
+        contiguous run. Without copy, tensors joined along their first axis are views of the mapping: the
+        caller drops them, then calls release(layer), so the pages leave the process (the page cache keeps
+        them: not the process's memory)."""
         pos = np.asarray(positions, np.int64)
         if not pos.size:
             return None
+        if not copy:
+            self._advise(layer, mmap.MADV_WILLNEED)  # read ahead from the disk when the file is not cached
         runs = np.split(pos, np.flatnonzero(np.diff(pos) != 1) + 1)
         out = []
         for t, spec in enumerate(self.layout):
-            raw = [self._read(layer, t, int(r[0]), int(r[-1]) + 1) for r in runs]
+            raw = [self._read(layer, t, int(r[0]), int(r[-1]) + 1, copy) for r in runs]
             raw = raw[0] if len(raw) == 1 else np.concatenate(raw)
             if spec["stride"] != spec["nbytes"]:
                 raw = np.ascontiguousarray(raw[:, :spec["nbytes"]])
@@ -308,12 +321,26 @@ class ColdTier:
                        np.concatenate(list(v), axis=ax) if len(v) > 1 else v[0])
         return out
 
+    def _advise(self, layer: int, advice: int) -> None:
+        la = self.index["layers"][layer]
+        start = la["offsets"][0] // mmap.PAGESIZE * mmap.PAGESIZE
+        end = self.index["layers"][layer + 1]["offsets"][0] if layer + 1 < len(self.index["layers"]) \
+            else self.index["size"]
+        if end > start and hasattr(self.map, "madvise"):
+            self.map.madvise(advice, start, end - start)
+
+    def release(self, layer: int) -> None:
+        """Unmap a layer's pages from the process (they stay in the OS page cache)."""
+        self._advise(layer, mmap.MADV_DONTNEED)
+
     def drop_cache(self) -> None:
         """Evict the file from the OS page cache, so the next reads come from the disk (flash on a Mac)."""
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
         os.close(self.fd)
 
 
@@ -327,7 +354,7 @@ class ResidentMLP:
         self.R, self.tier, self.layer, self.plan, self.rt = R, tier, layer, plan, runtime
         self.h, self.n_blocks = plan.hot[layer], plan.blocks
         self.order = np.asarray(tier.order(layer))
-        self.hot = self._part(tier.read(layer, 0, self.h)) if self.h else None
+        self.hot = self._part(tier.read(layer, 0, self.h, copy=True)) if self.h else None
         self.y0 = None              # per-sequence: the answer for the neurons outside the selected set
         self.sparse = sparse        # sparse mode: the layer's router and prior (dn.sparse_mlp.SparseMLP)
         self._perm = self._c = None
@@ -354,14 +381,17 @@ class ResidentMLP:
         elif self.plan.mode == "per-sequence":
             y = R.down(self.hot, R.acts(self.hot, x)) + self.y0
         else:
-            parts = [self.hot, self._cold()]
+            cold = self._cold()
             self.rt.prefetch_next(self.layer)
             y = None
-            for p in parts:
+            for p in (self.hot, cold):
                 if p is not None:
                     yp = R.down(p, R.acts(p, x))
                     y = yp if y is None else y + yp
-        return R.settle(y).reshape(shape)
+            del cold
+        y = R.settle(y)
+        self.tier.release(self.layer)  # the views of the cold blocks are gone with their part
+        return y.reshape(shape)
 
     # per-sequence ---------------------------------------------------------------------------------------
     def _select(self, x):
@@ -386,7 +416,7 @@ class ResidentMLP:
         rest = np.where(sel, 0, mean).astype(np.float32)[None]
         self.y0 = R.down(every, R.from_numpy(rest, a))
         del every
-        self.hot = self._part(self.tier.read_positions(self.layer, keep))
+        self.hot = self._part(self.tier.read_positions(self.layer, keep, copy=True))
         if p == t:
             return y_prompt
         rest_y = R.down(self.hot, R.acts(self.hot, x[p:])) + self.y0
@@ -474,7 +504,7 @@ class Runtime:
     def stats(self) -> dict:
         seen = self.hits + self.misses
         return {"fetched_bytes_per_token": self.tier.fetched / max(self.tokens, 1),
-                "hit_rate": self.hits / seen if seen else 1.0, "tokens": self.tokens}
+                "hit_rate": self.hits / seen if seen else 1.0, "tokens_counted": self.tokens}
 
 
 def install(model, runtime: Runtime, R, module_cls, sparse_layers=None) -> None:

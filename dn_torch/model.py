@@ -92,7 +92,7 @@ def _sparse_layers(model_dir: Path, spec: ModelSpec, runtime, dtype: torch.dtype
         return None
     from dn_torch import sparse
 
-    return sparse.routers(model_dir, spec, _device(), dtype)
+    return sparse.routers(model_dir, spec, dtype)
 
 
 def _without_mlps(model) -> None:

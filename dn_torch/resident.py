@@ -146,8 +146,8 @@ def settle(y: torch.Tensor) -> torch.Tensor:
     return y  # eager: the blocks read for a layer are freed when it returns
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
+def to_numpy(a: torch.Tensor) -> np.ndarray:
+    return a.detach().float().cpu().numpy()
 
 
 def from_numpy(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -158,8 +158,8 @@ def concat(ts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(ts)
 
 
-def take_cols(t: torch.Tensor, cols: np.ndarray) -> torch.Tensor:
-    return t[torch.as_tensor(cols, device=t.device)]
+def take_cols(a: torch.Tensor, cols: np.ndarray) -> torch.Tensor:
+    return a[torch.as_tensor(cols, device=a.device)]
 
 
 class ResidentModule(nn.Module):

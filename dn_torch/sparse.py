@@ -155,8 +155,10 @@ class RouterOnly(sparse_mlp.SparseMLP, nn.Module):
         self.setup(None, None, layer, like=like)
 
 
-def routers(model_dir: Path, spec, device, dtype: torch.dtype) -> list[RouterOnly]:
-    like = torch.zeros((), dtype=dtype, device=device)
+def routers(model_dir: Path, spec, dtype: torch.dtype) -> list[RouterOnly]:
+    from dn_torch.model import _device
+
+    like = torch.zeros((), dtype=dtype, device=_device())
     return [RouterOnly(layer, like) for layer in ref.load_for_model(model_dir, spec, lazy=True).layers]
 
 
