@@ -212,41 +212,6 @@ def phase(name: str) -> None:
     print(PHASE + name, file=sys.stderr, flush=True)
 
 
-class Resident:
-    """Memory the process holds above its pre-load baseline, now and at its peak: the backend's allocator where it
-    has one (MLX, CUDA), else the process's resident set (dn.memory). The baseline is what dn.memory.measure_load
-    measured from: what is held right after the load minus what the load added."""
-
-    def __init__(self, run):
-        from dn import memory
-
-        self.be, self.memory = run.backend, memory
-        stats = self.be.memory_stats()
-        self.allocator = stats is not None
-        if self.allocator:
-            self.kind, self.base = stats["kind"], stats["active_bytes"] - run.memory["measured_resident_bytes"]
-        else:
-            snap = memory.snapshot()
-            self.kind, self.base = snap["kind"], snap["rss"] - run.memory["rss_bytes"]
-
-    def now(self) -> int:
-        if self.allocator:
-            return self.be.memory_stats()["active_bytes"] - self.base
-        return self.memory.snapshot()["rss"] - self.base
-
-    def reset(self) -> None:
-        if self.allocator:
-            self.be.memory_stats(reset_peak=True)
-        else:
-            self.memory.reset_peak()
-
-    def peak(self) -> int:
-        if self.allocator:
-            stats = self.be.memory_stats()
-            return max(stats["peak_bytes"], stats["active_bytes"]) - self.base
-        return max(self.memory.peak(), self.memory.snapshot()["rss"]) - self.base
-
-
 class Greedy:
     """Greedy decoding of a batch of equal-length prompts through the KV cache; step() keeps the current tokens and
     computes the next ones (one decode step)."""
@@ -276,18 +241,12 @@ def _mean_agreement(tokens: list[list[int]], baseline: list[list[int]] | None) -
     return float(np.mean([agreement(a, b) for a, b in zip(tokens, baseline)]))
 
 
-def _resident_stats(samples: list[int], peak: int) -> dict:
-    return {"resident_peak_bytes": int(max([peak, *samples])),
-            "resident_median_bytes": int(np.median(samples)) if samples else None,
-            "resident_p99_bytes": int(np.percentile(samples, 99)) if samples else None,
-            "resident_samples": len(samples)}
-
-
-def decode_phase(be, model, res: Resident, prompts: list[list[int]], batch: int, reps: int, warmup: int,
+def decode_phase(be, model, res, prompts: list[list[int]], batch: int, reps: int, warmup: int,
                  sample_rest: bool) -> tuple[dict, list[list[int]]]:
     """Decode latency at one batch size (dn.benchmark.timer over reps steps after warmup steps, no memory read
-    inside a timed step), then resident memory read after each of the untimed steps that follow: the other
-    prompts' greedy continuations at batch 1 (sample_rest), else min(4, reps) more steps of the same batch."""
+    inside a timed step), then resident memory (res: dn.memory.Monitor) read after each of the untimed steps that
+    follow: the other prompts' greedy continuations at batch 1 (sample_rest), else min(4, reps) more steps of the
+    same batch; its peak covers the timed steps too."""
     res.reset()
     if batch == 1:
         g = Greedy(be, model, [prompts[0]])
@@ -295,21 +254,22 @@ def decode_phase(be, model, res: Resident, prompts: list[list[int]], batch: int,
         length = min(len(p) for p in prompts)
         g = Greedy(be, model, [prompts[i % len(prompts)][:length] for i in range(batch)])
     t = benchmark.timer(g.step, reps=reps, warmup=warmup)
-    samples, tokens = [res.now()], [g.tokens[0]]
+    res.sample()
+    tokens = [g.tokens[0]]
     if batch == 1 and sample_rest:
         for p in prompts[1:]:
             gp = Greedy(be, model, [p])
             for _ in range(warmup + reps):
                 gp.step()
-                samples.append(res.now())
+                res.sample()
             tokens.append(gp.tokens[0])
     else:
         for _ in range(min(4, reps)):
             g.step()
-            samples.append(res.now())
+            res.sample()
     out = {"batch": batch, "tokens_per_s": batch / t["median_s"], "latency_ms_p50": 1e3 * t["median_s"],
            "latency_ms_p99": 1e3 * t["p99_s"], "latency_ms_iqr": 1e3 * t["iqr_s"], "decode_reps": t["reps"],
-           "decode_warmup": t["warmup"], **_resident_stats(samples, res.peak())}
+           "decode_warmup": t["warmup"], **res.summary()}
     return out, tokens
 
 
@@ -368,7 +328,7 @@ def humaneval(run, limit: int | None, max_tokens: int) -> tuple[list[bool], list
 def measure(job: dict) -> dict:
     """One (configuration, backend, dtype) in this process: {"common": fields, "batches": [fields per batch],
     "tokens": greedy tokens per prompt, "humaneval_tokens": ...}."""
-    from dn import footprint, loader
+    from dn import footprint, loader, memory
     from dn.evaluate import perplexity
     from dn.text import read_text
 
@@ -381,7 +341,7 @@ def measure(job: dict) -> dict:
     else:
         run = loader.load(job["folder"], job["backend"], job["dtype"])
     be, model, dtype = run.backend, run.model, job["dtype"]
-    res = Resident(run)
+    res = memory.Monitor(be, run.memory)
     acc = footprint.accounted(run.spec, dtype, job["ctx"])
     bf16 = footprint.accounted(run.spec, "bfloat16", job["ctx"])["dense_weight_bytes"]
     m = run.memory
@@ -391,7 +351,7 @@ def measure(job: dict) -> dict:
               "measured_resident_bytes": m["measured_resident_bytes"],
               "measured_fraction": m["measured_resident_bytes"] / bf16, "measured_kind": m["measured_kind"],
               "load_peak_bytes": m["load_peak_bytes"], "load_peak_fraction": m["load_peak_bytes"] / bf16,
-              "resident_kind": res.kind, **dict.fromkeys(RESIDENCY_FIELDS)}
+              **dict.fromkeys(RESIDENCY_FIELDS)}
 
     # generation first: perplexity's long windows would leave freed pages in the process's resident set
     prompts = [run.tokenizer.encode(p) for p in PROMPTS]
@@ -713,7 +673,7 @@ def _main(argv) -> int:
     extra = {"model": str(args.model or model_dir), "text": str(text), "threads": args.threads,
              "loadavg_start": os.getloadavg()}
     records, baseline = [], {}
-    with tqdm(total=len(jobs) + len(folders), desc="dn bench", unit="run", file=sys.stderr) as bar:
+    with cli.progress(len(jobs) + len(folders), "dn bench", "run") as bar:
         for c in configs:
             if folders[c.stored] != model_dir:
                 bar.set_postfix_str(f"convert {c.stored}")
