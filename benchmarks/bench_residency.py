@@ -161,8 +161,9 @@ def jobs(args, folders: dict) -> list[dict]:
         for b in budgets:
             add("q4g32e8+sparse50", f"{b}%", "sparse")
         if backend == "mlx":  # MLX on this CPU is slow: the headline points only
-            keep = {(None,), ("25%",), ("40%",)}
-            out[:] = [j for j in out if j["backend"] != "mlx" or (j["budget"],) in keep]
+            keep = {("dense", None, "exact"), ("q4g32e8", None, "exact"), ("q4g32e8", "25%", "exact"),
+                    ("q4g32e8", "40%", "exact"), ("q4g32e8", "25%", "per-sequence")}
+            out[:] = [j for j in out if j["backend"] != "mlx" or (j["store"], j["budget"], j["mode"]) in keep]
     return out
 
 

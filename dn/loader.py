@@ -39,7 +39,8 @@ def load(model: str | None, backend: str = "auto", dtype: str = "float32", max_r
     if max_resident is not None:
         from dn import residency
 
-        runtime = residency.open_runtime(be, model_dir, spec, dtype, residency.parse_budget(
-            max_resident, residency.dense_bf16(spec)), mode, calib_text, prefetch)
+        budget = residency.parse_budget(max_resident, residency.dense_bf16(spec))
+        model_dir, spec = residency.store_for(model_dir, spec, dtype, budget, mode)
+        runtime = residency.open_runtime(be, model_dir, spec, dtype, budget, mode, calib_text, prefetch)
     handle, measured = memory.measure_load(be, model_dir, spec, dtype, residency=runtime)
     return Loaded(model_dir, spec, be, handle, dtype, tokenizer, measured, runtime)

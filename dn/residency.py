@@ -22,6 +22,7 @@ the process's own (as in LLM in a Flash); `drop_cache` evicts the file for flash
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -37,7 +38,7 @@ from dn import store
 from dn.errors import DnError
 from dn.spec import DTYPE_BYTES, ModelSpec
 
-VERSION = 1
+VERSION = 2  # 2: a layer's tensor held [outer, blocks, inner]
 BLOCK = 64                      # neurons per block: a multiple of every affine group size and of torch's int4 rows
 MODES = ("exact", "sparse", "per-sequence")
 FOLDER = "dn_residency"
@@ -180,10 +181,13 @@ def block_order(hot: np.ndarray) -> np.ndarray:
 
 # ---- the cold file ----------------------------------------------------------------------------------------
 
-def checksum(pieces: np.ndarray) -> np.ndarray:
-    """Per piece (rows of uint8 [k, P], P a multiple of 8): the sum of its 64-bit words, wrapping. Not
-    cryptographic: it catches truncation, bit rot and a file changed underneath, at memory speed."""
-    return pieces.view(np.uint64).sum(axis=1, dtype=np.uint64)
+def checksum(blocks: np.ndarray) -> np.ndarray:
+    """Per block of a tensor's bytes laid out [outer, blocks, inner]: the sum of its words (the widest of 8, 4, 2
+    or 1 bytes dividing inner), wrapping at 64 bits. Not cryptographic: it catches truncation, bit rot and a file
+    changed underneath, at memory speed."""
+    inner = blocks.shape[2]
+    word = next(w for w in (np.uint64, np.uint32, np.uint16, np.uint8) if inner % np.dtype(w).itemsize == 0)
+    return blocks.view(word).sum(axis=(0, 2), dtype=np.uint64)
 
 
 def folder(model_dir: Path, backend_name: str, layout_key: str, dtype: str) -> Path:
@@ -201,15 +205,21 @@ def _fingerprint(model_dir: Path, spec: ModelSpec) -> str:
     return h.hexdigest()[:16]
 
 
-def _stride(nbytes: int) -> int:
-    return -(-nbytes // 8) * 8
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if os.uname().sysname == "Linux" else mmap.MADV_WILLNEED)
+
+
+def _split(t: dict) -> tuple[int, int]:
+    """(outer, inner bytes) of one block's tensor around its join axis: the file holds a layer's tensor as
+    [outer, blocks, inner], so any run of blocks is the joined tensor, as a view."""
+    shape = t["shape"]
+    return int(np.prod(shape[:t["axis"]])), int(np.prod(shape[t["axis"]:])) * t["itemsize"]
 
 
 def write_cold(out: Path, layers, layout: list[dict], meta: dict) -> None:
     """Write the cold file and its index into out (temporary names, then renamed; nothing is left half-written:
-    a full disk removes the temporaries and raises DnError). layers yields (order, pieces): pieces[t] is tensor
-    t of every block, uint8 [blocks, stride_t]. A layer is stored tensor by tensor, each tensor's blocks in
-    hotness order, so the blocks of a run of positions are one read per tensor."""
+    a full disk removes the temporaries and raises DnError). layers yields (order, tensors): tensors[t] is tensor
+    t of every block, uint8 [outer, blocks, inner] (see _split), blocks in hotness order, so that the blocks of a
+    run of positions, joined along their block axis, are a view of the file."""
     out.mkdir(parents=True, exist_ok=True)
     tmp_cold, tmp_index = out / (COLD + ".tmp"), out / (INDEX + ".tmp")
     index = {"version": VERSION, "block": BLOCK, "layout": layout, **meta, "layers": []}
@@ -217,7 +227,7 @@ def write_cold(out: Path, layers, layout: list[dict], meta: dict) -> None:
         with open(tmp_cold, "wb") as f:
             for order, pieces in layers:
                 entry = {"order": [int(b) for b in order], "offsets": [], "checksums": []}
-                for p in pieces:
+                for p in pieces:  # [outer, blocks, inner]
                     entry["offsets"].append(f.tell())
                     entry["checksums"].append([str(int(c)) for c in checksum(p)])
                     f.write(p.tobytes())
@@ -257,10 +267,11 @@ class ColdTier:
             raise DnError(f"cold tier file {self.dir / COLD} is {size} bytes, its index says {self.index['size']}: "
                           "truncated or changed; delete the folder to rebuild it")
         self.layout = self.index["layout"]
+        nb = self.index["blocks"]
         for t in self.layout:
-            t["nbytes"] = int(np.prod(t["shape"])) * t["itemsize"]
-            t["stride"] = _stride(t["nbytes"])
-        self.block_bytes = sum(t["stride"] for t in self.layout)
+            t["outer"], t["inner"] = _split(t)
+        self.block_bytes = sum(t["outer"] * t["inner"] for t in self.layout)
+        self.blocks = nb
         self.sums = [[np.array([int(c) for c in cs], np.uint64) for cs in la["checksums"]]
                      for la in self.index["layers"]]
         self.fetched = 0          # bytes read since the last reset
@@ -270,55 +281,50 @@ class ColdTier:
     def order(self, layer: int) -> list[int]:
         return self.index["layers"][layer]["order"]
 
-    def _read(self, layer: int, t: int, start: int, stop: int, copy: bool) -> np.ndarray:
-        """Tensor t of blocks [start, stop) -> uint8 [stop - start, stride], checked. copy: into fresh memory
-        (pread; for blocks kept resident); else a view of the file's mapping, valid until release(layer)."""
+    def _view(self, layer: int, t: int) -> np.ndarray:
         spec = self.layout[t]
-        off = self.index["layers"][layer]["offsets"][t] + start * spec["stride"]
-        n = (stop - start) * spec["stride"]
-        if copy:
-            buf = np.empty((stop - start, spec["stride"]), np.uint8)
-            got = os.preadv(self.fd, [memoryview(buf).cast("B")], off)
-        else:
-            buf = np.frombuffer(self.map, np.uint8, n, off).reshape(stop - start, spec["stride"])
-            got = buf.nbytes
-        if got != n:
-            raise DnError(f"cold tier file {self.dir / COLD}: short read at layer {layer} (truncated?)")
-        bad = np.flatnonzero(checksum(buf) != self.sums[layer][t][start:stop])
+        off = self.index["layers"][layer]["offsets"][t]
+        return np.frombuffer(self.map, np.uint8, spec["outer"] * self.blocks * spec["inner"], off).reshape(
+            spec["outer"], self.blocks, spec["inner"])
+
+    def _read(self, layer: int, t: int, start: int, stop: int) -> np.ndarray:
+        """Tensor t of blocks [start, stop) -> uint8 [outer, stop - start, inner], a view of the mapping, checked."""
+        v = self._view(layer, t)[:, start:stop]
+        bad = np.flatnonzero(checksum(v) != self.sums[layer][t][start:stop])
         if bad.size:
             raise DnError(f"cold tier file {self.dir / COLD}: block {start + int(bad[0])} of layer {layer} fails "
                           "its checksum (changed underneath?); delete the folder to rebuild it")
         with self._lock:
-            self.fetched += n
+            self.fetched += v.size
             self.reads += 1
-        return buf
+        return v
 
     def read(self, layer: int, start: int, stop: int, copy: bool = False) -> list[np.ndarray] | None:
         """Blocks [start, stop) of a layer (file positions, hotness order) -> each tensor of those blocks joined
-        along its block axis, as the backend lays it out (no copy where that axis is the first)."""
+        along its block axis, as the backend lays it out."""
         return self.read_positions(layer, np.arange(start, stop), copy)
 
     def read_positions(self, layer: int, positions, copy: bool = False) -> list[np.ndarray] | None:
-        """Blocks at sorted file positions -> joined tensors (None for no block); one read per tensor and
-        contiguous run. Without copy, tensors joined along their first axis are views of the mapping: the
-        caller drops them, then calls release(layer), so the pages leave the process (the page cache keeps
-        them: not the process's memory)."""
+        """Blocks at sorted file positions -> joined tensors (None for no block). Without copy, a single run is
+        views of the mapping: the caller drops them, then calls release(layer), so the pages leave the process
+        (the page cache keeps them: not the process's memory); with copy, fresh memory (blocks kept resident)."""
         pos = np.asarray(positions, np.int64)
         if not pos.size:
             return None
-        if not copy:
-            self._advise(layer, mmap.MADV_WILLNEED)  # read ahead from the disk when the file is not cached
+        self._advise(layer, _POPULATE_READ)  # map the pages in one call: faulting them in one by one costs more
         runs = np.split(pos, np.flatnonzero(np.diff(pos) != 1) + 1)
         out = []
         for t, spec in enumerate(self.layout):
-            raw = [self._read(layer, t, int(r[0]), int(r[-1]) + 1, copy) for r in runs]
-            raw = raw[0] if len(raw) == 1 else np.concatenate(raw)
-            if spec["stride"] != spec["nbytes"]:
-                raw = np.ascontiguousarray(raw[:, :spec["nbytes"]])
-            v = raw.view(spec["numpy"]).reshape(len(pos), *spec["shape"])
+            raw = [self._read(layer, t, int(r[0]), int(r[-1]) + 1) for r in runs]
+            raw = raw[0] if len(raw) == 1 else np.concatenate(raw, axis=1)
+            if copy:
+                raw = np.ascontiguousarray(raw)
+            shape = spec["shape"]
             ax = spec["axis"]
-            out.append(v.reshape(-1, *spec["shape"][1:]) if ax == 0 else
-                       np.concatenate(list(v), axis=ax) if len(v) > 1 else v[0])
+            joined = [*shape[:ax], len(pos) * shape[ax], *shape[ax + 1:]]
+            out.append(raw.view(spec["numpy"]).reshape(joined))
+        if copy:
+            self.release(layer)
         return out
 
     def _advise(self, layer: int, advice: int) -> None:
@@ -327,7 +333,8 @@ class ColdTier:
         end = self.index["layers"][layer + 1]["offsets"][0] if layer + 1 < len(self.index["layers"]) \
             else self.index["size"]
         if end > start and hasattr(self.map, "madvise"):
-            self.map.madvise(advice, start, end - start)
+            with contextlib.suppress(OSError):  # an older kernel without MADV_POPULATE_READ: pages fault in
+                self.map.madvise(advice, start, end - start)
 
     def release(self, layer: int) -> None:
         """Unmap a layer's pages from the process (they stay in the OS page cache)."""
@@ -364,6 +371,8 @@ class ResidentMLP:
 
     # exact ----------------------------------------------------------------------------------------------
     def _cold(self, start=None):
+        if self.h == self.n_blocks:
+            return None
         recs = self.rt.take(self.layer) if start is None else None
         if recs is None:
             recs = self.tier.read(self.layer, self.h if start is None else start, self.n_blocks)
@@ -390,7 +399,8 @@ class ResidentMLP:
                     y = yp if y is None else y + yp
             del cold
         y = R.settle(y)
-        self.tier.release(self.layer)  # the views of the cold blocks are gone with their part
+        if self.h < self.n_blocks:
+            self.tier.release(self.layer)  # the views of the cold blocks are gone with their part
         return y.reshape(shape)
 
     # per-sequence ---------------------------------------------------------------------------------------
@@ -462,7 +472,8 @@ class Runtime:
         self.tier, self.plan, self.prefetch = tier, plan, prefetch
         self.tokens, self.hits, self.misses = 0, 0, 0
         self.prompt_tokens = None          # per-sequence eval: a window's prompt length
-        self._next = {}                    # layer -> (thread, result) of a prefetch
+        self._next = {}                    # layer -> the Future of its prefetch
+        self._pool = None
         self.mlps = []
 
     def count(self, layer: int, tokens: int) -> None:
@@ -474,25 +485,23 @@ class Runtime:
             self.misses += cold
 
     def prefetch_next(self, layer: int) -> None:
-        """Exact mode: read the next layer's cold run in a thread while this layer computes (pread and the
-        checksum release the GIL)."""
+        """Exact mode: read (map and checksum) the next layer's cold blocks on a worker thread while this layer
+        computes; the page faults and the checksum pass then overlap the compute (they release the GIL)."""
         if not self.prefetch:
             return
         nxt = (layer + 1) % self.plan.layers
         start = self.plan.hot[nxt]
         if start >= self.plan.blocks or nxt in self._next:
             return
-        box = {}
-        t = threading.Thread(target=lambda: box.setdefault("r", self.tier.read(nxt, start, self.plan.blocks)))
-        t.start()
-        self._next[nxt] = (t, box)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="dn-prefetch")
+        self._next[nxt] = self._pool.submit(self.tier.read, nxt, start, self.plan.blocks)
 
     def take(self, layer: int):
         got = self._next.pop(layer, None)
-        if got is None:
-            return None
-        got[0].join()
-        return got[1].get("r")
+        return None if got is None else got.result()
 
     def reset_counters(self) -> None:
         self.tier.fetched, self.tier.reads, self.tokens, self.hits, self.misses = 0, 0, 0, 0, 0
@@ -572,7 +581,8 @@ def build(backend, model_dir: Path, spec: ModelSpec, dtype: str, calib_text: str
     if (out / INDEX).is_file():
         try:
             idx = json.loads((out / INDEX).read_text())
-            if idx.get("fingerprint") == fp and idx.get("hotness") == ("calibration" if calib_text else "weights"):
+            if idx.get("version") == VERSION and idx.get("fingerprint") == fp and \
+                    idx.get("hotness") == ("calibration" if calib_text else "weights"):
                 return out
         except ValueError:
             pass
@@ -594,17 +604,19 @@ def build(backend, model_dir: Path, spec: ModelSpec, dtype: str, calib_text: str
             if not layout:
                 layout.extend(_layout_of(blocks[0]))
             pieces = []
-            for t in range(len(blocks[0])):
-                p = np.stack([np.ascontiguousarray(bl[t][0]).view(np.uint8).reshape(-1) for bl in blocks])
-                pieces.append(np.pad(p, ((0, 0), (0, _stride(p.shape[1]) - p.shape[1]))))
+            for t, piece in enumerate(layout):
+                outer, inner = _split(piece)
+                pieces.append(np.stack([np.ascontiguousarray(bl[t][0]).view(np.uint8).reshape(outer, inner)
+                                        for bl in blocks], axis=1))
             if progress:
                 print(f"\rwriting the cold tier: layer {i + 1}/{a.num_hidden_layers}", end="", file=sys.stderr)
             yield order, pieces
         if progress:
             print(file=sys.stderr)
 
+    info = R.part_info(spec, dtype)
     write_cold(out, layers(), layout, {"fingerprint": fp, "backend": backend.NAME, "dtype": dtype,
-                                       "part": R.part_info(spec, dtype),
+                                       "blocks": a.intermediate_size // BLOCK, "part": info,
                                        "hotness": "calibration" if calib_text else "weights"})
     return out
 
@@ -630,6 +642,59 @@ def _calibration_inputs(backend, model_dir, spec, calib_text: str, tokens: int =
     finally:
         del model
         backend.free(None)
+
+
+def quantization_error(model_dir: Path, spec: ModelSpec, bits: int, group_size: int) -> float:
+    """Relative RMS error of affine `bits`-bit groups of `group_size` on the first and last layer's linear
+    weights (inf where the group size does not divide them)."""
+    from dn import quant, safetensors_io
+    from dn.spec import weight_files
+
+    last = spec.architecture.num_hidden_layers - 1
+    want = {t.name for t in spec.tensors if t.role in ("mlp", "attention") and len(t.shape) == 2
+            and (".layers.0." in t.name or f".layers.{last}." in t.name)}
+    err = ref = 0.0
+    for f in weight_files(model_dir):
+        for _, (a, dt) in safetensors_io.load(f, mmap=False, names=want).items():
+            w = safetensors_io.bf16_to_f32(a) if dt == "BF16" else a.astype(np.float32)
+            if w.shape[1] % group_size:
+                return float("inf")
+            err += float(np.sum((quant.dequantize(*quant.quantize(w, bits, group_size), bits, group_size) - w) ** 2))
+            ref += float(np.sum(w ** 2))
+    return (err / ref) ** 0.5 if ref else float("inf")
+
+
+def store_for(model_dir: Path, spec: ModelSpec, dtype: str, budget: int, mode: str) -> tuple[Path, ModelSpec]:
+    """The planner's choice of format for a dense folder whose budget its own format cannot meet: the cheapest
+    that holds quality. 4-bit groups of 32 with an 8-bit embedding when that loses no more than 8-bit groups of 64
+    would (the weights already lie on its grid: the default model, dequantized from Q4_1, 0.14% against 0.48%),
+    else 8-bit groups of 64 (+0.1% on the default model, docs/formats.md). Converted once into the dn cache;
+    other folders are used as they are."""
+    import sys
+
+    from dn.spec import load_spec
+
+    if spec.quant is not None or spec.codec is not None or spec.sparse is not None:
+        return model_dir, spec
+    try:
+        make_plan(spec, dtype, budget, mode, block_bytes(spec, dtype))
+        return model_dir, spec
+    except DnError:
+        pass
+    from dn.convert import convert, quantization
+    from dn.sources import cache_dir
+
+    four = quantization_error(model_dir, spec, 4, 32) <= quantization_error(model_dir, spec, 8, 64)
+    fmt, q = ("q4g32e8", quantization(4, 32, 8, 32)) if four else ("q8g64", quantization(8, 64))
+    key = hashlib.sha256(f"{Path(model_dir).resolve()}:{_fingerprint(model_dir, spec)}:".encode() + b"".join(
+        str(f.stat().st_mtime_ns).encode() for f in sorted(Path(model_dir).glob("*.safetensors")))).hexdigest()[:16]
+    out = cache_dir() / "residency-stores" / f"{key}-{fmt}"
+    if not (out / "config.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"dn: the budget needs a smaller format than {model_dir.name}'s: storing it as {fmt} in {out}",
+              file=sys.stderr)
+        convert(model_dir, out, None, None, quant=q)
+    return out, load_spec(out)
 
 
 def open_runtime(backend, model_dir: Path, spec: ModelSpec, dtype: str, budget: int, mode: str = "exact",

@@ -103,7 +103,7 @@ class Part:
     """k blocks joined: a bundle [k*BLOCK, 3, d], or three quantized matrices (weight, scales, biases)."""
 
     def __init__(self, arrays: list[np.ndarray], info: dict):
-        ts = [_torch(a) for a in arrays]
+        ts = [_torch(a).contiguous() for a in arrays]  # joined along a later axis: strided views of the file
         ts = [t.view(torch.bfloat16) if t.dtype == torch.uint16 else t for t in ts]  # bf16 travels as its bits
         self.info, self.kind = info, info["kind"]
         if self.kind == "dense":
@@ -174,8 +174,7 @@ class ResidentModule(nn.Module):
         return self._mlp[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.resident(x)
+        return self.resident(x)
 
 
 class Placeholder(nn.Module):

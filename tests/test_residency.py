@@ -241,25 +241,31 @@ ids = prompt_ids(run.tokenizer, "Tell me about the sea.", False)
 toks = []
 for t in generate_tokens(run.backend, run.model, ids, 16):
     toks.append(int(t)); mon.sample()
-full = loader.load(None, sys.argv[1], "float32")
+held, stats = mon.summary(), run.residency.stats()
+full = loader.load(str(run.model_dir), sys.argv[1], "float32")  # the store the planner chose, fully resident
 want = list(generate_tokens(full.backend, full.model, ids, 16))
-print(json.dumps(mon.summary() | {"budget": run.residency.plan.budget, "planned": run.residency.plan.resident,
-                                  "same": toks == [int(t) for t in want]}))
+print(json.dumps(held | {"budget": run.residency.plan.budget, "planned": run.residency.plan.resident,
+                         "same": toks == [int(t) for t in want], "cold": stats}))
 """
 
-# What a generation holds beside the budgeted weights: activations and the KV cache of a short generation,
-# the framework's own buffers and allocator slack (process RSS on torch's CPU build; MLX's allocator).
-MARGIN = 48 << 20
+# What a generation holds beside the budgeted weights (measured, docs/residency.md): activations and the KV
+# cache of a short generation, the framework's own buffers and code pages, allocator slack; float32 on torch's
+# CPU build also holds the plain path's dequantized blocks (about 60 MiB above the load, fully resident too).
+MARGIN = {"torch": 72 << 20, "mlx": 40 << 20}
 
 
 @pytest.mark.slow
-def test_exact_mode_at_40_percent_keeps_the_budget_and_the_tokens(backend_name, default_model_dir):
+@pytest.mark.parametrize("budget", ["40%", "25%"])
+def test_exact_mode_keeps_the_budget_and_the_tokens(backend_name, default_model_dir, budget):
+    """The default model is dense (bf16): the planner stores it as q4g32e8 (its Q4_1 grid); at 40% every block
+    is resident, at 25% about two thirds are read per token."""
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-c", _KEEP, backend_name, "40%"], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-c", _KEEP, backend_name, budget], capture_output=True, text=True,
                        timeout=900)
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["same"]
-    assert got["resident_peak_bytes"] <= got["budget"] + MARGIN, got
+    assert (got["cold"]["hit_rate"] < 0.5) == (budget == "25%")
+    assert got["resident_peak_bytes"] <= got["budget"] + MARGIN[backend_name], got
