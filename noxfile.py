@@ -63,7 +63,8 @@ def lint(session):
 # `nox -s bench`: every configuration that has landed, on both backends, against dense in the same run. The token
 # counts fit a CPU (MLX on a CPU takes about a minute per 512-token window; lossless decodes every layer per step
 # there); dense runs at float32 too. Flags after `--` go to dn bench and win over these.
-BENCH = ["--configs", "dense,q8,q4g32e8,q4g32,q4g64,q3g32,lossless,sparse50,q4g32+sparse50,lossless+sparse50",
+BENCH = ["--configs", "dense,q8,q4g32e8,q4g32,q4g64,q3g32,lossless,sparse50,q4g32+sparse50,lossless+sparse50,"
+         "q4g32e8@40%,q4g32e8@25%",
          "--backends", "torch,mlx", "--dtypes", "bfloat16,dense:float32+bfloat16", "--batch", "1,4",
          "--max-tokens", "4096,mlx:1024", "--decode-tokens", "32,mlx:8,lossless:4,lossless+sparse50:4",
          "--threads", "1"]

@@ -8,8 +8,8 @@ A configuration is `FORMAT[+sparseNN][@BUDGET]`, named the same on both backends
   groups of G (default 64), the embedding at E bits when given (`q4g32e8`), else at B;
 - `+sparseNN`: the per-token sparse MLP skipping NN% of the neurons, fitted on --calib-text (`sparse50` alone is
   dense+sparse50);
-- `@BUDGET`: a residency budget (`@25%` of the configuration's resident bytes, or `@512MiB`), through
-  dn.residency (`residency_hook`); `--max-resident LIST` adds every budget to every configuration.
+- `@BUDGET`: a residency budget (`@25%` of the model's dense bf16 weights, or `@512MiB`), exact mode, through
+  dn.residency.bench_options (`residency_hook`); `--max-resident LIST` adds every budget to every configuration.
 Folders are made once by `dn convert` into the dn cache (keyed by model, configuration and calibration text).
 
 Each (configuration, backend, dtype) runs in a fresh process: a process's first load is what dn.memory measures
@@ -104,7 +104,7 @@ def _unknown(text: str, why: str = "") -> DnError:
 
 
 def parse_budget(text: str) -> str:
-    """`25%` (of the configuration's resident bytes) or a size (`512MiB`, `1.5GiB`, `100000000B`)."""
+    """`25%` (of the model's dense bf16 weights, as --max-resident) or a size (`512MiB`, `1.5GiB`, `100000000B`)."""
     m = _BUDGET.fullmatch(text.strip())
     if not m or float(m["num"]) <= 0 or (m["unit"] == "%" and float(m["num"]) > 100):
         raise DnError(f"bad residency budget {text!r} (expected a percentage in (0, 100] such as 25%, "

@@ -139,6 +139,8 @@ def stream(run, ids: list[int], args, out=None, **kwargs) -> list[int]:
                                  kv_bits=args.kv_bits, **kwargs):
         first = first or time.perf_counter()
         tokens.append(token)
+        if len(tokens) == 1 and run.residency is not None:  # report reads per decode step, not the prompt's
+            run.residency.reset_counters()
         if mon:
             mon.sample()
         if token not in run.tokenizer.eos_ids:

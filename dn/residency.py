@@ -317,8 +317,8 @@ class ColdTier:
         for t, spec in enumerate(self.layout):
             raw = [self._read(layer, t, int(r[0]), int(r[-1]) + 1) for r in runs]
             raw = raw[0] if len(raw) == 1 else np.concatenate(raw, axis=1)
-            if copy:
-                raw = np.ascontiguousarray(raw)
+            if copy:  # always a copy: a contiguous view would still be the file's pages
+                raw = np.array(raw, order="C", copy=True)
             shape = spec["shape"]
             ax = spec["axis"]
             joined = [*shape[:ax], len(pos) * shape[ax], *shape[ax + 1:]]

@@ -244,7 +244,9 @@ for t in generate_tokens(run.backend, run.model, ids, 16):
 held, stats = mon.summary(), run.residency.stats()
 full = loader.load(str(run.model_dir), sys.argv[1], "float32")  # the store the planner chose, fully resident
 want = list(generate_tokens(full.backend, full.model, ids, 16))
-print(json.dumps(held | {"budget": run.residency.plan.budget, "planned": run.residency.plan.resident,
+plan = run.residency.plan
+print(json.dumps(held | {"budget": plan.budget, "planned": plan.resident, "loaded": run.memory["measured_resident_bytes"],
+                         "held_at_load": plan.resident - plan.buffer_blocks * plan.block_bytes,
                          "same": toks == [int(t) for t in want], "cold": stats}))
 """
 
@@ -269,3 +271,5 @@ def test_exact_mode_keeps_the_budget_and_the_tokens(backend_name, default_model_
     assert got["same"]
     assert (got["cold"]["hit_rate"] < 0.5) == (budget == "25%")
     assert got["resident_peak_bytes"] <= got["budget"] + MARGIN[backend_name], got
+    # the resident blocks are the process's own memory from the load on (not pages of the file's mapping)
+    assert got["loaded"] >= got["held_at_load"] - (8 << 20), got
