@@ -389,6 +389,9 @@ def measure(job: dict) -> dict:
         for b in result["batches"]:
             b |= {k: v for k, v in extra.items() if k.startswith("resident_")}
         common |= {k: v for k, v in extra.items() if not k.startswith("resident_")}
+        if extra.get("planned_resident_bytes") is not None:  # under a budget, what the plan holds is accounted
+            common |= {"resident_weight_bytes": extra["planned_resident_bytes"],
+                       "resident_fraction": extra["planned_resident_bytes"] / common["dense_bf16_bytes"]}
     return result
 
 

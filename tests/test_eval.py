@@ -30,7 +30,10 @@ def test_eval_cli_json(tmp_path, eval_text, backend_name):
     assert set(r) == {"model", "backend", "device", "dtype", "tokens", "ppl", "nll", "resident_weight_bytes",
                       "dense_weight_bytes", "measured_resident_bytes", "measured_kind", "load_peak_bytes",
                       "load_peak_kind", "rss_bytes", "anon_bytes", "file_bytes", "pss_bytes", "rss_kind",
-                      "rss_peak_bytes", "rss_peak_kind", "peak_memory_bytes"}
+                      "rss_peak_bytes", "rss_peak_kind", "peak_memory_bytes", "resident_peak_bytes",
+                      "resident_median_bytes", "resident_p99_bytes", "resident_samples", "resident_kind",
+                      "max_resident_bytes", "fetched_bytes_per_token", "hit_rate", "residency_mode"}
+    assert r["max_resident_bytes"] is None and r["resident_samples"] == 2  # no budget; one sample per window
     assert r["resident_weight_bytes"] == r["dense_weight_bytes"] == 538060032  # accounted, dense default model
     assert r["load_peak_bytes"] >= r["measured_resident_bytes"] > 0.9 * r["resident_weight_bytes"]
     assert r["backend"] == backend_name and r["tokens"] == 126
