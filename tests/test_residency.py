@@ -253,8 +253,9 @@ print(json.dumps(held | {"budget": plan.budget, "planned": plan.resident,
 
 # What a generation holds beside the budgeted weights (measured, docs/residency.md): activations and the KV
 # cache of a short generation, the framework's own buffers and code pages, allocator slack; float32 on torch's
-# CPU build also holds the plain path's dequantized blocks (about 60 MiB above the load, fully resident too).
-MARGIN = {"torch": 72 << 20, "mlx": 40 << 20}
+# CPU build also holds the plain path's dequantized blocks (45-60 MiB above the load on a quiet machine, fully
+# resident too; 85 MiB seen with the cores busy, when glibc gives torch's threads more heap arenas).
+MARGIN = {"torch": 96 << 20, "mlx": 40 << 20}
 
 
 @pytest.mark.slow
