@@ -56,7 +56,7 @@ class Backend(Protocol):
 
     def resident_module(self) -> Any:
         """The backend's `resident` module: the block layout and the ops dn.residency runs on (layout_key,
-        block_arrays, part_info, make_part, acts, down, settle, to_numpy, from_numpy, concat, take_cols,
+        block_arrays, part_info, make_part, acts, down, settle, to_numpy, from_numpy, concat,
         install)."""
 
     # The sparse MLP (dn/sparse_mlp.py has its logic): what calibration, parity and benchmarks call.

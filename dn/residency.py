@@ -275,7 +275,6 @@ class ColdTier:
         self.sums = [[np.array([int(c) for c in cs], np.uint64) for cs in la["checksums"]]
                      for la in self.index["layers"]]
         self.fetched = 0          # bytes read since the last reset
-        self.reads = 0
         self._lock = threading.Lock()
 
     def order(self, layer: int) -> list[int]:
@@ -296,7 +295,6 @@ class ColdTier:
                           "its checksum (changed underneath?); delete the folder to rebuild it")
         with self._lock:
             self.fetched += v.size
-            self.reads += 1
         return v
 
     def read(self, layer: int, start: int, stop: int, copy: bool = False) -> list[np.ndarray] | None:
@@ -370,13 +368,12 @@ class ResidentMLP:
         return None if arrays is None else self.R.make_part(arrays, self.tier.index["part"])
 
     # exact ----------------------------------------------------------------------------------------------
-    def _cold(self, start=None):
+    def _cold(self):
+        """This layer's cold blocks as one part: prefetched, or read now."""
         if self.h == self.n_blocks:
             return None
-        recs = self.rt.take(self.layer) if start is None else None
-        if recs is None:
-            recs = self.tier.read(self.layer, self.h if start is None else start, self.n_blocks)
-        return self._part(recs)
+        recs = self.rt.take(self.layer)
+        return self._part(recs if recs is not None else self.tier.read(self.layer, self.h, self.n_blocks))
 
     def __call__(self, x):
         R = self.R
@@ -431,10 +428,6 @@ class ResidentMLP:
             return y_prompt
         rest_y = R.down(self.hot, R.acts(self.hot, x[p:])) + self.y0
         return R.concat([y_prompt, rest_y])
-
-    def reset(self):
-        """A new sequence (per-sequence mode): back to the static hot set at the next prompt."""
-        self.y0 = None
 
     # sparse ---------------------------------------------------------------------------------------------
     def _sparse(self, x):
@@ -504,11 +497,7 @@ class Runtime:
         return None if got is None else got.result()
 
     def reset_counters(self) -> None:
-        self.tier.fetched, self.tier.reads, self.tokens, self.hits, self.misses = 0, 0, 0, 0, 0
-
-    def new_sequence(self) -> None:
-        for m in self.mlps:
-            m.reset()
+        self.tier.fetched, self.tokens, self.hits, self.misses = 0, 0, 0, 0
 
     def stats(self) -> dict:
         seen = self.hits + self.misses

@@ -114,9 +114,6 @@ def concat(ts: list[mx.array]) -> mx.array:
     return mx.concatenate(ts)
 
 
-def take_cols(a: mx.array, cols: np.ndarray) -> mx.array:
-    return a[mx.array(cols)]
-
 
 class ResidentModule(nn.Module):
     """Binds a dn.residency.ResidentMLP to nn.Module (the model calls it as its MLP)."""

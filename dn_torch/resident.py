@@ -158,9 +158,6 @@ def concat(ts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(ts)
 
 
-def take_cols(a: torch.Tensor, cols: np.ndarray) -> torch.Tensor:
-    return a[torch.as_tensor(cols, device=a.device)]
-
 
 class ResidentModule(nn.Module):
     """Binds a dn.residency.ResidentMLP to nn.Module (the model calls it as its MLP)."""
