@@ -82,10 +82,11 @@ def _main(argv) -> int:
     spec = load_spec(model_dir)
     report = {"model": str(args.model or model_dir), "accounted": accounted(spec, args.dtype, args.ctx)}
     plan = None
-    if args.max_resident is not None and args.no_measure:  # planned from the accounting alone
-        plan = residency.make_plan(spec, args.dtype, residency.parse_budget(args.max_resident,
-                                   residency.dense_bf16(spec)), args.residency_mode,
-                                   residency.block_bytes(spec, args.dtype))
+    if args.max_resident is not None and args.no_measure:  # planned from the accounting alone, in the format
+        budget = residency.parse_budget(args.max_resident, residency.dense_bf16(spec))  # the loader would pick
+        _, held = residency.store_for(model_dir, spec, args.dtype, budget, args.residency_mode)
+        plan = residency.make_plan(held, args.dtype, budget, args.residency_mode,
+                                   residency.block_bytes(held, args.dtype))
     if not args.no_measure:
         from dn import loader
 
