@@ -1,0 +1,32 @@
+"""The native build: one kernel compiled and called on numpy memory, and DN_NATIVE=0 turning it off."""
+
+import ctypes
+
+import numpy as np
+import pytest
+
+from dn import native
+
+
+def test_builds_and_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("DN_CACHE", str(tmp_path))
+    native._build.cache_clear()
+    lib = native.library("selftest")
+    if lib is None:
+        pytest.skip("no C compiler")
+    a, b = np.arange(300, dtype=np.uint8), np.full(300, 7, np.uint8)
+    out = np.zeros(300, np.uint8)
+    lib.dn_add_u8(native.ptr(a), native.ptr(b), native.ptr(out), ctypes.c_int64(300))
+    np.testing.assert_array_equal(out, a + b)
+    assert list((tmp_path / "native").glob("selftest-*.so"))
+    native._build.cache_clear()
+
+
+def test_switched_off(monkeypatch):
+    monkeypatch.setenv("DN_NATIVE", "0")
+    assert native.library("selftest") is None
+
+
+def test_rejects_strided():
+    with pytest.raises(ValueError):
+        native.ptr(np.zeros((4, 4))[:, 0])
