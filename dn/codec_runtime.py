@@ -1,0 +1,112 @@
+"""The lossless codec's runtime layout "fixed4": what a coded tensor becomes in memory, separate from the stored
+format (dn/codec.py, version 1, unchanged). The numpy reference every backend's kernels are tested against.
+
+Huffman streams decode serially; this layout decodes every weight independently, so a kernel can decode in
+registers inside a matvec (the idea of binade's R4 layout). Per tensor of n 16-bit weights:
+  table    uint8 [16]    the 15 most frequent symbols, most frequent first (ties: smaller symbol first);
+                         unused entries and entry ESCAPE (15) hold 0
+  nibbles  uint8 [ceil(n/2)]  element i's rank in byte i // 2: low nibble for even i, high for odd i;
+                         rank ESCAPE marks a symbol outside the table (a padding nibble is 0)
+  raw      uint8 [n]     as in dn/codec.py (bfloat16: sign|mantissa; float16: low byte)
+  esc_index int32 [e]    ascending element indices of the escapes
+  esc_symbol uint8 [e]   their symbols
+bits[i] = codec.join(table[rank[i]], raw[i]), except at escapes: codec.join(esc_symbol, raw[i]).
+
+Fused matvec kernels take a simpler route for escapes: the main pass decodes an escape as a weight of 0 and a
+correction adds esc_weight * x[col] to y[row] afterwards (row, col = divmod(index, in_features)). So
+`matvec` below is that two-pass reference.
+
+Resident bytes: n/2 + n + 5e + 16, about 12 bits per weight (16 for bf16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dn import codec
+
+ESCAPE = 15
+RANKS = 15  # table entries a nibble can name
+
+
+@dataclass
+class RuntimeTensor:
+    dtype: str
+    shape: tuple[int, ...]
+    n: int
+    table: np.ndarray  # uint8 [16]
+    nibbles: np.ndarray  # uint8 [ceil(n/2)]
+    raw: np.ndarray  # uint8 [n]
+    esc_index: np.ndarray  # int32 [e]
+    esc_symbol: np.ndarray  # uint8 [e]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.table, self.nibbles, self.raw, self.esc_index, self.esc_symbol))
+
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes() / self.n
+
+
+def from_bits(bits: np.ndarray, dtype: str) -> RuntimeTensor:
+    """uint16 bits (any shape) -> the runtime layout."""
+    if dtype not in codec.DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}")
+    flat = np.ascontiguousarray(bits).reshape(-1).view(np.uint16)
+    if flat.size >= 2**31:
+        raise ValueError("tensor too large for int32 escape indices")
+    sym, raw = codec.split(flat, dtype)
+    counts = np.bincount(sym, minlength=256)
+    order = np.lexsort((np.arange(256), -counts))  # by count descending, then symbol
+    top = [int(s) for s in order[:RANKS] if counts[s] > 0]
+    table = np.zeros(16, np.uint8)
+    table[:len(top)] = top
+    rank_of = np.full(256, ESCAPE, np.uint8)
+    rank_of[top] = np.arange(len(top), dtype=np.uint8)
+    rank = rank_of[sym]
+    esc = np.flatnonzero(rank == ESCAPE).astype(np.int32)
+    padded = np.zeros(2 * ((flat.size + 1) // 2), np.uint8)
+    padded[:flat.size] = rank
+    nibbles = (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8)
+    return RuntimeTensor(dtype, tuple(np.shape(bits)), flat.size, table, nibbles, raw, esc, sym[esc].copy())
+
+
+def from_encoded(enc: codec.EncodedTensor) -> RuntimeTensor:
+    """A stored (Huffman) tensor -> the runtime layout; done once at load."""
+    return from_bits(codec.decode(enc), enc.dtype)
+
+
+def ranks(rt: RuntimeTensor) -> np.ndarray:
+    """uint8 [n]: each element's nibble."""
+    r = np.empty(2 * rt.nibbles.size, np.uint8)
+    r[0::2], r[1::2] = rt.nibbles & 0xF, rt.nibbles >> 4
+    return r[:rt.n]
+
+
+def decode(rt: RuntimeTensor) -> np.ndarray:
+    """-> uint16 bits [shape], bit-exact."""
+    sym = rt.table[ranks(rt)]
+    sym[rt.esc_index] = rt.esc_symbol
+    return codec.join(sym, rt.raw, rt.dtype).astype(np.uint16).reshape(rt.shape)
+
+
+def to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """uint16 bits of bfloat16/float16 -> float32 values."""
+    if dtype == "bfloat16":
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view(np.float16).astype(np.float32)
+
+
+def matvec(rt: RuntimeTensor, x: np.ndarray) -> np.ndarray:
+    """y = x @ W.T for W [out, in] in this layout and x [B, in], float32; the fused kernels' two passes."""
+    out, k = rt.shape
+    r = ranks(rt)
+    sym = rt.table[r]
+    w = to_float32(codec.join(sym, rt.raw, rt.dtype).astype(np.uint16), rt.dtype)
+    w[r == ESCAPE] = 0.0  # pass 1: escapes count as 0
+    y = np.asarray(x, np.float32) @ w.reshape(out, k).T
+    ew = to_float32(codec.join(rt.esc_symbol, rt.raw[rt.esc_index], rt.dtype).astype(np.uint16), rt.dtype)
+    rows, cols = np.divmod(rt.esc_index.astype(np.int64), k)
+    np.add.at(y.T, rows, (x[:, cols] * ew).T)  # pass 2: the escapes' corrections
+    return y
