@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--calib-text", required=True)
     p.add_argument("--eval-text", required=True)
+    p.add_argument("--model", default=None, help="model folder or name (default: dn's default model)")
     p.add_argument("--backend", default="torch")
     p.add_argument("--sparsity", default="0.3,0.5,0.7")
     p.add_argument("--priors", default=",".join(sparse.PRIORS))
@@ -86,8 +87,9 @@ def main(argv=None) -> int:
     from dn import loader
     from dn.text import read_text
 
-    run = loader.load(None, args.backend, "float32")
+    run = loader.load(args.model, args.backend, "float32")
     be, model, tok = run.backend, run.model, run.tokenizer
+    act = calibrate.model_act(run.model_dir)
     ev = tok.encode(read_text(args.eval_text))[:args.eval_tokens]
     prompts = PROMPTS[:args.prompts]
     t0 = time.time()
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
     print(f"dense ppl {rows[0]['ppl']:.4f} over {count} tokens ({time.time() - t0:.0f}s)", file=sys.stderr)
     wins = calibrate.calibration_windows(tok.encode(read_text(args.calib_text)), args.seed,
                                          max_tokens=args.calib_tokens)
-    fit = run if args.fit_backend in (None, be.NAME) else loader.load(None, args.fit_backend, "float32")
+    fit = run if args.fit_backend in (None, be.NAME) else loader.load(args.model, args.fit_backend, "float32")
     fmod = fit.backend
     inputs = [np.concatenate(p) for p in zip(*[fmod.collect_mlp_inputs(fit.model, [w[None]]) for w in wins])]
     weights = [fmod.mlp_weights(fit.model, i) for i in range(len(inputs))]
@@ -115,13 +117,13 @@ def main(argv=None) -> int:
     for s, prior, fit_s in plan:
         kind = prior.split("@")[0]   # "none@bytes-of-sketch" fits plain dropping
         layers = calibrate.fit_model(inputs, lambda i: weights[i], fit_s, kind, args.rank, False, args.router,
-                                     args.select)
+                                     args.select, act)
         masks = [sparse.route_mask(x, lay) for x, lay in zip(evx, layers)]
         kept = float(np.mean([m.mean() for m in masks]))  # threshold selection: count varies per token
         if s not in recalls:
-            recalls[s] = [sparse.recall(m, sparse.oracle_mask(x, *w, m.sum(1)))
+            recalls[s] = [sparse.recall(m, sparse.oracle_mask(x, *w, m.sum(1), act))
                           for m, x, w in zip(masks, evx, weights)]
-        spec = sparse.SparseSpec(fit_s, d, n, args.router, args.rank, kind, args.select,
+        spec = sparse.SparseSpec(fit_s, d, n, args.router, args.rank, kind, args.select, act,
                                  keep=[lay.keep for lay in layers], layers=layers)
         for oracle in ([False, True] if s in oracle_at and prior == "none" else [False]):
             be.install_sparse(model, spec)

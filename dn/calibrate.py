@@ -32,15 +32,23 @@ def calibration_windows(tokens: list[int], seed: int, ctx: int = CTX, max_tokens
     return wins
 
 
+def model_act(model_dir: Path) -> str:
+    """The MLP activation of the model in model_dir, from its config.json (silu without one)."""
+    import json
+
+    path = Path(model_dir) / "config.json"
+    return sparse.act_of_config(json.loads(path.read_text()) if path.is_file() else {})
+
+
 def fit_model(inputs: list[np.ndarray], weights, sparsity: float, prior: str, rank: int,
               progress: bool = True, router: str = sparse.DEFAULT_ROUTER,
-              select: str = sparse.DEFAULT_SELECT) -> list[sparse.LayerSparse]:
-    """inputs[i] [T, d]; weights(i) -> (gate, up, down) float32 -> fitted layers."""
+              select: str = sparse.DEFAULT_SELECT, act: str = sparse.DEFAULT_ACT) -> list[sparse.LayerSparse]:
+    """inputs[i] [T, d]; weights(i) -> (gate, up, down) float32 -> fitted layers (act: the MLP's activation)."""
     layers = []
     for i, x in enumerate(inputs):
         gate, up, down = weights(i)
         layers.append(sparse.fit_layer(x, gate, up, down, sparse.keep_count(sparsity, gate.shape[0]),
-                                       rank, prior, router, select))
+                                       rank, prior, router, select, act))
         if progress:
             print(f"\rfitting routers and priors: layer {i + 1}/{len(inputs)}", end="", file=sys.stderr)
     if progress:
@@ -72,6 +80,7 @@ def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, 
         raise DnError(f"unknown selection {select!r} (choose from {', '.join(sparse.SELECTS)})")
     if not 0 < rank <= min(spec.architecture.hidden_size, 2 * n):
         raise DnError(f"router rank {rank} out of range")
+    act = model_act(model_dir)
     tokens = Tokenizer(model_dir, spec.architecture.eos_token_id).encode(calib_text)
     wins = calibration_windows(tokens, seed, max_tokens=max_tokens)
     be = backends.resolve(backend)
@@ -86,10 +95,10 @@ def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, 
         print(file=sys.stderr)
     inputs = [np.concatenate(p) for p in zip(*parts)]
     layers = fit_model(inputs, lambda i: be.mlp_weights(model, i), sparsity, prior, rank, progress, router,
-                       select)
+                       select, act)
     be.free(model)
     s = sparse.SparseSpec(sparsity, spec.architecture.hidden_size, n, router=router, rank=rank, prior=prior,
-                          select=select,
+                          select=select, act=act,
                           keep=[layer.keep for layer in layers], layers=layers,
                           calibration={"tokens": int(wins.size), "windows": len(wins), "ctx": int(wins.shape[1]),
                                        "seed": seed, "text_sha256": sparse.text_digest(calib_text),

@@ -1,8 +1,9 @@
 """Per-token sparse MLP: the spec (router + prior per layer), its file I/O, the fitting math and the
 numpy reference of one sparse MLP step, which both backends are tested against.
 
-A SwiGLU MLP is y = D (silu(G x) * (U x)) with n neurons. Per token the router scores every neuron and
-keeps some of them:
+A gated MLP is y = D (act(G x) * (U x)) with n neurons, act one of ACTS: "silu" (SwiGLU: Llama, SmolLM2,
+Qwen) or "gelu_tanh" (GeGLU, tanh approximation: Gemma); below, silu stands for the layer's act. Per token
+the router scores every neuron and keeps some of them:
   select "threshold" (v2 default): keep neuron j iff score_j > t_j, t_j = tau / |D[:, j]| (a neuron's
                     score weighted by its down column's norm, i.e. the size of what it would add), tau
                     set per layer on calibration scores so that on average `keep` neurons pass; the
@@ -54,6 +55,11 @@ DEFAULT_ROUTER = "int4"
 DEFAULT_PRIOR = "sketch"
 DEFAULT_RANK = 128
 GROUP = 64          # int4 router: weights per scale
+ACTS = ("silu", "gelu_tanh")
+DEFAULT_ACT = "silu"
+# config.json hidden_act / hidden_activation -> dn's name (transformers' ACT2FN keys)
+HF_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+           "gelu_tanh": "gelu_tanh"}
 
 
 @dataclass
@@ -68,6 +74,7 @@ class LayerSparse:
     thresh: np.ndarray | None = None   # threshold: [n] per-neuron score thresholds t_j
     prior_a: np.ndarray | None = None  # sketch: packed nibbles of D, uint8 [d, n/2]
     prior_b: np.ndarray | None = None  # sketch: scales [d, n/GROUP]
+    act: str = DEFAULT_ACT             # the MLP's activation (ACTS)
 
 
 @dataclass
@@ -79,6 +86,7 @@ class SparseSpec:
     rank: int = DEFAULT_RANK
     prior: str = DEFAULT_PRIOR
     select: str = DEFAULT_SELECT
+    act: str = DEFAULT_ACT
     keep: list[int] = field(default_factory=list)          # per layer; threshold: calibrated mean count
     calibration: dict = field(default_factory=dict)
     layers: list[LayerSparse] = field(default_factory=list, repr=False)
@@ -100,6 +108,30 @@ def keep_count(sparsity: float, n: int) -> int:
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1 + np.exp(-x))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (torch's approximate="tanh", transformers' gelu_pytorch_tanh)."""
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def act(name: str, x: np.ndarray) -> np.ndarray:
+    """The gated MLP's activation by name (ACTS)."""
+    if name == "silu":
+        return silu(x)
+    if name == "gelu_tanh":
+        return gelu_tanh(x)
+    raise DnError(f"unknown activation {name!r} (choose from {', '.join(ACTS)})")
+
+
+def act_of_config(cfg: dict) -> str:
+    """A Hugging Face config's MLP activation (hidden_activation, else hidden_act; a nested text_config for
+    multimodal ones) as one of ACTS; silu when it names none. DnError for any other."""
+    cfg = cfg.get("text_config") or cfg
+    name = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    if name not in HF_ACTS:
+        raise DnError(f"the sparse path runs MLP activations {', '.join(sorted(HF_ACTS))}; the model uses {name!r}")
+    return HF_ACTS[name]
 
 
 def bundle(gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
@@ -126,10 +158,10 @@ def predict(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
 
 
 def estimate(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
-    """x [T, d] -> the router's estimate of every neuron's activation silu(g^) * u^, [T, n] (float32)."""
+    """x [T, d] -> the router's estimate of every neuron's activation act(g^) * u^, [T, n] (float32)."""
     n = layer.prior_c.shape[0]
     p = predict(x, layer)
-    return silu(p[:, :n]) * p[:, n:]
+    return act(layer.act, p[:, :n]) * p[:, n:]
 
 
 def scores(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
@@ -157,7 +189,7 @@ def sparse_mlp_step(x: np.ndarray, bundled: np.ndarray, layer: LayerSparse,
     for t in range(len(x)):                                # per token: only its kept neurons are read
         k = np.flatnonzero(mask[t])
         g, u = w[k, 0] @ x64[t], w[k, 1] @ x64[t]
-        h = silu(g) * u - layer.prior_c[k]                 # prior: subtract the kept neurons' c
+        h = act(layer.act, g) * u - layer.prior_c[k]                 # prior: subtract the kept neurons' c
         y[t] = h @ w[k, 2] + layer.prior_y0
     if layer.prior_a is not None:                          # sketch: the router's estimate of the skipped
         est = np.where(mask, 0, estimate(x, layer)).astype(np.float64)
@@ -165,8 +197,9 @@ def sparse_mlp_step(x: np.ndarray, bundled: np.ndarray, layer: LayerSparse,
     return y
 
 
-def dense_mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
-    return (silu(x @ gate.T) * (x @ up.T)) @ down.T
+def dense_mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+              name: str = DEFAULT_ACT) -> np.ndarray:
+    return (act(name, x @ gate.T) * (x @ up.T)) @ down.T
 
 
 # ---- fitting (numpy, on calibration MLP inputs) --------------------------------------------------
@@ -205,7 +238,7 @@ def fit_prior(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
         return
     if kind != "median":
         raise DnError(f"unknown prior {kind!r} (choose from {', '.join(PRIORS)})")
-    h = silu(x @ gate.T) * (x @ up.T)                               # [T, n]
+    h = act(layer.act, x @ gate.T) * (x @ up.T)                     # [T, n]
     skipped = ~route_mask(x, layer)
     with warnings.catch_warnings():  # a neuron never skipped has no median: c = 0
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -224,7 +257,8 @@ def fit_threshold(x: np.ndarray, down: np.ndarray, layer: LayerSparse) -> np.nda
 
 
 def fit_layer(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, keep: int,
-              rank: int, prior: str, router: str = DEFAULT_ROUTER, select: str = DEFAULT_SELECT) -> LayerSparse:
+              rank: int, prior: str, router: str = DEFAULT_ROUTER, select: str = DEFAULT_SELECT,
+              name: str = DEFAULT_ACT) -> LayerSparse:
     """x [T, d] calibration MLP inputs of one layer (float32) -> its fitted router, selection and prior."""
     n, d = gate.shape
     if router == "int4":
@@ -237,17 +271,20 @@ def fit_layer(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
         raise DnError(f"unknown router {router!r} (choose from {', '.join(ROUTERS)})")
     if select not in SELECTS:
         raise DnError(f"unknown selection {select!r} (choose from {', '.join(SELECTS)})")
-    layer = LayerSparse(keep, a, b, np.zeros(n, np.float32), np.zeros(d, np.float32), router, select)
+    if name not in ACTS:
+        raise DnError(f"unknown activation {name!r} (choose from {', '.join(ACTS)})")
+    layer = LayerSparse(keep, a, b, np.zeros(n, np.float32), np.zeros(d, np.float32), router, select, act=name)
     if select == "threshold":
         layer.thresh = fit_threshold(x, down, layer)
     fit_prior(x, gate, up, down, layer, prior)
     return layer
 
 
-def oracle_mask(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Per token t, the counts[t] neurons with the largest true |silu(G x) * U x| * |D[:, j]|: the best any
+def oracle_mask(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, counts: np.ndarray,
+                name: str = DEFAULT_ACT) -> np.ndarray:
+    """Per token t, the counts[t] neurons with the largest true |act(G x) * U x| * |D[:, j]|: the best any
     router keeping that many can do. Bool [T, n]."""
-    h = np.abs(silu(x @ gate.T) * (x @ up.T)) * np.linalg.norm(down, axis=0)
+    h = np.abs(act(name, x @ gate.T) * (x @ up.T)) * np.linalg.norm(down, axis=0)
     order = np.argsort(-h, axis=1, kind="stable")
     mask = np.zeros(h.shape, bool)
     np.put_along_axis(mask, order, np.arange(h.shape[1])[None] < np.asarray(counts)[:, None], axis=1)
@@ -295,6 +332,9 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
             raise DnError(f"sparse spec {key} is {section.get(key)!r}, the model has {want}")
     if section.get("router") not in ROUTERS or section.get("prior") not in PRIORS:
         raise DnError(f"sparse spec: unknown router/prior {section.get('router')!r}/{section.get('prior')!r}")
+    act_name = section.get("act", DEFAULT_ACT)   # files before GeGLU support: silu
+    if act_name not in ACTS:
+        raise DnError(f"sparse spec: unknown activation {act_name!r}")
     keep = section.get("keep")
     if not isinstance(keep, list) or len(keep) != num_layers or not all(
             isinstance(k, int) and 0 < k <= intermediate for k in keep):
@@ -318,17 +358,17 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
             if info is None or tuple(info["shape"]) != shape:
                 raise DnError(f"{path.name}: layers.{i}.{name} is "
                               f"{'missing' if info is None else tuple(info['shape'])}, expected {shape}")
-    layers = _Layers(path, list(shapes), keep, kind, select)
+    layers = _Layers(path, list(shapes), keep, kind, select, act_name)
     fields = {k: section[k] for k in ("sparsity", "hidden", "intermediate", "router", "rank", "prior",
                                       "keep", "calibration") if k in section}
-    return SparseSpec(**fields, select=select, layers=layers if lazy else list(layers), version=version)
+    return SparseSpec(**fields, select=select, act=act_name, layers=layers if lazy else list(layers), version=version)
 
 
 class _Layers(Sequence):
     """The layers of a sparse file, layer i read from it (plain reads, not a mapping) each time it is asked for."""
 
-    def __init__(self, path: Path, names: list[str], keep: list[int], kind: str, select: str):
-        self.path, self.names, self.keep, self.kind, self.select = path, names, keep, kind, select
+    def __init__(self, path: Path, names: list[str], keep: list[int], kind: str, select: str, name: str):
+        self.path, self.names, self.keep, self.kind, self.select, self.act = path, names, keep, kind, select, name
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -343,7 +383,8 @@ class _Layers(Sequence):
         got = {n: stored[f"layers.{i}.{n}"][0] for n in self.names}
         got = {n: a if a.dtype == np.uint8 else a.astype(np.float32, copy=False) for n, a in got.items()}
         return LayerSparse(self.keep[i], got["router.a"], got["router.b"], got["prior.c"], got["prior.y0"],
-                           self.kind, self.select, got.get("router.t"), got.get("prior.a"), got.get("prior.b"))
+                           self.kind, self.select, got.get("router.t"), got.get("prior.a"), got.get("prior.b"),
+                           self.act)
 
 
 def load_for_model(model_dir: Path, spec, lazy: bool = False) -> SparseSpec:

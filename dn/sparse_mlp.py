@@ -31,7 +31,7 @@ class SparseMLP:
         router and prior alone (residency holds the neurons), at the dtype and device of `like`."""
         o = self.ops
         self.keep, self.n, self.path, self.oracle = layer.keep, layer.prior_c.shape[0], path, False
-        self.router, self.select = layer.router, layer.select
+        self.router, self.select, self.act = layer.router, layer.select, layer.act
         self.tape, self.replay = None, None   # see tape_routes
         like = bundled if bundled is not None else o.weight_like(proj[0]) if proj is not None else like
         if bundled is not None:
@@ -57,20 +57,20 @@ class SparseMLP:
     # ---- routing ----------------------------------------------------------------------------------
 
     def estimate(self, x):
-        """x [T, d] -> the router's estimate silu(g^) * u^ of every neuron's activation, [T, n] float32."""
+        """x [T, d] -> the router's estimate act(g^) * u^ of every neuron's activation, [T, n] float32."""
         o = self.ops
         if self.router == "int4":
             p = o.int4_matmul(x, self.router_q)
         else:
             p = (o.float32(x) @ self.router_a) @ self.router_b
-        return o.silu(p[:, :self.n]) * p[:, self.n:]
+        return o.act(self.act, p[:, :self.n]) * p[:, self.n:]
 
     def scores(self, x, est=None):
         """x [T, d] -> router scores [T, n] float32 (est: the estimate, when already computed)."""
         o = self.ops
         if self.oracle:  # route by the true activations (quality baselines only)
             g, u = self._project(x)
-            return o.float32(o.abs(o.silu(g) * u))
+            return o.float32(o.abs(o.act(self.act, g) * u))
         return o.abs(self.estimate(x) if est is None else est)
 
     def route(self, x, est=None):
@@ -108,7 +108,8 @@ class SparseMLP:
         same = t == 1 or self.select == "topk"   # every row keeps the same count: [T, k] indices exist
         path = self.path
         if path == "auto":
-            fused = self.bundled is not None and same and o.fused_available(x)
+            # the GPU kernels compute silu only
+            fused = self.bundled is not None and same and self.act == "silu" and o.fused_available(x)
             path = "fused" if fused else (
                 "gather" if same and t * self.keep * 3 * d <= GATHER_LIMIT else "masked")
         if path == "masked":
@@ -130,7 +131,7 @@ class SparseMLP:
 
     def _masked(self, x, mask):
         g, u = self._project(x)
-        h = self.ops.silu(g) * u - self.prior_c
+        h = self.ops.act(self.act, g) * u - self.prior_c
         h = h * self.ops.cast(mask, h)
         down = h @ self.bundled[:, 2] if self.bundled is not None else self.down_proj(h)
         return down + self.prior_y0
@@ -143,7 +144,7 @@ class SparseMLP:
             wg, wu, wd = w[:, :, 0], w[:, :, 1], w[:, :, 2]
         else:
             wg, wu = (o.rows(p, idx.reshape(-1)).reshape(t, k, -1) for p in (self.gate_proj, self.up_proj))
-        h = o.silu(o.rowdot(wg, x)) * o.rowdot(wu, x) - o.take(self.prior_c, idx)
+        h = o.act(self.act, o.rowdot(wg, x)) * o.rowdot(wu, x) - o.take(self.prior_c, idx)
         if self.bundled is not None:
             return o.rowsum(h, wd) + self.prior_y0
         # stored down is [d, n] in its own format: run it on the kept activations scattered back to [T, n]

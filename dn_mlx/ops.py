@@ -46,6 +46,13 @@ def silu(x: mx.array) -> mx.array:
     return nn.silu(x)
 
 
+def act(name: str, x: mx.array) -> mx.array:
+    """The gated MLP's activation by name (dn.sparse.ACTS)."""
+    if name == "gelu_tanh":
+        return nn.gelu_approx(x)
+    return nn.silu(x)
+
+
 def abs(x: mx.array) -> mx.array:
     return mx.abs(x)
 

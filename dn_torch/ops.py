@@ -47,6 +47,13 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return nn.functional.silu(x)
 
 
+def act(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's activation by name (dn.sparse.ACTS)."""
+    if name == "gelu_tanh":
+        return nn.functional.gelu(x, approximate="tanh")
+    return nn.functional.silu(x)
+
+
 def abs(x: torch.Tensor) -> torch.Tensor:
     return x.abs()
 

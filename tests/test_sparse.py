@@ -23,10 +23,10 @@ def _weights(rng, d=D, n=N):
     return tuple(rng.standard_normal(s).astype(np.float32) * 0.1 for s in ((n, d), (n, d), (d, n)))
 
 
-def _layer(rng, keep, router="int4", prior="median", d=D, n=N, select=sparse.DEFAULT_SELECT):
+def _layer(rng, keep, router="int4", prior="median", d=D, n=N, select=sparse.DEFAULT_SELECT, act="silu"):
     gate, up, down = _weights(rng, d, n)
     x = rng.standard_normal((256, d)).astype(np.float32)
-    return sparse.fit_layer(x, gate, up, down, keep, 16, prior, router, select), (gate, up, down)
+    return sparse.fit_layer(x, gate, up, down, keep, 16, prior, router, select, act), (gate, up, down)
 
 
 def test_reference_keep_all_no_prior_is_dense():
@@ -143,6 +143,41 @@ def test_spec_roundtrip(tmp_path, router, select, prior):
         np.testing.assert_array_equal(sparse.sparse_mlp_step(x, bq, a), sparse.sparse_mlp_step(x, bq, b))
 
 
+def test_gelu_tanh_is_torchs_tanh_gelu():
+    torch = pytest.importorskip("torch")
+    x = np.linspace(-8, 8, 1001)
+    want = torch.nn.functional.gelu(torch.as_tensor(x), approximate="tanh").numpy()
+    np.testing.assert_allclose(sparse.act("gelu_tanh", x), want, rtol=1e-12, atol=1e-12)
+    assert np.abs(sparse.act("gelu_tanh", x) - sparse.act("silu", x)).max() > 0.1   # not silu by another name
+
+
+@pytest.mark.parametrize("cfg,want", [({}, "silu"), ({"hidden_act": "silu"}, "silu"),
+                                      ({"hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu"}, "gelu_tanh"),
+                                      ({"text_config": {"hidden_activation": "gelu_pytorch_tanh"}}, "gelu_tanh")])
+def test_act_from_config(cfg, want):
+    assert sparse.act_of_config(cfg) == want
+
+
+def test_act_from_config_unsupported():
+    with pytest.raises(DnError, match="relu"):
+        sparse.act_of_config({"hidden_act": "relu"})
+
+
+def test_act_roundtrip_and_old_files_are_silu(tmp_path):
+    rng = np.random.default_rng(5)
+    fitted = [_layer(rng, 48, act="gelu_tanh")[0] for _ in range(2)]
+    s = sparse.SparseSpec(0.5, D, N, rank=16, prior="median", act="gelu_tanh", keep=[48, 48], layers=fitted)
+    section = json.loads(json.dumps(sparse.save(s, tmp_path)))
+    assert section["act"] == "gelu_tanh"
+    back = sparse.load(tmp_path, section, 2, D, N)
+    assert back.act == "gelu_tanh" and all(lay.act == "gelu_tanh" for lay in back.layers)
+    section.pop("act")   # a file written before the field existed
+    back = sparse.load(tmp_path, section, 2, D, N)
+    assert back.act == "silu" and all(lay.act == "silu" for lay in back.layers)
+    with pytest.raises(DnError, match="activation"):
+        sparse.load(tmp_path, section | {"act": "relu"}, 2, D, N)
+
+
 def test_v1_spec_still_loads_as_topk(tmp_path):
     s = _spec(np.random.default_rng(5), select="topk")
     section = sparse.save(s, tmp_path) | {"version": 1}
@@ -211,6 +246,37 @@ def test_backend_step_matches_reference(backend_name, dtype, router, select, pri
            "gather": np.concatenate([sparse_mlp.step(x[t:t + 1], mlp, "gather") for t in range(len(x))])}
     for path, y in got.items():
         np.testing.assert_allclose(y, want, rtol=tol.rtol, atol=tol.atol * scale, err_msg=path)
+
+
+@pytest.mark.parametrize("prior", ["median", "sketch"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_backend_gelu_tanh_step_matches_reference(backend_name, dtype, prior):
+    """GeGLU (Gemma): the reference with act gelu_tanh against each backend's gather and masked paths, and the
+    router's estimate (it routes and feeds the sketch) against the reference's."""
+    from dn.safetensors_io import bf16_to_f32, f32_to_bf16
+
+    mod = backends.get(backend_name)
+    rng = np.random.default_rng(13)
+    layer, (g, u, dn) = _layer(rng, 40, "int4", prior, act="gelu_tanh")
+    silu_layer = sparse.fit_layer(rng.standard_normal((256, D)).astype(np.float32), g, u, dn, 40, 16, prior)
+    mlp = mod.make_sparse_mlp(sparse.bundle(g, u, dn), layer, dtype)
+    assert mlp.act == "gelu_tanh"
+    x = rng.standard_normal((5, D)).astype(np.float32)
+    bq = sparse.bundle(g, u, dn)
+    if dtype == "bfloat16":
+        bq, x = bf16_to_f32(f32_to_bf16(bq)), bf16_to_f32(f32_to_bf16(x))
+        layer.prior_c = bf16_to_f32(f32_to_bf16(layer.prior_c))
+        layer.prior_y0 = bf16_to_f32(f32_to_bf16(layer.prior_y0))
+    mask = sparse_mlp.route(x, mlp)
+    assert (mask == sparse.route_mask(x, layer)).mean() >= 0.99
+    want = sparse.sparse_mlp_step(x, bq, layer, mask)
+    other = sparse.sparse_mlp_step(x, bq, silu_layer, mask)
+    tol, scale = KERNEL[dtype], np.abs(want).max()
+    got = {"masked": sparse_mlp.step(x, mlp, "masked"),
+           "gather": np.concatenate([sparse_mlp.step(x[t:t + 1], mlp, "gather") for t in range(len(x))])}
+    for path, y in got.items():
+        np.testing.assert_allclose(y, want, rtol=tol.rtol, atol=tol.atol * scale, err_msg=path)
+        assert np.abs(y - other).max() > 3 * tol.atol * scale, path   # silu would not pass
 
 
 @pytest.mark.parametrize("prior", ["median", "sketch"])
