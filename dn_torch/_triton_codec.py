@@ -156,3 +156,248 @@ def matvec(p, x: torch.Tensor, shape) -> torch.Tensor:
         LANES=p.lanes, STEPS=p.steps, MAXLEN=p.maxlen, BF16=p.dtype == "bfloat16", BP=bp,
         num_warps=max(1, p.lanes // 32))
     return y.to(x.dtype)
+
+
+# ---- fixed4: the runtime layout of dn/codec_runtime.py ------------------------------------------------------
+# Every weight decodes on its own: rank = its nibble, symbol = table[rank] (rank 15: an escape, fixed by a
+# second pass), bits = join(symbol, raw byte). Where the element count is even (every real projection), a
+# program reads nibble bytes and raw bytes as uint16 pairs, contiguous, so the loads vectorise: element 2j is
+# the low nibble of byte j and the low byte of raw pair j.
+
+ESCAPE = 15
+
+
+@triton.jit
+def _f4_bits(rank, raw, table, BF16: tl.constexpr):
+    """rank, raw (int32) -> the weight's 16 bits in the low half of an int32 (escapes: table[15], i.e. 0)."""
+    sym = tl.load(table + rank).to(tl.int32)
+    if BF16:
+        return ((raw & 0x80) << 8) | (sym << 7) | (raw & 0x7F)
+    return (sym << 8) | raw
+
+
+@triton.jit
+def _f4_float(bits, BF16: tl.constexpr):
+    """16 bits (int32) -> float32 value."""
+    if BF16:
+        return (bits << 16).to(tl.float32, bitcast=True)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _f4_weight(rank, raw, table, BF16: tl.constexpr):
+    """The main pass's weight: escapes count as 0 (their corrections are added separately)."""
+    return tl.where(rank == ESCAPE, 0.0, _f4_float(_f4_bits(rank, raw, table, BF16), BF16))
+
+
+@triton.jit
+def _f4_decode_kernel(table, nib, raw, raw16, out, out32, N, BF16: tl.constexpr, PAIRED: tl.constexpr,
+                      F32: tl.constexpr, BLOCK: tl.constexpr):
+    """F32: out holds float32 values (the exact upcast); else int16 bits."""
+    pid = tl.program_id(0).to(tl.int64)
+    if PAIRED:  # N even: BLOCK pairs, from contiguous nibble bytes and raw uint16 pairs
+        j = pid * BLOCK + tl.arange(0, BLOCK)
+        m = j < N // 2
+        byte = tl.load(nib + j, mask=m, other=0).to(tl.int32)
+        r2 = tl.load(raw16 + j, mask=m, other=0).to(tl.int32)
+        lo = _f4_bits(byte & 15, r2 & 0xFF, table, BF16)
+        hi = _f4_bits(byte >> 4, (r2 >> 8) & 0xFF, table, BF16)
+        if F32:
+            tl.store(out + 2 * j, _f4_float(lo, BF16), mask=m)
+            tl.store(out + 2 * j + 1, _f4_float(hi, BF16), mask=m)
+        else:  # one int32 store per pair, element 2j in the low half
+            tl.store(out32 + j, (lo & 0xFFFF) | (hi << 16), mask=m)
+    else:
+        e = pid * BLOCK + tl.arange(0, BLOCK)
+        m = e < N
+        byte = tl.load(nib + (e >> 1), mask=m, other=0).to(tl.int32)
+        rank = (byte >> ((e & 1) * 4).to(tl.int32)) & 15
+        bits = _f4_bits(rank, tl.load(raw + e, mask=m, other=0).to(tl.int32), table, BF16)
+        if F32:
+            tl.store(out + e, _f4_float(bits, BF16), mask=m)
+        else:
+            tl.store(out + e, bits.to(tl.int16), mask=m)
+
+
+@triton.jit
+def _f4_escape_decode_kernel(raw, out, esc_index, esc_symbol, E, BF16: tl.constexpr, F32: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    """Second pass of decode: each escape's own symbol, after the main pass wrote table[15] there."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < E
+    idx = tl.load(esc_index + i, mask=m, other=0).to(tl.int64)
+    sym = tl.load(esc_symbol + i, mask=m, other=0).to(tl.int32)
+    r = tl.load(raw + idx, mask=m, other=0).to(tl.int32)
+    if BF16:
+        bits = ((r & 0x80) << 8) | (sym << 7) | (r & 0x7F)
+    else:
+        bits = (sym << 8) | r
+    if F32:
+        tl.store(out + idx, _f4_float(bits, BF16), mask=m)
+    else:
+        tl.store(out + idx, bits.to(tl.int16), mask=m)
+
+
+@triton.jit
+def _f4_escapes(acc, raw, x, esc_index, esc_symbol, row_ptr, n0, IN, OUT, B, stride_x, BF16: tl.constexpr,
+                BP: tl.constexpr, BLOCK_N: tl.constexpr, ESC_BLOCK: tl.constexpr):
+    """acc[b, r - n0] += x[b, col] * w for the escapes of rows n0 .. n0 + BLOCK_N (row_ptr: CSR by row)."""
+    lo = tl.load(row_ptr + n0)
+    hi = tl.load(row_ptr + tl.minimum(n0 + BLOCK_N, OUT))
+    b = tl.arange(0, BP)
+    for e0 in range(lo, hi, ESC_BLOCK):
+        ei = e0 + tl.arange(0, ESC_BLOCK)
+        em = ei < hi
+        idx = tl.load(esc_index + ei, mask=em, other=0).to(tl.int64)
+        sym = tl.load(esc_symbol + ei, mask=em, other=0).to(tl.int32)
+        r = tl.load(raw + idx, mask=em, other=0).to(tl.int32)
+        if BF16:
+            bits = ((r & 0x80) << 8) | (sym << 7) | (r & 0x7F)
+        else:
+            bits = (sym << 8) | r
+        w = _f4_float(bits, BF16)
+        row = (idx // IN - n0).to(tl.int32)
+        xv = tl.load(x + b[:, None] * stride_x + (idx % IN)[None, :], mask=(b < B)[:, None] & em[None, :],
+                     other=0.0).to(tl.float32)
+        hit = (row[:, None] == tl.arange(0, BLOCK_N)[None, :]) & em[:, None]  # [E, BLOCK_N]
+        # where, not a product with a one-hot: an escape may be Inf/NaN and must reach its own row only
+        acc += tl.sum(tl.where(hit[None, :, :], (xv * w[None, :])[:, :, None], 0.0), axis=1)
+    return acc
+
+
+@triton.jit
+def _f4_matvec_kernel(table, nib, raw, raw16, x, y, esc_index, esc_symbol, row_ptr, B, IN, OUT, stride_x, stride_y,
+                      BF16: tl.constexpr, PAIRED: tl.constexpr, BP: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ESC_BLOCK: tl.constexpr):
+    """y[:B, rows] = x W[rows].T for BLOCK_N rows, over this program's share of the columns (SPLIT_K > 1: fp32
+    atomics into a zeroed y). Multiply-accumulate in fp32; escapes counted as 0, then added from the CSR list."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    rows = n0 + tl.arange(0, BLOCK_N)
+    rmask = rows < OUT
+    rows64 = rows.to(tl.int64)
+    b = tl.arange(0, BP)
+    bmask = b < B
+    acc = tl.zeros([BP, BLOCK_N], tl.float32)
+    chunk = tl.cdiv(tl.cdiv(IN, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * chunk
+    k_hi = tl.minimum(k_lo + chunk, IN)
+    if PAIRED:  # IN even: nibble byte j and raw pair j of a row hold its columns 2j and 2j + 1
+        H: tl.constexpr = BLOCK_K // 2
+        for j0 in range(k_lo // 2, k_hi // 2, H):
+            j = j0 + tl.arange(0, H)
+            jm = j < k_hi // 2
+            m = rmask[:, None] & jm[None, :]
+            off = rows64[:, None] * (IN // 2) + j[None, :]
+            byte = tl.load(nib + off, mask=m, other=0).to(tl.int32)
+            r2 = tl.load(raw16 + off, mask=m, other=0).to(tl.int32)
+            w_lo = tl.where(m, _f4_weight(byte & 15, r2 & 0xFF, table, BF16), 0.0)
+            w_hi = tl.where(m, _f4_weight(byte >> 4, (r2 >> 8) & 0xFF, table, BF16), 0.0)
+            xp = x + b[:, None] * stride_x + 2 * j[None, :]
+            xm = bmask[:, None] & jm[None, :]
+            xe = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
+            xo = tl.load(xp + 1, mask=xm, other=0.0).to(tl.float32)
+            acc += tl.sum(xe[:, None, :] * w_lo[None, :, :], axis=2) + tl.sum(xo[:, None, :] * w_hi[None, :, :], axis=2)
+    else:  # odd IN: a row's first element may sit in a high nibble
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            c = k0 + tl.arange(0, BLOCK_K)
+            cm = c < k_hi
+            m = rmask[:, None] & cm[None, :]
+            e = rows64[:, None] * IN + c[None, :]
+            byte = tl.load(nib + (e >> 1), mask=m, other=0).to(tl.int32)
+            rank = (byte >> ((e & 1) * 4).to(tl.int32)) & 15
+            w = tl.where(m, _f4_weight(rank, tl.load(raw + e, mask=m, other=0).to(tl.int32), table, BF16), 0.0)
+            xv = tl.load(x + b[:, None] * stride_x + c[None, :], mask=bmask[:, None] & cm[None, :],
+                         other=0.0).to(tl.float32)
+            acc += tl.sum(xv[:, None, :] * w[None, :, :], axis=2)
+    if pid_k == 0:
+        acc = _f4_escapes(acc, raw, x, esc_index, esc_symbol, row_ptr, n0, IN, OUT, B, stride_x, BF16, BP, BLOCK_N,
+                          ESC_BLOCK)
+    yp = y + b[:, None] * stride_y + rows[None, :]
+    ym = bmask[:, None] & rmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(yp, acc.to(y.dtype.element_ty), mask=ym)
+    else:
+        tl.atomic_add(yp, acc, mask=ym)
+
+
+def _nonempty(t: torch.Tensor) -> torch.Tensor:
+    """Triton wants a real pointer even where nothing is read."""
+    return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
+
+
+def _pairs(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """a (1-D, even length) viewed as pairs, or None where its storage is not aligned for that."""
+    if a.numel() % 2 or a.data_ptr() % (2 * a.element_size()):
+        return None
+    return a.view(dtype)
+
+
+def coded_dtype(t) -> str:
+    """The 16-bit format of a fixed4 holder: `coded` (dn_torch.codec.CodecLinear) or `dtype` (RuntimeTensor)."""
+    return getattr(t, "coded", None) or t.dtype
+
+
+def fixed4_decode(t, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A fixed4 tensor on the device -> its weights, bit-exact with dn.codec_runtime.decode: int16 bits [n], or
+    into out[:n] when given as int16, the coded dtype (the same bits) or float32 (the exact upcast). t: anything
+    holding the RuntimeTensor fields as torch tensors (table, nibbles, raw, esc_index, esc_symbol) and
+    `coded` or `dtype` naming the format."""
+    n = t.raw.numel()
+    out = torch.empty(n, dtype=torch.int16, device=t.raw.device) if out is None else out[:n]
+    bf16 = coded_dtype(t) == "bfloat16"
+    f32 = out.dtype == torch.float32
+    dst = out if f32 else out.view(torch.int16)  # bf16/fp16 out: the same bits
+    raw16 = _pairs(t.raw, torch.int16)
+    out32 = dst if f32 else _pairs(dst, torch.int32)
+    paired = raw16 is not None and out32 is not None
+    block = 1024
+    grid = (triton.cdiv(n // 2 if paired else n, block),)
+    _f4_decode_kernel[grid](t.table, t.nibbles, t.raw, raw16 if paired else t.raw, dst, out32 if paired else dst,
+                            n, BF16=bf16, PAIRED=paired, F32=f32, BLOCK=block)
+    e = t.esc_index.numel()
+    if e:
+        _f4_escape_decode_kernel[(triton.cdiv(e, 256),)](t.raw, dst, t.esc_index, t.esc_symbol, e, BF16=bf16,
+                                                         F32=f32, BLOCK=256)
+    return out
+
+
+def row_pointers(t, n_out: int, n_in: int) -> torch.Tensor:
+    """int32 [out + 1]: escapes of row r are esc_index[ptr[r]:ptr[r + 1]] (the list is ascending). Derived once
+    per tensor and kept on it: 4 bytes per row, about 0.001 bits per weight at 4096 columns."""
+    cached = getattr(t, "_dn_row_ptr", None)
+    if cached is None or cached.device != t.esc_index.device or cached.numel() != n_out + 1:
+        starts = torch.arange(n_out + 1, device=t.esc_index.device, dtype=torch.int64) * n_in
+        cached = torch.searchsorted(t.esc_index.long(), starts).to(torch.int32)
+        t._dn_row_ptr = cached
+    return cached
+
+
+def fixed4_config(batch: int) -> dict:
+    """Tile sizes per batch: the [batch, rows, columns / 2] product tile stays at <= 4096 floats per program."""
+    bp = triton.next_power_of_2(max(1, batch))
+    block_n = 8
+    return {"BLOCK_N": block_n, "BLOCK_K": min(512, 8192 // (bp * block_n)), "SPLIT_K": 1}
+
+
+def fixed4_matvec(t, x: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """y = x @ W.T for a fixed4 W [out, in] (t as in fixed4_decode, t.shape its shape) and x [B, in], B <= 16,
+    decoding W in registers: one kernel launch (two with SPLIT_K > 1: the cast). Sums in float32 in another order
+    than cuBLAS: close to dn.codec_runtime.matvec (within dn.tolerances.KERNEL), not bit-identical."""
+    n_out, n_in = t.shape
+    if x.dim() != 2 or x.shape[1] != n_in or not 1 <= x.shape[0] <= 16:
+        raise ValueError(f"fixed4_matvec: x must be [1..16, {n_in}], got {list(x.shape)}")
+    cfg = fixed4_config(x.shape[0]) | (config or {})
+    xc = x.contiguous()
+    split = cfg["SPLIT_K"]
+    y = (torch.zeros if split > 1 else torch.empty)(x.shape[0], n_out, dtype=torch.float32 if split > 1 else x.dtype,
+                                                    device=x.device)
+    raw16 = _pairs(t.raw, torch.int16) if n_in % 2 == 0 else None
+    grid = (triton.cdiv(n_out, cfg["BLOCK_N"]), split)
+    _f4_matvec_kernel[grid](t.table, t.nibbles, t.raw, t.raw if raw16 is None else raw16, xc, y,
+                            _nonempty(t.esc_index), _nonempty(t.esc_symbol), row_pointers(t, n_out, n_in),
+                            x.shape[0], n_in, n_out, xc.stride(0), y.stride(0), BF16=coded_dtype(t) == "bfloat16",
+                            PAIRED=raw16 is not None, BP=triton.next_power_of_2(x.shape[0]), BLOCK_N=cfg["BLOCK_N"],
+                            BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split, ESC_BLOCK=16, num_warps=cfg.get("num_warps", 4))
+    return y if split == 1 else y.to(x.dtype)

@@ -101,9 +101,10 @@ def collect_mlp_inputs(model, token_batches: list[np.ndarray]) -> list[np.ndarra
 if triton is not None:
     @triton.jit
     def _fused_kernel(x_ptr, w_ptr, idx_ptr, c_ptr, y_ptr, K, D: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GELU: tl.constexpr):
         """One program: BLOCK_K kept neurons. Pass 1 dots their gate/up rows with x; pass 2 adds
-        (silu(g)*u - c) times their down rows into y (fp32 atomics across programs)."""
+        (act(g)*u - c) times their down rows into y (fp32 atomics across programs). act: silu, or GELU's tanh
+        approximation (tanh through exp: the interpreter and every backend have it)."""
         pid = tl.program_id(0)
         ks = pid * BLOCK_K + tl.arange(0, BLOCK_K)
         live = ks < K
@@ -112,31 +113,38 @@ if triton is not None:
         u = tl.zeros([BLOCK_K], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
-            xv = tl.load(x_ptr + ds).to(tl.float32)
+            dm = ds < D  # D need not be a multiple of BLOCK_D
+            xv = tl.load(x_ptr + ds, mask=dm, other=0.0).to(tl.float32)
             off = rows[:, None] + ds[None, :]
-            wg = tl.load(w_ptr + off, mask=live[:, None], other=0.0).to(tl.float32)
-            wu = tl.load(w_ptr + off + D, mask=live[:, None], other=0.0).to(tl.float32)
+            m = live[:, None] & dm[None, :]
+            wg = tl.load(w_ptr + off, mask=m, other=0.0).to(tl.float32)
+            wu = tl.load(w_ptr + off + D, mask=m, other=0.0).to(tl.float32)
             g += tl.sum(wg * xv[None, :], axis=1)
             u += tl.sum(wu * xv[None, :], axis=1)
         c = tl.load(c_ptr + tl.load(idx_ptr + ks, mask=live, other=0), mask=live, other=0.0).to(tl.float32)
-        h = g / (1.0 + tl.exp(-g)) * u - c
-        h = tl.where(live, h, 0.0)
+        if GELU:
+            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            a = 0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))  # 0.5 g (1 + tanh z)
+        else:
+            a = g / (1.0 + tl.exp(-g))
+        h = tl.where(live, a * u - c, 0.0)
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
+            dm = ds < D
             off = rows[:, None] + 2 * D + ds[None, :]
-            wd = tl.load(w_ptr + off, mask=live[:, None], other=0.0).to(tl.float32)
-            tl.atomic_add(y_ptr + ds, tl.sum(wd * h[:, None], axis=0))
+            wd = tl.load(w_ptr + off, mask=live[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            tl.atomic_add(y_ptr + ds, tl.sum(wd * h[:, None], axis=0), mask=dm)
 
 
 def _fused_step(x: torch.Tensor, bundled: torch.Tensor, idx: torch.Tensor, c: torch.Tensor,
-               y0: torch.Tensor, block_k: int = 16, block_d: int = 256) -> torch.Tensor:
-    """One token: x [1, d], bundled [n, 3, d], idx [k] -> y [1, d] (Triton, fp32 accumulation)."""
+               y0: torch.Tensor, block_k: int = 16, block_d: int = 256, act: str = "silu") -> torch.Tensor:
+    """One token: x [1, d], bundled [n, 3, d], idx [k] -> y [1, d] (Triton, fp32 accumulation); act: silu or
+    gelu_tanh (dn.sparse.ACTS)."""
     d, k = x.shape[-1], idx.numel()
-    if d % block_d:
-        block_d = 64 if d % 64 == 0 else d
+    block_d = min(block_d, triton.next_power_of_2(d))  # any d: the kernel masks the last block
     y = y0.float().clone()
     _fused_kernel[(triton.cdiv(k, block_k),)](x.reshape(-1).contiguous(), bundled, idx.contiguous(), c, y,
-                                              k, D=d, BLOCK_K=block_k, BLOCK_D=block_d)
+                                              k, D=d, BLOCK_K=block_k, BLOCK_D=block_d, GELU=act == "gelu_tanh")
     return y.to(x.dtype).view(1, d)
 
 
