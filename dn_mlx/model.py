@@ -233,6 +233,8 @@ def hidden_states(model, tokens: np.ndarray) -> list[np.ndarray]:
     ids = mx.array(np.asarray(tokens))
     inner = model.model
     sink = [inner.embed_tokens(ids)]
+    if getattr(model, "model_type", None) == "gemma3_text":  # Gemma3Model scales its embedding, as torch's module
+        sink[0] = sink[0] * mx.array(inner.args.hidden_size ** 0.5, mx.bfloat16).astype(sink[0].dtype)
     layers = list(inner.layers)
     inner.layers[:] = [_Tap(layer, sink) for layer in layers]
     try:

@@ -142,9 +142,19 @@ def _load_plain(model_dir: Path, spec: ModelSpec, dtype: torch.dtype, resident: 
 
 
 def _rotary(model, config) -> None:
-    """Non-persistent buffers (rotary frequencies) are never stored: rebuilt, in float32 as from_pretrained
-    leaves them."""
+    """Non-persistent buffers (rotary frequencies, Gemma's embedding scale) are never stored: rebuilt, in float32
+    as from_pretrained leaves them."""
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(_device())
+    emb = model.model.embed_tokens
+    if "embed_scale" in emb._buffers:
+        emb._buffers["embed_scale"] = torch.tensor(embed_scale(config.hidden_size), device=_device())
+
+
+def embed_scale(hidden: int) -> float:
+    """Gemma's embedding scale sqrt(hidden) rounded to bfloat16, as mlx-lm computes it at every dtype (and
+    transformers at bfloat16: 25.25, not 25.298, for 640): the model was trained at bfloat16, and in float32
+    the two stacks then compute the same model."""
+    return float(torch.tensor(hidden ** 0.5, dtype=torch.bfloat16))
 
 
 def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: torch.dtype, resident: bool = False):

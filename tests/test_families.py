@@ -1,4 +1,7 @@
-"""Every supported family, as a tiny random model: both backends agree and match the numpy reference."""
+"""Every supported family, as a tiny random model: both backends agree and match the numpy reference.
+
+The tiny Gemma 3 has a sliding window (8) shorter than the 24 tokens, a full-attention second layer with its own
+rope base, and an attention scale that is not 1/sqrt(head_dim), so each of these has to reach both backends."""
 
 import json
 
@@ -19,6 +22,11 @@ def tiny_model(path, model_type: str, inter: int = INTER):
            "rms_norm_eps": 1e-6, "max_position_embeddings": 128, "tie_word_embeddings": model_type != "mistral",
            "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}}
     shapes = {"model.embed_tokens.weight": (VOCAB, H), "model.norm.weight": (H,)}
+    if model_type == "gemma3_text":
+        cfg |= {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": 8, "query_pre_attn_scalar": 24,
+                "layer_types": ["sliding_attention", "full_attention"], "rope_local_base_freq": 10000.0,
+                "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 50000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}
     if not cfg["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (VOCAB, H)
     for i in range(LAYERS):
@@ -31,11 +39,14 @@ def tiny_model(path, model_type: str, inter: int = INTER):
         if model_type == "qwen2":
             shapes |= {p + f"self_attn.{n}_proj.bias": (d,) for n, d in (("q", HEADS * HD), ("k", KV * HD),
                                                                          ("v", KV * HD))}
-        if model_type == "qwen3":
+        if model_type in ("qwen3", "gemma3_text"):
             shapes |= {p + "self_attn.q_norm.weight": (HD,), p + "self_attn.k_norm.weight": (HD,)}
+        if model_type == "gemma3_text":
+            shapes |= {p + "pre_feedforward_layernorm.weight": (H,), p + "post_feedforward_layernorm.weight": (H,)}
     weights = {}
+    norm_base = 0.0 if model_type == "gemma3_text" else 1.0  # Gemma's norms scale by 1 + w
     for name, shape in shapes.items():
-        x = 1 + 0.1 * rng.standard_normal(shape) if "norm" in name else 0.2 * rng.standard_normal(shape)
+        x = norm_base + 0.1 * rng.standard_normal(shape) if "norm" in name else 0.2 * rng.standard_normal(shape)
         weights[name] = (safetensors_io.f32_to_bf16(x.astype(np.float32)), "BF16")
     path.mkdir()
     safetensors_io.save(weights, path / "model.safetensors")
@@ -43,7 +54,7 @@ def tiny_model(path, model_type: str, inter: int = INTER):
     return path
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
 def test_family_runs_on_both_backends(tmp_path, model_type):
     pytest.importorskip("mlx_lm")
     from dn import backend as backends
@@ -51,14 +62,15 @@ def test_family_runs_on_both_backends(tmp_path, model_type):
     model_dir = tiny_model(tmp_path / model_type, model_type)
     spec = load_spec(model_dir)
     tokens = np.random.default_rng(1).integers(0, VOCAB, size=(1, 24))
-    w = reference.layer_weights(model_dir, spec, 0)
     out = {}
     for name in ("mlx", "torch"):
         be = backends.get(name)
         model = be.load(model_dir, spec, "float32")
         out[name] = be.logits(model, tokens)[0]
         hidden = be.hidden_states(model, tokens)
-        ref = reference.decoder_layer(hidden[0], w, spec.architecture)
-        assert np.abs(ref - hidden[1]).max() / np.abs(ref).max() < PARITY["float32"].hidden_rel_err, name
+        for i in range(LAYERS):
+            w = reference.layer_weights(model_dir, spec, i)
+            ref = reference.decoder_layer(hidden[i], w, spec.architecture, i)
+            assert np.abs(ref - hidden[i + 1]).max() / np.abs(ref).max() < PARITY["float32"].hidden_rel_err, (name, i)
     err = np.abs(out["mlx"] - out["torch"]).max(-1) / np.abs(out["torch"]).max(-1)
     assert err.max() < PARITY["float32"].max_rel_err
