@@ -1,26 +1,31 @@
 """Sparse MLP step latency vs dense, per keep fraction, batch of one token (torch backend).
 
-Paths: dense (three matmuls), gather (index_select of bundled rows + three contractions), routed (the
-int4 router, top-k and the step), sketch (routed + the sketch prior), fused (the fused gather kernel,
-Triton on CUDA). Ratios are against dense measured in the same run; absolute times are
-meaningful only on a GPU. Also checks the Triton kernel against the numpy reference (--check).
-    python benchmarks/bench_sparse.py --d 576 --n 1536 --dtype float32            # CPU, default model shape
-    python benchmarks/bench_sparse.py --d 4096 --n 14336 --dtype bfloat16 --check  # H100
+Paths, each against torch's dense MLP (three F.linear at the same dtype) timed in the same run:
+  gather   the plain path on given kept rows: index_select of bundled rows + three contractions
+  native   the C kernel (dn/csrc/sparse.c) on the same kept neurons, read in place from the bundles
+  router   the int4 router alone (estimate through torch's packed int4 kernel + selection): its cost
+  routed   the whole step: int4 router, top-k, the kept neurons (auto path: native on CPU), prior none
+  sketch   routed + the sketch prior (int4 down through the same packed kernel)
+  fused    the Triton kernel on the given kept rows (CUDA)
+Ratios are against dense measured in the same run; absolute times are meaningful only on the machine recorded.
+Also checks the kernels against the numpy reference (--check). Timer and JSON: dn/benchmark.py.
+    python benchmarks/bench_sparse.py --d 4096 --n 14336 --dtype bfloat16 --threads 1 \
+        --json docs/results/bench-sparse-cpu-4096x14336.json                             # CPU, Llama-3-8B MLP
+    python benchmarks/bench_sparse.py --d 576 --n 1536 --dtype bfloat16 --threads 1     # default model shape
+    python benchmarks/bench_sparse.py --d 4096 --n 14336 --dtype bfloat16 --check      # GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 
 import numpy as np
 import torch
 
 from dn import backend as backends
+from dn import benchmark, sparse_mlp
 from dn import sparse as ref
-from dn import sparse_mlp
 from dn.tolerances import KERNEL
 
 be = backends.get("torch")
@@ -28,21 +33,10 @@ be = backends.get("torch")
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def timeit(fn, iters: int) -> float:
-    """Median seconds per call over `iters` calls, after warm-up."""
-    for _ in range(5):
-        fn()
-    cuda = torch.cuda.is_available()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def timeit(fn, reps: int) -> float:
+    """Median seconds per call (dn.benchmark.timer; CUDA synchronized)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else None
+    return benchmark.timer(fn, reps=reps, warmup=3, sync=sync)["median_s"]
 
 
 def random_layer(rng, d: int, n: int, keep: int, rank: int = 16) -> ref.LayerSparse:
@@ -69,8 +63,9 @@ def check(dev: str) -> list[dict]:
             mask = sparse_mlp.route(x, mlp)
             want = ref.sparse_mlp_step(xq, bq, layer, mask)
             tol = KERNEL[dtype]
-            fused = mlp.ops.fused_available(mlp.prior_c)
-            for path in ("gather", "fused") if fused else ("gather",):
+            paths = ["gather"] + ["fused"] * mlp.ops.fused_available(mlp.prior_c) + [
+                "native"] * mlp.ops.native_available(mlp.prior_c, mlp.bundled)
+            for path in paths:
                 got = sparse_mlp.step(x, mlp, path)
                 err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-12))
                 ok = bool(np.allclose(got, want, rtol=tol.rtol, atol=tol.atol * np.abs(want).max()))
@@ -78,41 +73,51 @@ def check(dev: str) -> list[dict]:
     return out
 
 
-def bench(d: int, n: int, dtype: str, keeps: list[float], iters: int, dev: str) -> list[dict]:
+def bench(d: int, n: int, dtype: str, keeps: list[float], reps: int, dev: str) -> list[dict]:
+    from dn_torch import sparse as ts
+
     g = torch.Generator(device="cpu").manual_seed(0)
     dt = DT[dtype]
     gate, up = (torch.randn(n, d, generator=g) * 0.02 for _ in range(2))
     down = torch.randn(d, n, generator=g) * 0.02
+    qa, qs = ref.quantize_int4(torch.cat([gate, up]).numpy())      # the int4 router of [G; U]
+    pa, pb = ref.quantize_int4(down.numpy())                        # the sketch prior of D
     gate, up, down = (t.to(dev, dt) for t in (gate, up, down))
-    bundled = torch.stack([gate, up, down.T], dim=1).contiguous()
+    bundled = torch.stack([gate, up, down.T], dim=1).contiguous()   # the layout SparseMLP computes on
     x = torch.randn(1, d, generator=g).to(dev, dt)
     f = torch.nn.functional
 
     def dense():
         return f.linear(f.silu(f.linear(x, gate)) * f.linear(x, up), down)
 
-    t_dense = timeit(dense, iters)
+    zero_c, zero_y0 = np.zeros(n, np.float32), np.zeros(d, np.float32)
+    routed = ts.SparseMLP(bundled, ref.LayerSparse(n, qa, qs, zero_c, zero_y0, "int4", "topk"))   # no copy
+    sketched = ts.SparseMLP(bundled, ref.LayerSparse(n, qa, qs, zero_c, zero_y0, "int4", "topk", None, pa, pb))
+    native = routed.ops.native_available(x, bundled)
+    fused = routed.ops.fused_available(x)
+    t_dense = timeit(dense, reps)
     rows = [{"keep": 1.0, "path": "dense", "us": t_dense * 1e6, "ratio": 1.0}]
-    qa, qs = ref.quantize_int4(torch.cat([gate, up]).float().cpu().numpy())
-    pa, pb = ref.quantize_int4(down.float().cpu().numpy())
-    for keep in keeps:
-        k = max(1, round(keep * n))
-        layer = ref.LayerSparse(k, np.zeros((d, 1), np.float32), np.zeros((1, 2 * n), np.float32),
-                                np.zeros(n, np.float32), np.zeros(d, np.float32))
-        b = bundled.float().cpu().numpy()
-        mlp = be.make_sparse_mlp(b, layer, dtype, dev)
-        idx = torch.randperm(n, generator=g)[:k].sort().values.to(dev)[None]
-        routed = be.make_sparse_mlp(b, ref.LayerSparse(k, qa, qs, layer.prior_c, layer.prior_y0, "int4"), dtype, dev)
-        sketched = be.make_sparse_mlp(b, ref.LayerSparse(k, qa, qs, layer.prior_c, layer.prior_y0, "int4",
-                                                         "topk", None, pa, pb), dtype, dev)
-        fns = {"gather": lambda m=mlp, i=idx: m._gather(x, i),
-               "routed": lambda m=routed: m(x),      # int4 router (quantized matmul) + top-k + step
-               "sketch": lambda m=sketched: m(x)}    # the same + the sketch prior (int4 down, quantized matmul)
-        if mlp.ops.fused_available(x):
-            fns["fused"] = lambda m=mlp, i=idx: m.ops.fused_step(x, m.bundled, i, m.prior_c, m.prior_y0)
-        for path, fn in fns.items():
-            t = timeit(fn, iters)
-            rows.append({"keep": keep, "path": path, "us": t * 1e6, "ratio": t / t_dense})
+    with torch.inference_mode():
+        for keep in keeps:
+            k = max(1, round(keep * n))
+            routed.keep = sketched.keep = k
+            idx = torch.randperm(n, generator=g)[:k].sort().values.to(dev)[None]
+            mask = torch.zeros(1, n, dtype=torch.bool, device=dev)
+            mask[0, idx[0]] = True
+            fns = {"gather": lambda i=idx: routed._gather(x, i),
+                   "router": lambda: routed.route(x),
+                   "routed": lambda: routed(x),
+                   "sketch": lambda: sketched(x)}
+            if native:
+                fns["native"] = lambda m=mask: routed.ops.native_step(x, bundled, m, routed.prior_c,
+                                                                      routed.prior_y0, "silu")
+            if fused:
+                fns["fused"] = lambda i=idx: routed.ops.fused_step(x, bundled, i, routed.prior_c, routed.prior_y0)
+            for path, fn in fns.items():
+                if path == "router" and keep != keeps[0]:
+                    continue  # the router's work does not depend on keep
+                t = timeit(fn, reps)
+                rows.append({"keep": keep, "path": path, "us": t * 1e6, "ratio": t / t_dense})
     return rows
 
 
@@ -120,27 +125,28 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--d", type=int, default=576)
     p.add_argument("--n", type=int, default=1536)
-    p.add_argument("--dtype", default="float32", choices=list(DT))
-    p.add_argument("--keeps", default="0.1,0.25,0.5,0.7,0.9")
-    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--dtype", default="bfloat16", choices=list(DT))
+    p.add_argument("--keeps", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None, help="torch (and the C kernel's OpenMP) threads")
     p.add_argument("--check", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    result = {"device": name, "d": args.d, "n": args.n, "dtype": args.dtype, "batch": 1,
-              "command": " ".join(["python"] + sys.argv)}
-    if args.check:
-        result["check"] = check(dev)
-    result["rows"] = bench(args.d, args.n, args.dtype, [float(k) for k in args.keeps.split(",")], args.iters, dev)
-    for r in result["rows"]:
-        print(f"keep {r['keep']:.2f} {r['path']:8s} {r['us']:9.1f} us  {r['ratio']:.2f}x dense")
-    for c in result.get("check", []):
+    extra = {"device": name, "d": args.d, "n": args.n, "dtype": args.dtype, "batch": 1,
+             "threads": torch.get_num_threads()}
+    check_rows = check(dev) if args.check else []
+    rows = bench(args.d, args.n, args.dtype, [float(k) for k in args.keeps.split(",")], args.reps, dev)
+    for r in rows:
+        print(f"keep {r['keep']:.2f} {r['path']:8s} {r['us']:10.1f} us  {r['ratio']:.3f}x dense")
+    for c in check_rows:
         print("check", c)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0 if all(c["ok"] for c in result.get("check", [])) else 1
+        benchmark.write(benchmark.report(rows, ["python"] + sys.argv, **extra, check=check_rows), args.json)
+    return 0 if all(c["ok"] for c in check_rows) else 1
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 GATHER_LIMIT = 1 << 22  # elements of [T, k, 3, d] above which a step uses the masked path
-PATHS = ("auto", "gather", "masked", "fused")
+NATIVE_TOKENS = 4       # tokens up to which auto takes the C kernel (decode); more: masked reads each weight once
+PATHS = ("auto", "gather", "masked", "fused", "native")
 
 
 class SparseMLP:
@@ -107,13 +108,17 @@ class SparseMLP:
         t, d = x.shape
         same = t == 1 or self.select == "topk"   # every row keeps the same count: [T, k] indices exist
         path = self.path
-        if path == "auto":
-            # the GPU kernels compute silu only
-            fused = self.bundled is not None and same and self.act == "silu" and o.fused_available(x)
+        if path == "auto" and self.bundled is not None and t <= NATIVE_TOKENS and o.native_available(x, self.bundled):
+            path = "native"
+        elif path == "auto":
+            # the GPU kernels compute silu only, one token
+            fused = self.bundled is not None and t == 1 and self.act == "silu" and o.fused_available(x)
             path = "fused" if fused else (
                 "gather" if same and t * self.keep * 3 * d <= GATHER_LIMIT else "masked")
         if path == "masked":
             return self._masked(x, mask)
+        if path == "native":  # any count per token: no kept_indices
+            return o.native_step(x, self.bundled, mask, self.prior_c, self.prior_y0, self.act)
         if not same:
             raise ValueError(f"path {path!r} needs the same kept count per token; use 'masked'")
         idx = o.kept_indices(mask)                                # [T, k], sorted

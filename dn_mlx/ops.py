@@ -122,6 +122,15 @@ def int4_matmul(x: mx.array, lin: nn.Module) -> mx.array:
     return lin(x.astype(lin.scales.dtype)).astype(mx.float32)
 
 
+def native_available(x: mx.array, bundled: mx.array) -> bool:
+    """dn/csrc/sparse.c takes host pointers; MLX arrays would need a copy out, so MLX runs its own paths."""
+    return False
+
+
+def native_step(x, bundled, mask, c, y0, name):
+    raise NotImplementedError("the C sparse kernel runs on torch's CPU tensors (native_available is False)")
+
+
 def fused_available(x: mx.array) -> bool:
     """The fused sparse kernels run here: Metal on an Apple GPU."""
     return mx.metal.is_available() and mx.default_device() == mx.gpu

@@ -4,6 +4,8 @@ dn_mlx/ops.py has the same functions; a test checks the two modules match, name 
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import torch
 from torch import nn
@@ -121,6 +123,47 @@ def int4_linear(packed: np.ndarray, scales: np.ndarray, like: torch.Tensor) -> n
 def int4_matmul(x: torch.Tensor, lin: nn.Module) -> torch.Tensor:
     """x [T, k] @ W.T through an int4_linear, in its compute dtype -> [T, m] float32."""
     return lin(x.to(lin.compute_dtype)).float()
+
+
+def native_available(x: torch.Tensor, bundled: torch.Tensor) -> bool:
+    """The C kernel (dn/csrc/sparse.c) runs here: CPU tensors, bf16 or float32, a compiler (dn.native)."""
+    return (x.device.type == "cpu" and bundled.dtype in _NATIVE and x.dtype == bundled.dtype
+            and _native() is not None)
+
+
+def native_step(x: torch.Tensor, bundled: torch.Tensor, mask: torch.Tensor, c: torch.Tensor, y0: torch.Tensor,
+                name: str) -> torch.Tensor:
+    """x [T, d], bundled [n, 3, d], mask bool [T, n] (any count per token) -> y [T, d] through the C kernel: the
+    kept neurons read from their bundles in place, each once for every token keeping it, float32 accumulation."""
+    from dn import native
+
+    t, d = x.shape
+    x, mask = x.contiguous(), mask.contiguous()
+    y = torch.empty(t, d, dtype=torch.float32)
+    y.copy_(y0)  # a fresh buffer: the kernel accumulates into it
+    _NATIVE[bundled.dtype](_native())(native.ptr(x), native.ptr(bundled), native.ptr(mask), t, bundled.shape[0], d,
+                                      native.ptr(c), native.ptr(y), _ACTS[name], torch.get_num_threads())
+    return y.to(x.dtype)
+
+
+_ACTS = {"silu": 0, "gelu_tanh": 1}  # dn/csrc/sparse.c's act kinds
+_NATIVE = {torch.bfloat16: lambda lib: lib.dn_sparse_kept_bf16, torch.float32: lambda lib: lib.dn_sparse_kept_f32}
+
+
+def _native():
+    """dn/csrc/sparse.c's library with its argument types, or None (DN_NATIVE=0, no compiler)."""
+    from dn import native
+
+    lib = native.library("sparse")  # built and loaded once; None whenever DN_NATIVE=0 now
+    if lib is not None and id(lib) not in _TYPED:
+        i64, p = ctypes.c_int64, ctypes.c_void_p
+        for f in (lib.dn_sparse_kept_bf16, lib.dn_sparse_kept_f32):
+            f.argtypes, f.restype = [p, p, p, i64, i64, i64, p, p, ctypes.c_int, ctypes.c_int], None
+        _TYPED.add(id(lib))
+    return lib
+
+
+_TYPED: set[int] = set()
 
 
 def fused_available(x: torch.Tensor) -> bool:

@@ -244,8 +244,18 @@ def test_backend_step_matches_reference(backend_name, dtype, router, select, pri
     scale = np.abs(want).max()
     got = {"masked": sparse_mlp.step(x, mlp, "masked"),   # all tokens; gather: one token per step
            "gather": np.concatenate([sparse_mlp.step(x[t:t + 1], mlp, "gather") for t in range(len(x))])}
+    got |= _native_paths(mlp, x)
     for path, y in got.items():
         np.testing.assert_allclose(y, want, rtol=tol.rtol, atol=tol.atol * scale, err_msg=path)
+
+
+def _native_paths(mlp, x) -> dict:
+    """The C kernel (dn/csrc/sparse.c, torch on CPU) where it runs: all tokens at once (each bundle read once for
+    the tokens keeping it) and one token per step, as decoding calls it. Empty elsewhere (MLX, DN_NATIVE=0)."""
+    if not mlp.ops.native_available(mlp.prior_c, mlp.bundled):
+        return {}
+    return {"native": sparse_mlp.step(x, mlp, "native"),
+            "native-1": np.concatenate([sparse_mlp.step(x[t:t + 1], mlp, "native") for t in range(len(x))])}
 
 
 @pytest.mark.parametrize("prior", ["median", "sketch"])
@@ -274,6 +284,8 @@ def test_backend_gelu_tanh_step_matches_reference(backend_name, dtype, prior):
     tol, scale = KERNEL[dtype], np.abs(want).max()
     got = {"masked": sparse_mlp.step(x, mlp, "masked"),
            "gather": np.concatenate([sparse_mlp.step(x[t:t + 1], mlp, "gather") for t in range(len(x))])}
+    got |= _native_paths(mlp, x)
+    assert backend_name != "torch" or "native" in got or os.environ.get("DN_NATIVE") == "0"
     for path, y in got.items():
         np.testing.assert_allclose(y, want, rtol=tol.rtol, atol=tol.atol * scale, err_msg=path)
         assert np.abs(y - other).max() > 3 * tol.atol * scale, path   # silu would not pass
@@ -291,7 +303,7 @@ def test_backend_step_with_no_neuron_kept(backend_name, prior):
     mlp = mod.make_sparse_mlp(sparse.bundle(g, u, dn), layer, "float32")
     assert not sparse_mlp.route(x, mlp).any()
     want = sparse.sparse_mlp_step(x, sparse.bundle(g, u, dn), layer)
-    paths = ["gather", "masked"] + [p for p in [_hardware_path(mlp)] if p]
+    paths = ["gather", "masked"] + [p for p in [_hardware_path(mlp)] if p] + list(_native_paths(mlp, x[:1]))[:1]
     for path in paths:
         got = np.concatenate([sparse_mlp.step(x[t:t + 1], mlp, path) for t in range(len(x))])
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(np.abs(want).max(), 1e-6), err_msg=path)
