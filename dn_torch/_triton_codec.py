@@ -164,7 +164,7 @@ def matvec(p, x: torch.Tensor, shape) -> torch.Tensor:
 # program reads nibble bytes and raw bytes as uint16 pairs, contiguous, so the loads vectorise: element 2j is
 # the low nibble of byte j and the low byte of raw pair j.
 
-ESCAPE = 15
+ESCAPE = tl.constexpr(15)  # dn.codec_runtime.ESCAPE; kernels read only constexpr globals
 
 
 @triton.jit
@@ -284,9 +284,8 @@ def _f4_matvec_kernel(table, nib, raw, raw16, x, y, esc_index, esc_symbol, row_p
     k_lo = pid_k * chunk
     k_hi = tl.minimum(k_lo + chunk, IN)
     if PAIRED:  # IN even: nibble byte j and raw pair j of a row hold its columns 2j and 2j + 1
-        H: tl.constexpr = BLOCK_K // 2
-        for j0 in range(k_lo // 2, k_hi // 2, H):
-            j = j0 + tl.arange(0, H)
+        for j0 in range(k_lo // 2, k_hi // 2, BLOCK_K // 2):
+            j = j0 + tl.arange(0, BLOCK_K // 2)
             jm = j < k_hi // 2
             m = rmask[:, None] & jm[None, :]
             off = rows64[:, None] * (IN // 2) + j[None, :]
