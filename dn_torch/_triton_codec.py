@@ -383,7 +383,8 @@ def fixed4_config(batch: int) -> dict:
 def fixed4_matvec(t, x: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """y = x @ W.T for a fixed4 W [out, in] (t as in fixed4_decode, t.shape its shape) and x [B, in], B <= 16,
     decoding W in registers: one kernel launch (two with SPLIT_K > 1: the cast). Sums in float32 in another order
-    than cuBLAS: close to dn.codec_runtime.matvec (within dn.tolerances.KERNEL), not bit-identical."""
+    than cuBLAS: close to dn.codec_runtime.matvec (within dn.tolerances.KERNEL), not bit-identical. (Triton's
+    interpreter truncates the float32 -> bf16/fp16 cast of y, where a GPU rounds to nearest.)"""
     n_out, n_in = t.shape
     if x.dim() != 2 or x.shape[1] != n_in or not 1 <= x.shape[0] <= 16:
         raise ValueError(f"fixed4_matvec: x must be [1..16, {n_in}], got {list(x.shape)}")

@@ -86,29 +86,76 @@ def gpu_times(fn) -> dict:
         return {"graph_us": 1e6 * (time.perf_counter() - t0), "eager_us": 1e6 * (time.perf_counter() - t0)}
     from triton.testing import do_bench, do_bench_cudagraph
 
-    return {"graph_us": 1e3 * do_bench_cudagraph(fn, rep=100, return_mode="median"),
-            "eager_us": 1e3 * do_bench(fn, warmup=10, rep=100, return_mode="median")}
+    return {"graph_us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median"),
+            "eager_us": 1e3 * do_bench(fn, warmup=10, rep=50, return_mode="median")}
 
 
 def fixed4_configs(batch: int, quick: bool) -> list[dict]:
-    """The default tile choice first, then a small sweep (tile product <= 8192 floats)."""
+    """Stage 1 of the tile sweep: the default tiles, then rows x columns per step (one split, 4 warps) with the
+    [batch, rows, columns / 2] product tile at <= 8192 floats."""
     from dn_torch import _triton_codec as tk
 
     bp = 1 << (batch - 1).bit_length()
     out = [tk.fixed4_config(batch)]
     for bn in ((4, 8) if quick else (2, 4, 8, 16)):
         for bk in (256, 512, 1024):
-            for split in ((1,) if quick else (1, 2, 4)):
-                if bp * bn * bk // 2 <= 8192:
-                    out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split})
-    if not quick:
-        out += [c | {"num_warps": 8} for c in out[1:] if c["SPLIT_K"] == 1]
+            c = {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}
+            if bp * bn * bk // 2 <= 8192 and c not in out:
+                out.append(c)
     return out
+
+
+def refine(best: dict, quick: bool) -> list[dict]:
+    """Stage 2: the best stage-1 tiles with split-K and 8 warps."""
+    if quick:
+        return [best | {"SPLIT_K": 2}]
+    return [best | {"SPLIT_K": sk, "num_warps": w} for sk in (1, 2, 4) for w in (4, 8) if (sk, w) != (1, 4)]
+
+
+def fixed4_run(t, x, ref, dense: dict, cfg: dict) -> dict:
+    """One tile configuration: its error against the float32 product and its times."""
+    from dn_torch import _triton_codec as tk
+
+    try:
+        y = tk.fixed4_matvec(t, x, cfg).float()
+        tm = gpu_times(lambda: tk.fixed4_matvec(t, x, cfg))
+    except Exception as e:  # a tile the compiler refuses: recorded, the sweep goes on
+        return {"config": cfg, "error": repr(e)[:300]}
+    return {"config": cfg, "max_rel_err": float((y - ref).abs().max() / ref.abs().max()), **tm,
+            "speed_vs_bf16_gemv_graph": dense["graph_us"] / tm["graph_us"]}
+
+
+def fixed4_batch(t, w, shape, b: int, sweep_tiles: dict | None, quick: bool) -> dict:
+    """Batch b on one shape: cuBLAS, the fused kernel (a two-stage tile sweep when sweep_tiles is None, else the
+    default tiles and sweep_tiles), decode-then-GEMV."""
+    import torch
+
+    from dn_torch import _triton_codec as tk
+
+    x = torch.randn(b, shape[1], device=DEVICE).to(torch.bfloat16)
+    ref = x.float() @ w.float().T
+    dense = gpu_times(lambda: torch.nn.functional.linear(x, w))
+    configs = fixed4_configs(b, quick) if sweep_tiles is None else [tk.fixed4_config(b), sweep_tiles]
+    runs = [fixed4_run(t, x, ref, dense, c) for i, c in enumerate(configs) if c not in configs[:i]]
+
+    def good():
+        return [r for r in runs if "graph_us" in r and r["max_rel_err"] < 2e-2]
+
+    if sweep_tiles is None and good():
+        runs += [fixed4_run(t, x, ref, dense, c) for c in refine(min(good(), key=lambda r: r["graph_us"])["config"],
+                                                                 quick)]
+    scratch = torch.empty(shape, dtype=torch.bfloat16, device=DEVICE)
+    then = gpu_times(lambda: torch.nn.functional.linear(x, tk.fixed4_decode(t, scratch.view(-1)).view(shape)))
+    best = min(good(), key=lambda r: r["graph_us"]) if good() else None
+    if best:
+        print(f"fixed4 {shape} B={b}: dense {dense['graph_us']:.1f} us, fused {best['graph_us']:.1f} us "
+              f"({best['speed_vs_bf16_gemv_graph']:.2f}x bf16 GEMV speed) {best['config']}", flush=True)
+    return {"dense_us": dense, "sweep": runs, "decode_then_gemv_us": then, "best": best}
 
 
 def bench_fixed4(path: str, quick: bool) -> None:
     """fixed4: decode bit-exactness and GB/s; fused decode+GEMV vs cuBLAS bf16 GEMV at batch 1/4/16 (tile sweep
-    at 4096x4096, the best tiles per batch then on every shape); decode-then-GEMV for comparison."""
+    on the first shape, its best tiles per batch then on the others); decode-then-GEMV for comparison."""
     import types
 
     import numpy as np
@@ -117,13 +164,11 @@ def bench_fixed4(path: str, quick: bool) -> None:
     from dn import benchmark, codec_runtime
     from dn_torch import _triton_codec as tk
 
-    records = []
-    best = {}
+    records, best = [], {}
     for shape in FIXED4_SHAPES:
         w = (torch.randn(shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0)) * 0.02)
         w = w.to(torch.bfloat16)
-        bits = w.view(torch.int16).cpu().numpy().view(np.uint16)
-        rt = codec_runtime.from_bits(bits, "bfloat16")
+        rt = codec_runtime.from_bits(w.view(torch.int16).cpu().numpy().view(np.uint16), "bfloat16")
         fields = ("table", "nibbles", "raw", "esc_index", "esc_symbol")
         t = types.SimpleNamespace(dtype="bfloat16", shape=shape,
                                   **{k: torch.from_numpy(getattr(rt, k)).to(DEVICE) for k in fields})
@@ -135,39 +180,13 @@ def bench_fixed4(path: str, quick: bool) -> None:
                "decode_bit_exact": exact, "decode_us": dec, "copy_us": copy,
                "decode_GBps_bf16_out": 2 * rt.n / dec["graph_us"] / 1e3, "batches": {}}
         for b in BATCHES:
-            x = torch.randn(b, shape[1], device=DEVICE).to(torch.bfloat16)
-            ref = x.float() @ w.float().T
-            dense = gpu_times(lambda: torch.nn.functional.linear(x, w))  # noqa: B023
-            row = {"dense_us": dense}
-            configs = fixed4_configs(b, quick) if shape == FIXED4_SHAPES[0] else [best[b]]
-            if shape != FIXED4_SHAPES[0] and best[b] != tk.fixed4_config(b):
-                configs.insert(0, tk.fixed4_config(b))
-            sweep = []
-            for cfg in configs:
-                try:
-                    y = tk.fixed4_matvec(t, x, cfg).float()
-                    err = float((y - ref).abs().max() / ref.abs().max())
-                    tm = gpu_times(lambda c=cfg: tk.fixed4_matvec(t, x, c))  # noqa: B023
-                    sweep.append({"config": cfg, "max_rel_err": err, **tm,
-                                  "speed_vs_bf16_gemv_graph": dense["graph_us"] / tm["graph_us"]})
-                except Exception as e:  # a tile the compiler refuses: recorded, the sweep goes on
-                    sweep.append({"config": cfg, "error": repr(e)[:300]})
-            ok = [s for s in sweep if "graph_us" in s and s["max_rel_err"] < 2e-2]
-            if shape == FIXED4_SHAPES[0] and ok:
-                best[b] = min(ok, key=lambda s: s["graph_us"])["config"]
-            best.setdefault(b, tk.fixed4_config(b))
-            dt = gpu_times(lambda: torch.nn.functional.linear(x, tk.fixed4_decode(t, scratch).view(shape)))  # noqa: B023
-            row.update(sweep=sweep, decode_then_gemv_us=dt,
-                       best=min(ok, key=lambda s: s["graph_us"]) if ok else None)
+            row = fixed4_batch(t, w, shape, b, best.get(b) if records else None, quick)
+            if not records and row["best"]:
+                best[b] = row["best"]["config"]
             rec["batches"][str(b)] = row
-            if row["best"]:
-                print(f"fixed4 {shape} B={b}: dense {dense['graph_us']:.1f} us, fused {row['best']['graph_us']:.1f} us "
-                      f"({row['best']['speed_vs_bf16_gemv_graph']:.2f}x bf16 GEMV speed) {row['best']['config']}",
-                      flush=True)
         records.append(rec)
     benchmark.write(benchmark.report(records, target="fused decode+GEMV >= 1.0x bf16 GEMV speed at batch 1",
-                                     device=device_name(), best_configs={str(k): v for k, v in
-                                                                                        best.items()}), path)
+                                     device=device_name(), best_configs={str(k): v for k, v in best.items()}), path)
 
 
 def bench_sparse_kernel(path: str, quick: bool) -> None:
@@ -231,6 +250,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default=",".join(STEPS), help=f"some of {','.join(STEPS)}")
     p.add_argument("--quick", action="store_true", help="smaller sweeps, halved time limits")
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "gpu_out"))
+    p.add_argument("--budget", type=int, default=570, help="seconds for all steps (the device tool allows 600)")
     p.add_argument("--child", nargs=2, metavar=("STEP", "JSON"), help=argparse.SUPPRESS)
     p.add_argument("--dry", action="store_true", help=argparse.SUPPRESS)  # with --child, under TRITON_INTERPRET=1
     args = p.parse_args(argv)
@@ -274,13 +294,17 @@ def main(argv=None) -> int:
                          "--check", "--iters", "30", "--json", str(out / "bench_sparse.json")],
         "dnbench": dnbench_cmd(py, out),
     }
+    end = time.time() + args.budget
     with open(out / "gpu_check.log", "w") as log:
         for s in steps:
+            left = int(end - time.time())
             if isinstance(cmds[s], str):
                 summary["steps"][s] = {"rc": "skipped", "why": cmds[s]}
+            elif left < 30:
+                summary["steps"][s] = {"rc": "skipped", "why": f"--budget spent ({left} s left)"}
             else:
                 limit = LIMITS[s] // 2 if args.quick else LIMITS[s]
-                summary["steps"][s] = run_step(s, cmds[s], limit, log)
+                summary["steps"][s] = run_step(s, cmds[s], min(limit, left), log)
             (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     failed = [s for s, r in summary["steps"].items() if r["rc"] not in (0, "skipped")]
     print(f"gpu_check: done, results in {out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
