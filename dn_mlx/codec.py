@@ -1,14 +1,17 @@
-"""Lossless codec on MLX: a pure-MLX decoder (any device) and Metal kernels (decode, fused decode+GEMV),
-bit-exact against dn.codec; attach() keeps a model's projection weights coded and decodes one layer at a
-time, in one launch, when the layer runs.
+"""Lossless codec on MLX. The stored format (dn.codec, Huffman): a pure-MLX decoder (any device) and Metal
+kernels (decode, fused decode+GEMV), bit-exact against dn.codec. The runtime: attach() converts each coded
+projection at load into the fixed-width layout fixed4 (dn.codec_runtime) and decodes it per call with a
+vectorized pure-MLX path (logits bit-identical to dense), or, on a GPU, for a few rows of x, runs a fused
+fixed4 decode+GEMV kernel (Metal: metal/codec_fixed4.metal; CUDA: dn_mlx/cuda_fixed4.py).
 
-Kernel bodies live in metal/*.metal (see docs/metal.md); on Linux they are checked by compiling them as
-C++ (tests/test_metal_host.py), on Apple silicon they run through mx.fast.metal_kernel.
+Kernel bodies are checked on Linux by compiling them as C++ (tests/test_metal_host.py,
+tests/test_metal_fixed4_host.py); on a GPU they run through mx.fast.metal_kernel / mx.fast.cuda_kernel.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from dn import codec
+from dn import codec, codec_runtime
 from dn.errors import DnError
 
 _MAX_BATCH = 16  # matvec's fused kernel keeps B accumulators per thread
@@ -207,11 +210,7 @@ def matvec(enc: codec.EncodedTensor, x: mx.array) -> mx.array:
     """y = x @ W.T for x [B, in], B <= 16: the fused decode+GEMV kernel on Metal, else decode then matmul."""
     if len(enc.shape) != 2:
         raise DnError(f"codec: matvec needs a 2-D weight, got shape {tuple(enc.shape)}")
-    if x.ndim != 2 or x.shape[1] != enc.shape[1] or not 1 <= x.shape[0] <= _MAX_BATCH:
-        raise DnError(f"codec: matvec needs x of shape [B <= {_MAX_BATCH}, {enc.shape[1]}], "
-                      f"got {tuple(x.shape)}")
-    if not mx.issubdtype(x.dtype, mx.floating):
-        raise DnError(f"codec: matvec needs a floating x, got {x.dtype}")
+    _check_x(enc.shape, x)
     p = _pack(enc)
     if _on_metal() and _kernel_ok(p) and enc.shape[1] >= p.lanes and enc.n < 2**31:  # N is an int template
         return _matvec_metal(p, enc.shape, x)
@@ -219,41 +218,183 @@ def matvec(enc: codec.EncodedTensor, x: mx.array) -> mx.array:
     return x @ w.T
 
 
-class _Current:
-    """The decoded bits of the one layer being run, shared by that layer's projections: a layer is decoded
-    in one launch when its first projection runs and dropped when the next layer's first one does."""
+# ---- runtime layout fixed4 (dn.codec_runtime): what attach() holds and runs -------------------------------
 
-    def __init__(self):
-        self.packed, self.bits = None, None
+# DN_CODEC_FUSED=0 keeps GPU decode steps on decode + matmul too (logits bit-identical to dense everywhere).
+_FUSED = os.environ.get("DN_CODEC_FUSED", "1") != "0"
+_FIXED4_TG = 256  # fused kernel: threads per threadgroup (8 simdgroups / warps, one row each)
 
-    def get(self, packed: _Packed) -> mx.array:
-        if self.packed is not packed:
-            self.packed, self.bits = packed, _decode_packed(packed)
-        return self.bits
+
+class Fixed4(nn.Module):
+    """One coded 2-D weight in the layout fixed4 as MLX arrays, zero-padded to whole words (8 weights):
+    nibbles uint32 [ceil(n/8)], raw uint32 [2 ceil(n/8)], table uint64 [2] (the 16 symbol bytes), esc_index
+    int32 [e], esc_symbol uint8 [e]. With `fused`, also each escape's row, column and float32 weight for the
+    fused kernel's second pass (12 bytes per escape, about 0.03% of weights)."""
+
+    def __init__(self, rt: codec_runtime.RuntimeTensor, fused: bool = False):
+        super().__init__()
+        if len(rt.shape) != 2:
+            raise DnError(f"codec: the fixed4 runtime needs a 2-D weight, got shape {rt.shape}")
+        words = -(-rt.n // 8)
+        self.nibbles = mx.array(_padded(rt.nibbles, 4 * words).view(np.uint32))
+        self.raw = mx.array(_padded(rt.raw, 8 * words).view(np.uint32))
+        self.table = mx.array(rt.table.view(np.uint64))
+        self.esc_index, self.esc_symbol = mx.array(rt.esc_index), mx.array(rt.esc_symbol)
+        if fused and rt.esc_index.size:
+            rows, cols = np.divmod(rt.esc_index, rt.shape[1])
+            bits = codec.join(rt.esc_symbol, rt.raw[rt.esc_index], rt.dtype).astype(np.uint16)
+            self.esc_rows, self.esc_cols = mx.array(rows.astype(np.int32)), mx.array(cols.astype(np.int32))
+            self.esc_weight = mx.array(codec_runtime.to_float32(bits, rt.dtype))
+        object.__setattr__(self, "_meta", (rt.dtype, tuple(rt.shape), rt.n, int(rt.esc_index.size)))
+
+
+def _padded(a: np.ndarray, size: int) -> np.ndarray:
+    out = np.zeros(size, np.uint8)
+    out[:a.size] = a
+    return out
+
+
+def fixed4(enc: codec.EncodedTensor, fused: bool = False) -> Fixed4:
+    """A stored tensor -> its runtime layout on MLX (decoded with numpy once, at load)."""
+    if not isinstance(enc, codec.EncodedTensor):
+        raise DnError(f"codec: expected an EncodedTensor, got {type(enc).__name__}")
+    codec.verify(enc, "<argument>")
+    return Fixed4(codec_runtime.from_encoded(enc), fused)
+
+
+@functools.cache
+def _pairs(bf16: bool):
+    """Elementwise, fused by mx.compile: one nibble byte and its two raw bytes -> the two weights' 16 bits as
+    one uint32 (even element low). The 16-symbol table is two uint64 words: rank r's symbol is byte r % 8 of
+    word r // 8 (no gather). Escapes decode with symbol table[15] = 0; _decode_fixed4 adds theirs."""
+    at = (7, 23) if bf16 else (8, 24)
+
+    def f(nib, raw16, table):
+        b = nib.astype(mx.uint64)
+        lo, hi = b & 15, b >> 4
+        s_lo = (mx.where(lo > 7, table[1], table[0]) >> ((lo & 7) << 3)) & 0xFF
+        s_hi = (mx.where(hi > 7, table[1], table[0]) >> ((hi & 7) << 3)) & 0xFF
+        sym = ((s_lo << at[0]) | (s_hi << at[1])).astype(mx.uint32)
+        r = raw16.astype(mx.uint32)
+        r = (r & 0xFF) | ((r & 0xFF00) << 8)  # the two raw bytes, one per 16-bit half
+        return sym | (((r & 0x00800080) << 8) | (r & 0x007F007F) if bf16 else r)
+
+    return mx.compile(f)  # traced per shape (a model has a few); shapeless kernels run 3-8x slower on the CPU
+
+
+def _decode_fixed4(f: Fixed4) -> mx.array:
+    """-> uint16 bits [n], bit-exact (dn.codec_runtime.decode)."""
+    dtype, _, n, e = f._meta
+    bits = _pairs(dtype == "bfloat16")(f.nibbles.view(mx.uint8), f.raw.view(mx.uint16), f.table)
+    bits = bits.view(mx.uint16)[:n]
+    if e:  # an escape's symbol field decoded as 0: OR its symbol in (a plain scatter, any device and dtype)
+        shift = 7 if dtype == "bfloat16" else 8
+        bits[f.esc_index] = bits[f.esc_index] | (f.esc_symbol.astype(mx.uint16) << shift)
+    return bits
+
+
+def decode_fixed4(f: Fixed4) -> mx.array:
+    """Bits (uint16, the weight's shape) of a Fixed4, pure MLX on the default device."""
+    return _decode_fixed4(f).reshape(f._meta[1])
+
+
+def _gpu() -> str | None:
+    """'metal' or 'cuda' when MLX computes on that GPU: the fused fixed4 kernel's backends."""
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    return "cuda" if mx.cuda.is_available() else None
+
+
+def _fixed4_inputs(f: Fixed4, x: mx.array) -> list:
+    return [f.nibbles, f.raw, f.table.view(mx.uint8), x.astype(mx.float32)]
+
+
+def _fixed4_params(f: Fixed4, b: int) -> dict:
+    rows, k = f._meta[1]
+    return {"K": k, "ROWS": rows, "B": b, "BF16": f._meta[0] == "bfloat16"}
+
+
+@functools.cache
+def _fixed4_metal():
+    return mx.fast.metal_kernel(name="dn_codec_fixed4", input_names=["nibbles", "raw", "table", "x"],
+                                output_names=["y"], source=_source("codec_fixed4.metal"),
+                                header=_source("codec_common.h"))
+
+
+def _launch_fixed4(backend: str, inputs: list, params: dict, threads: int) -> mx.array:
+    """One fused launch: `threads` = whole threadgroups of _FIXED4_TG, one row per 32 threads."""
+    if backend == "metal":
+        kernel = _fixed4_metal()
+    else:
+        from dn_mlx import cuda_fixed4
+
+        kernel = cuda_fixed4.kernel()
+    return kernel(inputs=inputs, template=list(params.items()), grid=(threads, 1, 1),
+                  threadgroup=(_FIXED4_TG, 1, 1), output_shapes=[(params["B"], params["ROWS"])],
+                  output_dtypes=[mx.float32])[0]
+
+
+def _matvec_fixed4(f: Fixed4, x: mx.array, backend: str) -> mx.array:
+    """x [B <= 16, K] -> float32 [B, rows]: the fused kernel (escapes as 0), then the escapes' corrections."""
+    rows, _ = f._meta[1]
+    per_group = _FIXED4_TG // 32
+    threads = -(-rows // per_group) * _FIXED4_TG
+    y = _launch_fixed4(backend, _fixed4_inputs(f, x), _fixed4_params(f, x.shape[0]), threads)
+    if f._meta[3]:
+        y = y.at[:, f.esc_rows].add(x[:, f.esc_cols].astype(mx.float32) * f.esc_weight)
+    return y
+
+
+def matvec_fixed4(f: Fixed4, x: mx.array) -> mx.array:
+    """y = x @ W.T for x [B <= 16, in]: the fused kernel on a GPU (Metal or CUDA), else decode then matmul;
+    float32 accumulation, the result in x's dtype."""
+    _check_x(f._meta[1], x)
+    backend = _gpu()
+    if backend is not None:
+        if f._meta[3] and "esc_rows" not in f:
+            raise DnError("codec: this Fixed4 was built without the fused kernel's escape terms (fused=True)")
+        return _matvec_fixed4(f, x, backend).astype(x.dtype)
+    w = _weight(_decode_fixed4(f), f._meta[0], x.dtype).reshape(f._meta[1])
+    return x @ w.T
+
+
+def _check_x(shape, x: mx.array) -> None:
+    if x.ndim != 2 or x.shape[1] != shape[1] or not 1 <= x.shape[0] <= _MAX_BATCH:
+        raise DnError(f"codec: matvec needs x of shape [B <= {_MAX_BATCH}, {shape[1]}], got {tuple(x.shape)}")
+    if not mx.issubdtype(x.dtype, mx.floating):
+        raise DnError(f"codec: matvec needs a floating x, got {x.dtype}")
 
 
 class CodecLinear(nn.Module):
-    """nn.Linear whose weight is a slice of its layer's decoded pack, then the same matmul as nn.Linear, so
-    outputs are bit-identical to the dense layer. `dtype_ref` is a 0-d array that model.set_dtype casts
-    like the dense weight, so the decoded weight takes the dtype the dense one would have had."""
+    """nn.Linear over a fixed4 weight (dn_codec). Its decoded weight runs the exact nn.Linear expression, so
+    outputs are bit-identical to the dense layer; on a GPU, inputs of at most 16 rows (decode steps) take the
+    fused kernel instead (float32 sums in another order: within KERNEL tolerances, not bit-identical; turned
+    off by DN_CODEC_FUSED=0). `dtype_ref` is a 0-d array that model.set_dtype casts like the dense weight, so
+    the decoded weight takes the dtype the dense one would have had."""
 
-    def __init__(self, packed: _Packed, current: _Current, start: int, shape, bias: mx.array | None, dtype=None):
+    def __init__(self, f: Fixed4, bias: mx.array | None, dtype=None):
         super().__init__()
-        self.dtype_ref = mx.zeros((), dtype or _MX_DTYPES[packed._meta[3]])
+        self.dn_codec = f
+        self.dtype_ref = mx.zeros((), dtype or _MX_DTYPES[f._meta[0]])
         if bias is not None:
             self.bias = bias
-        # Plain attributes: the pack belongs to the layer's parameters (layer.dn_codec), counted once.
-        for k, v in (("_packed", packed), ("_current", current), ("_start", start), ("_shape", tuple(shape))):
-            object.__setattr__(self, k, v)
 
     @property
     def weight(self) -> mx.array:
-        """The decoded weight (its layer's pack is decoded once, when the layer's first projection asks)."""
-        n = self._shape[0] * self._shape[1]
-        bits = self._current.get(self._packed)[self._start:self._start + n]
-        return _weight(bits, self._packed._meta[3], self.dtype_ref.dtype).reshape(self._shape)
+        """The decoded weight, at dtype_ref's dtype (decoded on every call: nothing decoded is kept)."""
+        f = self.dn_codec
+        return _weight(_decode_fixed4(f), f._meta[0], self.dtype_ref.dtype).reshape(f._meta[1])
 
     def __call__(self, x: mx.array) -> mx.array:
+        f = self.dn_codec
+        backend = _gpu() if _FUSED else None
+        rows = x.size // x.shape[-1]
+        if backend is not None and rows <= _MAX_BATCH:
+            y = _matvec_fixed4(f, x.reshape(rows, x.shape[-1]), backend)
+            y = y.astype(self.dtype_ref.dtype).reshape(*x.shape[:-1], f._meta[1][0])
+            return y + self["bias"] if "bias" in self else y
         w = self.weight
         if "bias" in self:
             return mx.addmm(self["bias"], x, w.T)
@@ -261,29 +402,29 @@ class CodecLinear(nn.Module):
 
 
 def attach(model, model_dir: Path, spec) -> None:
-    """Replace every coded q/k/v/o/gate/up/down projection of model.model.layers by a CodecLinear; each
-    layer's coded tensors form one pack (layer.dn_codec), decoded in one launch when the layer runs. A layer's
-    coded tensors are read and packed before the next layer's are read."""
+    """Replace every coded q/k/v/o/gate/up/down projection of model.model.layers by a CodecLinear over its
+    fixed4 layout, built at load (the file stays format v1). A layer's coded tensors are read and converted
+    before the next layer's are read."""
     index = codec.load_index(Path(model_dir))
-    current, used = _Current(), set()
+    fused, used = _FUSED and _gpu() is not None, set()
     for i, layer in enumerate(model.model.layers):
         names = [(f"model.layers.{i}.{path}.weight", path) for path in _PROJ]
         names = [(name, path) for name, path in names if name in index]
         if not names:
             continue
         encs = codec.load_model_codec(Path(model_dir), [name for name, _ in names])
-        pk = codec.pack(encs)
-        del encs
-        layer.dn_codec = packed = _Packed(pk)
-        for (name, path), (_, start, shape) in zip(names, pk.slices):
+        for name, path in names:
+            enc = encs.pop(name)
             parent_name, attr = path.split(".")
             parent = getattr(layer, parent_name)
             old = getattr(parent, attr)
-            if tuple(old.weight.shape) != tuple(shape):
-                raise DnError(f"codec: {name} has shape {tuple(shape)}, the model expects "
+            if tuple(old.weight.shape) != tuple(enc.shape):
+                raise DnError(f"codec: {name} has shape {tuple(enc.shape)}, the model expects "
                               f"{tuple(old.weight.shape)}")
+            f = Fixed4(codec_runtime.from_encoded(enc), fused)
+            mx.eval(f.parameters())
             # the dense weight it replaces has the compute dtype already (attach may run after set_dtype)
-            setattr(parent, attr, CodecLinear(packed, current, start, shape, old.get("bias"), old.weight.dtype))
+            setattr(parent, attr, CodecLinear(f, old.get("bias"), old.weight.dtype))
             used.add(name)
     missing = sorted(set(index) - used)
     if missing:

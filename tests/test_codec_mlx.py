@@ -1,5 +1,6 @@
-"""dn_mlx.codec against the numpy reference (dn.codec): pure-MLX decode bit-exact, matvec within KERNEL
-tolerances, attach() bit-identical to the dense model; the Metal kernels when Metal is available."""
+"""dn_mlx.codec against the numpy references (dn.codec, dn.codec_runtime): pure-MLX decodes bit-exact (stored
+format and fixed4), matvecs within KERNEL tolerances, attach() bit-identical to the dense model; the Metal
+kernels when Metal is available, the CUDA fixed4 kernel when MLX runs on CUDA."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 mx = pytest.importorskip("mlx.core")
 
-from dn import codec, safetensors_io  # noqa: E402
+from dn import codec, codec_runtime, safetensors_io  # noqa: E402
 from dn.errors import DnError  # noqa: E402
 from dn.tolerances import KERNEL  # noqa: E402
 from dn_mlx import codec as mlx_codec  # noqa: E402
@@ -21,6 +22,8 @@ from dn_mlx import codec as mlx_codec  # noqa: E402
 METAL = mx.metal.is_available() and mx.default_device() == mx.gpu
 needs_metal = pytest.mark.skipif(not METAL, reason="no Metal GPU as MLX's default device (Apple silicon, "
                                                    "DN_MLX_DEVICE=gpu)")
+CUDA = mx.cuda.is_available() and mx.default_device() == mx.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="MLX does not run on CUDA here (mlx[cuda], DN_MLX_DEVICE=gpu)")
 SPECIAL = {"bfloat16": [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0xFFC1, 0x0001, 0x807F, 0x7F7F, 0x0080],
            "float16": [0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0xFE01, 0x0001, 0x83FF, 0x7BFF, 0x0400]}
 
@@ -171,11 +174,17 @@ def test_attach_bit_identical_to_dense(tiny_pair, dtype):
 
 @needs_metal
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_metal_attach_bit_identical_to_dense(tiny_pair, dtype):
-    _check_attach(tiny_pair, dtype)  # decoding through the Metal kernel
+def test_metal_attach_matches_dense(tiny_pair, dtype):
+    _check_attach(tiny_pair, dtype, fused=True)  # prefill: pure-MLX decode on the GPU; decode steps: fused kernel
 
 
-def _check_attach(tiny_pair, dtype):
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_attach_matches_dense(tiny_pair, dtype):
+    _check_attach(tiny_pair, dtype, fused=True)
+
+
+def _check_attach(tiny_pair, dtype, fused=False):
     from dn.memory import measure_load
     from dn.spec import load_spec
     from dn_mlx import model as mlx_model
@@ -193,8 +202,12 @@ def _check_attach(tiny_pair, dtype):
     cache_d, cache_c = mlx_model.make_cache(dense), mlx_model.make_cache(coded)
     mlx_model.logits(dense, tokens[:1, :5], cache_d)
     mlx_model.logits(coded, tokens[:1, :5], cache_c)
-    np.testing.assert_array_equal(mlx_model.logits(coded, tokens[:1, 5:6], cache_c),
-                                  mlx_model.logits(dense, tokens[:1, 5:6], cache_d))
+    got, want_step = (mlx_model.logits(m, tokens[:1, 5:6], c) for m, c in ((coded, cache_c), (dense, cache_d)))
+    if fused and mlx_codec._FUSED:  # the fused kernel sums in another order: close, not bit-identical
+        tol = KERNEL[dtype]
+        np.testing.assert_allclose(got, want_step, rtol=tol.rtol, atol=tol.atol * np.abs(want_step).max())
+    else:
+        np.testing.assert_array_equal(got, want_step)
     # Resident, as MLX's allocator measures the loads: the dense model minus its projection weights plus the
     # coded buffers (for tensors this small the 8 KiB LUTs dominate, so no "smaller" claim here; docs/results
     # has real ratios). Exact on the CPU build; Metal pads buffers over a page to 16 KiB pages.
@@ -204,6 +217,12 @@ def _check_attach(tiny_pair, dtype):
     assert not any(k.endswith("proj.weight") for k in coded_p)
     proj = sum(v.nbytes for k, v in dense_p.items() if k.endswith("proj.weight"))
     extra = sum(v.nbytes for k, v in coded_p.items() if ".dn_codec." in k or k.endswith("dtype_ref"))
+    # what the layers hold: dn.codec_runtime's fixed4 bytes, padded to whole words (+ the fused escape terms)
+    layers = [m for _, m in coded.named_modules() if isinstance(m, mlx_codec.CodecLinear)]
+    assert len(layers) == 7 * len(coded.model.layers)
+    fixed4 = sum(m.dn_codec.nibbles.nbytes + m.dn_codec.raw.nbytes + 16 + 5 * m.dn_codec._meta[3] for m in layers)
+    assert extra - sum(m.dtype_ref.nbytes for m in layers) == fixed4 + sum(
+        12 * m.dn_codec._meta[3] for m in layers if "esc_rows" in m.dn_codec)
     slack = 16384 * (len(dense_p) + len(coded_p)) if METAL else 0
     want = dense_mem["measured_resident_bytes"] - proj + extra
     assert abs(coded_mem["measured_resident_bytes"] - want) <= slack
@@ -259,3 +278,109 @@ def test_metal_matvec_matches_numpy(real_bits, b):
             tol = KERNEL["float32"]
             want = x.astype(np.float64) @ _as_float(bits, "bfloat16").T.astype(np.float64)
             np.testing.assert_allclose(np.array(y), want, rtol=tol.rtol, atol=tol.atol * np.abs(want).max())
+
+
+# ---- the runtime layout fixed4: pure-MLX decode (any device), fused kernels (GPU) ----------------------
+
+@st.composite
+def fixed4_bits(draw):
+    """2-D uint16 bits and their dtype: weight-like values over many exponents (so escapes occur), random
+    patterns and the special values, odd sizes included."""
+    dtype = draw(st.sampled_from(["bfloat16", "float16"]))
+    shape = (draw(st.integers(1, 40)), draw(st.integers(1, 70)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n = shape[0] * shape[1]
+    vals = (rng.standard_normal(n) * 10.0 ** rng.uniform(-8, 3, n)).astype(np.float32)
+    bits = (vals.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else vals.astype(
+        np.float16).view(np.uint16)
+    pick = rng.random(n)
+    noise = draw(st.sampled_from([0.0, 0.3]))
+    bits = np.where(pick < noise, rng.integers(0, 1 << 16, n, dtype=np.uint16), bits)
+    bits = np.where(pick > 0.9, rng.choice(np.array(SPECIAL[dtype], np.uint16), n), bits).astype(np.uint16)
+    return bits.reshape(shape), dtype
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fixed4_bits())
+def test_decode_fixed4_matches_numpy(case):
+    bits, dtype = case
+    rt = codec_runtime.from_bits(bits, dtype)
+    with mx.stream(mx.cpu):
+        got = mlx_codec.decode_fixed4(mlx_codec.Fixed4(rt))
+    assert got.dtype == mx.uint16 and tuple(got.shape) == bits.shape
+    np.testing.assert_array_equal(np.array(got), codec_runtime.decode(rt))
+    np.testing.assert_array_equal(np.array(got), bits)
+
+
+def test_decode_fixed4_escapes_and_real_weights(real_bits):
+    rng = np.random.default_rng(8)
+    bits = rng.integers(0, 1 << 16, (33, 65), dtype=np.uint16)  # all 256 symbols: most weights escape
+    rt = codec_runtime.from_bits(bits, "bfloat16")
+    assert rt.esc_index.size > bits.size // 2
+    np.testing.assert_array_equal(np.array(mlx_codec.decode_fixed4(mlx_codec.Fixed4(rt))), bits)
+    for bits in real_bits.values():
+        f = mlx_codec.fixed4(codec.encode(bits, "bfloat16"))
+        np.testing.assert_array_equal(np.array(mlx_codec.decode_fixed4(f)), bits)
+
+
+@pytest.mark.parametrize("dtype,b,shape", [("bfloat16", 1, (48, 96)), ("float16", 5, (37, 45)),
+                                           ("bfloat16", 16, (20, 200))])
+def test_matvec_fixed4_matches_numpy(dtype, b, shape):
+    """On the CPU: decode then matmul; on a GPU (Metal or CUDA): the fused kernel plus the escapes' pass."""
+    rng = np.random.default_rng(b)
+    vals = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 0, shape)).astype(np.float32)
+    bits = (vals.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else \
+        vals.astype(np.float16).view(np.uint16)
+    rt = codec_runtime.from_bits(bits, dtype)
+    assert rt.esc_index.size > 0
+    x = rng.standard_normal((b, shape[1])).astype(np.float32)
+    y = mlx_codec.matvec_fixed4(mlx_codec.Fixed4(rt, fused=True), mx.array(x))
+    assert y.dtype == mx.float32 and tuple(y.shape) == (b, shape[0])
+    tol = KERNEL["float32"]
+    want = x.astype(np.float64) @ _as_float(bits, dtype).T.astype(np.float64)
+    np.testing.assert_allclose(np.array(y), want, rtol=tol.rtol, atol=tol.atol * np.abs(want).max())
+    np.testing.assert_allclose(np.array(y), codec_runtime.matvec(rt, x), rtol=tol.rtol,
+                               atol=tol.atol * np.abs(want).max())
+
+
+def test_fixed4_bad_input_raises_dn_error():
+    f = mlx_codec.Fixed4(codec_runtime.from_bits(np.arange(64, dtype=np.uint16).reshape(8, 8), "bfloat16"))
+    with pytest.raises(DnError, match="matvec needs x"):
+        mlx_codec.matvec_fixed4(f, mx.zeros((2, 7)))
+    with pytest.raises(DnError, match="matvec needs x"):
+        mlx_codec.matvec_fixed4(f, mx.zeros((17, 8)))
+    with pytest.raises(DnError, match="2-D"):
+        mlx_codec.Fixed4(codec_runtime.from_bits(np.zeros(8, np.uint16), "bfloat16"))
+
+
+def _gpu_matvec_fixed4_cases(real_bits):
+    """The fused kernel on the GPU against dn.codec_runtime.matvec: real weights (K % 8 == 0) and fuzzed
+    ones with many escapes and an odd K, B = 1, 4, 16."""
+    rng = np.random.default_rng(3)
+    cases = [(real_bits["layer.0.attention.self.query.weight"], "bfloat16"),
+             (real_bits["layer.3.intermediate.dense.weight"], "bfloat16")]
+    for dtype, shape in (("bfloat16", (70, 333)), ("float16", (129, 96))):
+        vals = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 0, shape)).astype(np.float32)
+        cases.append(((vals.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else
+                      vals.astype(np.float16).view(np.uint16), dtype))
+    tol = KERNEL["float32"]
+    with mx.stream(mx.gpu):
+        for bits, dtype in cases:
+            rt = codec_runtime.from_bits(bits, dtype)
+            f = mlx_codec.Fixed4(rt, fused=True)
+            for b in (1, 4, 16):
+                x = rng.standard_normal((b, bits.shape[1])).astype(np.float32)
+                y = np.array(mlx_codec.matvec_fixed4(f, mx.array(x)))
+                want = codec_runtime.matvec(rt, x)
+                np.testing.assert_allclose(y, want, rtol=tol.rtol, atol=tol.atol * np.abs(want).max())
+            np.testing.assert_array_equal(np.array(mlx_codec.decode_fixed4(f)), bits)
+
+
+@needs_metal
+def test_metal_fixed4_matvec_matches_numpy(real_bits):
+    _gpu_matvec_fixed4_cases(real_bits)
+
+
+@needs_cuda
+def test_cuda_fixed4_matvec_matches_numpy(real_bits):
+    _gpu_matvec_fixed4_cases(real_bits)
