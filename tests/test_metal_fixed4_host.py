@@ -28,6 +28,7 @@ from dn.tolerances import KERNEL
 ROOT = Path(__file__).resolve().parent.parent
 TG = 256  # threads per threadgroup / block, as dn_mlx.codec launches
 builder = sparse_host.builder  # the fixture: g++ with ASan + UBSan, linked with metal/shim/mlx_launch.cpp
+pytestmark = sparse_host.pytestmark  # g++ and Linux (ELF section poisoning, ucontext coroutines)
 
 
 def _bits(rng, shape, dtype: str, spread: float = 6.0) -> np.ndarray:
