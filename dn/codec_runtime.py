@@ -110,3 +110,58 @@ def matvec(rt: RuntimeTensor, x: np.ndarray) -> np.ndarray:
     rows, cols = np.divmod(rt.esc_index.astype(np.int64), k)
     np.add.at(y.T, rows, (x[:, cols] * ew).T)  # pass 2: the escapes' corrections
     return y
+
+
+# ---- the C kernels (dn/csrc/codec_runtime.c), on numpy arrays; backends call the same functions on their memory --
+
+def native():
+    """The C library with its signatures set, or None (DN_NATIVE=0, no compiler): then the plain paths run."""
+    import ctypes
+
+    from dn import native as nat
+
+    lib = nat.library("codec_runtime")
+    if lib is None or hasattr(lib, "dn_ready"):
+        return lib
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.dn_fixed4_decode.argtypes = [p, p, p, i64, p, p, i64, i32, i32, p, i32]
+    lib.dn_fixed4_decode.restype = None
+    lib.dn_fixed4_matvec.argtypes = [p, p, p, i64, i64, p, p, i64, i32, p, i32, p, i32]
+    lib.dn_fixed4_matvec.restype = i32
+    lib.dn_ready = True
+    return lib
+
+
+def buffers(rt: RuntimeTensor) -> tuple:
+    """The layout's arrays in the kernels' argument order (table, nibbles, raw, ..., esc_index, esc_symbol)."""
+    return rt.table, rt.nibbles, rt.raw, rt.esc_index, rt.esc_symbol
+
+
+def decode_native(lib, rt: RuntimeTensor, out_f32: bool = False, threads: int = 1) -> np.ndarray:
+    """The C decode -> uint16 bits [shape] (or float32 values); equal to decode() / to_float32(decode())."""
+    from dn.native import ptr
+
+    out = np.empty(rt.n, np.float32 if out_f32 else np.uint16)
+    lib.dn_fixed4_decode(ptr(rt.table), ptr(rt.nibbles), ptr(rt.raw), rt.n, ptr(rt.esc_index), ptr(rt.esc_symbol),
+                         rt.esc_index.size, rt.dtype == "bfloat16", out_f32, ptr(out), threads)
+    return out.reshape(rt.shape)
+
+
+def matvec_native(lib, rt: RuntimeTensor, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """The C fused decode+GEMV (batch 1..4), float32 accumulation: within tolerance of matvec()."""
+    from dn.native import ptr
+
+    out, k = rt.shape
+    x = np.ascontiguousarray(x, np.float32)
+    y = np.empty((x.shape[0], out), np.float32)
+    if x.shape[1] != k or lib.dn_fixed4_matvec(ptr(rt.table), ptr(rt.nibbles), ptr(rt.raw), out, k,
+                                               ptr(rt.esc_index), ptr(rt.esc_symbol), rt.esc_index.size,
+                                               rt.dtype == "bfloat16", ptr(x), x.shape[0], ptr(y), threads):
+        raise ValueError(f"matvec_native takes x [1..4, {k}], got {list(x.shape)}")
+    return y
+
+
+def resident_bytes(n: int, escapes: int = 0) -> int:
+    """Bytes a tensor of n weights holds in this layout (RuntimeTensor.nbytes); accounting from a spec alone does
+    not know the escapes (5 bytes each; 0.03% of the default model's weights, 0.002 bits/weight) and omits them."""
+    return 16 + (n + 1) // 2 + n + 5 * escapes

@@ -1,7 +1,7 @@
 """The weight store: where each weight of a model lives and in what format, as plain data, and the one
 function that accounts for the bytes a backend holds resident for it.
 
-Formats: `dense` (the compute dtype), `lossless` (dn/codec.py: entropy-coded, decoded one layer at a time
+Formats: `dense` (the compute dtype), `lossless` (dn/codec.py: entropy-coded; held as dn/codec_runtime.py, decoded
 into one scratch buffer), `affine` (dn/quant.py: mlx-lm's group quantization, kept packed). A sparse section
 (dn/sparse.py) adds side data per layer: the router, its thresholds and the prior. Backends build each
 weight in its format (dn_<backend>.quant, dn_<backend>.codec) and run them through their ops; the sparse
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dn import codec, quant, sparse
+from dn import codec_runtime, quant, sparse
 from dn.spec import DTYPE_BYTES, ModelSpec
 
 FORMATS = ("dense", "lossless", "affine")
@@ -53,8 +53,8 @@ def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:
     `resident_weight_bytes` reports everywhere.
     - dense: numel x dtype; affine: packed codes + a scale and a bias per group, at the compute dtype or as
       stored when that is smaller (16-bit scales are exact in float32 arithmetic);
-    - lossless: the coded bytes, the decode tables built at load, and one layer of decode scratch (16-bit
-      bits and weights at the compute dtype);
+    - lossless: the runtime layout the stored code is converted to at load (dn.codec_runtime, escapes not
+      counted) and one layer of decode scratch at the compute dtype;
     - sparse: each layer's router, thresholds and prior (sparse_side)."""
     b = DTYPE_BYTES[dtype]
     parts = dict.fromkeys(("dense", "affine", "lossless", "sparse"), 0)
@@ -65,8 +65,8 @@ def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:
         coded = set(spec.codec["coded_tensors"])
         layer = max(sum(t.numel for t in spec.layer_tensors(i) if t.name in coded)
                     for i in range(spec.architecture.num_hidden_layers))
-        luts = len(coded) * 2 << codec.MAXLEN
-        parts["lossless"] = spec.codec["coded_bytes"] + luts + layer * (2 + b)
+        numel = {t.name: t.numel for t in spec.tensors}
+        parts["lossless"] = sum(codec_runtime.resident_bytes(numel[k]) for k in coded) + layer * b
     if spec.sparse:  # routers, thresholds and priors ride beside all the weights (no offload yet)
         parts["sparse"] = spec.sparse["num_layers"] * sparse_side(spec.sparse, b)["held"]
     return parts | {"total": sum(parts.values())}
@@ -88,7 +88,8 @@ def sparse_side(section: dict, dtype_bytes: int) -> dict[str, int]:
     priors); `held` sums them. For scale: one neuron's bundle and the dense MLP at that dtype."""
     d, n, r = section["hidden"], section["intermediate"], section.get("rank", sparse.DEFAULT_RANK)
     kind = section.get("prior")
-    out = {"router": _int4(2 * n, d, dtype_bytes) if section["router"] == "int4" else (d * r + r * 2 * n) * 4,
+    int4 = {"int4": 2 * n, "int4gate": n}.get(section["router"])  # rows of the packed router
+    out = {"router": _int4(int4, d, dtype_bytes) if int4 else (d * r + r * 2 * n) * 4,
            "thresh": 4 * n if section.get("select", "topk") == "threshold" else 0,
            "prior": {"median": (n + d) * dtype_bytes, "sketch": _int4(d, n, dtype_bytes)}.get(kind, 0),
            "zeros": 0 if kind == "median" else (n + d) * dtype_bytes}

@@ -1,6 +1,7 @@
-"""Lossless codec on torch: a pure-torch decoder (any device) and a Triton kernel (CUDA/ROCm), both
-bit-exact against dn.codec; attach() keeps a model's layer weights coded and decodes one layer at a
-time into one reused scratch buffer."""
+"""Lossless codec on torch. Stored format (dn.codec, Huffman): a pure-torch decoder (any device) and a Triton
+kernel (CUDA/ROCm), both bit-exact against dn.codec. Runtime (dn.codec_runtime, fixed4): attach() converts each
+coded projection at load and decodes it, just before its matmul, into a reused scratch buffer: the C kernel on
+CPU, a pure-torch path elsewhere or when DN_NATIVE=0; all bit-exact."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dn import codec
+from dn import codec, codec_runtime
 
 _MASK32 = 0xFFFFFFFF
 
@@ -110,61 +111,90 @@ def decode_reference(enc: codec.EncodedTensor, device=None) -> torch.Tensor:
     return out.reshape(enc.shape)
 
 
-class CodecLinear(nn.Module):
-    """nn.Linear whose weight is a view of the layer's decoded scratch buffer."""
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    def __init__(self, scratch: list, start: int, shape, bias):
+
+class CodecLinear(nn.Module):
+    """nn.Linear whose weight is held in the runtime layout fixed4 (dn.codec_runtime, converted at load from the
+    stored Huffman code) and decoded on access into this projection's slice of a scratch buffer shared by all
+    layers. Decoding per projection rather than per layer keeps the decoded weight in cache for the matmul that
+    follows. The weights are the stored bits exactly, so logits equal the dense model's bit for bit."""
+
+    def __init__(self, rt: codec_runtime.RuntimeTensor, scratch: list, start: int, bias):
         super().__init__()
-        self._scratch, self.start, self.shape = scratch, start, tuple(shape)
+        self.coded, self.shape, self.n, self._scratch, self.start = rt.dtype, tuple(rt.shape), rt.n, scratch, start
+        for name, a in zip(_FIXED4, codec_runtime.buffers(rt)):
+            t = torch.from_numpy(np.require(a, requirements=["C", "W"]))
+            self.register_buffer(name, t.to(scratch[0].device))
         self.bias = bias
 
     @property
     def weight(self) -> torch.Tensor:
-        """The decoded weight: valid while this projection's layer runs (the layer hook decodes it)."""
-        n = self.shape[0] * self.shape[1]
-        return self._scratch[0][self.start:self.start + n].view(self.shape)
+        """The decoded weight, valid until this projection's weight is read again."""
+        out = self._scratch[0][self.start:self.start + self.n]
+        decode_fixed4(self, out)
+        return out.view(self.shape)
 
     def forward(self, x):
         return nn.functional.linear(x, self.weight, self.bias)
 
 
-def _layer_hook(packed: PackedLayer, scratch: list):
-    def hook(_module, _args):
-        bits = packed.decode(scratch[1])
-        w = scratch[0]
-        if w.dtype == torch.bfloat16 and packed.dtype == "bfloat16":
-            return  # scratch[0] is a bf16 view of the bits
-        src = bits.view(torch.bfloat16 if packed.dtype == "bfloat16" else torch.float16)
-        w[:packed.n].copy_(src)  # exact upcast, as the dense loader does
-    return hook
+_FIXED4 = ("table", "nibbles", "raw", "esc_index", "esc_symbol")
+
+
+def decode_fixed4(f, out: torch.Tensor) -> torch.Tensor:
+    """f: a module holding a fixed4 tensor's buffers (CodecLinear); out: [n] int16 bits, or values at the coded
+    dtype or float32 (exact upcast). CPU: the C kernel (dn/csrc/codec_runtime.c), else the pure-torch path."""
+    if out.is_cuda:
+        return _decode_fixed4_cuda(f, out)
+    lib = codec_runtime.native() if out.device.type == "cpu" else None
+    coded = _TORCH_DTYPES[f.coded]
+    if lib is not None and out.dtype in (torch.int16, coded, torch.float32) and out.is_contiguous():
+        lib.dn_fixed4_decode(f.table.data_ptr(), f.nibbles.data_ptr(), f.raw.data_ptr(), f.n,
+                             f.esc_index.data_ptr(), f.esc_symbol.data_ptr(), f.esc_index.numel(),
+                             f.coded == "bfloat16", out.dtype == torch.float32, out.data_ptr(),
+                             torch.get_num_threads())
+        return out
+    bits = decode_fixed4_torch(f)
+    return out.copy_(bits if out.dtype == torch.int16 else bits.view(coded))  # exact upcast, as the dense loader
+
+
+def _decode_fixed4_cuda(f, out: torch.Tensor) -> torch.Tensor:
+    """CUDA hook: helper F's Triton fixed4 kernels (dn_torch/_triton_codec.py) plug in here; until they do, the
+    pure-torch path runs on the device."""
+    bits = decode_fixed4_torch(f)
+    return out.copy_(bits if out.dtype == torch.int16 else bits.view(_TORCH_DTYPES[f.coded]))
+
+
+def decode_fixed4_torch(f) -> torch.Tensor:
+    """The plain path on any device -> int16 bits [n]: nibble unpack, table gather, join, escape patch."""
+    nib = f.nibbles
+    ranks = torch.stack([nib & 15, nib >> 4], dim=1).reshape(-1)[:f.n]
+    sym = f.table[ranks.long()]
+    sym[f.esc_index.long()] = f.esc_symbol
+    return _join(sym, f.raw, f.coded)
 
 
 def attach(model, model_dir: Path, spec) -> None:
-    """Replace the coded projections of every decoder layer; decode each layer just before it runs. A layer's
-    coded tensors are read, packed and moved to the device before the next layer's are read."""
+    """Replace the coded projections of every decoder layer by CodecLinear. A layer's coded tensors are read,
+    converted to fixed4 and moved to the device before the next layer's are read, so the stored Huffman code
+    is never resident."""
     index = codec.load_index(model_dir)
     ref = next(p for p in model.parameters() if not p.is_meta and p.is_floating_point())  # device, dtype
     layers = model.model.layers
     names = [[k for k in index if k.startswith(f"model.layers.{i}.")] for i in range(len(layers))]
     n_max = max(sum(index[k]["n"] for k in ks) for ks in names)
-    bits = torch.empty(n_max, dtype=torch.int16, device=ref.device)
-    w = bits.view(torch.bfloat16) if ref.dtype == torch.bfloat16 else torch.empty(n_max, dtype=ref.dtype,
-                                                                                   device=ref.device)
-    scratch = [w, bits]
-    model.register_buffer("dn_codec_scratch_bits", bits, persistent=False)
-    model.register_buffer("dn_codec_scratch_weights", w, persistent=False)
-    for layer, ks in zip(layers, names):
-        if not ks:
-            continue
-        p = codec.pack(codec.load_model_codec(model_dir, ks))
-        packed = PackedLayer(p).to(ref.device)
-        layer.dn_codec = packed
-        for name, start, shape in p.slices:
+    scratch = [torch.empty(n_max, dtype=ref.dtype, device=ref.device)]  # shared by every CodecLinear
+    model.register_buffer("dn_codec_scratch_weights", scratch[0], persistent=False)
+    for ks in names:
+        start = 0
+        for name, enc in codec.load_model_codec(model_dir, ks).items() if ks else ():
+            rt = codec_runtime.from_encoded(enc)
             # "model.layers.3.self_attn.q_proj.weight" -> parent "layers.3.self_attn", attribute "q_proj"
             parent, attr = name.removeprefix("model.").removesuffix(".weight").rsplit(".", 1)
             module = model.model.get_submodule(parent)
-            setattr(module, attr, CodecLinear(scratch, start, shape, getattr(module, attr).bias))
-        layer.register_forward_pre_hook(_layer_hook(packed, scratch))
+            setattr(module, attr, CodecLinear(rt, scratch, start, getattr(module, attr).bias))
+            start += rt.n
 
 
 def matvec(enc: codec.EncodedTensor, x: torch.Tensor) -> torch.Tensor:

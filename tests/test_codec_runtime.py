@@ -1,10 +1,14 @@
-"""The runtime layout's numpy reference: bit-exact decode, escapes, and the two-pass matvec."""
+"""The runtime layout's numpy reference (bit-exact decode, escapes, the two-pass matvec), then the C kernels
+against it: decode to bits and to float32, the fused GEMV."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dn import codec
 from dn import codec_runtime as cr
+from dn.tolerances import KERNEL
 
 
 def _bf16(rng, shape, scale=0.02):
@@ -46,3 +50,75 @@ def test_matvec_reference(dtype):
     x = rng.normal(size=(3, 64)).astype(np.float32)
     want = x @ cr.to_float32(bits, dtype).T
     np.testing.assert_allclose(cr.matvec(rt, x), want, rtol=1e-5, atol=1e-5)
+
+
+# ---- the C kernels (dn/csrc/codec_runtime.c) against the reference above ----------------------------------------
+
+SPECIAL = [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0x0001, 0x807F, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0x03FF]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = cr.native()
+    if lib is None:
+        pytest.skip("no C compiler (or DN_NATIVE=0): the plain paths are tested instead")
+    return lib
+
+
+def upcast(bits, dtype):
+    """The float32 values the kernels give: the reference upcast, float16 NaNs made quiet as x86's vcvtph2ps
+    (and so torch's upcast) makes them; numpy keeps signalling ones."""
+    u = cr.to_float32(bits, dtype).view(np.uint32)
+    return np.where(np.isnan(u.view(np.float32)), u | 0x400000, u) if dtype == "float16" else u
+
+
+def weights_like(rng, n, dtype, escapes=100):
+    w = rng.normal(0, 0.02, n).astype(np.float32)
+    bits = (w.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else w.astype(np.float16).view(np.uint16)
+    bits[rng.integers(0, n, escapes)] = rng.integers(0, 1 << 16, escapes)  # rare symbols: escapes
+    bits[rng.integers(0, n, len(SPECIAL))] = SPECIAL
+    return bits
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.lists(st.one_of(st.integers(0, 0xFFFF), st.sampled_from(SPECIAL)), min_size=1, max_size=3000),
+       dtype=st.sampled_from(codec.DTYPES), threads=st.sampled_from([1, 2]))
+def test_native_decode_fuzzed_bits(lib, bits, dtype, threads):
+    b = np.array(bits, np.uint16)
+    rt = cr.from_bits(b, dtype)
+    np.testing.assert_array_equal(cr.decode_native(lib, rt, threads=threads), b)
+    np.testing.assert_array_equal(cr.decode_native(lib, rt, True, threads).view(np.uint32), upcast(b, dtype))
+
+
+@pytest.mark.parametrize("dtype", codec.DTYPES)
+@pytest.mark.parametrize("n", [63, 64, 65, 3 * 65536 + 37])  # the vector steps' edges; several OpenMP chunks
+def test_native_decode_trained_like(lib, dtype, n):
+    b = weights_like(np.random.default_rng(n), n, dtype)
+    rt = cr.from_bits(b, dtype)
+    assert rt.esc_index.size > 0
+    for threads in (1, 2):
+        np.testing.assert_array_equal(cr.decode_native(lib, rt, threads=threads), b)
+        np.testing.assert_array_equal(cr.decode_native(lib, rt, True, threads).view(np.uint32), upcast(b, dtype))
+
+
+@pytest.mark.parametrize("dtype", codec.DTYPES)
+@pytest.mark.parametrize("shape", [(33, 64), (7, 31), (130, 576), (3, 1)])  # odd in: rows start mid-byte
+@pytest.mark.parametrize("batch", [1, 2, 3, 4])
+def test_native_matvec_matches_reference(lib, dtype, shape, batch):
+    rng = np.random.default_rng(shape[0] * batch)
+    w = rng.normal(0, 0.02, shape).astype(np.float32)
+    w[rng.random(shape) < 0.03] *= rng.choice([1e4, 1e-5])  # rare exponents: escapes, finite sums
+    bits = (w.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else w.astype(np.float16).view(np.uint16)
+    rt = cr.from_bits(bits, dtype)
+    x = rng.normal(size=(batch, shape[1])).astype(np.float32)
+    want, tol = cr.matvec(rt, x), KERNEL["float32"]
+    bound = tol.atol + tol.rtol * (np.abs(x) @ np.abs(cr.to_float32(bits, dtype).reshape(shape)).T)  # sum order
+    for threads in (1, 2):
+        assert (np.abs(cr.matvec_native(lib, rt, x, threads) - want) <= bound).all()
+
+
+def test_native_matvec_rejects_batch_and_width(lib):
+    rt = cr.from_bits(np.zeros((4, 8), np.uint16), "bfloat16")
+    for x in (np.zeros((5, 8)), np.zeros((1, 7))):
+        with pytest.raises(ValueError, match="matvec_native takes"):
+            cr.matvec_native(lib, rt, x)

@@ -129,3 +129,71 @@ def test_triton_kernels_in_the_interpreter():
     proc = subprocess.run([sys.executable, str(code)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok" in proc.stdout
+
+
+# ---- the runtime layout fixed4 (dn.codec_runtime) on torch: the C kernel and the pure-torch path ----------------
+
+@pytest.fixture(params=["native", "plain"])
+def runtime_path(request, monkeypatch):
+    """Both CPU paths of dn_torch.codec.decode_fixed4: the C kernel, and the pure-torch one (DN_NATIVE=0)."""
+    from dn import codec_runtime
+
+    if request.param == "plain":
+        monkeypatch.setenv("DN_NATIVE", "0")
+    elif codec_runtime.native() is None:
+        pytest.skip("no C compiler")
+    return request.param
+
+
+def codec_linear(bits: np.ndarray, dtype: str, scratch_dtype):
+    from dn import codec_runtime
+
+    rt = codec_runtime.from_bits(bits, dtype)
+    return tc.CodecLinear(rt, [torch.empty(rt.n + 5, dtype=scratch_dtype)], 3, None), rt
+
+
+@pytest.mark.parametrize("dtype", codec.DTYPES)
+@pytest.mark.parametrize("scratch", ["int16", "coded", "float32", "other16"])
+def test_fixed4_decode_into_every_scratch(runtime_path, dtype, scratch):
+    """Bits, values at the coded dtype, float32 (exact upcast, as the dense loader's Tensor.to) and the other
+    16-bit float (converted as Tensor.to does): each the reference's decode."""
+    from dn import codec_runtime
+
+    bits = weights_like(3 * 4099, 3)  # odd n, escapes (the specials), several vector steps
+    coded = tc._TORCH_DTYPES[dtype]
+    sdt = {"int16": torch.int16, "coded": coded, "float32": torch.float32,
+           "other16": torch.float16 if dtype == "bfloat16" else torch.bfloat16}[scratch]
+    lin, rt = codec_linear(bits.reshape(3, 4099), dtype, sdt)
+    ref = torch.from_numpy(codec_runtime.decode(rt).view(np.int16))
+    want = ref if sdt == torch.int16 else ref.view(coded).to(sdt)
+    as_bits = torch.int32 if sdt == torch.float32 else torch.int16  # NaN payloads compared too
+    assert torch.equal(lin.weight.reshape(-1).view(as_bits), want.reshape(-1).view(as_bits))
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=bits_arrays, dtype=st.sampled_from(codec.DTYPES))
+def test_fixed4_pure_torch_decode_fuzzed_bits(bits, dtype):
+    from dn import codec_runtime
+
+    b = np.array(bits, np.uint16)
+    lin, _ = codec_linear(b, dtype, torch.int16)
+    assert np.array_equal(tc.decode_fixed4_torch(lin).numpy().view(np.uint16), b)
+    assert codec_runtime.from_bits(b, dtype).n == b.size
+
+
+def test_fixed4_runtime_logits_bit_identical(runtime_path, tmp_path):
+    """The tiny compressed Llama runs through CodecLinear on either path and gives the dense model's logits
+    bit for bit, in float32 and bfloat16; the stored Huffman code is not kept."""
+    from test_codec import compressed_tiny
+
+    from dn import backend as backends
+    from dn.spec import load_spec
+
+    be = backends.get("torch")
+    src, out = compressed_tiny(tmp_path)
+    tokens = np.random.default_rng(2).integers(0, 128, size=(1, 20))
+    for dtype in ("float32", "bfloat16"):
+        dense, coded = be.load(src, load_spec(src), dtype), be.load(out, load_spec(out), dtype)
+        lins = [m for m in coded.modules() if isinstance(m, tc.CodecLinear)]
+        assert lins and not any(isinstance(m, tc.PackedLayer) for m in coded.modules())
+        assert np.array_equal(be.logits(dense, tokens), be.logits(coded, tokens)), dtype
