@@ -280,20 +280,7 @@ def main(argv=None) -> int:
         summary["triton"] = triton.__version__
     except ImportError:
         summary["triton"] = None
-    py, q = sys.executable, ["--quick"] if args.quick else []
-    cmds = {
-        # the gpu-marked tests (fixed4 and sparse Triton kernels), and the CUDA tests of the Huffman kernels and
-        # of the sparse MLP's hardware path (skip-if-no-CUDA, not marked); not the interpreter ones
-        "tests": [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_triton_fixed4.py",
-                  "tests/test_triton_sparse.py", "tests/test_codec_torch.py", "tests/test_sparse.py", "-k",
-                  "(cuda or triton_decode or fused_matvec or hardware) and not interpreter", "--junitxml",
-                  str(out / "pytest.xml")],
-        "fixed4": [py, __file__, *q, "--child", "fixed4", str(out / "fixed4.json")],
-        "sparse": [py, __file__, *q, "--child", "sparse", str(out / "sparse_kernel.json")],
-        "bench_sparse": [py, "benchmarks/bench_sparse.py", "--d", "4096", "--n", "14336", "--dtype", "bfloat16",
-                         "--check", "--iters", "30", "--json", str(out / "bench_sparse.json")],
-        "dnbench": dnbench_cmd(py, out),
-    }
+    cmds = commands(sys.executable, out, args.quick)
     end = time.time() + args.budget
     with open(out / "gpu_check.log", "w") as log:
         for s in steps:
@@ -309,6 +296,25 @@ def main(argv=None) -> int:
     failed = [s for s, r in summary["steps"].items() if r["rc"] not in (0, "skipped")]
     print(f"gpu_check: done, results in {out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def commands(py: str, out: Path, quick: bool) -> dict:
+    """Each step's command line, or a string saying why it cannot run here."""
+    q = ["--quick"] if quick else []
+    return {
+        # the gpu-marked tests (fixed4 and sparse Triton kernels), and the CUDA tests of the Huffman kernels and
+        # of the sparse MLP's hardware path (skip-if-no-CUDA, not marked); not the interpreter ones
+        "tests": [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_triton_fixed4.py",
+                  "tests/test_triton_sparse.py", "tests/test_codec_torch.py", "tests/test_sparse.py", "-k",
+                  "(cuda or triton_decode or fused_matvec or hardware) and not interpreter", "--junitxml",
+                  str(out / "pytest.xml")],
+        "fixed4": [py, __file__, *q, "--child", "fixed4", str(out / "fixed4.json")],
+        "sparse": [py, __file__, *q, "--child", "sparse", str(out / "sparse_kernel.json")],
+        "bench_sparse": [py, "benchmarks/bench_sparse.py", "--d", "4096", "--n", "14336", "--dtype", "bfloat16",
+                         "--check", "--keeps", "0.1,0.25,0.5,0.7,0.9", "--reps", "20", "--json",
+                         str(out / "bench_sparse.json")],
+        "dnbench": dnbench_cmd(py, out),
+    }
 
 
 def dnbench_cmd(py: str, out: Path) -> list[str] | str:

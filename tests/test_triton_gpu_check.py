@@ -43,3 +43,30 @@ def test_benchmark_children_run_dry(tmp_path, step):
     else:
         runs = rec["block_sweep"] + rec["keep_sweep"]
     assert runs and all("error" not in s and s["max_rel_err"] < 2e-2 for s in runs), runs
+
+
+def test_step_commands_are_current(tmp_path):
+    """The commands the script runs still match their programs: bench_sparse's flags (run here at a tiny size) and
+    the tests step's selection (the CUDA tests, none of the interpreter ones)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    cmds = gpu_check.commands(sys.executable, tmp_path, quick=True)
+    bench = cmds["bench_sparse"]
+    bench[bench.index("--d") + 1], bench[bench.index("--n") + 1] = "64", "128"
+    bench[bench.index("--reps") + 1] = "2"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(bench, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert json.loads((tmp_path / "bench_sparse.json").read_text())
+    tests = cmds["tests"]
+    r = subprocess.run([*tests[:tests.index("--junitxml")], "--collect-only"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+    selected = [line for line in r.stdout.splitlines() if "::" in line]
+    assert r.returncode == 0 and selected, r.stdout[-3000:]
+    assert not any("interpreter" in t for t in selected)
+    for name in ("test_fixed4_large_layers_cuda", "test_sparse_kernel_cuda", "test_fused_matvec_matches_dense",
+                 "test_triton_decode_large_pack_bit_exact", "test_hardware_kernel_matches_reference"):
+        assert any(name in t for t in selected), name
