@@ -166,11 +166,14 @@ def weight_hotness(gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.nda
     return np.linalg.norm(gate, axis=1) * np.linalg.norm(up, axis=1) * np.linalg.norm(down, axis=0)
 
 
-def activation_hotness(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
-    """On calibration inputs x [T, d]: each neuron's mean |silu(g) u| times its down column's norm, i.e. the
-    mean size of what it adds to the layer's output."""
+def activation_hotness(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+                        act: str = "silu") -> np.ndarray:
+    """On calibration inputs x [T, d]: each neuron's mean |act(g) u| times its down column's norm, i.e. the
+    mean size of what it adds to the layer's output (act: the model's, Architecture.mlp_act)."""
+    from dn import reference
+
     g, u = x @ gate.T, x @ up.T
-    a = g / (1 + np.exp(-g)) * u
+    a = (g / (1 + np.exp(-g)) if act == "silu" else reference.gelu_tanh(g)) * u
     return np.abs(a).mean(0) * np.linalg.norm(down, axis=0)
 
 
@@ -587,7 +590,7 @@ def build(backend, model_dir: Path, spec: ModelSpec, dtype: str, calib_text: str
         for i in range(a.num_hidden_layers):
             arrays = _store_layer(model_dir, spec, i)
             g, u, d = (_dense_float(arrays, spec, p) for p in ("gate_proj", "up_proj", "down_proj"))
-            hot = weight_hotness(g, u, d) if inputs is None else activation_hotness(inputs[i], g, u, d)
+            hot = weight_hotness(g, u, d) if inputs is None else activation_hotness(inputs[i], g, u, d, a.mlp_act)
             order = block_order(hot)
             blocks = [R.block_arrays(block_slices(arrays, int(b)), spec, dtype) for b in order]
             if not layout:

@@ -61,7 +61,7 @@ def block_arrays(slices: dict, spec: ModelSpec, dtype: str) -> list[tuple[np.nda
 def part_info(spec: ModelSpec, dtype: str) -> dict:
     q = spec.quant or {}
     return {"kind": "dense" if spec.quant is None else "mlx", "dtype": dtype, "d": spec.architecture.hidden_size,
-            "bits": q.get("bits"), "group_size": q.get("group_size")}
+            "bits": q.get("bits"), "group_size": q.get("group_size"), "act": spec.architecture.mlp_act}
 
 
 class Part:
@@ -83,12 +83,17 @@ def make_part(arrays: list[np.ndarray], info: dict) -> Part:
     return Part(arrays, info)
 
 
+_ACTS = {"silu": nn.silu, "gelu_tanh": nn.gelu_approx}  # gelu_approx: what mlx-lm's gemma3_text MLP runs
+
+
 def acts(part: Part, x: mx.array) -> mx.array:
-    """x [T, d] -> silu(gate x) * (up x), [T, k]."""
+    """x [T, d] -> act(gate x) * (up x), [T, k]: the model's activation (SiLU, Gemma's GELU tanh; a cold file
+    written before it was recorded is SiLU)."""
+    act = _ACTS[part.info.get("act", "silu")]
     if part.kind == "dense":
         b = part.bundled
-        return nn.silu(x @ b[:, 0].T) * (x @ b[:, 1].T)
-    return nn.silu(part.matmul(0, x)) * part.matmul(1, x)
+        return act(x @ b[:, 0].T) * (x @ b[:, 1].T)
+    return act(part.matmul(0, x)) * part.matmul(1, x)
 
 
 def down(part: Part, h: mx.array) -> mx.array:

@@ -96,7 +96,7 @@ def block_arrays(slices: dict, spec: ModelSpec, dtype: str) -> list[tuple[np.nda
 def part_info(spec: ModelSpec, dtype: str) -> dict:
     q = spec.quant or {}
     return {"kind": _kind(spec, dtype), "dtype": dtype, "d": spec.architecture.hidden_size,
-            "bits": q.get("bits"), "group_size": q.get("group_size")}
+            "bits": q.get("bits"), "group_size": q.get("group_size"), "act": spec.architecture.mlp_act}
 
 
 class Part:
@@ -127,12 +127,17 @@ def make_part(arrays: list[np.ndarray], info: dict) -> Part:
     return Part(arrays, info)
 
 
+_ACTS = {"silu": nn.functional.silu, "gelu_tanh": lambda g: nn.functional.gelu(g, approximate="tanh")}
+
+
 def acts(part: Part, x: torch.Tensor) -> torch.Tensor:
-    """x [T, d] -> silu(gate x) * (up x), [T, k]."""
+    """x [T, d] -> act(gate x) * (up x), [T, k]: the model's activation (SiLU, Gemma's GELU tanh; a cold file
+    written before it was recorded is SiLU)."""
+    act = _ACTS[part.info.get("act", "silu")]
     if part.kind == "dense":
         b = part.bundled
-        return nn.functional.silu(x @ b[:, 0].T) * (x @ b[:, 1].T)
-    return nn.functional.silu(part.matmul(0, x)) * part.matmul(1, x)
+        return act(x @ b[:, 0].T) * (x @ b[:, 1].T)
+    return act(part.matmul(0, x)) * part.matmul(1, x)
 
 
 def down(part: Part, h: torch.Tensor) -> torch.Tensor:

@@ -74,3 +74,25 @@ def test_family_runs_on_both_backends(tmp_path, model_type):
             assert np.abs(ref - hidden[i + 1]).max() / np.abs(ref).max() < PARITY["float32"].hidden_rel_err, (name, i)
     err = np.abs(out["mlx"] - out["torch"]).max(-1) / np.abs(out["torch"]).max(-1)
     assert err.max() < PARITY["float32"].max_rel_err
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "mlx"])
+def test_gemma3_residency_runs_the_models_activation(tmp_path, backend_name):
+    """Residency's blocks compute the model's activation (GELU tanh here, not SiLU): half the blocks cold, the
+    logits are the fully resident model's."""
+    if backend_name == "mlx":
+        pytest.importorskip("mlx_lm")
+    from dn import backend as backends
+    from dn import residency
+
+    be = backends.get(backend_name)
+    folder = tiny_model(tmp_path / "gemma", "gemma3_text", inter=2 * residency.BLOCK)
+    spec = load_spec(folder)
+    probe = residency.open_runtime(be, folder, spec, "float32", 10**12)
+    p = probe.plan
+    rt = residency.open_runtime(be, folder, spec, "float32", p.fixed + p.side + (p.layers + 1) * p.block_bytes)
+    assert rt.plan.hot == [1] * LAYERS
+    tokens = np.random.default_rng(2).integers(0, VOCAB, size=(1, 12))
+    got = be.logits(be.load(folder, spec, "float32", residency=rt), tokens)
+    want = be.logits(be.load(folder, spec, "float32"), tokens)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
