@@ -160,10 +160,17 @@ def decode_fixed4(f, out: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_fixed4_cuda(f, out: torch.Tensor) -> torch.Tensor:
-    """CUDA hook: helper F's Triton fixed4 kernels (dn_torch/_triton_codec.py) plug in here; until they do, the
-    pure-torch path runs on the device."""
-    bits = decode_fixed4_torch(f)
-    return out.copy_(bits if out.dtype == torch.int16 else bits.view(_TORCH_DTYPES[f.coded]))
+    """CUDA: the Triton fixed4 decode (dn_torch/_triton_codec.py, bit-exact) straight into out when out holds bits,
+    the coded dtype or float32, else through int16 bits; the pure-torch path where Triton is missing."""
+    coded = _TORCH_DTYPES[f.coded]
+    if not _triton_ok():
+        bits = decode_fixed4_torch(f)
+        return out.copy_(bits if out.dtype == torch.int16 else bits.view(coded))
+    from dn_torch import _triton_codec
+
+    if out.dtype in (torch.int16, coded, torch.float32) and out.is_contiguous():
+        return _triton_codec.fixed4_decode(f, out)
+    return out.copy_(_triton_codec.fixed4_decode(f).view(coded))  # the other 16-bit float: converted as Tensor.to
 
 
 def decode_fixed4_torch(f) -> torch.Tensor:
@@ -189,7 +196,7 @@ def attach(model, model_dir: Path, spec) -> None:
     for ks in names:
         start = 0
         for name, enc in codec.load_model_codec(model_dir, ks).items() if ks else ():
-            rt = codec_runtime.from_encoded(enc)
+            rt = codec_runtime.convert(enc, torch.get_num_threads())
             # "model.layers.3.self_attn.q_proj.weight" -> parent "layers.3.self_attn", attribute "q_proj"
             parent, attr = name.removeprefix("model.").removesuffix(".weight").rsplit(".", 1)
             module = model.model.get_submodule(parent)

@@ -122,3 +122,15 @@ def test_native_matvec_rejects_batch_and_width(lib):
     for x in (np.zeros((5, 8)), np.zeros((1, 7))):
         with pytest.raises(ValueError, match="matvec_native takes"):
             cr.matvec_native(lib, rt, x)
+
+
+@pytest.mark.parametrize("dtype", codec.DTYPES)
+@pytest.mark.parametrize("geometry", [(128, 512), (32, 8), (64, 3)])
+def test_convert_equals_from_encoded(lib, dtype, geometry):
+    """The load-time conversion with its Huffman decode in C gives the reference's layout, field for field."""
+    for n in (1, 777, 70001):
+        enc = codec.encode(weights_like(np.random.default_rng(n), n, dtype), dtype, *geometry)
+        got, want = cr.convert(enc, threads=2), cr.from_encoded(enc)
+        assert (got.dtype, got.shape, got.n) == (want.dtype, want.shape, want.n)
+        for a, b in zip(cr.buffers(got), cr.buffers(want)):
+            np.testing.assert_array_equal(a, b)
