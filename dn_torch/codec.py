@@ -174,12 +174,18 @@ def _decode_fixed4_cuda(f, out: torch.Tensor) -> torch.Tensor:
 
 
 def decode_fixed4_torch(f) -> torch.Tensor:
-    """The plain path on any device -> int16 bits [n]: nibble unpack, table gather, join, escape patch."""
-    nib = f.nibbles
-    ranks = torch.stack([nib & 15, nib >> 4], dim=1).reshape(-1)[:f.n]
-    sym = f.table[ranks.long()]
-    sym[f.esc_index.long()] = f.esc_symbol
-    return _join(sym, f.raw, f.coded)
+    """The plain path on any device -> int16 bits [n]. One gather per nibble byte from a 256-entry table of both
+    its elements' shifted symbols (int32 = two int16 in element order), the raw bits or-ed in, escapes patched."""
+    shift = 7 if f.coded == "bfloat16" else 8
+    b = torch.arange(256, device=f.table.device)
+    t = f.table.to(torch.int32)
+    pair = (t[b & 15] << shift) | (t[b >> 4] << (16 + shift))
+    sym = pair[f.nibbles.long()].view(torch.int16)[:f.n]
+    raw = f.raw.to(torch.int16)
+    bits = sym | (((raw & 0x80) << 8) | (raw & 0x7F) if f.coded == "bfloat16" else raw)  # int16: 0x80 << 8 wraps
+    idx = f.esc_index.long()
+    bits[idx] = _join(f.esc_symbol, f.raw[idx], f.coded)
+    return bits
 
 
 def attach(model, model_dir: Path, spec) -> None:
@@ -212,3 +218,18 @@ def matvec(enc: codec.EncodedTensor, x: torch.Tensor) -> torch.Tensor:
         return _triton_codec.matvec(PackedLayer(codec.pack({"": enc})).to(x.device), x, enc.shape)
     w = decode(enc, x.device).view(torch.bfloat16 if enc.dtype == "bfloat16" else torch.float16)
     return x @ w.to(x.dtype).T
+
+
+def matvec_fixed4(f, x: torch.Tensor) -> torch.Tensor:
+    """y = x @ W.T for a CodecLinear's fixed4 weight and x [B, in]: the C fused decode+GEMV on CPU for B <= 4
+    (float32 accumulation, escapes as a second pass: close to F.linear, not bit-identical, so the runtime does
+    not use it), else decode then matmul. Returns float32 from the fused kernel, x's dtype otherwise."""
+    lib = codec_runtime.native() if x.device.type == "cpu" else None
+    if lib is None or not 1 <= x.shape[0] <= 4:
+        return nn.functional.linear(x, f.weight.to(x.dtype))
+    xf = x.float().contiguous()
+    y = torch.empty(x.shape[0], f.shape[0], dtype=torch.float32)
+    lib.dn_fixed4_matvec(f.table.data_ptr(), f.nibbles.data_ptr(), f.raw.data_ptr(), f.shape[0], f.shape[1],
+                         f.esc_index.data_ptr(), f.esc_symbol.data_ptr(), f.esc_index.numel(),
+                         f.coded == "bfloat16", xf.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+    return y

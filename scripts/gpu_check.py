@@ -302,11 +302,13 @@ def commands(py: str, out: Path, quick: bool) -> dict:
     """Each step's command line, or a string saying why it cannot run here."""
     q = ["--quick"] if quick else []
     return {
-        # the gpu-marked tests (fixed4 and sparse Triton kernels), and the CUDA tests of the Huffman kernels and
-        # of the sparse MLP's hardware path (skip-if-no-CUDA, not marked); not the interpreter ones
+        # the gpu-marked tests (fixed4 and sparse Triton kernels, the runtime's CUDA hook), the CUDA tests of the
+        # Huffman kernels and of the sparse MLP's hardware path (skip-if-no-CUDA, not marked), and the compressed
+        # tiny model's logits against dense (on CUDA where torch finds it); not the interpreter tests
         "tests": [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_triton_fixed4.py",
-                  "tests/test_triton_sparse.py", "tests/test_codec_torch.py", "tests/test_sparse.py", "-k",
-                  "(cuda or triton_decode or fused_matvec or hardware) and not interpreter", "--junitxml",
+                  "tests/test_triton_sparse.py", "tests/test_codec_torch.py", "tests/test_sparse.py",
+                  "tests/test_codec.py", "-k", "(cuda or triton_decode or fused_matvec or hardware or "
+                  "logits_are_bit_identical or runtime_logits) and not interpreter", "--junitxml",
                   str(out / "pytest.xml")],
         "fixed4": [py, __file__, *q, "--child", "fixed4", str(out / "fixed4.json")],
         "sparse": [py, __file__, *q, "--child", "sparse", str(out / "sparse_kernel.json")],

@@ -118,8 +118,32 @@ def check_matvec(device: str, seed: int = 1) -> int:
     return cases
 
 
+def check_runtime_hook(device: str) -> int:
+    """dn_torch.codec's CUDA hook (what CodecLinear.weight calls on CUDA) into every scratch dtype the runtime
+    uses: bits, the coded dtype, float32 (exact upcast) and the other 16-bit float (converted as Tensor.to)."""
+    from dn_torch import codec as tc
+
+    rng = np.random.default_rng(5)
+    cases = 0
+    for dtype in codec.DTYPES:
+        rt = codec_runtime.from_bits(weight_bits(rng, 3 * 4099, dtype, 0.01).reshape(3, 4099), dtype)
+        ref = torch.from_numpy(codec_runtime.decode(rt).reshape(-1).view(np.int16))
+        other = torch.float16 if dtype == "bfloat16" else torch.bfloat16
+        for sdt in (torch.int16, TDT[dtype], torch.float32, other):
+            lin = tc.CodecLinear(rt, [torch.empty(rt.n + 5, dtype=sdt, device=device)], 3, None)
+            got = tc._decode_fixed4_cuda(lin, lin._scratch[0][3:3 + rt.n])
+            want = ref if sdt == torch.int16 else ref.view(TDT[dtype]).to(sdt)
+            bits = torch.int32 if sdt == torch.float32 else torch.int16
+            assert torch.equal(got.cpu().view(bits), want.view(bits)), (dtype, sdt)
+            if device == "cuda":  # the property the model reads goes through the same hook
+                assert torch.equal(lin.weight.reshape(-1).cpu().view(bits), want.view(bits)), (dtype, sdt)
+            cases += 1
+    return cases
+
+
 def check_all(device: str) -> str:
-    return f"decode {check_decode(device)} cases, matvec {check_matvec(device)} cases"
+    return (f"decode {check_decode(device)} cases, matvec {check_matvec(device)} cases, "
+            f"runtime hook {check_runtime_hook(device)} cases")
 
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
@@ -151,6 +175,13 @@ def test_fixed4_decode_cuda(seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_fixed4_matvec_cuda(seed):
     check_matvec("cuda", seed)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_fixed4_runtime_hook_cuda():
+    check_runtime_hook("cuda")
 
 
 @pytest.mark.gpu

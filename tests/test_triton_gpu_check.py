@@ -68,5 +68,7 @@ def test_step_commands_are_current(tmp_path):
     assert r.returncode == 0 and selected, r.stdout[-3000:]
     assert not any("interpreter" in t for t in selected)
     for name in ("test_fixed4_large_layers_cuda", "test_sparse_kernel_cuda", "test_fused_matvec_matches_dense",
-                 "test_triton_decode_large_pack_bit_exact", "test_hardware_kernel_matches_reference"):
+                 "test_triton_decode_large_pack_bit_exact", "test_hardware_kernel_matches_reference",
+                 "test_fixed4_runtime_hook_cuda", "test_compressed_model_logits_are_bit_identical",
+                 "test_fixed4_runtime_logits_bit_identical"):
         assert any(name in t for t in selected), name
