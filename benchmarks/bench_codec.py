@@ -5,6 +5,11 @@ CPU: the pure-torch decoder then a matmul.
 
     PYTHONPATH=. python benchmarks/bench_codec.py [--shapes 14336x4096,4096x14336] [--steps 512] [--json OUT]
     python benchmarks/bench_codec.py --model [--coded-dir DIR] [--dtype float32] [--json OUT]
+    python benchmarks/bench_codec.py --fixed4 --threads 1 [--shapes S] [--json docs/results/bench-codec-fixed4-cpu.json]
+
+--fixed4 (CPU): the runtime layout (dn.codec_runtime) through dn_torch.codec: the C decode (GB/s of bf16 written)
+and the pure-torch one, and per batch 1 and 4 torch's bf16 F.linear against the C fused decode+GEMV and against
+the runtime's decode-then-F.linear; ratios are times over F.linear's in the same run (< 1: faster).
 
 Weights are N(0, 0.02) rounded to bf16 (the exponent spread of trained layers); a shape is [out, in].
 """
@@ -136,6 +141,63 @@ def bench_model(coded_dir: str | None, dtype: str, reps: int) -> dict:
     return res
 
 
+FIXED4_SHAPES = "4096x4096,14336x4096,4096x14336,1536x576,576x1536"
+
+
+def bench_fixed4(shape, reps: int) -> dict:
+    from dn import benchmark
+    from dn import codec_runtime as cr
+
+    rng = np.random.default_rng(0)
+    bits = (rng.normal(0, 0.02, shape).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    rt = cr.from_bits(bits, "bfloat16")
+    w = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+    lin = tc.CodecLinear(rt, [torch.empty(rt.n, dtype=torch.bfloat16)], 0, None)
+    assert torch.equal(lin.weight.view(torch.int16), w.view(torch.int16)), "decode is not bit-exact"
+    n = rt.n
+    r = {"shape": list(shape), "bits_per_weight": rt.bits_per_weight(), "escapes": int(rt.esc_index.size),
+         "threads": torch.get_num_threads(), "native": cr.native() is not None}
+    copy = torch.empty_like(w)
+    t = {"decode": benchmark.timer(lambda: lin.weight, reps=reps),
+         "copy": benchmark.timer(lambda: copy.copy_(w), reps=reps)}
+    if n <= 4096 * 4096:  # the plain path is slow: small shapes only
+        t["decode_torch"] = benchmark.timer(lambda: tc.decode_fixed4_torch(lin), reps=max(3, reps // 4), warmup=1)
+    for k, v in t.items():
+        r[f"{k}_GBps"] = 2 * n / v["median_s"] / 1e9  # bf16 bytes written (the copy also reads as many)
+    r["batches"] = {}
+    for b in (1, 4):
+        x = torch.randn(b, shape[1]).to(torch.bfloat16)
+        dense = benchmark.timer(lambda x=x: torch.nn.functional.linear(x, w), reps=reps)["median_s"]
+        fused = benchmark.timer(lambda x=x: tc.matvec_fixed4(lin, x), reps=reps)["median_s"]
+        runtime = benchmark.timer(lambda x=x: lin(x), reps=reps)["median_s"]
+        y, ref = tc.matvec_fixed4(lin, x), cr.matvec(rt, x.float().numpy())
+        r["batches"][str(b)] = {"dense_s": dense, "fused_s": fused, "fused_vs_dense": fused / dense,
+                                "decode_linear_s": runtime, "decode_linear_vs_dense": runtime / dense,
+                                "fused_max_rel_err_vs_reference": float(np.abs(y.numpy() - ref).max()
+                                                                        / np.abs(ref).max())}
+    return r
+
+
+def main_fixed4(args) -> None:
+    from dn import benchmark
+
+    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or FIXED4_SHAPES).split(",")]
+    records = []
+    for shape in shapes:
+        r = bench_fixed4(shape, args.reps)
+        records.append(r)
+        line = (f"{shape[0]}x{shape[1]}: {r['bits_per_weight']:.2f} bits/w, {r['escapes']} escapes, "
+                f"decode {r['decode_GBps']:.3g} GB/s (torch {r.get('decode_torch_GBps', float('nan')):.3g}, "
+                f"copy {r['copy_GBps']:.3g})")
+        for b, row in r["batches"].items():
+            line += (f" | B={b} fused {row['fused_vs_dense']:.2f}x, decode+linear {row['decode_linear_vs_dense']:.2f}x"
+                     f" of {row['dense_s'] * 1e3:.3g} ms")
+        print(line, flush=True)
+    if args.json:
+        benchmark.write(benchmark.report(records, device=f"{platform.processor() or platform.machine()} CPU",
+                                         torch=torch.__version__), args.json)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default=None, help=f"OUTxIN,... (default cuda {GPU_SHAPES}, cpu {CPU_SHAPES})")
@@ -145,6 +207,7 @@ def main():
     p.add_argument("--model", action="store_true", help="decode-step latency of the default model instead")
     p.add_argument("--coded-dir", default=None, help="with --model: an existing compressed folder")
     p.add_argument("--dtype", default="float32", help="with --model: compute dtype")
+    p.add_argument("--fixed4", action="store_true", help="CPU: the runtime layout's C kernels against F.linear")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -152,6 +215,8 @@ def main():
         torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or (GPU_SHAPES if device == "cuda"
                                                                             else CPU_SHAPES)).split(",")]
+    if args.fixed4:
+        return main_fixed4(args)
     if args.model:
         res = bench_model(args.coded_dir, args.dtype, args.reps)
         if args.json:
