@@ -150,6 +150,24 @@ def _rotary(model, config) -> None:
         emb._buffers["embed_scale"] = torch.tensor(embed_scale(config.hidden_size), device=_device())
 
 
+def _plain_scaled_embedding(model) -> float | None:
+    """Gemma's embedding module scales its output itself, and dn_torch.quant swaps only plain Embeddings: a plain
+    one (on meta) takes its place; the caller hooks the scale onto whatever is then in its place (_scale_output).
+    Returns the scale (None for an unscaled embedding)."""
+    emb = model.model.embed_tokens
+    if "embed_scale" not in emb._buffers:
+        return None
+    with torch.device("meta"):
+        model.model.embed_tokens = torch.nn.Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
+    return embed_scale(model.config.hidden_size)
+
+
+def _scale_output(module, scale: float) -> None:
+    """Multiply module's output by scale at the output's dtype, as Gemma's embedding module does."""
+    s = torch.tensor(scale)
+    module.register_forward_hook(lambda _m, _args, out: out * s.to(out.dtype))
+
+
 def embed_scale(hidden: int) -> float:
     """Gemma's embedding scale sqrt(hidden) rounded to bfloat16, as mlx-lm computes it at every dtype (and
     transformers at bfloat16: 25.25, not 25.298, for 640): the model was trained at bfloat16, and in float32
@@ -167,6 +185,7 @@ def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: torch.dtype, reside
     model, config = _meta_model(spec)
     if resident:
         _without_mlps(model)
+    scale = _plain_scaled_embedding(model)
     # mlx-lm's loader rule: a module is quantized iff its scales are stored
     quant.quantize_model(model, {**spec.quant, **q.layout(spec.quant, [t.name for t in spec.tensors])})
     packed = []
@@ -178,6 +197,8 @@ def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: torch.dtype, reside
             elif want is not None:
                 _place(module, stored, dtype)
     _rotary(model, config)
+    if scale is not None:
+        _scale_output(model.model.embed_tokens, scale)
     _check_loaded(model, model_dir, skip={id(m.weight) for m, _ in packed})
     for module, stored in packed:
         module.fill(stored.read, dtype)

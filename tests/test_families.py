@@ -96,3 +96,22 @@ def test_gemma3_residency_runs_the_models_activation(tmp_path, backend_name):
     got = be.logits(be.load(folder, spec, "float32", residency=rt), tokens)
     want = be.logits(be.load(folder, spec, "float32"), tokens)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
+
+
+def test_gemma3_quantized_runs_its_dequantized_twin_on_both_backends(tmp_path):
+    """-q on Gemma 3: the quantized embedding keeps Gemma's scale on torch (its own module does the scaling, and
+    only a plain Embedding is swapped for a quantized one) and both backends compute the dense model holding
+    the dequantized weights."""
+    pytest.importorskip("mlx_lm")
+    from test_compose import _quantized
+
+    from dn import backend as backends
+
+    q, twin = _quantized(tiny_model(tmp_path / "gemma", "gemma3_text"), tmp_path / "q4g32")
+    tokens = np.random.default_rng(4).integers(0, VOCAB, size=(1, 16))
+    want = backends.get("torch").logits(backends.get("torch").load(twin, load_spec(twin), "float32"), tokens)[0]
+    for name in ("torch", "mlx"):
+        be = backends.get(name)
+        got = be.logits(be.load(q, load_spec(q), "float32"), tokens)[0]
+        err = np.abs(got - want).max(-1) / np.abs(want).max(-1)
+        assert err.max() < PARITY["float32"].max_rel_err, name
