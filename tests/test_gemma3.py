@@ -109,17 +109,18 @@ def test_answers_paris(name):
     assert run.tokenizer.encode(" Paris", add_special_tokens=False)[0] in np.argsort(-logits)[:3]
 
 
-@pytest.mark.slow
 @needs_model
 def test_codec_is_bit_identical_on_gemma_tensors(model_dir):
-    """The lossless codec round-trips Gemma's bf16 tensors bit for bit: the embedding (60% of the weights) and
-    a layer's projections and norms."""
+    """The lossless codec round-trips the tensors it codes in Gemma (a layer's projections: the embedding, 60% of
+    the weights, stays dense in that format) bit for bit. Perplexity of the coded folder: docs/gemma3.md."""
     from dn import codec, safetensors_io
     from dn.spec import weight_files
 
-    w = safetensors_io.load(weight_files(model_dir)[0])
-    names = ["model.embed_tokens.weight"] + [n for n in w if n.startswith("model.layers.3.")]
+    path = weight_files(model_dir)[0]
+    header, offset = safetensors_io.read_header(path)
+    names = [n for n, h in header.items()
+             if n.startswith("model.layers.3.") and codec.codable(n, h["shape"], h["dtype"])]
+    assert len(names) == 7
     for name in names:
-        bits = np.asarray(w[name][0])
-        enc = codec.encode(bits, "bfloat16")
-        assert np.array_equal(codec.decode(enc).reshape(bits.shape), bits), name
+        bits = safetensors_io.read_rows(path, header[name], offset).view(np.uint16)
+        assert np.array_equal(codec.decode(codec.encode(bits, "bfloat16")).reshape(bits.shape), bits), name
