@@ -100,17 +100,13 @@ def collect_mlp_inputs(model, token_batches: list[np.ndarray]) -> list[np.ndarra
 
 if triton is not None:
     @triton.jit
-    def _fused_kernel(x_ptr, w_ptr, idx_ptr, c_ptr, y_ptr, K, D: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GELU: tl.constexpr):
-        """One program: BLOCK_K kept neurons. Pass 1 dots their gate/up rows with x; pass 2 adds
-        (act(g)*u - c) times their down rows into y (fp32 atomics across programs). act: silu, or GELU's tanh
-        approximation (tanh through exp: the interpreter and every backend have it)."""
-        pid = tl.program_id(0)
-        ks = pid * BLOCK_K + tl.arange(0, BLOCK_K)
-        live = ks < K
+    def _kept_act(x_ptr, w_ptr, idx_ptr, c_ptr, ks, live, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  GELU: tl.constexpr):
+        """act(g)*u - c of kept neurons ks (0 where not live): their gate/up rows dotted with x. act: silu, or
+        GELU's tanh approximation (tanh through exp: the interpreter and every backend have it)."""
         rows = tl.load(idx_ptr + ks, mask=live, other=0).to(tl.int64) * (3 * D)
-        g = tl.zeros([BLOCK_K], tl.float32)
-        u = tl.zeros([BLOCK_K], tl.float32)
+        g = tl.zeros(ks.shape, tl.float32)
+        u = tl.zeros(ks.shape, tl.float32)
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             dm = ds < D  # D need not be a multiple of BLOCK_D
@@ -127,7 +123,17 @@ if triton is not None:
             a = 0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))  # 0.5 g (1 + tanh z)
         else:
             a = g / (1.0 + tl.exp(-g))
-        h = tl.where(live, a * u - c, 0.0)
+        return tl.where(live, a * u - c, 0.0)
+
+    @triton.jit
+    def _fused_kernel(x_ptr, w_ptr, idx_ptr, c_ptr, y_ptr, K, D: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GELU: tl.constexpr):
+        """One program: BLOCK_K kept neurons. Pass 1 dots their gate/up rows with x; pass 2 adds
+        (act(g)*u - c) times their down rows into y (fp32 atomics across programs: d per program)."""
+        ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        live = ks < K
+        h = _kept_act(x_ptr, w_ptr, idx_ptr, c_ptr, ks, live, D, BLOCK_D, GELU)
+        rows = tl.load(idx_ptr + ks, mask=live, other=0).to(tl.int64) * (3 * D)
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             dm = ds < D
@@ -135,16 +141,56 @@ if triton is not None:
             wd = tl.load(w_ptr + off, mask=live[:, None] & dm[None, :], other=0.0).to(tl.float32)
             tl.atomic_add(y_ptr + ds, tl.sum(wd * h[:, None], axis=0), mask=dm)
 
+    @triton.jit
+    def _act_kernel(x_ptr, w_ptr, idx_ptr, c_ptr, h_ptr, K, D: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_D: tl.constexpr, GELU: tl.constexpr):
+        """Split design, pass 1: h[k] = act(g)*u - c of the kept neurons, float32."""
+        ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        live = ks < K
+        tl.store(h_ptr + ks, _kept_act(x_ptr, w_ptr, idx_ptr, c_ptr, ks, live, D, BLOCK_D, GELU), mask=live)
+
+    @triton.jit
+    def _down_kernel(w_ptr, idx_ptr, h_ptr, y_ptr, K, D: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_D: tl.constexpr, SPLIT: tl.constexpr):
+        """Split design, pass 2: program (j, s) owns columns j*BLOCK_D.. of y and the s-th of SPLIT shares of the
+        kept neurons: SPLIT atomic adds per column instead of one per neuron block."""
+        ds = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dm = ds < D
+        share = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+        k_lo = tl.program_id(1) * share
+        k_hi = tl.minimum(k_lo + share, K)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            live = ks < k_hi
+            rows = tl.load(idx_ptr + ks, mask=live, other=0).to(tl.int64) * (3 * D)
+            h = tl.load(h_ptr + ks, mask=live, other=0.0)
+            wd = tl.load(w_ptr + rows[:, None] + 2 * D + ds[None, :], mask=live[:, None] & dm[None, :],
+                         other=0.0).to(tl.float32)
+            acc += tl.sum(wd * h[:, None], axis=0)
+        tl.atomic_add(y_ptr + ds, acc, mask=dm)
+
 
 def _fused_step(x: torch.Tensor, bundled: torch.Tensor, idx: torch.Tensor, c: torch.Tensor,
-               y0: torch.Tensor, block_k: int = 16, block_d: int = 256, act: str = "silu") -> torch.Tensor:
+               y0: torch.Tensor, block_k: int = 16, block_d: int = 256, act: str = "silu",
+               split: int = 0) -> torch.Tensor:
     """One token: x [1, d], bundled [n, 3, d], idx [k] -> y [1, d] (Triton, fp32 accumulation); act: silu or
-    gelu_tanh (dn.sparse.ACTS)."""
+    gelu_tanh (dn.sparse.ACTS). split 0: one kernel; split s >= 1: two (kept activations, then the down rows with
+    each column's sum split s ways), fewer atomics for one more launch (scripts/gpu_check.py times both)."""
     d, k = x.shape[-1], idx.numel()
     block_d = min(block_d, triton.next_power_of_2(d))  # any d: the kernel masks the last block
     y = y0.float().clone()
-    _fused_kernel[(triton.cdiv(k, block_k),)](x.reshape(-1).contiguous(), bundled, idx.contiguous(), c, y,
-                                              k, D=d, BLOCK_K=block_k, BLOCK_D=block_d, GELU=act == "gelu_tanh")
+    xf, idx = x.reshape(-1).contiguous(), idx.contiguous()
+    gelu = act == "gelu_tanh"
+    if split == 0:
+        _fused_kernel[(triton.cdiv(k, block_k),)](xf, bundled, idx, c, y, k, D=d, BLOCK_K=block_k, BLOCK_D=block_d,
+                                                  GELU=gelu)
+    else:
+        h = torch.empty(k, dtype=torch.float32, device=x.device)
+        _act_kernel[(triton.cdiv(k, block_k),)](xf, bundled, idx, c, h, k, D=d, BLOCK_K=block_k, BLOCK_D=block_d,
+                                                GELU=gelu)
+        _down_kernel[(triton.cdiv(d, block_d), split)](bundled, idx, h, y, k, D=d, BLOCK_K=block_k, BLOCK_D=block_d,
+                                                       SPLIT=split)
     return y.to(x.dtype).view(1, d)
 
 

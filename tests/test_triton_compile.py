@@ -72,3 +72,8 @@ def test_sparse_kernel_compiles_for_sm90(gelu):
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "idx_ptr": "*i64", "c_ptr": "*bf16", "y_ptr": "*fp32", "K": "i32"}
     cx = {"D": 4096, "BLOCK_K": 16, "BLOCK_D": 256, "GELU": gelu}
     assert compile_kernel(ts._fused_kernel, sig, cx).asm["cubin"]
+    sig["h_ptr"] = sig.pop("y_ptr")  # the split design: activations, then the down rows
+    sig["K"] = sig.pop("K")
+    assert compile_kernel(ts._act_kernel, sig, cx).asm["cubin"]
+    sig = {"w_ptr": "*bf16", "idx_ptr": "*i64", "h_ptr": "*fp32", "y_ptr": "*fp32", "K": "i32"}
+    assert compile_kernel(ts._down_kernel, sig, {"D": 4096, "BLOCK_K": 16, "BLOCK_D": 128, "SPLIT": 8})

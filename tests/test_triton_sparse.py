@@ -64,14 +64,16 @@ def check_sparse(device: str, seed: int = 0) -> int:
 
 
 def check_blocks(device: str) -> int:
-    """_fused_step directly, its block sizes varied (k not a multiple of BLOCK_K, d of BLOCK_D), both activations
-    (gelu_tanh: the kernel supports it; dn.sparse_mlp routes GeGLU layers elsewhere until ops passes act)."""
+    """_fused_step directly, its block sizes varied (k not a multiple of BLOCK_K, d of BLOCK_D), one kernel and the
+    split design (split 1, 3, 8: more shares than blocks of neurons too), both activations (gelu_tanh: the kernels
+    support it; dn.sparse_mlp routes GeGLU layers elsewhere until ops passes act)."""
     from dn_torch import sparse as ts
 
     rng = np.random.default_rng(3)
     count = 0
-    for (d, n, k, block_k, block_d), act in itertools.product(
-            ((96, 50, 17, 16, 64), (160, 64, 33, 8, 128), (64, 40, 40, 64, 32), (200, 30, 5, 4, 256)), ref.ACTS):
+    for (d, n, k, block_k, block_d, split), act in itertools.product(
+            ((96, 50, 17, 16, 64, 0), (160, 64, 33, 8, 128, 0), (64, 40, 40, 64, 32, 0), (200, 30, 5, 4, 256, 0),
+             (96, 50, 17, 4, 32, 3), (200, 64, 40, 16, 64, 1), (64, 40, 7, 8, 128, 8)), ref.ACTS):
         b = rng.standard_normal((n, 3, d)).astype(np.float32) * 0.1
         x = rng.standard_normal((1, d)).astype(np.float32)
         c = (rng.standard_normal(n) * 0.01).astype(np.float32)
@@ -83,9 +85,9 @@ def check_blocks(device: str) -> int:
         want = ref.sparse_mlp_step(x, b, layer, mask)
         tt = lambda a: torch.as_tensor(a, device=device)
         got = ts._fused_step(tt(x), tt(b), tt(idx), tt(c), tt(y0), block_k=block_k, block_d=block_d,
-                           act=act)
+                           act=act, split=split)
         np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
-                                   err_msg=f"d={d} n={n} k={k} blocks {block_k}x{block_d} {act}")
+                                   err_msg=f"d={d} n={n} k={k} blocks {block_k}x{block_d} split {split} {act}")
         count += 1
     return count
 
