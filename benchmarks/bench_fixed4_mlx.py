@@ -5,11 +5,16 @@ same run. Weights are N(0, 0.02) rounded to bf16 (the exponent spread of trained
 
     python benchmarks/bench_fixed4_mlx.py [--shapes 1536x576,576x1536] [--reps 20] [--json OUT]
     DN_MLX_DEVICE=gpu python benchmarks/bench_fixed4_mlx.py --json OUT   # Metal / CUDA: GPU shapes by default
+    python benchmarks/bench_fixed4_mlx.py --model [--coded-dir DIR] [--dtype bfloat16] [--json OUT]
+
+--model: one decode step (batch 1, after a 32-token prompt) of the default model, dense and converted with
+`--codec lossless`, through dn_mlx.model only (so it also times an older tree: PYTHONPATH=<that tree>).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -60,12 +65,52 @@ def bench_batch(f: mc.Fixed4, rt, w: mx.array, b: int, reps: int, gpu: str | Non
     return row
 
 
+def bench_model(coded_dir: str | None, dtype: str, reps: int, prompt: int = 32) -> list[dict]:
+    import tempfile
+
+    from dn.convert import convert
+    from dn.sources import resolve_model
+    from dn.spec import load_spec
+    from dn_mlx import model as m
+
+    dense_dir = resolve_model(None)
+    if coded_dir is None:
+        coded_dir = tempfile.mkdtemp(prefix="dn-fixed4-")
+        convert(Path(dense_dir), Path(coded_dir), "lossless", None)
+    tokens = np.random.default_rng(0).integers(0, 10000, size=(1, prompt + reps + 4))
+    out = {}
+    for name, folder in (("dense", dense_dir), ("lossless", coded_dir)):
+        model = m.load(folder, load_spec(folder), dtype)
+        cache = m.make_cache(model)
+        m.logits(model, tokens[:, :prompt], cache)
+        pos = iter(range(prompt, tokens.shape[1]))
+
+        def step(model=model, cache=cache, pos=pos):
+            i = next(pos)
+            return m.logits(model, tokens[:, i:i + 1], cache)  # numpy: evaluated
+
+        out[name] = benchmark.timer(step, reps, warmup=2)["median_s"]
+        del model, cache
+    return [{"what": "model_decode_step", "model": str(dense_dir), "dtype": dtype, "batch": 1, "prompt": prompt,
+             "device": str(mx.default_device()), "dense_step_s": out["dense"], "lossless_step_s": out["lossless"],
+             "speed_vs_dense": out["dense"] / out["lossless"]}]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=None, help=f"OUTxIN,... (default: GPU {GPU_SHAPES}; CPU {CPU_SHAPES})")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--model", action="store_true", help="time a decode step of the default model instead")
+    ap.add_argument("--coded-dir", default=None, help="--model: the default model converted --codec lossless")
+    ap.add_argument("--dtype", default="bfloat16", help="--model: compute dtype")
     args = ap.parse_args(argv)
+    if args.model:
+        records = bench_model(args.coded_dir, args.dtype, args.reps)
+        print(records[0])
+        if args.json:
+            benchmark.write(benchmark.report(records), args.json)
+        return
     gpu = mc._gpu()
     shapes = args.shapes or (GPU_SHAPES if gpu else CPU_SHAPES)
     records = []
