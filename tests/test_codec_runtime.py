@@ -91,7 +91,7 @@ def test_native_decode_fuzzed_bits(lib, bits, dtype, threads):
 
 
 @pytest.mark.parametrize("dtype", codec.DTYPES)
-@pytest.mark.parametrize("n", [63, 64, 65, 3 * 65536 + 37])  # the vector steps' edges; several OpenMP chunks
+@pytest.mark.parametrize("n", [63, 64, 65, (1 << 22) + 37])  # the vector steps' edges; two OpenMP threads
 def test_native_decode_trained_like(lib, dtype, n):
     b = weights_like(np.random.default_rng(n), n, dtype)
     rt = cr.from_bits(b, dtype)
@@ -134,3 +134,13 @@ def test_convert_equals_from_encoded(lib, dtype, geometry):
         assert (got.dtype, got.shape, got.n) == (want.dtype, want.shape, want.n)
         for a, b in zip(cr.buffers(got), cr.buffers(want)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_native_matvec_two_threads(lib):
+    """Large enough for the kernel to use two OpenMP threads (2M weights each): same result as one thread's."""
+    rng = np.random.default_rng(5)
+    bits = weights_like(rng, 1100 * 4096, "bfloat16", escapes=500)
+    bits[np.isnan(cr.to_float32(bits, "bfloat16")) | np.isinf(cr.to_float32(bits, "bfloat16"))] = 0
+    rt = cr.from_bits(bits.reshape(1100, 4096), "bfloat16")
+    x = rng.normal(size=(3, 4096)).astype(np.float32)
+    np.testing.assert_array_equal(cr.matvec_native(lib, rt, x, 2), cr.matvec_native(lib, rt, x, 1))

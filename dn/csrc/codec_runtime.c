@@ -13,6 +13,14 @@
 #define ESCAPE 15
 #define CHUNK 65536 /* elements per OpenMP task: a multiple of 32, so every chunk starts on a nibble byte */
 #define MAXB 4
+/* Weights per OpenMP thread at least: below this, forking (and a second OpenMP runtime beside torch's spinning
+ * on shared cores) costs more than it saves; the default model's projections (< 1M weights) run on one. */
+#define PER_THREAD (1 << 21)
+
+static int use_threads(int threads, int64_t work) {
+    int64_t most = work / PER_THREAD;
+    return threads < most ? threads : (int)(most > 1 ? most : 1);
+}
 
 static inline uint16_t join(uint8_t s, uint8_t r, int bf16) {
     return bf16 ? (uint16_t)(((r & 0x80) << 8) | (s << 7) | (r & 0x7F)) : (uint16_t)((s << 8) | r);
@@ -144,6 +152,7 @@ void dn_fixed4_decode(const uint8_t *table, const uint8_t *nibbles, const uint8_
                       const int32_t *esc_index, const uint8_t *esc_symbol, int64_t n_esc, int bf16, int out_f32,
                       void *out, int threads) {
     int64_t chunks = (n + CHUNK - 1) / CHUNK;
+    threads = use_threads(threads, n);
     if (threads <= 1 || chunks < 2) {
         decode_range(table, nibbles, raw, 0, n, bf16, out_f32, out);
     } else {
@@ -219,6 +228,7 @@ int dn_fixed4_matvec(const uint8_t *table, const uint8_t *nibbles, const uint8_t
     if (B < 1 || B > MAXB) return -1;
     int64_t block = 64;
     int64_t blocks = (rows + block - 1) / block;
+    threads = use_threads(threads, rows * k);
     if (threads <= 1 || blocks < 2) {
         rows_dots(table, nibbles, raw, 0, rows, rows, k, bf16, x, B, y);
     } else {
