@@ -6,6 +6,7 @@ Paths, each against torch's dense MLP (three F.linear at the same dtype) timed i
   router   the int4 router alone (estimate through torch's packed int4 kernel + selection): its cost
   routed   the whole step: int4 router, top-k, the kept neurons (auto path: native on CPU), prior none
   sketch   routed + the sketch prior (int4 down through the same packed kernel)
+  router-gate, routed-gate   the same with the int4gate router (an int4 sketch of the gate alone)
   fused    the Triton kernel on the given kept rows (CUDA)
 Ratios are against dense measured in the same run; absolute times are meaningful only on the machine recorded.
 Also checks the kernels against the numpy reference (--check). Timer and JSON: dn/benchmark.py.
@@ -81,6 +82,7 @@ def bench(d: int, n: int, dtype: str, keeps: list[float], reps: int, dev: str) -
     gate, up = (torch.randn(n, d, generator=g) * 0.02 for _ in range(2))
     down = torch.randn(d, n, generator=g) * 0.02
     qa, qs = ref.quantize_int4(torch.cat([gate, up]).numpy())      # the int4 router of [G; U]
+    ga, gs = qa[:n], qs[:n]                                         # int4gate: G's rows of it
     pa, pb = ref.quantize_int4(down.numpy())                        # the sketch prior of D
     gate, up, down = (t.to(dev, dt) for t in (gate, up, down))
     bundled = torch.stack([gate, up, down.T], dim=1).contiguous()   # the layout SparseMLP computes on
@@ -93,32 +95,41 @@ def bench(d: int, n: int, dtype: str, keeps: list[float], reps: int, dev: str) -
     zero_c, zero_y0 = np.zeros(n, np.float32), np.zeros(d, np.float32)
     routed = ts.SparseMLP(bundled, ref.LayerSparse(n, qa, qs, zero_c, zero_y0, "int4", "topk"))   # no copy
     sketched = ts.SparseMLP(bundled, ref.LayerSparse(n, qa, qs, zero_c, zero_y0, "int4", "topk", None, pa, pb))
+    gated = ts.SparseMLP(bundled, ref.LayerSparse(n, ga, gs, zero_c, zero_y0, "int4gate", "topk"))
     native = routed.ops.native_available(x, bundled)
     fused = routed.ops.fused_available(x)
     t_dense = timeit(dense, reps)
     rows = [{"keep": 1.0, "path": "dense", "us": t_dense * 1e6, "ratio": 1.0}]
+    show(rows[0])
     with torch.inference_mode():
         for keep in keeps:
             k = max(1, round(keep * n))
-            routed.keep = sketched.keep = k
+            routed.keep = sketched.keep = gated.keep = k
             idx = torch.randperm(n, generator=g)[:k].sort().values.to(dev)[None]
             mask = torch.zeros(1, n, dtype=torch.bool, device=dev)
             mask[0, idx[0]] = True
             fns = {"gather": lambda i=idx: routed._gather(x, i),
                    "router": lambda: routed.route(x),
                    "routed": lambda: routed(x),
-                   "sketch": lambda: sketched(x)}
+                   "sketch": lambda: sketched(x),
+                   "router-gate": lambda: gated.route(x),
+                   "routed-gate": lambda: gated(x)}
             if native:
                 fns["native"] = lambda m=mask: routed.ops.native_step(x, bundled, m, routed.prior_c,
                                                                       routed.prior_y0, "silu")
             if fused:
                 fns["fused"] = lambda i=idx: routed.ops.fused_step(x, bundled, i, routed.prior_c, routed.prior_y0)
             for path, fn in fns.items():
-                if path == "router" and keep != keeps[0]:
+                if path.startswith("router") and keep != keeps[0]:
                     continue  # the router's work does not depend on keep
                 t = timeit(fn, reps)
                 rows.append({"keep": keep, "path": path, "us": t * 1e6, "ratio": t / t_dense})
+                show(rows[-1])
     return rows
+
+
+def show(r: dict) -> None:
+    print(f"keep {r['keep']:.2f} {r['path']:11s} {r['us']:10.1f} us  {r['ratio']:.3f}x dense", flush=True)
 
 
 def main(argv=None) -> int:
@@ -140,8 +151,6 @@ def main(argv=None) -> int:
              "threads": torch.get_num_threads()}
     check_rows = check(dev) if args.check else []
     rows = bench(args.d, args.n, args.dtype, [float(k) for k in args.keeps.split(",")], args.reps, dev)
-    for r in rows:
-        print(f"keep {r['keep']:.2f} {r['path']:8s} {r['us']:10.1f} us  {r['ratio']:.3f}x dense")
     for c in check_rows:
         print("check", c)
     if args.json:

@@ -13,6 +13,9 @@ Scores:
   router "int4":    scores s = |silu(g^)| * |u^| with [g^, u^] = [G; U]_q x, where [G; U]_q is a group-wise
                     (GROUP weights per float32 scale) symmetric int4 sketch of the gate and up weights,
                     a quarter of their bf16 bytes; the full-precision gate matrix is never needed to route.
+  router "int4gate": scores s = |silu(g^)| from an int4 sketch of the gate alone (half the int4 router's bytes:
+                    what a decode step's router costs); the up value's size is folded into the thresholds
+                    (t_j = tau / (|D[:, j]| rms_j(U x)) on calibration inputs). No sketch prior (it needs u^).
   router "lowrank": scores s = |silu(g^)| * |u^| where [g^, u^] = (x A) B is a rank-r reduced-rank
                     regression of the gate and up pre-activations on x, fitted on calibration inputs
                     (so the full gate matrix is never needed to route).
@@ -47,7 +50,8 @@ from dn.errors import DnError
 VERSION = 2
 READS = (1, 2)      # v1: top-k selection only, no router.t
 FILE = "dn_sparse.safetensors"
-ROUTERS = ("int4", "lowrank")
+ROUTERS = ("int4", "lowrank", "int4gate")
+INT4 = ("int4", "int4gate")  # the routers held as packed int4 sketches
 PRIORS = ("none", "median", "sketch")
 SELECTS = ("threshold", "topk")
 DEFAULT_SELECT = "threshold"
@@ -65,8 +69,8 @@ HF_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "g
 @dataclass
 class LayerSparse:
     keep: int                 # neurons kept per token
-    router_a: np.ndarray      # lowrank: [d, r]; int4: packed nibbles of [G; U], uint8 [2n, d/2]
-    router_b: np.ndarray      # lowrank: [r, 2n] (columns [:n] gate, [n:] up); int4: scales [2n, d/GROUP]
+    router_a: np.ndarray      # lowrank: [d, r]; int4: packed nibbles of [G; U], uint8 [2n, d/2] (int4gate: G's, n rows)
+    router_b: np.ndarray      # lowrank: [r, 2n] (columns [:n] gate, [n:] up); int4: scales [2n, d/GROUP] (int4gate: n)
     prior_c: np.ndarray       # [n] activation a skipped neuron is assumed to have (zeros: drop)
     prior_y0: np.ndarray      # [d] D @ prior_c
     router: str = "lowrank"
@@ -150,17 +154,20 @@ def dequantize_int4(packed: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 
 def predict(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
-    """x [T, d] -> predicted [gate, up] pre-activations [T, 2n] (float32)."""
+    """x [T, d] -> predicted [gate, up] pre-activations [T, 2n] (float32; int4gate: the gate's, [T, n])."""
     x = x.astype(np.float32)
-    if layer.router == "int4":
+    if layer.router in INT4:
         return x @ dequantize_int4(layer.router_a, layer.router_b).T
     return (x @ layer.router_a) @ layer.router_b
 
 
 def estimate(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
-    """x [T, d] -> the router's estimate of every neuron's activation act(g^) * u^, [T, n] (float32)."""
+    """x [T, d] -> the router's estimate of every neuron's activation act(g^) * u^, [T, n] (float32; int4gate:
+    act(g^), the up value's size being in the thresholds)."""
     n = layer.prior_c.shape[0]
     p = predict(x, layer)
+    if layer.router == "int4gate":
+        return act(layer.act, p)
     return act(layer.act, p[:, :n]) * p[:, n:]
 
 
@@ -247,10 +254,13 @@ def fit_prior(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
     layer.prior_y0 = (down.astype(np.float64) @ c).astype(np.float32)
 
 
-def fit_threshold(x: np.ndarray, down: np.ndarray, layer: LayerSparse) -> np.ndarray:
+def fit_threshold(x: np.ndarray, down: np.ndarray, layer: LayerSparse, up: np.ndarray | None = None) -> np.ndarray:
     """Per-neuron thresholds t_j = tau / |D[:, j]|, tau the (1 - keep/n) quantile of the norm-weighted
-    router scores over the calibration tokens: on those tokens `keep` neurons pass on average."""
+    router scores over the calibration tokens: on those tokens `keep` neurons pass on average. int4gate
+    (scores without the up value): t_j = tau / (|D[:, j]| rms_j(U x)), the up value's typical size."""
     norm = np.linalg.norm(down.astype(np.float64), axis=0) + 1e-12          # [n]
+    if layer.router == "int4gate":
+        norm = norm * (np.sqrt(np.mean(np.square(x.astype(np.float64) @ up.T.astype(np.float64)), axis=0)) + 1e-12)
     weighted = scores(x, layer) * norm
     tau = np.quantile(weighted, 1 - layer.keep / len(norm), method="lower")
     return (tau / norm).astype(np.float32)
@@ -261,10 +271,12 @@ def fit_layer(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
               name: str = DEFAULT_ACT) -> LayerSparse:
     """x [T, d] calibration MLP inputs of one layer (float32) -> its fitted router, selection and prior."""
     n, d = gate.shape
-    if router == "int4":
+    if router in INT4:
         if d % GROUP:
             raise DnError(f"int4 router needs hidden size divisible by {GROUP}, got {d}")
-        a, b = quantize_int4(np.concatenate([gate, up]))
+        if router == "int4gate" and prior == "sketch":
+            raise DnError("the sketch prior needs the router's up estimate: use router int4 with it")
+        a, b = quantize_int4(np.concatenate([gate, up]) if router == "int4" else gate)
     elif router == "lowrank":
         a, b = fit_router(x, gate, up, rank)
     else:
@@ -275,7 +287,7 @@ def fit_layer(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
         raise DnError(f"unknown activation {name!r} (choose from {', '.join(ACTS)})")
     layer = LayerSparse(keep, a, b, np.zeros(n, np.float32), np.zeros(d, np.float32), router, select, act=name)
     if select == "threshold":
-        layer.thresh = fit_threshold(x, down, layer)
+        layer.thresh = fit_threshold(x, down, layer, up)
     fit_prior(x, gate, up, down, layer, prior)
     return layer
 
@@ -346,8 +358,11 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
     r, kind = section.get("rank"), section["router"]
     shapes = {"router.a": (hidden, r), "router.b": (r, 2 * intermediate), "prior.c": (intermediate,),
               "prior.y0": (hidden,)}
-    if kind == "int4":
-        shapes |= {"router.a": (2 * intermediate, hidden // 2), "router.b": (2 * intermediate, hidden // GROUP)}
+    if kind in INT4:
+        m = 2 * intermediate if kind == "int4" else intermediate
+        shapes |= {"router.a": (m, hidden // 2), "router.b": (m, hidden // GROUP)}
+        if kind == "int4gate" and section["prior"] == "sketch":
+            raise DnError("sparse spec: the sketch prior needs router int4, not int4gate")
     if select == "threshold":
         shapes["router.t"] = (intermediate,)
     if section["prior"] == "sketch":

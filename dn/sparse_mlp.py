@@ -42,7 +42,7 @@ class SparseMLP:
             self.gate_proj, self.up_proj, self.down_proj = proj or (None, None, None)
         # int4: router and sketch stay packed (affine 4-bit, groups of GROUP), run by the backend's quantized
         # matmul; lowrank: float32 factors [d, r], [r, 2n].
-        if layer.router == "int4":
+        if layer.router in ("int4", "int4gate"):
             self.router_q = o.int4_linear(layer.router_a, layer.router_b, like)
         else:
             o.hold(self, "router_a", o.from_numpy(np.asarray(layer.router_a, np.float32), like))
@@ -60,6 +60,8 @@ class SparseMLP:
     def estimate(self, x):
         """x [T, d] -> the router's estimate act(g^) * u^ of every neuron's activation, [T, n] float32."""
         o = self.ops
+        if self.router == "int4gate":  # the gate alone: the up value's size is in the thresholds
+            return o.act(self.act, o.int4_matmul(x, self.router_q))
         if self.router == "int4":
             p = o.int4_matmul(x, self.router_q)
         else:

@@ -86,6 +86,33 @@ def test_sketch_prior_adds_the_router_estimate_for_skipped_neurons_only():
     assert np.abs(want - h @ dn.T).sum() < np.abs(drop - h @ dn.T).sum()  # it does recover part of the loss
 
 
+def _no_sketch_without_up(router, prior):
+    if router == "int4gate" and prior == "sketch":
+        pytest.skip("int4gate has no up estimate for the sketch prior (test_int4gate_refuses_sketch)")
+
+
+def test_int4gate_refuses_sketch(tmp_path):
+    rng = np.random.default_rng(3)
+    with pytest.raises(DnError, match="sketch prior needs"):
+        _layer(rng, 30, "int4gate", "sketch")
+    section = sparse.save(_spec(rng, router="int4", prior="sketch"), tmp_path) | {"router": "int4gate"}
+    with pytest.raises(DnError, match="sketch prior needs"):
+        sparse.load(tmp_path, section, 2, D, N)
+
+
+def test_int4gate_scores_the_gate_and_weighs_up_into_thresholds():
+    """int4gate routes on |act(g^)| alone (the int4 gate sketch) against t_j = tau / (|D_j| rms_j(U x))."""
+    rng = np.random.default_rng(4)
+    layer, (_, u, dn) = _layer(rng, 40, "int4gate", "none")
+    assert layer.router_a.shape == (N, D // 2)
+    x = rng.standard_normal((64, D)).astype(np.float32)
+    gq = sparse.dequantize_int4(layer.router_a, layer.router_b)
+    np.testing.assert_allclose(sparse.scores(x, layer), np.abs(sparse.silu(x @ gq.T)), rtol=1e-5, atol=1e-6)
+    weight = np.linalg.norm(dn, axis=0) * np.sqrt(np.mean(np.square(x @ u.T), axis=0))
+    ratio = layer.thresh * weight    # one tau for every neuron, up to the calibration vs these inputs' rms
+    assert ratio.std() / ratio.mean() < 0.2
+
+
 def test_sketch_prior_needs_n_divisible_by_group():
     rng = np.random.default_rng(3)
     with pytest.raises(DnError, match="divisible"):
@@ -130,6 +157,7 @@ def _spec(rng, layers=2, router="int4", select=sparse.DEFAULT_SELECT, prior="med
 @pytest.mark.parametrize("select", sparse.SELECTS)
 @pytest.mark.parametrize("router", sparse.ROUTERS)
 def test_spec_roundtrip(tmp_path, router, select, prior):
+    _no_sketch_without_up(router, prior)
     s = _spec(np.random.default_rng(5), router=router, select=select, prior=prior)
     section = json.loads(json.dumps(sparse.save(s, tmp_path)))
     back = sparse.load(tmp_path, section, 2, D, N)
@@ -226,6 +254,7 @@ def test_spec_tensor_with_wrong_shape(tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("router", sparse.ROUTERS)
 def test_backend_step_matches_reference(backend_name, dtype, router, select, prior):
+    _no_sketch_without_up(router, prior)
     mod = backends.get(backend_name)
     rng = np.random.default_rng(8)
     layer, (g, u, dn) = _layer(rng, 40, router, prior, select=select)
@@ -477,6 +506,7 @@ def _held_bytes(mlp) -> int:
 def test_side_bytes_are_what_a_layer_holds(backend_name, router, prior):
     """dn.store.sparse_side (what dn footprint adds per layer) equals the bytes a backend's SparseMLP holds
     besides its bundled weights, for every router and prior kind."""
+    _no_sketch_without_up(router, prior)
     from dn import store
 
     layer, w = _layer(np.random.default_rng(11), 40, router, prior)
