@@ -268,9 +268,10 @@ def _f4_escapes(acc, raw, x, esc_index, esc_symbol, row_ptr, n0, IN, OUT, B, str
 @triton.jit
 def _f4_matvec_kernel(table, nib, raw, raw16, x, y, esc_index, esc_symbol, row_ptr, B, IN, OUT, stride_x, stride_y,
                       BF16: tl.constexpr, PAIRED: tl.constexpr, BP: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ESC_BLOCK: tl.constexpr):
+                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ESC_BLOCK: tl.constexpr, DOT: tl.constexpr):
     """y[:B, rows] = x W[rows].T for BLOCK_N rows, over this program's share of the columns (SPLIT_K > 1: fp32
-    atomics into a zeroed y). Multiply-accumulate in fp32; escapes counted as 0, then added from the CSR list."""
+    atomics into a zeroed y). Multiply-accumulate in fp32 (DOT: on tensor cores as tf32, exact for x at the coded
+    16-bit type; BP and BLOCK_N >= 16); escapes counted as 0, then added from the CSR list."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n0 = pid_n * BLOCK_N
@@ -297,7 +298,12 @@ def _f4_matvec_kernel(table, nib, raw, raw16, x, y, esc_index, esc_symbol, row_p
             xm = bmask[:, None] & jm[None, :]
             xe = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
             xo = tl.load(xp + 1, mask=xm, other=0.0).to(tl.float32)
-            acc += tl.sum(xe[:, None, :] * w_lo[None, :, :], axis=2) + tl.sum(xo[:, None, :] * w_hi[None, :, :], axis=2)
+            if DOT:  # bf16/fp16 values are exact in tf32, so these products are exact, as in the FMA path
+                acc = tl.dot(xe, tl.trans(w_lo), acc, input_precision="tf32")
+                acc = tl.dot(xo, tl.trans(w_hi), acc, input_precision="tf32")
+            else:
+                acc += tl.sum(xe[:, None, :] * w_lo[None, :, :], axis=2)
+                acc += tl.sum(xo[:, None, :] * w_hi[None, :, :], axis=2)
     else:  # odd IN: a row's first element may sit in a high nibble
         for k0 in range(k_lo, k_hi, BLOCK_K):
             c = k0 + tl.arange(0, BLOCK_K)
@@ -319,6 +325,9 @@ def _f4_matvec_kernel(table, nib, raw, raw16, x, y, esc_index, esc_symbol, row_p
         tl.store(yp, acc.to(y.dtype.element_ty), mask=ym)
     else:
         tl.atomic_add(yp, acc, mask=ym)
+
+
+_CODED = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
@@ -374,10 +383,11 @@ def row_pointers(t, n_out: int, n_in: int) -> torch.Tensor:
 
 
 def fixed4_config(batch: int) -> dict:
-    """Tile sizes per batch: the [batch, rows, columns / 2] product tile stays at <= 4096 floats per program."""
+    """Tile sizes per batch: the [batch, rows, columns / 2] product tile stays at <= 4096 floats per program.
+    DOT (tensor cores) is off by default until a GPU measures it (scripts/gpu_check.py sweeps it)."""
     bp = triton.next_power_of_2(max(1, batch))
     block_n = 8
-    return {"BLOCK_N": block_n, "BLOCK_K": min(512, 8192 // (bp * block_n)), "SPLIT_K": 1}
+    return {"BLOCK_N": block_n, "BLOCK_K": min(512, 8192 // (bp * block_n)), "SPLIT_K": 1, "DOT": False}
 
 
 def fixed4_matvec(t, x: torch.Tensor, config: dict | None = None) -> torch.Tensor:
@@ -394,10 +404,15 @@ def fixed4_matvec(t, x: torch.Tensor, config: dict | None = None) -> torch.Tenso
     y = (torch.zeros if split > 1 else torch.empty)(x.shape[0], n_out, dtype=torch.float32 if split > 1 else x.dtype,
                                                     device=x.device)
     raw16 = _pairs(t.raw, torch.int16) if n_in % 2 == 0 else None
+    # tensor cores (tf32, exact for 16-bit x) in the paired layout; elsewhere DOT falls back to fp32 FMAs
+    dot = bool(cfg.get("DOT")) and raw16 is not None and x.dtype == _CODED[coded_dtype(t)]
+    if dot and (cfg["BLOCK_N"] < 16 or cfg["BLOCK_K"] < 32):
+        raise ValueError(f"fixed4_matvec: DOT needs BLOCK_N >= 16 and BLOCK_K >= 32, got {cfg}")
+    bp = max(16 if dot else 1, triton.next_power_of_2(x.shape[0]))
     grid = (triton.cdiv(n_out, cfg["BLOCK_N"]), split)
     _f4_matvec_kernel[grid](t.table, t.nibbles, t.raw, t.raw if raw16 is None else raw16, xc, y,
                             _nonempty(t.esc_index), _nonempty(t.esc_symbol), row_pointers(t, n_out, n_in),
                             x.shape[0], n_in, n_out, xc.stride(0), y.stride(0), BF16=coded_dtype(t) == "bfloat16",
-                            PAIRED=raw16 is not None, BP=triton.next_power_of_2(x.shape[0]), BLOCK_N=cfg["BLOCK_N"],
-                            BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split, ESC_BLOCK=16, num_warps=cfg.get("num_warps", 4))
+                            PAIRED=raw16 is not None, BP=bp, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                            SPLIT_K=split, ESC_BLOCK=16, DOT=dot, num_warps=cfg.get("num_warps", 4))
     return y if split == 1 else y.to(x.dtype)

@@ -40,6 +40,8 @@ def matvec_variants():
     for dtype, paired, batch, split in [("bf16", True, 1, 1), ("bf16", True, 4, 1), ("bf16", True, 16, 1),
                                         ("fp16", True, 1, 1), ("bf16", False, 3, 1), ("bf16", True, 2, 4)]:
         yield dtype, paired, batch, tk.fixed4_config(batch) | {"SPLIT_K": split}
+    for dtype, batch in (("bf16", 4), ("fp16", 16)):  # tensor-core tiles (tf32 wgmma on sm_90)
+        yield dtype, True, batch, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "DOT": True}
 
 
 @pytest.mark.parametrize("dtype,paired,batch,cfg", list(matvec_variants()))
@@ -49,7 +51,8 @@ def test_fixed4_matvec_compiles_for_sm90(dtype, paired, batch, cfg):
     sig = {"table": "*u8", "nib": "*u8", "raw": "*u8", "raw16": "*i16" if paired else "*u8", "x": f"*{dtype}",
            "y": "*fp32" if cfg["SPLIT_K"] > 1 else f"*{dtype}", "esc_index": "*i32", "esc_symbol": "*u8",
            "row_ptr": "*i32", "B": "i32", "IN": "i32", "OUT": "i32", "stride_x": "i32", "stride_y": "i32"}
-    cx = {"BF16": dtype == "bf16", "PAIRED": paired, "BP": triton.next_power_of_2(batch), **cfg, "ESC_BLOCK": 16}
+    bp = max(16 if cfg["DOT"] else 1, triton.next_power_of_2(batch))
+    cx = {"BF16": dtype == "bf16", "PAIRED": paired, "BP": bp, **cfg, "ESC_BLOCK": 16}
     assert compile_kernel(tk._f4_matvec_kernel, sig, cx).asm["cubin"]
 
 

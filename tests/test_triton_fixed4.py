@@ -96,6 +96,11 @@ def matvec_cases(rng):
     yield (48, 1000), "bfloat16", 3, 0.01, {"SPLIT_K": 3, "BLOCK_N": 16}
     yield (31, 999), "float16", 5, 0.01, {"SPLIT_K": 2, "BLOCK_K": 128}
     yield (50, 300), "float16", 1, 0.01, {"BLOCK_N": 1, "BLOCK_K": 64}
+    # tensor-core tiles (tf32): bf16 and fp16, batch padded to 16, odd `in` falling back to FMAs
+    yield (40, 512), "bfloat16", 4, 0.02, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64}
+    yield (33, 200), "float16", 16, 0.02, {"DOT": True, "BLOCK_N": 32, "BLOCK_K": 128}
+    yield (20, 96), "bfloat16", 1, 0.02, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}
+    yield (17, 1025), "bfloat16", 2, 0.02, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64}
 
 
 def check_matvec(device: str, seed: int = 1) -> int:
@@ -206,8 +211,8 @@ def test_fixed4_large_layers_cuda(dtype):
             np.testing.assert_allclose(got, want, rtol=tol.rtol, atol=tol.atol * np.abs(want).max())
 
 
-def test_batch_over_16_is_refused():
-    """The fused kernel's batch bound is checked before any launch (no Triton needed to reach it)."""
+def test_bad_batch_or_tiles_are_refused():
+    """The fused kernel's batch bound and the tensor-core tile bounds are checked before any launch."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton not installed")
     from dn_torch import _triton_codec as tk
@@ -215,6 +220,8 @@ def test_batch_over_16_is_refused():
     rt = codec_runtime.from_bits(weight_bits(np.random.default_rng(0), 64, "bfloat16", 0).reshape(4, 16), "bfloat16")
     with pytest.raises(ValueError, match="1..16"):
         tk.fixed4_matvec(on_device(rt, "cpu"), torch.zeros(17, 16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="DOT needs"):
+        tk.fixed4_matvec(on_device(rt, "cpu"), torch.zeros(2, 16, dtype=torch.bfloat16), {"DOT": True})
 
 
 if __name__ == "__main__":  # run by test_fixed4_kernels_in_the_interpreter, or by hand on a GPU machine
