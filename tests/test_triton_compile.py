@@ -21,6 +21,10 @@ try:
 except ImportError:  # pragma: no cover - another Triton layout
     pytest.skip("this Triton has no ahead-of-time API", allow_module_level=True)
 
+from triton.backends import backends
+
+if "nvidia" not in backends:
+    pytest.skip("this Triton has no NVIDIA backend", allow_module_level=True)
 SM90 = GPUTarget("cuda", 90, 32)
 
 
