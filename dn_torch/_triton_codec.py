@@ -1,6 +1,8 @@
-"""Triton kernels for the lossless codec (CUDA/ROCm; CPU through TRITON_INTERPRET=1 in tests).
+"""Triton kernels for the lossless codec (CUDA/ROCm; CPU through TRITON_INTERPRET=1 in tests): the stored
+Huffman format (below) and the runtime layout fixed4 (decode and fused decode+GEMV; the section "fixed4" further
+down, tests/test_triton_fixed4.py).
 
-One program decodes one tile: LANES lanes, each walking its own MSB-first stream with a 64-bit bit
+Huffman: one program decodes one tile: LANES lanes, each walking its own MSB-first stream with a 64-bit bit
 buffer in registers (one 32-bit refill every ~12 symbols, so the scattered stream reads stay rare).
 Codes are canonical, so a code's length is the number of lengths L whose first code, left-justified
 to MAXLEN bits, is <= the MAXLEN-bit window; its rank in (length, symbol) order is then
@@ -161,7 +163,7 @@ def matvec(p, x: torch.Tensor, shape) -> torch.Tensor:
 # ---- fixed4: the runtime layout of dn/codec_runtime.py ------------------------------------------------------
 # Every weight decodes on its own: rank = its nibble, symbol = table[rank] (rank 15: an escape, fixed by a
 # second pass), bits = join(symbol, raw byte). Where the element count is even (every real projection), a
-# program reads nibble bytes and raw bytes as uint16 pairs, contiguous, so the loads vectorise: element 2j is
+# program reads nibble bytes and raw bytes as uint16 pairs, contiguous, so the loads can vectorise: element 2j is
 # the low nibble of byte j and the low byte of raw pair j.
 
 ESCAPE = tl.constexpr(15)  # dn.codec_runtime.ESCAPE; kernels read only constexpr globals
