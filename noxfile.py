@@ -1,5 +1,5 @@
 """nox sessions: tests (both backends, real default model), parity, lint, bench (dn bench, bench_peers,
-bench_kernels).
+bench_kernels, bench_shapes, bench_overhead).
 
 CPU installs pin torch==2.13.0 on Linux: an unpinned torch resolves to a multi-GB CUDA build.
 Text for evaluation and calibration is passed by path (DN_EVAL_TEXT, DN_CALIB_TEXT), never copied.
@@ -98,8 +98,29 @@ def bench_peers(session):
 @nox.session(default=False)
 def bench_kernels(session):
     """The other benchmarks/bench_*.py scripts (codec decode, quantized matmul, sparse MLP step, backend speed...);
-    bench_formats (a caller of dn bench) and bench_peers run in the sessions above."""
+    bench_formats (a caller of dn bench), bench_peers, bench_shapes and bench_overhead have their own sessions."""
     install(session)
     for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
-        if script.stem not in ("bench_formats", "bench_peers"):
+        if script.stem not in ("bench_formats", "bench_peers", "bench_shapes", "bench_overhead"):
             session.run("python", str(script), *session.posargs, env=text_env())
+
+
+@nox.session(default=False)
+def bench_shapes(session):
+    """dn bench on a random model with Llama-3-8B layer shapes (4 layers; built once into the dn cache): dense,
+    lossless, sparse50, q4g32e8, q4g32e8+sparse50 on torch, batch 1 and 4 -> out/bench/shapes.{json,md}. Flags after
+    `--` go to benchmarks/bench_shapes.py (e.g. --backends torch,mlx, --layers 8)."""
+    install(session)
+    BENCH_OUT.mkdir(parents=True, exist_ok=True)
+    session.run("python", "benchmarks/bench_shapes.py", "--json", str(BENCH_OUT / "shapes.json"), "--markdown",
+                str(BENCH_OUT / "shapes.md"), *session.posargs, env=text_env())
+
+
+@nox.session(default=False)
+def bench_overhead(session):
+    """Decode-loop overhead on the default model at batch 1: eager step, its linears alone, bytes over bandwidth,
+    StaticCache and torch.compile (and mx.compile on MLX) -> out/bench/overhead.json."""
+    install(session)
+    BENCH_OUT.mkdir(parents=True, exist_ok=True)
+    session.run("python", "benchmarks/bench_overhead.py", "--json", str(BENCH_OUT / "overhead.json"),
+                *session.posargs)

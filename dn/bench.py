@@ -1,7 +1,8 @@
 """`dn bench`: weight configurations x backends on one model, against dense measured in the same run.
 
     dn bench [--model M] --text FILE [--configs dense,q8,q4g32,lossless,sparse50] [--backends mlx,torch]
-             [--dtypes bfloat16] [--batch 1,4] [--max-resident 25%,50%] --json OUT [--markdown OUT.md] [--plot OUT.png]
+             [--dtypes bfloat16] [--batch 1,4] [--max-resident 25%,50%] [--skip ppl,agreement] --json OUT
+             [--markdown OUT.md] [--plot OUT.png]
 
 A configuration is `FORMAT[+sparseNN][@BUDGET]`, named the same on both backends:
 - FORMAT: `dense`; `lossless` (dn's codec); `q<B>[g<G>][e<E>]`, mlx-lm's affine quantization with B bits in
@@ -47,6 +48,7 @@ from dn.errors import DnError
 DEFAULT_CONFIGS = "dense,q8,q4g32e8,q4g32,q4g64,q3g32,lossless,sparse50,q4g32+sparse50"
 DTYPES = ("float32", "bfloat16")
 TASKS = ("humaneval",)
+SKIPS = ("ppl", "agreement")  # --skip: phases a random-weight model (benchmarks/bench_shapes.py) has no use for
 PHASE = "dn-bench phase: "  # a child's stderr line that names what it is doing (the progress bar shows it)
 # The fixed prompt set of greedy agreement (raw text, no chat template): prose, code, science, arithmetic.
 PROMPTS = [
@@ -358,7 +360,8 @@ def measure(job: dict) -> dict:
     batches, tokens = [], None
     for b in sorted(set(job["batches"]) | {1}):
         phase(f"decode batch {b}")
-        out, toks = decode_phase(be, model, res, prompts, b, job["decode_reps"], job["warmup"], sample_rest=b == 1)
+        out, toks = decode_phase(be, model, res, prompts, b, job["decode_reps"], job["warmup"],
+                                 sample_rest=b == 1 and "agreement" not in job.get("skip", ()))
         tokens = toks if b == 1 else tokens
         batches.append(out)
     common |= {"greedy_agreement": 1.0 if job["baseline_tokens"] is None and job["config"] == "dense"
@@ -370,9 +373,12 @@ def measure(job: dict) -> dict:
         phase(f"prefill batch {out['batch']}")
         out |= prefill_phase(be, model, text_tokens[:job["prefill_tokens"]], out["batch"], job["prefill_reps"])
 
-    phase("perplexity")
-    nll, count = perplexity(be, model, text_tokens[:job["max_tokens"]], job["ctx"])
-    common |= {"ppl": math.exp(nll), "nll": nll, "eval_tokens": count, "ctx": job["ctx"]}
+    if "ppl" in job.get("skip", ()):
+        common |= {"ppl": None, "nll": None, "eval_tokens": 0, "ctx": job["ctx"]}
+    else:
+        phase("perplexity")
+        nll, count = perplexity(be, model, text_tokens[:job["max_tokens"]], job["ctx"])
+        common |= {"ppl": math.exp(nll), "nll": nll, "eval_tokens": count, "ctx": job["ctx"]}
 
     result = {"common": common, "batches": [b for b in batches if b["batch"] in job["batches"]], "tokens": tokens}
     if job["humaneval"]:
@@ -479,7 +485,7 @@ def relate(records: list[dict]) -> None:
         d = dense.get((r["backend"], r["dtype"], r["batch"]))
         if "error" in r or d is None:
             continue
-        r["ppl_delta_pct"] = 100 * (r["ppl"] / d["ppl"] - 1)
+        r["ppl_delta_pct"] = None if r["ppl"] is None or d["ppl"] is None else 100 * (r["ppl"] / d["ppl"] - 1)
         r["speed_vs_dense"] = r["tokens_per_s"] / d["tokens_per_s"]
         r["prefill_vs_dense"] = r["prefill_tokens_per_s"] / d["prefill_tokens_per_s"]
 
@@ -506,7 +512,8 @@ def table(records: list[dict]) -> str:
             continue
         delta = r.get("ppl_delta_pct")
         cells = [r["config"], r["backend"], r["dtype"], str(r["batch"]), _pct(r["resident_fraction"]),
-                 _pct(r["measured_fraction"]), _mib(r["resident_peak_bytes"]), f"{r['ppl']:.4f}",
+                 _pct(r["measured_fraction"]), _mib(r["resident_peak_bytes"]),
+                 "–" if r["ppl"] is None else f"{r['ppl']:.4f}",
                  "–" if delta is None else f"{delta:+.2f}%", f"{r['tokens_per_s']:.1f}",
                  "–" if r.get("speed_vs_dense") is None else f"{r['speed_vs_dense']:.2f}x",
                  f"{r['latency_ms_p50']:.1f}", f"{r['latency_ms_p99']:.1f}", f"{r['prefill_tokens_per_s']:.0f}",
@@ -572,6 +579,9 @@ def setup_arg_parser():
     p.add_argument("--prefill-tokens", type=cli.positive_int, default=128)
     p.add_argument("--prefill-reps", type=cli.positive_int, default=3)
     p.add_argument("--tasks", default="", help="extra tasks: humaneval (pass@1 and greedy agreement with dense)")
+    p.add_argument("--skip", default="",
+                   help="phases to leave out: ppl (perplexity: null), agreement (greedy agreement over the timed "
+                        "prompt only; the other prompts are not run)")
     p.add_argument("--humaneval-limit", type=cli.positive_int, default=None, help="first N problems only")
     p.add_argument("--humaneval-tokens", type=cli.positive_int, default=192)
     p.add_argument("--calib-text", default=None,
@@ -641,6 +651,10 @@ def _main(argv) -> int:
             raise DnError(f"unknown task {t!r} (choose from {', '.join(TASKS)})")
     if tasks:
         humaneval_problems(1)
+    skip = [s.strip() for s in args.skip.split(",") if s.strip()]
+    for s in skip:
+        if s not in SKIPS:
+            raise DnError(f"--skip: unknown phase {s!r} (choose from {', '.join(SKIPS)})")
     text = text_path(args.text, "DN_EVAL_TEXT")
     read_text(text)
     calib = None
@@ -670,7 +684,7 @@ def _main(argv) -> int:
                                  "dtype": dtype, "folder": str(folders[c.stored]), "text": str(text),
                                  "max_tokens": pick(max_tokens, c, be, "--max-tokens"), "ctx": args.ctx,
                                  "batches": batches, "decode_reps": pick(decode, c, be, "--decode-tokens"),
-                                 "warmup": args.warmup,
+                                 "warmup": args.warmup, "skip": skip,
                                  "prefill_tokens": args.prefill_tokens, "prefill_reps": args.prefill_reps})
     command = ["dn", "bench", *argv]
     extra = {"model": str(args.model or model_dir), "text": str(text), "threads": args.threads,

@@ -100,6 +100,7 @@ def test_relate_and_table():
     (["--decode-tokens", "32,q9:4"], "names neither a config nor a backend"),
     (["--max-tokens", "64,lossless:32"], "per backend only"),
     (["--tasks", "mmlu"], "unknown task"),
+    (["--skip", "ppl,prefill"], "--skip: unknown phase"),
 ])
 def test_bad_flags_are_one_line(tmp_path, args, needle):
     text = tmp_path / "t.txt"
@@ -194,3 +195,56 @@ def test_bench_run(backend_name, tiny, tmp_path):
     assert out["png"].read_bytes()[:4] == b"\x89PNG"
     folders = sorted(p.name for p in next(cache.iterdir()).iterdir())
     assert folders[:2] == ["lossless", "q4g32"] and folders[2].startswith("sparse50-calib")
+
+
+# ---- benchmarks/bench_shapes.py: its model builder at a tiny size, and dn bench --skip on it ------------------
+
+def _bench_shapes():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_shapes.py"
+    spec = importlib.util.spec_from_file_location("bench_shapes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shapes_model_and_skip(tmp_path, eval_text):
+    """The Llama-3-8B-shaped builder (here at a tiny size): LlamaForCausalLM with an untied lm_head, GQA, bf16
+    weights of std 0.02, the default model's tokenizer; built once. Then dn bench on it without perplexity and with
+    agreement over the timed prompt only."""
+    from dn.spec import load_spec
+
+    shapes = _bench_shapes()
+    dims = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 32}
+    model = shapes.build(tmp_path / "m", layers=2, **dims)
+    mtime = (model / "model.safetensors").stat().st_mtime_ns
+    assert shapes.build(tmp_path / "m", layers=2, **dims) == model  # cached: not rebuilt
+    assert (model / "model.safetensors").stat().st_mtime_ns == mtime
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["rope_theta"] == 500000.0 and cfg["rms_norm_eps"] == 1e-5 and not cfg["tie_word_embeddings"]
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_hidden_layers"] == 2
+    spec = load_spec(model)
+    assert spec.architecture.vocab_size == 49152 and spec.architecture.num_key_value_heads == 2
+    w = safetensors_io.load(model / "model.safetensors")
+    assert w["lm_head.weight"][0].shape == (49152, 128) and w["model.layers.1.mlp.down_proj.weight"][1] == "BF16"
+    up = safetensors_io.bf16_to_f32(w["model.layers.0.mlp.up_proj.weight"][0])
+    assert up.shape == (256, 128) and abs(up.std() - 0.02) < 1e-3 and abs(up.mean()) < 1e-3
+    assert (safetensors_io.bf16_to_f32(w["model.norm.weight"][0]) == 1).all()
+    assert "Llama-3-8B" in shapes.__doc__ and shapes.LLAMA3_8B["intermediate_size"] == 14336
+
+    out = tmp_path / "bench.json"
+    proc = dn("bench", "--model", str(model), "--text", str(eval_text), "--configs", "q4g32", "--backends", "torch",
+              "--batch", "1", "--max-tokens", "64",
+              "--decode-tokens", "3", "--warmup", "1", "--prefill-tokens", "8", "--prefill-reps", "1",
+              "--skip", "ppl,agreement", "--threads", "1", "--cache", str(tmp_path / "cache"), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = {r["config"]: r for r in json.loads(out.read_text())["records"]}
+    assert set(recs) == {"dense", "q4g32"}
+    for r in recs.values():
+        assert r["ppl"] is None and r["ppl_delta_pct"] is None and r["eval_tokens"] == 0
+        assert r["agreement_prompts"] == 1 and r["agreement_tokens"] == 1 + 3 + 3 and r["tokens_per_s"] > 0
+    assert recs["q4g32"]["speed_vs_dense"] > 0 and 0 <= recs["q4g32"]["greedy_agreement"] <= 1
+    assert "| q4g32 | torch | bfloat16 | 1 |" in proc.stdout and "| – | – |" in proc.stdout
