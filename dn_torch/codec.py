@@ -5,6 +5,7 @@ CPU, a pure-torch path elsewhere or when DN_NATIVE=0; all bit-exact."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,9 @@ class CodecLinear(nn.Module):
     """nn.Linear whose weight is held in the runtime layout fixed4 (dn.codec_runtime, converted at load from the
     stored Huffman code) and decoded on access into this projection's slice of a scratch buffer shared by all
     layers. Decoding per projection rather than per layer keeps the decoded weight in cache for the matmul that
-    follows. The weights are the stored bits exactly, so logits equal the dense model's bit for bit."""
+    follows. The weights are the stored bits exactly, so logits equal the dense model's bit for bit.
+    DN_CODEC_FUSED=1 (off by default) sends CPU inputs of at most 4 rows (decode steps) through the C fused
+    decode+GEMV instead: no decoded copy, but float32 sums in another order, so logits differ in the last bits."""
 
     def __init__(self, rt: codec_runtime.RuntimeTensor, scratch: list, start: int, bias):
         super().__init__()
@@ -136,6 +139,9 @@ class CodecLinear(nn.Module):
         return out.view(self.shape)
 
     def forward(self, x):
+        if x.device.type == "cpu" and x.numel() <= 4 * self.shape[1] and os.environ.get("DN_CODEC_FUSED") == "1":
+            y = matvec_fixed4(self, x.reshape(-1, self.shape[1])).to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
+            return y if self.bias is None else y + self.bias
         return nn.functional.linear(x, self.weight, self.bias)
 
 

@@ -197,3 +197,23 @@ def test_fixed4_runtime_logits_bit_identical(runtime_path, tmp_path):
         lins = [m for m in coded.modules() if isinstance(m, tc.CodecLinear)]
         assert lins and not any(isinstance(m, tc.PackedLayer) for m in coded.modules())
         assert np.array_equal(be.logits(dense, tokens), be.logits(coded, tokens)), dtype
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5])  # 5: past the fused kernel's batch, decode + F.linear
+def test_fixed4_fused_forward_opt_in(runtime_path, monkeypatch, rows):
+    """DN_CODEC_FUSED=1: decode steps go through the C fused decode+GEMV, close to F.linear (not bit for bit)."""
+    monkeypatch.setenv("DN_CODEC_FUSED", "1")
+    bits = weights_like(96 * 160, 11).reshape(96, 160)
+    bits[np.isnan(bits.view(np.float16)) | np.isinf(bits.view(np.float16))] = 0  # finite sums (fp16 view: any)
+    bits[np.abs((bits.astype(np.uint32) << 16).view(np.float32)) > 1e4] = 0
+    lin, _ = codec_linear(bits, "bfloat16", torch.bfloat16)
+    lin.bias = torch.randn(96).to(torch.bfloat16)
+    x = torch.randn(rows, 1, 160).to(torch.bfloat16)
+    w = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+    want = torch.nn.functional.linear(x.float(), w.float(), lin.bias.float())
+    calls, fused = [], tc.matvec_fixed4
+    monkeypatch.setattr(tc, "matvec_fixed4", lambda *a: calls.append(1) or fused(*a))
+    got = lin(x)
+    assert got.shape == (rows, 1, 96) and got.dtype == torch.bfloat16 and len(calls) == (rows <= 4)
+    tol = KERNEL["bfloat16"]
+    assert torch.allclose(got.float(), want, rtol=tol.rtol, atol=tol.atol * want.abs().max().item())
