@@ -142,10 +142,17 @@ def native_step(x: torch.Tensor, bundled: torch.Tensor, mask: torch.Tensor, c: t
     y = torch.empty(t, d, dtype=torch.float32)
     y.copy_(y0)  # a fresh buffer: the kernel accumulates into it
     _NATIVE[bundled.dtype](_native())(native.ptr(x), native.ptr(bundled), native.ptr(mask), t, bundled.shape[0], d,
-                                      native.ptr(c), native.ptr(y), _ACTS[name], torch.get_num_threads())
+                                      native.ptr(c), native.ptr(y), _ACTS[name], _threads(t * bundled[0].numel()))
     return y.to(x.dtype)
 
 
+def _threads(weights: int) -> int:
+    """OpenMP threads for a step over up to `weights` weights: torch's count, but one per _PER_THREAD at most
+    (a small layer's step is over before a second thread pool, beside torch's, would pay for waking)."""
+    return max(1, min(torch.get_num_threads(), weights // _PER_THREAD))
+
+
+_PER_THREAD = 1 << 21
 _ACTS = {"silu": 0, "gelu_tanh": 1}  # dn/csrc/sparse.c's act kinds
 _NATIVE = {torch.bfloat16: lambda lib: lib.dn_sparse_kept_bf16, torch.float32: lambda lib: lib.dn_sparse_kept_f32}
 

@@ -320,6 +320,36 @@ def test_backend_gelu_tanh_step_matches_reference(backend_name, dtype, prior):
         assert np.abs(y - other).max() > 3 * tol.atol * scale, path   # silu would not pass
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_native_kernel_threads_match_reference(monkeypatch, dtype):
+    """The C kernel's OpenMP split (a y per thread, summed) against the reference: forced on this small layer."""
+    torch = pytest.importorskip("torch")
+    from dn.safetensors_io import bf16_to_f32, f32_to_bf16
+    from dn_torch import ops
+
+    rng = np.random.default_rng(14)
+    layer, (g, u, dn) = _layer(rng, 40, "int4", "median")
+    mlp = backends.get("torch").make_sparse_mlp(sparse.bundle(g, u, dn), layer, dtype)
+    if not ops.native_available(mlp.prior_c, mlp.bundled):
+        pytest.skip("no C compiler or DN_NATIVE=0")
+    x, bq = rng.standard_normal((3, D)).astype(np.float32), sparse.bundle(g, u, dn)
+    if dtype == "bfloat16":
+        bq, x = bf16_to_f32(f32_to_bf16(bq)), bf16_to_f32(f32_to_bf16(x))
+        layer.prior_c = bf16_to_f32(f32_to_bf16(layer.prior_c))
+        layer.prior_y0 = bf16_to_f32(f32_to_bf16(layer.prior_y0))
+    monkeypatch.setattr(ops, "_PER_THREAD", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        mask = sparse_mlp.route(x, mlp)
+        got = sparse_mlp.step(x, mlp, "native")
+    finally:
+        torch.set_num_threads(threads)
+    want = sparse.sparse_mlp_step(x, bq, layer, mask)
+    tol = KERNEL[dtype]
+    np.testing.assert_allclose(got, want, rtol=tol.rtol, atol=tol.atol * np.abs(want).max())
+
+
 @pytest.mark.parametrize("prior", ["median", "sketch"])
 def test_backend_step_with_no_neuron_kept(backend_name, prior):
     """Threshold selection can keep no neuron for a token (seen at sparsity 0.7 on the real model): every path
