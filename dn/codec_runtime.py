@@ -120,13 +120,16 @@ def matvec(rt: RuntimeTensor, x: np.ndarray) -> np.ndarray:
 
 def native():
     """The C library with its signatures set, or None (DN_NATIVE=0, no compiler): then the plain paths run."""
-    import ctypes
-
     from dn import native as nat
 
     lib = nat.library("codec_runtime")
-    if lib is None or hasattr(lib, "dn_ready"):
-        return lib
+    return lib if lib is None or hasattr(lib, "dn_ready") else declare(lib)
+
+
+def declare(lib):
+    """Set the kernels' ctypes signatures on a loaded library (64-bit sizes must not pass as C ints)."""
+    import ctypes
+
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.dn_fixed4_decode.argtypes = [p, p, p, i64, p, p, i64, i32, i32, p, i32]
     lib.dn_fixed4_decode.restype = None

@@ -144,3 +144,34 @@ def test_native_matvec_two_threads(lib):
     rt = cr.from_bits(bits.reshape(1100, 4096), "bfloat16")
     x = rng.normal(size=(3, 4096)).astype(np.float32)
     np.testing.assert_array_equal(cr.matvec_native(lib, rt, x, 2), cr.matvec_native(lib, rt, x, 1))
+
+
+def test_portable_path_without_avx512(tmp_path):
+    """The same source built for baseline x86-64 (no AVX-512: the scalar loops only) decodes and multiplies like
+    the reference; dn.native builds with -march=native, so this is the path other CPUs take."""
+    import ctypes
+    import platform
+    import subprocess
+
+    from dn import native
+
+    cc = native._compiler()
+    if cc is None or platform.machine() != "x86_64":
+        pytest.skip("needs a C compiler on x86-64")
+    so = tmp_path / "portable.so"
+    flags = [f for f in native.FLAGS if f != "-march=native"] + ["-march=x86-64"]
+    subprocess.run([cc, *flags, str(native.SRC / "codec_runtime.c"), "-o", str(so), "-lm"], check=True)
+    lib = cr.declare(ctypes.CDLL(str(so)))
+    rng = np.random.default_rng(9)
+    for dtype in codec.DTYPES:
+        b = weights_like(rng, 5001, dtype)
+        rt = cr.from_bits(b, dtype)
+        np.testing.assert_array_equal(cr.decode_native(lib, rt), b)
+        np.testing.assert_array_equal(cr.decode_native(lib, rt, True).view(np.uint32), upcast(b, dtype))
+        w = rng.normal(0, 0.02, (40, 96)).astype(np.float32)
+        w[rng.random(w.shape) < 0.03] *= 1e4
+        bits = (w.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else w.astype(np.float16).view(
+            np.uint16)
+        rt, x = cr.from_bits(bits, dtype), rng.normal(size=(2, 96)).astype(np.float32)
+        bound = KERNEL["float32"].atol + KERNEL["float32"].rtol * (np.abs(x) @ np.abs(cr.to_float32(bits, dtype)).T)
+        assert (np.abs(cr.matvec_native(lib, rt, x) - cr.matvec(rt, x)) <= bound).all()
