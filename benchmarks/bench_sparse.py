@@ -8,9 +8,10 @@ Paths, each against torch's dense MLP (three F.linear at the same dtype) timed i
   sketch   routed + the sketch prior (int4 down through the same packed kernel)
   router-gate, routed-gate   the same with the int4gate router (an int4 sketch of the gate alone)
   fused    the Triton kernel on the given kept rows (CUDA)
-Ratios are against dense measured in the same run; absolute times are meaningful only on the machine recorded.
+Ratios are against dense timed in the same run just before each keep's paths; absolute times are meaningful
+only on the machine recorded.
 Also checks the kernels against the numpy reference (--check). Timer and JSON: dn/benchmark.py.
-    python benchmarks/bench_sparse.py --d 4096 --n 14336 --dtype bfloat16 --threads 1 \
+    python benchmarks/bench_sparse.py --d 4096 --n 14336 --dtype bfloat16 --threads 1 --reps 7 \
         --json docs/results/bench-sparse-cpu-4096x14336.json                             # CPU, Llama-3-8B MLP
     python benchmarks/bench_sparse.py --d 576 --n 1536 --dtype bfloat16 --threads 1     # default model shape
     python benchmarks/bench_sparse.py --d 4096 --n 14336 --dtype bfloat16 --check      # GPU
@@ -74,7 +75,7 @@ def check(dev: str) -> list[dict]:
     return out
 
 
-def bench(d: int, n: int, dtype: str, keeps: list[float], reps: int, dev: str) -> list[dict]:
+def bench(d: int, n: int, dtype: str, keeps: list[float], reps: int, dev: str, skip: tuple = ()) -> list[dict]:
     from dn_torch import sparse as ts
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -98,11 +99,12 @@ def bench(d: int, n: int, dtype: str, keeps: list[float], reps: int, dev: str) -
     gated = ts.SparseMLP(bundled, ref.LayerSparse(n, ga, gs, zero_c, zero_y0, "int4gate", "topk"))
     native = routed.ops.native_available(x, bundled)
     fused = routed.ops.fused_available(x)
-    t_dense = timeit(dense, reps)
-    rows = [{"keep": 1.0, "path": "dense", "us": t_dense * 1e6, "ratio": 1.0}]
-    show(rows[0])
+    rows = []
     with torch.inference_mode():
         for keep in keeps:
+            t_dense = timeit(dense, reps)  # again per keep: on a shared machine the baseline drifts
+            rows.append({"keep": keep, "path": "dense", "us": t_dense * 1e6, "ratio": 1.0})
+            show(rows[-1])
             k = max(1, round(keep * n))
             routed.keep = sketched.keep = gated.keep = k
             idx = torch.randperm(n, generator=g)[:k].sort().values.to(dev)[None]
@@ -120,7 +122,7 @@ def bench(d: int, n: int, dtype: str, keeps: list[float], reps: int, dev: str) -
             if fused:
                 fns["fused"] = lambda i=idx: routed.ops.fused_step(x, bundled, i, routed.prior_c, routed.prior_y0)
             for path, fn in fns.items():
-                if path.startswith("router") and keep != keeps[0]:
+                if path in skip or (path.startswith("router") and keep != keeps[0]):
                     continue  # the router's work does not depend on keep
                 t = timeit(fn, reps)
                 rows.append({"keep": keep, "path": path, "us": t * 1e6, "ratio": t / t_dense})
@@ -140,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--keeps", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="torch (and the C kernel's OpenMP) threads")
+    p.add_argument("--skip", default="", help="paths not to time (comma-separated), e.g. gather: its copy of the "
+                                              "kept rows takes seconds per call at 4096x14336 on a busy CPU")
     p.add_argument("--check", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -150,7 +154,8 @@ def main(argv=None) -> int:
     extra = {"device": name, "d": args.d, "n": args.n, "dtype": args.dtype, "batch": 1,
              "threads": torch.get_num_threads()}
     check_rows = check(dev) if args.check else []
-    rows = bench(args.d, args.n, args.dtype, [float(k) for k in args.keeps.split(",")], args.reps, dev)
+    rows = bench(args.d, args.n, args.dtype, [float(k) for k in args.keeps.split(",")], args.reps, dev,
+                 tuple(args.skip.split(",")))
     for c in check_rows:
         print("check", c)
     if args.json:
