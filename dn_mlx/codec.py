@@ -1,8 +1,8 @@
 """Lossless codec on MLX. The stored format (dn.codec, Huffman): a pure-MLX decoder (any device) and Metal
 kernels (decode, fused decode+GEMV), bit-exact against dn.codec. The runtime: attach() converts each coded
 projection at load into the fixed-width layout fixed4 (dn.codec_runtime) and decodes it per call with a
-vectorized pure-MLX path (logits bit-identical to dense), or, on a GPU, for a few rows of x, runs a fused
-fixed4 decode+GEMV kernel (Metal: metal/codec_fixed4.metal; CUDA: dn_mlx/cuda_fixed4.py).
+vectorized pure-MLX path (logits bit-identical to dense), or, on a GPU with DN_CODEC_FUSED=1, for a few rows
+of x, runs a fused fixed4 decode+GEMV kernel (Metal: metal/codec_fixed4.metal; CUDA: dn_mlx/cuda_fixed4.py).
 
 Kernel bodies are checked on Linux by compiling them as C++ (tests/test_metal_host.py,
 tests/test_metal_fixed4_host.py); on a GPU they run through mx.fast.metal_kernel / mx.fast.cuda_kernel.
@@ -220,8 +220,6 @@ def matvec(enc: codec.EncodedTensor, x: mx.array) -> mx.array:
 
 # ---- runtime layout fixed4 (dn.codec_runtime): what attach() holds and runs -------------------------------
 
-# DN_CODEC_FUSED=0 keeps GPU decode steps on decode + matmul too (logits bit-identical to dense everywhere).
-_FUSED = os.environ.get("DN_CODEC_FUSED", "1") != "0"
 _FIXED4_TG = 256  # fused kernel: threads per threadgroup (8 simdgroups / warps, one row each)
 
 
@@ -367,12 +365,18 @@ def _check_x(shape, x: mx.array) -> None:
         raise DnError(f"codec: matvec needs a floating x, got {x.dtype}")
 
 
+def _fused() -> str | None:
+    """The GPU whose fused kernel CodecLinear uses: only with DN_CODEC_FUSED=1 (as dn_torch.codec), since it
+    changes the logits' last bits."""
+    return _gpu() if os.environ.get("DN_CODEC_FUSED") == "1" else None
+
+
 class CodecLinear(nn.Module):
     """nn.Linear over a fixed4 weight (dn_codec). Its decoded weight runs the exact nn.Linear expression, so
-    outputs are bit-identical to the dense layer; on a GPU, inputs of at most 16 rows (decode steps) take the
-    fused kernel instead (float32 sums in another order: within KERNEL tolerances, not bit-identical; turned
-    off by DN_CODEC_FUSED=0). `dtype_ref` is a 0-d array that model.set_dtype casts like the dense weight, so
-    the decoded weight takes the dtype the dense one would have had."""
+    outputs are bit-identical to the dense layer. With DN_CODEC_FUSED=1 on a GPU, inputs of at most 16 rows
+    (decode steps) take the fused kernel instead (float32 sums in another order: within KERNEL tolerances, not
+    bit-identical). `dtype_ref` is a 0-d array that model.set_dtype casts like the dense weight, so the decoded
+    weight takes the dtype the dense one would have had."""
 
     def __init__(self, f: Fixed4, bias: mx.array | None, dtype=None):
         super().__init__()
@@ -389,7 +393,7 @@ class CodecLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         f = self.dn_codec
-        backend = _gpu() if _FUSED else None
+        backend = _fused()
         rows = x.size // x.shape[-1]
         if backend is not None and rows <= _MAX_BATCH:
             y = _matvec_fixed4(f, x.reshape(rows, x.shape[-1]), backend)
@@ -406,7 +410,7 @@ def attach(model, model_dir: Path, spec) -> None:
     fixed4 layout, built at load (the file stays format v1). A layer's coded tensors are read and converted
     before the next layer's are read."""
     index = codec.load_index(Path(model_dir))
-    fused, used = _FUSED and _gpu() is not None, set()
+    fused, used = _gpu() is not None, set()  # the fused kernel's escape terms: 12 bytes per escape
     for i, layer in enumerate(model.model.layers):
         names = [(f"model.layers.{i}.{path}.weight", path) for path in _PROJ]
         names = [(name, path) for name, path in names if name in index]

@@ -174,14 +174,19 @@ def test_attach_bit_identical_to_dense(tiny_pair, dtype):
 
 @needs_metal
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_metal_attach_matches_dense(tiny_pair, dtype):
-    _check_attach(tiny_pair, dtype, fused=True)  # prefill: pure-MLX decode on the GPU; decode steps: fused kernel
+@pytest.mark.parametrize("fused", [False, True])
+def test_metal_attach_matches_dense(tiny_pair, dtype, fused, monkeypatch):
+    # prefill: pure-MLX decode on the GPU; decode steps: the fused kernel with DN_CODEC_FUSED=1
+    monkeypatch.setenv("DN_CODEC_FUSED", "1" if fused else "0")
+    _check_attach(tiny_pair, dtype, fused)
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_attach_matches_dense(tiny_pair, dtype):
-    _check_attach(tiny_pair, dtype, fused=True)
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_attach_matches_dense(tiny_pair, dtype, fused, monkeypatch):
+    monkeypatch.setenv("DN_CODEC_FUSED", "1" if fused else "0")
+    _check_attach(tiny_pair, dtype, fused)
 
 
 def _check_attach(tiny_pair, dtype, fused=False):
@@ -203,7 +208,7 @@ def _check_attach(tiny_pair, dtype, fused=False):
     mlx_model.logits(dense, tokens[:1, :5], cache_d)
     mlx_model.logits(coded, tokens[:1, :5], cache_c)
     got, want_step = (mlx_model.logits(m, tokens[:1, 5:6], c) for m, c in ((coded, cache_c), (dense, cache_d)))
-    if fused and mlx_codec._FUSED:  # the fused kernel sums in another order: close, not bit-identical
+    if fused:  # the fused kernel sums in another order: close, not bit-identical
         tol = KERNEL[dtype]
         np.testing.assert_allclose(got, want_step, rtol=tol.rtol, atol=tol.atol * np.abs(want_step).max())
     else:

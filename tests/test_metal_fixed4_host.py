@@ -331,9 +331,11 @@ def test_gpu_glue_matvec_through_host_kernels(host_gpu):
     assert [c["B"] for c in calls] == [5, 1]
 
 
-def test_gpu_glue_attach_through_host_kernels(host_gpu, tmp_path):
-    """attach on a GPU: prefill (more than 16 rows) decodes and runs the dense matmul, bit-identical; a decode
-    step takes the fused kernel for all 7 projections of each layer, close to dense."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_glue_attach_through_host_kernels(host_gpu, tmp_path, fused, monkeypatch):
+    """attach on a GPU: prefill (more than 16 rows) decodes and runs the dense matmul, bit-identical; with
+    DN_CODEC_FUSED=1 a decode step takes the fused kernel for all 7 projections of each layer, close to dense,
+    else it stays bit-identical too."""
     pytest.importorskip("mlx_lm")
     from test_families import tiny_model
 
@@ -342,6 +344,7 @@ def test_gpu_glue_attach_through_host_kernels(host_gpu, tmp_path):
     from dn_mlx import model as mlx_model
 
     _, calls = host_gpu
+    monkeypatch.setenv("DN_CODEC_FUSED", "1" if fused else "0")
     dense_dir = tiny_model(tmp_path / "dense", "qwen2")
     convert(dense_dir, tmp_path / "coded", "lossless", None)
     tokens = np.random.default_rng(4).integers(0, 96, size=(1, 20))
@@ -353,6 +356,10 @@ def test_gpu_glue_attach_through_host_kernels(host_gpu, tmp_path):
     assert calls == []
     want = mlx_model.logits(dense, tokens[:, 17:18], cd)
     got = mlx_model.logits(coded, tokens[:, 17:18], cc)
+    if not fused:
+        np.testing.assert_array_equal(got, want)
+        assert calls == []
+        return
     tol = KERNEL["float32"]
     np.testing.assert_allclose(got, want, rtol=tol.rtol, atol=tol.atol * np.abs(want).max())
     assert len(calls) == 7 * len(coded.model.layers) and all(c["B"] == 1 for c in calls)
