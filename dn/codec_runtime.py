@@ -135,6 +135,8 @@ def declare(lib):
     lib.dn_fixed4_decode.restype = None
     lib.dn_fixed4_matvec.argtypes = [p, p, p, i64, i64, p, p, i64, i32, p, i32, p, i32]
     lib.dn_fixed4_matvec.restype = i32
+    lib.dn_fixed4_matvec_bf16.argtypes = [p, p, p, i64, i64, p, p, i64, p, i32, p, i32]
+    lib.dn_fixed4_matvec_bf16.restype = i32
     lib.dn_huffman_symbols.argtypes = [p, p, p, i64, i32, i32, i32, p, i32]
     lib.dn_huffman_symbols.restype = None
     lib.dn_ready = True
@@ -154,6 +156,23 @@ def decode_native(lib, rt: RuntimeTensor, out_f32: bool = False, threads: int = 
     lib.dn_fixed4_decode(ptr(rt.table), ptr(rt.nibbles), ptr(rt.raw), rt.n, ptr(rt.esc_index), ptr(rt.esc_symbol),
                          rt.esc_index.size, rt.dtype == "bfloat16", out_f32, ptr(out), threads)
     return out.reshape(rt.shape)
+
+
+def matvec_native_bf16(lib, rt: RuntimeTensor, x_bits: np.ndarray, threads: int = 1) -> np.ndarray | None:
+    """The C fused GEMV for bfloat16 weights and bfloat16 inputs (x_bits uint16 [1..4, in]): float32 sums of
+    exact products (vdpbf16ps); None where this CPU's build lacks it."""
+    from dn.native import ptr
+
+    out, k = rt.shape
+    x_bits = np.ascontiguousarray(x_bits, np.uint16)
+    y = np.empty((x_bits.shape[0], out), np.float32)
+    if rt.dtype != "bfloat16" or x_bits.shape[1] != k:
+        raise ValueError(f"matvec_native_bf16 takes bfloat16 weights and x [1..4, {k}], got {list(x_bits.shape)}")
+    rc = lib.dn_fixed4_matvec_bf16(ptr(rt.table), ptr(rt.nibbles), ptr(rt.raw), out, k, ptr(rt.esc_index),
+                                   ptr(rt.esc_symbol), rt.esc_index.size, ptr(x_bits), x_bits.shape[0], ptr(y), threads)
+    if rc == -1:
+        raise ValueError(f"matvec_native_bf16 takes x [1..4, {k}], got {list(x_bits.shape)}")
+    return None if rc else y
 
 
 def matvec_native(lib, rt: RuntimeTensor, x: np.ndarray, threads: int = 1) -> np.ndarray:

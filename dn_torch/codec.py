@@ -233,8 +233,15 @@ def matvec_fixed4(f, x: torch.Tensor) -> torch.Tensor:
     lib = codec_runtime.native() if x.device.type == "cpu" else None
     if lib is None or not 1 <= x.shape[0] <= 4:
         return nn.functional.linear(x, f.weight.to(x.dtype))
-    xf = x.float().contiguous()
     y = torch.empty(x.shape[0], f.shape[0], dtype=torch.float32)
+    if x.dtype == torch.bfloat16 and f.coded == "bfloat16":  # exact bf16 products, no float32 copy of W or x
+        xb = x.contiguous()
+        if not lib.dn_fixed4_matvec_bf16(f.table.data_ptr(), f.nibbles.data_ptr(), f.raw.data_ptr(), f.shape[0],
+                                         f.shape[1], f.esc_index.data_ptr(), f.esc_symbol.data_ptr(),
+                                         f.esc_index.numel(), xb.data_ptr(), x.shape[0], y.data_ptr(),
+                                         torch.get_num_threads()):
+            return y
+    xf = x.float().contiguous()
     lib.dn_fixed4_matvec(f.table.data_ptr(), f.nibbles.data_ptr(), f.raw.data_ptr(), f.shape[0], f.shape[1],
                          f.esc_index.data_ptr(), f.esc_symbol.data_ptr(), f.esc_index.numel(),
                          f.coded == "bfloat16", xf.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())

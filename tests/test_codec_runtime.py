@@ -117,6 +117,23 @@ def test_native_matvec_matches_reference(lib, dtype, shape, batch):
         assert (np.abs(cr.matvec_native(lib, rt, x, threads) - want) <= bound).all()
 
 
+@pytest.mark.parametrize("shape", [(33, 64), (7, 31), (130, 576), (64, 200)])  # in % 64 != 0: scalar tails
+@pytest.mark.parametrize("batch", [1, 2, 3, 4])
+def test_native_matvec_bf16_inputs(lib, shape, batch):
+    """bf16 weights times bf16 inputs (vdpbf16ps): products exact, float32 sums, so within the float32 bound."""
+    rng = np.random.default_rng(shape[1] * batch)
+    w = rng.normal(0, 0.02, shape).astype(np.float32)
+    w[rng.random(shape) < 0.03] *= rng.choice([1e4, 1e-5])
+    rt = cr.from_bits((w.view(np.uint32) >> 16).astype(np.uint16), "bfloat16")
+    xb = (rng.normal(size=(batch, shape[1])).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    x, tol = cr.to_float32(xb, "bfloat16"), KERNEL["float32"]
+    got = cr.matvec_native_bf16(lib, rt, xb, threads=2)
+    if got is None:
+        pytest.skip("this CPU's build has no AVX512-BF16 path")
+    bound = tol.atol + tol.rtol * (np.abs(x) @ np.abs(cr.to_float32(cr.decode(rt), "bfloat16")).T)
+    assert (np.abs(got - cr.matvec(rt, x)) <= bound).all()
+
+
 def test_native_matvec_rejects_batch_and_width(lib):
     rt = cr.from_bits(np.zeros((4, 8), np.uint16), "bfloat16")
     for x in (np.zeros((5, 8)), np.zeros((1, 7))):
@@ -175,3 +192,5 @@ def test_portable_path_without_avx512(tmp_path):
         rt, x = cr.from_bits(bits, dtype), rng.normal(size=(2, 96)).astype(np.float32)
         bound = KERNEL["float32"].atol + KERNEL["float32"].rtol * (np.abs(x) @ np.abs(cr.to_float32(bits, dtype)).T)
         assert (np.abs(cr.matvec_native(lib, rt, x) - cr.matvec(rt, x)) <= bound).all()
+        if dtype == "bfloat16":  # no AVX512-BF16 in this build: the caller is told to take the float32 path
+            assert cr.matvec_native_bf16(lib, rt, np.zeros((1, 96), np.uint16)) is None

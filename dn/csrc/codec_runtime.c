@@ -246,6 +246,94 @@ int dn_fixed4_matvec(const uint8_t *table, const uint8_t *nibbles, const uint8_t
     return 0;
 }
 
+/* bfloat16 weights times bfloat16 inputs (a bf16 model's activations): the weights stay 16-bit and vdpbf16ps
+ * multiplies pairs exactly and sums in float32 (it treats subnormals as zero), half the instructions of the
+ * float32 path. y [B, rows] float32; escapes as the second pass. Returns -1 for an unsupported B. */
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+static inline __attribute__((always_inline)) void row_dots_bf16(const uint8_t *table, const uint8_t *nib,
+                                                                const uint8_t *raw, int64_t e, int64_t k,
+                                                                const uint16_t *x, int B, float *acc_out) {
+    float acc[MAXB] = {0};
+    int64_t j = 0;
+    if ((e & 1) == 0) {
+        uint8_t th[16], tl[16], idx[2][64];
+        for (int r = 0; r < 16; r++) th[r] = table[r] >> 1, tl[r] = (uint8_t)((table[r] & 1) << 7);
+        for (int i = 0; i < 32; i++)
+            for (int h = 0; h < 2; h++) idx[h][2 * i] = (uint8_t)(32 * h + i), idx[h][2 * i + 1] = (uint8_t)(64 + 32 * h + i);
+        __m512i TH = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)th));
+        __m512i TL = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tl));
+        __m512i I0 = _mm512_loadu_si512(idx[0]), I1 = _mm512_loadu_si512(idx[1]);
+        __m512i mh = _mm512_set1_epi8((char)0x80), ml = _mm512_set1_epi8(0x7F);
+        __m512 a0[MAXB], a1[MAXB];
+        for (int b = 0; b < B; b++) a0[b] = a1[b] = _mm512_setzero_ps();
+        for (; j + 64 <= k; j += 64) {
+            __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(nib + ((e + j) >> 1))));
+            __m512i rk = _mm512_or_si512(_mm512_and_si512(w, _mm512_set1_epi16(0x000F)),
+                                         _mm512_slli_epi16(_mm512_and_si512(w, _mm512_set1_epi16(0x00F0)), 4));
+            __mmask64 keep = ~_mm512_cmpeq_epi8_mask(rk, _mm512_set1_epi8(ESCAPE)); /* escapes: weight +0 */
+            __m512i r = _mm512_maskz_loadu_epi8(keep, raw + e + j);
+            __m512i h = _mm512_ternarylogic_epi32(mh, r, _mm512_maskz_shuffle_epi8(keep, TH, rk), 0xEA);
+            __m512i l = _mm512_ternarylogic_epi32(ml, r, _mm512_maskz_shuffle_epi8(keep, TL, rk), 0xEA);
+            __m512bh w0 = (__m512bh)_mm512_permutex2var_epi8(l, I0, h), w1 = (__m512bh)_mm512_permutex2var_epi8(l, I1, h);
+            for (int b = 0; b < B; b++) {
+                a0[b] = _mm512_dpbf16_ps(a0[b], w0, (__m512bh)_mm512_loadu_si512(x + b * k + j));
+                a1[b] = _mm512_dpbf16_ps(a1[b], w1, (__m512bh)_mm512_loadu_si512(x + b * k + j + 32));
+            }
+        }
+        for (int b = 0; b < B; b++) acc[b] = _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b]));
+    }
+    for (; j < k; j++) {
+        uint8_t rk = rank_at(nib, e + j);
+        float w = rk == ESCAPE ? 0.0f : to_f32(join(table[rk], raw[e + j], 1), 1);
+        for (int b = 0; b < B; b++) acc[b] += w * to_f32(x[b * k + j], 1);
+    }
+    for (int b = 0; b < B; b++) acc_out[b] = acc[b];
+}
+
+static void rows_dots_bf16(const uint8_t *table, const uint8_t *nib, const uint8_t *raw, int64_t r0, int64_t r1,
+                           int64_t rows, int64_t k, const uint16_t *x, int B, float *y) {
+    float acc[MAXB];
+    for (int64_t r = r0; r < r1; r++) {
+        switch (B) {
+        case 1: row_dots_bf16(table, nib, raw, r * k, k, x, 1, acc); break;
+        case 2: row_dots_bf16(table, nib, raw, r * k, k, x, 2, acc); break;
+        case 3: row_dots_bf16(table, nib, raw, r * k, k, x, 3, acc); break;
+        default: row_dots_bf16(table, nib, raw, r * k, k, x, 4, acc); break;
+        }
+        for (int b = 0; b < B; b++) y[b * rows + r] = acc[b];
+    }
+}
+#endif
+
+int dn_fixed4_matvec_bf16(const uint8_t *table, const uint8_t *nibbles, const uint8_t *raw, int64_t rows,
+                          int64_t k, const int32_t *esc_index, const uint8_t *esc_symbol, int64_t n_esc,
+                          const uint16_t *x, int B, float *y, int threads) {
+    if (B < 1 || B > MAXB) return -1;
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+    int64_t block = 64, blocks = (rows + block - 1) / block;
+    threads = use_threads(threads, rows * k);
+    if (threads <= 1 || blocks < 2) {
+        rows_dots_bf16(table, nibbles, raw, 0, rows, rows, k, x, B, y);
+    } else {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t c = 0; c < blocks; c++) {
+            int64_t hi = (c + 1) * block < rows ? (c + 1) * block : rows;
+            rows_dots_bf16(table, nibbles, raw, c * block, hi, rows, k, x, B, y);
+        }
+    }
+    for (int64_t j = 0; j < n_esc; j++) {
+        int64_t i = esc_index[j], r = i / k, c = i % k;
+        float w = to_f32(join(esc_symbol[j], raw[i], 1), 1);
+        for (int b = 0; b < B; b++) y[b * rows + r] += to_f32(x[b * k + c], 1) * w;
+    }
+    return 0;
+#else
+    (void)table, (void)nibbles, (void)raw, (void)rows, (void)k, (void)esc_index, (void)esc_symbol, (void)n_esc;
+    (void)x, (void)y, (void)threads;
+    return -2; /* not built on this CPU: the caller takes the float32 path */
+#endif
+}
+
 /* Load-time conversion: the stored Huffman code (dn/codec.py, format 1) of one tensor -> its symbol bytes [n],
  * the same as the numpy reference decoder's; the layout is then built from them (codec_runtime.from_symbols).
  * lut: uint16 [2**maxlen], entry = symbol | length << 8. Streams are independent: OpenMP over tiles. */
