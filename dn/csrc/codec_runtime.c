@@ -250,19 +250,29 @@ int dn_fixed4_matvec(const uint8_t *table, const uint8_t *nibbles, const uint8_t
  * multiplies pairs exactly and sums in float32 (it treats subnormals as zero), half the instructions of the
  * float32 path. y [B, rows] float32; escapes as the second pass. Returns -1 for an unsupported B. */
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-static inline __attribute__((always_inline)) void row_dots_bf16(const uint8_t *table, const uint8_t *nib,
-                                                                const uint8_t *raw, int64_t e, int64_t k,
-                                                                const uint16_t *x, int B, float *acc_out) {
+typedef struct {
+    __m512i th, tl, i0, i1; /* the symbol's two output-byte tables (bf16), the byte interleaves */
+} bf16_tables;
+
+static bf16_tables make_tables(const uint8_t *table) {
+    uint8_t th[16], tl[16], idx[2][64];
+    for (int r = 0; r < 16; r++) th[r] = table[r] >> 1, tl[r] = (uint8_t)((table[r] & 1) << 7);
+    for (int i = 0; i < 32; i++)
+        for (int h = 0; h < 2; h++) idx[h][2 * i] = (uint8_t)(32 * h + i), idx[h][2 * i + 1] = (uint8_t)(64 + 32 * h + i);
+    bf16_tables t = {_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)th)),
+                     _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tl)), _mm512_loadu_si512(idx[0]),
+                     _mm512_loadu_si512(idx[1])};
+    return t;
+}
+
+static inline __attribute__((always_inline)) void row_dots_bf16(const bf16_tables *T, const uint8_t *table,
+                                                                const uint8_t *nib, const uint8_t *raw, int64_t e,
+                                                                int64_t k, const uint16_t *x, int B,
+                                                                float *acc_out) {
     float acc[MAXB] = {0};
     int64_t j = 0;
     if ((e & 1) == 0) {
-        uint8_t th[16], tl[16], idx[2][64];
-        for (int r = 0; r < 16; r++) th[r] = table[r] >> 1, tl[r] = (uint8_t)((table[r] & 1) << 7);
-        for (int i = 0; i < 32; i++)
-            for (int h = 0; h < 2; h++) idx[h][2 * i] = (uint8_t)(32 * h + i), idx[h][2 * i + 1] = (uint8_t)(64 + 32 * h + i);
-        __m512i TH = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)th));
-        __m512i TL = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tl));
-        __m512i I0 = _mm512_loadu_si512(idx[0]), I1 = _mm512_loadu_si512(idx[1]);
+        __m512i TH = T->th, TL = T->tl, I0 = T->i0, I1 = T->i1;
         __m512i mh = _mm512_set1_epi8((char)0x80), ml = _mm512_set1_epi8(0x7F);
         __m512 a0[MAXB], a1[MAXB];
         for (int b = 0; b < B; b++) a0[b] = a1[b] = _mm512_setzero_ps();
@@ -293,12 +303,13 @@ static inline __attribute__((always_inline)) void row_dots_bf16(const uint8_t *t
 static void rows_dots_bf16(const uint8_t *table, const uint8_t *nib, const uint8_t *raw, int64_t r0, int64_t r1,
                            int64_t rows, int64_t k, const uint16_t *x, int B, float *y) {
     float acc[MAXB];
+    bf16_tables T = make_tables(table);
     for (int64_t r = r0; r < r1; r++) {
         switch (B) {
-        case 1: row_dots_bf16(table, nib, raw, r * k, k, x, 1, acc); break;
-        case 2: row_dots_bf16(table, nib, raw, r * k, k, x, 2, acc); break;
-        case 3: row_dots_bf16(table, nib, raw, r * k, k, x, 3, acc); break;
-        default: row_dots_bf16(table, nib, raw, r * k, k, x, 4, acc); break;
+        case 1: row_dots_bf16(&T, table, nib, raw, r * k, k, x, 1, acc); break;
+        case 2: row_dots_bf16(&T, table, nib, raw, r * k, k, x, 2, acc); break;
+        case 3: row_dots_bf16(&T, table, nib, raw, r * k, k, x, 3, acc); break;
+        default: row_dots_bf16(&T, table, nib, raw, r * k, k, x, 4, acc); break;
         }
         for (int b = 0; b < B; b++) y[b * rows + r] = acc[b];
     }
