@@ -27,6 +27,12 @@ static inline float bf16(uint16_t v) {
     return b.f;
 }
 
+/* The next kept bundle is elsewhere, and the hardware's streamers stop at page boundaries and restart cold at each
+ * jump: ask for all of its lines while this one computes. */
+static inline void prefetch(const char *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
+}
+
 /* ---- bf16 ---------------------------------------------------------------------------------------- */
 
 static void dots_bf16(const uint16_t *x, const uint16_t *wg, const uint16_t *wu, int64_t d, float *g, float *u) {
@@ -75,11 +81,7 @@ static void neurons_bf16(const uint16_t *x, const uint16_t *w, const int32_t *li
     for (int64_t q = k0; q < k1; q++) {
         int64_t j = list[q];
         const uint16_t *b = w + j * 3 * d;
-        if (q + 1 < k1) {  /* the next bundle is elsewhere: start its first lines early */
-            const char *nb = (const char *)(w + (int64_t)list[q + 1] * 3 * d);
-            __builtin_prefetch(nb), __builtin_prefetch(nb + 64), __builtin_prefetch(nb + 2 * d);
-            __builtin_prefetch(nb + 2 * d + 64), __builtin_prefetch(nb + 4 * d), __builtin_prefetch(nb + 4 * d + 64);
-        }
+        if (q + 1 < k1) prefetch((const char *)(w + (int64_t)list[q + 1] * 3 * d), 6 * d);
         for (int64_t t = 0; t < T; t++) {  /* a bundle is read once for every token that keeps it */
             if (!mask[t * n + j]) continue;
             float g, u;
@@ -96,6 +98,7 @@ static void neurons_f32(const float *x, const float *w, const int32_t *list, int
     for (int64_t q = k0; q < k1; q++) {
         int64_t j = list[q];
         const float *b = w + j * 3 * d;
+        if (q + 1 < k1) prefetch((const char *)(w + (int64_t)list[q + 1] * 3 * d), 12 * d);
         for (int64_t t = 0; t < T; t++) {
             if (!mask[t * n + j]) continue;
             const float *xt = x + t * d;
