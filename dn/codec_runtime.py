@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dn import codec
+from dn.errors import DnError
 
 ESCAPE = 15
 RANKS = 15  # table entries a nibble can name
@@ -137,8 +138,8 @@ def declare(lib):
     lib.dn_fixed4_matvec.restype = i32
     lib.dn_fixed4_matvec_bf16.argtypes = [p, p, p, i64, i64, p, p, i64, p, i32, p, i32]
     lib.dn_fixed4_matvec_bf16.restype = i32
-    lib.dn_huffman_symbols.argtypes = [p, p, p, i64, i32, i32, i32, p, i32]
-    lib.dn_huffman_symbols.restype = None
+    lib.dn_huffman_symbols.argtypes = [p, i64, p, p, i64, i32, i32, i32, p, i32]
+    lib.dn_huffman_symbols.restype = i64
     lib.dn_ready = True
     return lib
 
@@ -203,7 +204,8 @@ def convert(enc: codec.EncodedTensor, threads: int = 1) -> RuntimeTensor:
     from dn.native import ptr
 
     words, offsets = np.ascontiguousarray(enc.words, np.uint32), np.ascontiguousarray(enc.offsets, np.uint32)
-    lut, sym = codec.build_lut(enc.lengths, enc.maxlen), np.empty(enc.n, np.uint8)
-    lib.dn_huffman_symbols(ptr(words), ptr(offsets), ptr(lut), enc.n, enc.lanes, enc.steps, enc.maxlen, ptr(sym),
-                           threads)
+    lut, sym = codec.build_lut(enc.lengths, enc.maxlen), np.zeros(enc.n, np.uint8)
+    if offsets.size < enc.n_tiles * enc.lanes or lib.dn_huffman_symbols(
+            ptr(words), words.size, ptr(offsets), ptr(lut), enc.n, enc.lanes, enc.steps, enc.maxlen, ptr(sym), threads):
+        raise DnError("codec: a lane stream runs past its tensor's words (corrupt data)")
     return from_symbols(sym, np.ascontiguousarray(enc.raw, np.uint8), enc.dtype, tuple(enc.shape))

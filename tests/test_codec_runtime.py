@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from dn import codec
 from dn import codec_runtime as cr
+from dn.errors import DnError
 from dn.tolerances import KERNEL
 
 
@@ -194,3 +195,16 @@ def test_portable_path_without_avx512(tmp_path):
         assert (np.abs(cr.matvec_native(lib, rt, x) - cr.matvec(rt, x)) <= bound).all()
         if dtype == "bfloat16":  # no AVX512-BF16 in this build: the caller is told to take the float32 path
             assert cr.matvec_native_bf16(lib, rt, np.zeros((1, 96), np.uint16)) is None
+
+
+def test_convert_rejects_streams_past_the_words(lib):
+    """Offsets that point past the bitstream (a checksum does not stop a crafted file) raise, never read out of
+    bounds."""
+    enc = codec.encode(weights_like(np.random.default_rng(3), 5000, "bfloat16"), "bfloat16", lanes=32, steps=16)
+    enc.offsets = enc.offsets.copy()
+    enc.offsets[-1] = 32 * enc.words.size
+    with pytest.raises(DnError, match="runs past"):
+        cr.convert(enc)
+    enc.offsets = enc.offsets[:-1]
+    with pytest.raises(DnError, match="runs past"):
+        cr.convert(enc)

@@ -347,12 +347,13 @@ int dn_fixed4_matvec_bf16(const uint8_t *table, const uint8_t *nibbles, const ui
 
 /* Load-time conversion: the stored Huffman code (dn/codec.py, format 1) of one tensor -> its symbol bytes [n],
  * the same as the numpy reference decoder's; the layout is then built from them (codec_runtime.from_symbols).
- * lut: uint16 [2**maxlen], entry = symbol | length << 8. Streams are independent: OpenMP over tiles. */
-void dn_huffman_symbols(const uint32_t *words, const uint32_t *offsets, const uint16_t *lut, int64_t n, int lanes,
-                        int steps, int maxlen, uint8_t *sym, int threads) {
-    int64_t tile = (int64_t)lanes * steps, tiles = (n + tile - 1) / tile;
+ * lut: uint16 [2**maxlen], entry = symbol | length << 8. Streams are independent: OpenMP over tiles. Returns the
+ * number of streams that ran past the n_words words (corrupt offsets: the caller raises), else 0. */
+int64_t dn_huffman_symbols(const uint32_t *words, int64_t n_words, const uint32_t *offsets, const uint16_t *lut,
+                           int64_t n, int lanes, int steps, int maxlen, uint8_t *sym, int threads) {
+    int64_t tile = (int64_t)lanes * steps, tiles = (n + tile - 1) / tile, bad = 0;
     uint64_t mask = ((uint64_t)1 << maxlen) - 1;
-#pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if (threads > 1)
+#pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if (threads > 1) reduction(+ : bad)
     for (int64_t t = 0; t < tiles; t++) {
         for (int l = 0; l < lanes; l++) {
             int64_t first = t * tile + l;
@@ -360,11 +361,17 @@ void dn_huffman_symbols(const uint32_t *words, const uint32_t *offsets, const ui
             if (count > steps) count = steps;
             uint64_t pos = offsets[t * lanes + l];
             for (int64_t s = 0; s < count; s++) {
-                uint64_t w = pos >> 5, window = ((uint64_t)words[w] << 32) | words[w + 1];
+                uint64_t w = pos >> 5;
+                if (w + 1 >= (uint64_t)n_words) {
+                    bad++;
+                    break;
+                }
+                uint64_t window = ((uint64_t)words[w] << 32) | words[w + 1];
                 uint16_t e = lut[(window >> (64 - maxlen - (pos & 31))) & mask];
                 sym[first + s * lanes] = (uint8_t)e;
                 pos += e >> 8;
             }
         }
     }
+    return bad;
 }
