@@ -199,8 +199,8 @@ def resident_bytes(n: int, escapes: int = 0) -> int:
 def convert(enc: codec.EncodedTensor, threads: int = 1) -> RuntimeTensor:
     """from_encoded, with the Huffman decode in C when the kernels are built (about 20x faster at load)."""
     lib = native()
-    if lib is None:
-        return from_encoded(enc)
+    if lib is None or not (1 <= enc.lanes <= 4096 and enc.steps >= 1 and 1 <= enc.maxlen <= 24):
+        return from_encoded(enc)  # the kernel's limits (its per-tile lane state lives on the stack)
     from dn.native import ptr
 
     words, offsets = np.ascontiguousarray(enc.words, np.uint32), np.ascontiguousarray(enc.offsets, np.uint32)

@@ -348,30 +348,36 @@ int dn_fixed4_matvec_bf16(const uint8_t *table, const uint8_t *nibbles, const ui
 /* Load-time conversion: the stored Huffman code (dn/codec.py, format 1) of one tensor -> its symbol bytes [n],
  * the same as the numpy reference decoder's; the layout is then built from them (codec_runtime.from_symbols).
  * lut: uint16 [2**maxlen], entry = symbol | length << 8. Streams are independent: OpenMP over tiles. Returns the
- * number of streams that ran past the n_words words (corrupt offsets: the caller raises), else 0. */
+ * number of tiles with a stream that ran past the n_words words (corrupt offsets: the caller raises), else 0. */
 int64_t dn_huffman_symbols(const uint32_t *words, int64_t n_words, const uint32_t *offsets, const uint16_t *lut,
                            int64_t n, int lanes, int steps, int maxlen, uint8_t *sym, int threads) {
+    if (lanes < 1 || lanes > 4096 || steps < 1 || maxlen < 1 || maxlen > 24) return -1; /* the caller uses numpy */
     int64_t tile = (int64_t)lanes * steps, tiles = (n + tile - 1) / tile, bad = 0;
     uint64_t mask = ((uint64_t)1 << maxlen) - 1;
 #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if (threads > 1) reduction(+ : bad)
     for (int64_t t = 0; t < tiles; t++) {
-        for (int l = 0; l < lanes; l++) {
-            int64_t first = t * tile + l;
-            int64_t count = first >= n ? 0 : (n - first + lanes - 1) / lanes;
-            if (count > steps) count = steps;
-            uint64_t pos = offsets[t * lanes + l];
-            for (int64_t s = 0; s < count; s++) {
-                uint64_t w = pos >> 5;
+        /* step-major over the tile's lanes: their chains are independent (the CPU overlaps them) and each step
+         * writes consecutive symbols */
+        uint64_t pos[lanes];
+        int64_t base = t * tile, left = n - base, live = 0;
+        for (int l = 0; l < lanes; l++) pos[l] = offsets[t * lanes + l];
+        for (int64_t s = 0; s < steps && s * lanes < left; s++) {
+            int64_t m = left - s * lanes < lanes ? left - s * lanes : lanes; /* lanes holding a symbol at step s */
+            uint8_t *out = sym + base + s * lanes;
+            for (int l = 0; l < m; l++) {
+                uint64_t w = pos[l] >> 5;
                 if (w + 1 >= (uint64_t)n_words) {
-                    bad++;
+                    live = 1;
                     break;
                 }
                 uint64_t window = ((uint64_t)words[w] << 32) | words[w + 1];
-                uint16_t e = lut[(window >> (64 - maxlen - (pos & 31))) & mask];
-                sym[first + s * lanes] = (uint8_t)e;
-                pos += e >> 8;
+                uint16_t e = lut[(window >> (64 - maxlen - (pos[l] & 31))) & mask];
+                out[l] = (uint8_t)e;
+                pos[l] += e >> 8;
             }
+            if (live) break;
         }
+        bad += live;
     }
     return bad;
 }
