@@ -11,7 +11,8 @@ torch, one process, one thread (--threads):
   (a sum over a 256 MiB float32 buffer);
 - the profiler over one eager step: aten ops per step and their self time by kind;
 - `static`: transformers' StaticCache, eager; `compiled[MODE]`: the same step under torch.compile (inductor, a C
-  compiler on the CPU), compile time apart. Greedy tokens of each are compared with eager's.
+  compiler on the CPU), compile time apart. Greedy tokens of each are compared with eager's and static's (bf16
+  rounding differs between the two caches' attention, so free-running tokens may part after a while).
 MLX (when installed and it runs): its eager step and the same step with each layer's MLP and norms under
 mx.compile (mlx-lm's KV cache keeps the offset as a Python int, so the whole step cannot be traced as one).
 All speeds in one run; ratios against eager; JSON through dn.benchmark.report.
@@ -130,7 +131,8 @@ def torch_records(model_arg, dtype: str, reps: int, warmup: int, modes: list[str
     for name, state in states.items():
         out.append({"what": name, **t[name], **extra.get(name, {}), "vs_eager": base / t[name]["latency_ms_p50"],
                     "greedy_tokens": len(state["tokens"]),
-                    "greedy_agreement_vs_eager": agreement(state["tokens"], eager.tokens[0])})
+                    "greedy_agreement_vs_eager": agreement(state["tokens"], eager.tokens[0]),
+                    "greedy_agreement_vs_static": agreement(state["tokens"], states["static"]["tokens"])})
     return [{"backend": "torch", "dtype": dtype, **r} for r in out]
 
 
