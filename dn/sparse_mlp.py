@@ -113,8 +113,8 @@ class SparseMLP:
         if path == "auto" and self.bundled is not None and t <= NATIVE_TOKENS and o.native_available(x, self.bundled):
             path = "native"
         elif path == "auto":
-            # the GPU kernels compute silu only, one token
-            fused = self.bundled is not None and t == 1 and self.act == "silu" and o.fused_available(x)
+            # the GPU kernels compute silu only
+            fused = self.bundled is not None and same and self.act == "silu" and o.fused_available(x)
             path = "fused" if fused else (
                 "gather" if same and t * self.keep * 3 * d <= GATHER_LIMIT else "masked")
         if path == "masked":
