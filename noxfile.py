@@ -108,12 +108,13 @@ def bench_kernels(session):
 @nox.session(default=False)
 def bench_shapes(session):
     """dn bench on a random model with Llama-3-8B layer shapes (4 layers; built once into the dn cache): dense,
-    lossless, sparse50, q4g32e8, q4g32e8+sparse50 on torch, batch 1 and 4 -> out/bench/shapes.{json,md}. Flags after
+    lossless, sparse50, q4g32e8, q4g32e8+sparse50 on torch, batch 1 and 4 -> out/bench/shapes.{json,md}, then the same
+    configs timed in turns in one process -> out/bench/shapes-interleaved.json. Flags after
     `--` go to benchmarks/bench_shapes.py (e.g. --backends torch,mlx, --layers 8)."""
     install(session)
     BENCH_OUT.mkdir(parents=True, exist_ok=True)
-    session.run("python", "benchmarks/bench_shapes.py", "--json", str(BENCH_OUT / "shapes.json"), "--markdown",
-                str(BENCH_OUT / "shapes.md"), *session.posargs, env=text_env())
+    session.run("python", "benchmarks/bench_shapes.py", "--interleaved", "16", "--json", str(BENCH_OUT / "shapes.json"),
+                "--markdown", str(BENCH_OUT / "shapes.md"), *session.posargs, env=text_env())
 
 
 @nox.session(default=False)

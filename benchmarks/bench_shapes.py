@@ -1,7 +1,7 @@
 """`dn bench` on realistic shapes: a random-weight model with Llama-3-8B's layer shapes, a few layers.
 
     python benchmarks/bench_shapes.py [--layers 4] [--backends torch] [--batch 1,4] [--configs ...]
-        [--json docs/results/bench-shapes-cpu.json] [--markdown ...] [-- extra dn bench flags]
+        [--interleaved 16] [--json docs/results/bench-shapes-cpu.json] [--markdown ...] [-- extra dn bench flags]
 
 Builds once into the dn cache (<cache>/shapes/llama3-8b-L<layers>-s<seed>/) a LlamaForCausalLM folder: hidden
 4096, intermediate 14336, 32 query heads / 8 KV heads of 128, rope theta 500000, rms eps 1e-5, untied lm_head;
@@ -11,6 +11,9 @@ Llama-3's 128256 (docs/fastpaths-shapes.md says how that moves the ratios). Then
 same JSON) on that folder with perplexity skipped (meaningless on random weights) and agreement on the timed
 prompt only. Sparse configs are calibrated on the first --calib-tokens of $DN_CALIB_TEXT (a cut copy is written
 beside the model): a full 16k-token calibration of 4096x14336 layers takes too long on a small CPU.
+`--interleaved STEPS` then loads every config in one process and times their decode steps in turns
+(<json>-interleaved.json): dn bench's records run one process after another, so on shared cores their ratios follow
+the load; the interleaved ones do not.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dn import bench, safetensors_io  # noqa: E402
+from dn import bench, benchmark, safetensors_io  # noqa: E402
 from dn.errors import DnError  # noqa: E402
 
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -110,6 +113,38 @@ def cut_text(src: Path, out: Path, tokenizer_dir: Path, tokens: int) -> Path:
     return out
 
 
+def interleaved(model: Path, configs: list, calib: Path | None, batches: list[int], reps: int, warmup: int,
+                backend: str = "torch", dtype: str = "bfloat16") -> list[dict]:
+    """Every config's folder (dn bench's cache) loaded in this one process and its decode steps timed in turns, one
+    step of each per round (dn.benchmark.timer): on shared cores the ratios of sequential processes follow the load,
+    these do not. Greedy tokens from the first prompt, as dn bench's."""
+    from dn import loader
+    from dn.sources import cache_dir
+
+    root = cache_dir() / "bench"
+    runs = {c.name: loader.load(str(bench.folder_for(c, model, root, calib, "auto")), backend, dtype) for c in configs}
+    prompts = [runs[configs[0].name].tokenizer.encode(p) for p in bench.PROMPTS]
+    out = []
+    for b in batches:
+        length = min(map(len, prompts))
+        ids = [prompts[0]] if b == 1 else [prompts[i % len(prompts)][:length] for i in range(b)]
+        steps = {name: bench.Greedy(r.backend, r.model, ids).step for name, r in runs.items()}
+        for _ in range(warmup):
+            for step in steps.values():
+                step()
+        times = {name: [] for name in steps}
+        for _ in range(reps):
+            for name, step in steps.items():
+                times[name].append(benchmark.timer(step, reps=1, warmup=0)["median_s"])
+        dense = float(np.median(times[configs[0].name]))
+        for name, ts in times.items():
+            q1, med, q3 = (float(x) for x in np.percentile(ts, [25, 50, 75]))
+            out.append({"config": name, "backend": backend, "dtype": dtype, "batch": b, "tokens_per_s": b / med,
+                        "latency_ms_p50": 1e3 * med, "latency_ms_iqr": 1e3 * (q3 - q1), "speed_vs_dense": dense / med,
+                        "decode_reps": reps, "decode_warmup": warmup})
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4)
@@ -125,6 +160,10 @@ def main(argv=None) -> int:
     p.add_argument("--build-only", action="store_true")
     p.add_argument("--json", default=str(ROOT / "docs" / "results" / "bench-shapes-cpu.json"))
     p.add_argument("--markdown", default=None)
+    p.add_argument("--interleaved", type=int, default=0, metavar="STEPS",
+                   help="after dn bench, also time STEPS decode steps of every config in one process, in turns "
+                        "(ratios that hold on shared cores) -> <json>-interleaved.json")
+    p.add_argument("--interleaved-only", action="store_true", help="skip dn bench (its folders must exist)")
     args, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
 
@@ -148,7 +187,28 @@ def main(argv=None) -> int:
         cmd += ["--calib-text", str(calib)]
     cmd += ["--markdown", args.markdown] if args.markdown else []
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return bench.main(cmd + extra)
+    rc = 0 if args.interleaved_only else bench.main(cmd + extra)
+    if args.interleaved:
+        os.environ["OMP_NUM_THREADS"] = args.threads
+        calib = Path(cmd[cmd.index("--calib-text") + 1]) if "--calib-text" in cmd else None
+        configs = bench.parse_configs(args.configs)
+        records = interleaved(model, configs, calib, sorted({int(b) for b in args.batch.split(",")}),
+                              args.interleaved, 2)
+        script = " ".join(["python", "benchmarks/bench_shapes.py", *(argv or sys.argv[1:])])
+        path = Path(args.json).with_name(Path(args.json).stem + "-interleaved.json")
+        benchmark.write(benchmark.report(records, script.split(), threads=int(args.threads),
+                                         loadavg=os.getloadavg()), path)
+        for r in records:
+            print(f"{r['config']:>18} batch {r['batch']}: {r['tokens_per_s']:.2f} tok/s, {r['speed_vs_dense']:.2f}x "
+                  f"dense (p50 {r['latency_ms_p50']:.1f} ms, iqr {r['latency_ms_iqr']:.1f})")
+        if args.interleaved_only:
+            return 0
+    if Path(args.json).is_file():  # dn bench's JSON records its own command line: add this script's, the shapes
+        result = json.loads(Path(args.json).read_text())
+        result["script"] = " ".join(["python", "benchmarks/bench_shapes.py", *(argv or sys.argv[1:])])
+        result["shapes"] = json.loads((model / "config.json").read_text())
+        benchmark.write(result, args.json)
+    return rc
 
 
 if __name__ == "__main__":
