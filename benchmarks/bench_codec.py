@@ -161,7 +161,7 @@ def bench_fixed4(shape, reps: int) -> dict:
     t = {"decode": benchmark.timer(lambda: lin.weight, reps=reps),
          "copy": benchmark.timer(lambda: copy.copy_(w), reps=reps)}
     if n <= 4096 * 4096:  # the plain path is slow: small shapes only
-        t["decode_torch"] = benchmark.timer(lambda: tc.decode_fixed4_torch(lin), reps=max(3, reps // 4), warmup=1)
+        t["decode_torch"] = benchmark.timer(lambda: tc._decode_plain(lin), reps=max(3, reps // 4), warmup=1)
     for k, v in t.items():
         r[f"{k}_GBps"] = 2 * n / v["median_s"] / 1e9  # bf16 bytes written (the copy also reads as many)
     r["batches"] = {}

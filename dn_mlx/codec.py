@@ -2,7 +2,7 @@
 kernels (decode, fused decode+GEMV), bit-exact against dn.codec. The runtime: attach() converts each coded
 projection at load into the fixed-width layout fixed4 (dn.codec_runtime) and decodes it per call with a
 vectorized pure-MLX path (logits bit-identical to dense), or, on a GPU with DN_CODEC_FUSED=1, for a few rows
-of x, runs a fused fixed4 decode+GEMV kernel (Metal: metal/codec_fixed4.metal; CUDA: dn_mlx/cuda_fixed4.py).
+of x, runs a fused fixed4 decode+GEMV kernel (Metal: metal/codec_fixed4.metal; CUDA: dn_mlx/_cuda_fixed4.py).
 
 Kernel bodies are checked on Linux by compiling them as C++ (tests/test_metal_host.py,
 tests/test_metal_fixed4_host.py); on a GPU they run through mx.fast.metal_kernel / mx.fast.cuda_kernel.
@@ -252,7 +252,7 @@ def _padded(a: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def fixed4(enc: codec.EncodedTensor, fused: bool = False) -> Fixed4:
+def from_encoded(enc: codec.EncodedTensor, fused: bool = False) -> Fixed4:
     """A stored tensor -> its runtime layout on MLX (decoded with numpy once, at load)."""
     if not isinstance(enc, codec.EncodedTensor):
         raise DnError(f"codec: expected an EncodedTensor, got {type(enc).__name__}")
@@ -326,7 +326,7 @@ def _launch_fixed4(backend: str, inputs: list, params: dict, threads: int) -> mx
     if backend == "metal":
         kernel = _fixed4_metal()
     else:
-        from dn_mlx import cuda_fixed4
+        from dn_mlx import _cuda_fixed4 as cuda_fixed4
 
         kernel = cuda_fixed4.kernel()
     return kernel(inputs=inputs, template=list(params.items()), grid=(threads, 1, 1),

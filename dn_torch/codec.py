@@ -129,17 +129,18 @@ class CodecLinear(nn.Module):
         for name, a in zip(_FIXED4, codec_runtime.buffers(rt)):
             t = torch.from_numpy(np.require(a, requirements=["C", "W"]))
             self.register_buffer(name, t.to(scratch[0].device))
-        self.bias = bias
+        self.bias, self.fused = bias, False
 
     @property
     def weight(self) -> torch.Tensor:
         """The decoded weight, valid until this projection's weight is read again."""
         out = self._scratch[0][self.start:self.start + self.n]
-        decode_fixed4(self, out)
+        _decode_into(self, out)
         return out.view(self.shape)
 
     def forward(self, x):
-        if x.device.type == "cpu" and x.numel() <= 4 * self.shape[1] and os.environ.get("DN_CODEC_FUSED") == "1":
+        fused = self.fused or os.environ.get("DN_CODEC_FUSED") == "1"
+        if fused and x.device.type == "cpu" and x.numel() <= 4 * self.shape[1]:
             y = matvec_fixed4(self, x.reshape(-1, self.shape[1])).to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
             return y if self.bias is None else y + self.bias
         return nn.functional.linear(x, self.weight, self.bias)
@@ -148,7 +149,22 @@ class CodecLinear(nn.Module):
 _FIXED4 = ("table", "nibbles", "raw", "esc_index", "esc_symbol")
 
 
-def decode_fixed4(f, out: torch.Tensor) -> torch.Tensor:
+def decode_fixed4(f) -> torch.Tensor:
+    """Bits (int16, the weight's shape) of a CodecLinear's fixed4 weight."""
+    return _decode_into(f, torch.empty(f.n, dtype=torch.int16, device=f.raw.device)).view(f.shape)
+
+
+def from_encoded(enc: codec.EncodedTensor, fused: bool = False) -> CodecLinear:
+    """A stored tensor -> a CodecLinear holding it in fixed4 with its own scratch (tests, benchmarks); fused:
+    route decode steps through the fused kernel, as DN_CODEC_FUSED=1 does."""
+    codec.verify(enc, "<argument>")
+    rt = codec_runtime.convert(enc, torch.get_num_threads())
+    lin = CodecLinear(rt, [torch.empty(rt.n, dtype=_TORCH_DTYPES[rt.dtype])], 0, None)
+    lin.fused = fused
+    return lin
+
+
+def _decode_into(f, out: torch.Tensor) -> torch.Tensor:
     """f: a module holding a fixed4 tensor's buffers (CodecLinear); out: [n] int16 bits, or values at the coded
     dtype or float32 (exact upcast). CPU: the C kernel (dn/csrc/codec_runtime.c), else the pure-torch path."""
     if out.is_cuda:
@@ -161,7 +177,7 @@ def decode_fixed4(f, out: torch.Tensor) -> torch.Tensor:
                              f.coded == "bfloat16", out.dtype == torch.float32, out.data_ptr(),
                              torch.get_num_threads())
         return out
-    bits = decode_fixed4_torch(f)
+    bits = _decode_plain(f)
     return out.copy_(bits if out.dtype == torch.int16 else bits.view(coded))  # exact upcast, as the dense loader
 
 
@@ -170,7 +186,7 @@ def _decode_fixed4_cuda(f, out: torch.Tensor) -> torch.Tensor:
     the coded dtype or float32, else through int16 bits; the pure-torch path where Triton is missing."""
     coded = _TORCH_DTYPES[f.coded]
     if not _triton_ok():
-        bits = decode_fixed4_torch(f)
+        bits = _decode_plain(f)
         return out.copy_(bits if out.dtype == torch.int16 else bits.view(coded))
     from dn_torch import _triton_codec
 
@@ -179,7 +195,7 @@ def _decode_fixed4_cuda(f, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(_triton_codec.fixed4_decode(f).view(coded))  # the other 16-bit float: converted as Tensor.to
 
 
-def decode_fixed4_torch(f) -> torch.Tensor:
+def _decode_plain(f) -> torch.Tensor:
     """The plain path on any device -> int16 bits [n]. One gather per nibble byte from a 256-entry table of both
     its elements' shifted symbols (int32 = two int16 in element order), the raw bits or-ed in, escapes patched."""
     shift = 7 if f.coded == "bfloat16" else 8

@@ -147,7 +147,7 @@ def _rotary(model, config) -> None:
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(_device())
     emb = model.model.embed_tokens
     if "embed_scale" in emb._buffers:
-        emb._buffers["embed_scale"] = torch.tensor(embed_scale(config.hidden_size), device=_device())
+        emb._buffers["embed_scale"] = torch.tensor(_embed_scale(config.hidden_size), device=_device())
 
 
 def _plain_scaled_embedding(model) -> float | None:
@@ -159,7 +159,7 @@ def _plain_scaled_embedding(model) -> float | None:
         return None
     with torch.device("meta"):
         model.model.embed_tokens = torch.nn.Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
-    return embed_scale(model.config.hidden_size)
+    return _embed_scale(model.config.hidden_size)
 
 
 def _scale_output(module, scale: float) -> None:
@@ -168,7 +168,7 @@ def _scale_output(module, scale: float) -> None:
     module.register_forward_hook(lambda _m, _args, out: out * s.to(out.dtype))
 
 
-def embed_scale(hidden: int) -> float:
+def _embed_scale(hidden: int) -> float:
     """Gemma's embedding scale sqrt(hidden) rounded to bfloat16, as mlx-lm computes it at every dtype (and
     transformers at bfloat16: 25.25, not 25.298, for 640): the model was trained at bfloat16, and in float32
     the two stacks then compute the same model."""

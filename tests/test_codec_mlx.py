@@ -324,7 +324,7 @@ def test_decode_fixed4_escapes_and_real_weights(real_bits):
     assert rt.esc_index.size > bits.size // 2
     np.testing.assert_array_equal(np.array(mlx_codec.decode_fixed4(mlx_codec.Fixed4(rt))), bits)
     for bits in real_bits.values():
-        f = mlx_codec.fixed4(codec.encode(bits, "bfloat16"))
+        f = mlx_codec.from_encoded(codec.encode(bits, "bfloat16"))
         np.testing.assert_array_equal(np.array(mlx_codec.decode_fixed4(f)), bits)
 
 

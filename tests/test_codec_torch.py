@@ -177,7 +177,7 @@ def test_fixed4_pure_torch_decode_fuzzed_bits(bits, dtype):
 
     b = np.array(bits, np.uint16)
     lin, _ = codec_linear(b, dtype, torch.int16)
-    assert np.array_equal(tc.decode_fixed4_torch(lin).numpy().view(np.uint16), b)
+    assert np.array_equal(tc._decode_plain(lin).numpy().view(np.uint16), b)
     assert codec_runtime.from_bits(b, dtype).n == b.size
 
 
@@ -217,3 +217,11 @@ def test_fixed4_fused_forward_opt_in(runtime_path, monkeypatch, rows):
     assert got.shape == (rows, 1, 96) and got.dtype == torch.bfloat16 and len(calls) == (rows <= 4)
     tol = KERNEL["bfloat16"]
     assert torch.allclose(got.float(), want, rtol=tol.rtol, atol=tol.atol * want.abs().max().item())
+
+
+def test_from_encoded_mirrors_mlx():
+    """dn_torch.codec.from_encoded/decode_fixed4 as dn_mlx.codec's: the stored bits back, in the weight's shape."""
+    w = np.random.default_rng(3).normal(0, 0.02, (24, 40)).astype(np.float32)
+    bits = (w.view(np.uint32) >> 16).astype(np.uint16)
+    lin = tc.from_encoded(codec.encode(bits, "bfloat16"))
+    assert np.array_equal(tc.decode_fixed4(lin).numpy().view(np.uint16), bits)

@@ -1,7 +1,7 @@
 """Host check of the fused fixed4 decode + GEMV kernels (no GPU here): the Metal body (metal/codec_fixed4.metal)
 compiled as C++ inside the signature MLX 0.32 writes for it (tests/test_metal_sparse_host.py's harness:
 metal/shim/mlx_launch.h, AddressSanitizer + UBSan, NaN-poisoned output, simd_sum a real 32-lane collective),
-and the CUDA body (dn_mlx/cuda_fixed4.py) inside the exact text mlx/backend/cuda/custom_kernel.cpp generates,
+and the CUDA body (dn_mlx/_cuda_fixed4.py) inside the exact text mlx/backend/cuda/custom_kernel.cpp generates,
 compiled through metal/shim/cuda_shim.h (blocks as coroutine threadgroups, __syncthreads a barrier,
 __shfl_xor_sync a real warp collective), both run over their whole grid in three thread orders and compared
 with dn.codec_runtime.matvec (main pass plus the escapes' pass, within KERNEL tolerances). dn_mlx.codec's GPU
@@ -95,7 +95,7 @@ def _run_metal(builder, root, rt, x, source=None, orders=ORDERS) -> np.ndarray:
 def _cuda_kernel_text(header: str, source: str, inputs: list, template: list) -> tuple[str, str]:
     """(function name, source) as mlx/backend/cuda/custom_kernel.cpp build_kernel (MLX 0.32) writes them, with
     its default header (utils.cuh, cooperative_groups) replaced by the host shim."""
-    from dn_mlx import cuda_fixed4
+    from dn_mlx import _cuda_fixed4 as cuda_fixed4
 
     suffix = "".join(f"_{'t' if v else 'f'}" if isinstance(v, bool) else f"_{v}" for _, v in template)
     fn = "custom_kernel_dn_codec_fixed4" + suffix
@@ -125,7 +125,7 @@ def _cuda_translation_unit(header: str, source: str, inputs: list, template: lis
 
 
 def _run_cuda(builder, root, rt, x, source=None, orders=ORDERS, grid=None) -> np.ndarray:
-    from dn_mlx import cuda_fixed4
+    from dn_mlx import _cuda_fixed4 as cuda_fixed4
 
     b = x.shape[0]
     inputs = _inputs(rt, x)
@@ -242,7 +242,7 @@ MUTANTS = [  # (kind, old, new, what must show)
 
 @pytest.mark.parametrize("kind,old,new,shows", MUTANTS)
 def test_host_check_catches_mutant(builder, tmp_path, kind, old, new, shows):
-    from dn_mlx import cuda_fixed4
+    from dn_mlx import _cuda_fixed4 as cuda_fixed4
 
     source = _metal_body() if kind == "metal" else cuda_fixed4.SOURCE
     assert old in source, f"mutation target {old!r} not in the {kind} body"
@@ -263,8 +263,8 @@ def host_gpu(request, builder, tmp_path, monkeypatch):
     arguments the Python code passes (names, source, dtypes, template, grid, threadgroup, output) and runs them
     through the host build of the same body."""
     mx = pytest.importorskip("mlx.core")
+    from dn_mlx import _cuda_fixed4 as cuda_fixed4
     from dn_mlx import codec as mlx_codec
-    from dn_mlx import cuda_fixed4
 
     kind, calls = request.param, []
     dtypes = {mx.uint32: "uint32", mx.uint8: "uint8", mx.float32: "float32"}

@@ -59,7 +59,7 @@ def test_core_imports_no_framework():
 
 
 # Kernel micro-benchmarks time one backend's kernels on its own arrays, as that backend's tests do.
-KERNEL_BENCHMARKS = {"bench_codec.py", "bench_quant.py"}
+KERNEL_BENCHMARKS = {"bench_codec.py", "bench_quant.py", "bench_sparse.py", "bench_fixed4_mlx.py"}
 
 
 def test_nothing_reaches_into_a_backend_but_through_the_protocol():
