@@ -166,6 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--interleaved-only", action="store_true", help="skip dn bench (its folders must exist)")
     args, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
+    os.environ["OMP_NUM_THREADS"] = args.threads  # before anything imports torch (the interleaved timing)
 
     from dn.sources import cache_dir, resolve_model
     from dn.text import read_text, text_path
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rc = 0 if args.interleaved_only else bench.main(cmd + extra)
     if args.interleaved:
-        os.environ["OMP_NUM_THREADS"] = args.threads
+        if "torch" in sys.modules:  # imported already (dn bench checks its backends): set its threads here too
+            sys.modules["torch"].set_num_threads(int(args.threads))
         calib = Path(cmd[cmd.index("--calib-text") + 1]) if "--calib-text" in cmd else None
         configs = bench.parse_configs(args.configs)
         records = interleaved(model, configs, calib, sorted({int(b) for b in args.batch.split(",")}),
