@@ -54,7 +54,7 @@ def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:
     - dense: numel x dtype; affine: packed codes + a scale and a bias per group, at the compute dtype or as
       stored when that is smaller (16-bit scales are exact in float32 arithmetic);
     - lossless: the runtime layout the stored code is converted to at load (dn.codec_runtime, escapes not
-      counted) and one layer of decode scratch at the compute dtype;
+      counted) and decode scratch for the largest coded projection at the compute dtype;
     - sparse: each layer's router, thresholds and prior (sparse_side)."""
     b = DTYPE_BYTES[dtype]
     parts = dict.fromkeys(("dense", "affine", "lossless", "sparse"), 0)
@@ -63,10 +63,9 @@ def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:
             parts[e.format] += entry_bytes(e, b)
     if spec.codec:
         coded = set(spec.codec["coded_tensors"])
-        layer = max(sum(t.numel for t in spec.layer_tensors(i) if t.name in coded)
-                    for i in range(spec.architecture.num_hidden_layers))
         numel = {t.name: t.numel for t in spec.tensors}
-        parts["lossless"] = sum(codec_runtime.resident_bytes(numel[k]) for k in coded) + layer * b
+        scratch = max(numel[k] for k in coded)  # torch decodes one projection at a time into it
+        parts["lossless"] = sum(codec_runtime.resident_bytes(numel[k]) for k in coded) + scratch * b
     if spec.sparse:  # routers, thresholds and priors ride beside all the weights (no offload yet)
         parts["sparse"] = spec.sparse["num_layers"] * sparse_side(spec.sparse, b)["held"]
     return parts | {"total": sum(parts.values())}

@@ -117,9 +117,10 @@ _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 class CodecLinear(nn.Module):
     """nn.Linear whose weight is held in the runtime layout fixed4 (dn.codec_runtime, converted at load from the
-    stored Huffman code) and decoded on access into this projection's slice of a scratch buffer shared by all
-    layers. Decoding per projection rather than per layer keeps the decoded weight in cache for the matmul that
-    follows. The weights are the stored bits exactly, so logits equal the dense model's bit for bit.
+    stored Huffman code) and decoded on access into one scratch buffer shared by every projection (the largest
+    projection's size: the model holds one decoded projection at a time). Decoding per projection keeps the
+    decoded weight in cache for the matmul that follows. The weights are the stored bits exactly, so logits
+    equal the dense model's bit for bit.
     DN_CODEC_FUSED=1 (off by default) sends CPU inputs of at most 4 rows (decode steps) through the C fused
     decode+GEMV instead: no decoded copy, but float32 sums in another order, so logits differ in the last bits."""
 
@@ -133,7 +134,8 @@ class CodecLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The decoded weight, valid until this projection's weight is read again."""
+        """The decoded weight, valid until any coded projection's weight is read again (they share the scratch):
+        copy it to keep it."""
         out = self._scratch[0][self.start:self.start + self.n]
         _decode_into(self, out)
         return out.view(self.shape)
@@ -218,18 +220,16 @@ def attach(model, model_dir: Path, spec) -> None:
     ref = next(p for p in model.parameters() if not p.is_meta and p.is_floating_point())  # device, dtype
     layers = model.model.layers
     names = [[k for k in index if k.startswith(f"model.layers.{i}.")] for i in range(len(layers))]
-    n_max = max(sum(index[k]["n"] for k in ks) for ks in names)
+    n_max = max(index[k]["n"] for ks in names for k in ks)
     scratch = [torch.empty(n_max, dtype=ref.dtype, device=ref.device)]  # shared by every CodecLinear
     model.register_buffer("dn_codec_scratch_weights", scratch[0], persistent=False)
     for ks in names:
-        start = 0
         for name, enc in codec.load_model_codec(model_dir, ks).items() if ks else ():
             rt = codec_runtime.convert(enc, torch.get_num_threads())
             # "model.layers.3.self_attn.q_proj.weight" -> parent "layers.3.self_attn", attribute "q_proj"
             parent, attr = name.removeprefix("model.").removesuffix(".weight").rsplit(".", 1)
             module = model.model.get_submodule(parent)
-            setattr(module, attr, CodecLinear(rt, scratch, start, getattr(module, attr).bias))
-            start += rt.n
+            setattr(module, attr, CodecLinear(rt, scratch, 0, getattr(module, attr).bias))
 
 
 def matvec(enc: codec.EncodedTensor, x: torch.Tensor) -> torch.Tensor:
