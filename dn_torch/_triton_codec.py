@@ -49,13 +49,17 @@ def _next(words, buf, nbits, nw, live, ljs, delta, syms, MAXLEN: tl.constexpr):
 
 
 @triton.jit
-def _join(sym, raw, BF16: tl.constexpr):
-    """Symbol + raw byte -> int16 bits (int32 arithmetic, truncated like a C cast)."""
+def _join32(sym, raw, BF16: tl.constexpr):
+    """Symbol + raw byte (int32) -> the 16 bits in an int32."""
     if BF16:
-        bits = ((raw & 0x80) << 8) | (sym << 7) | (raw & 0x7F)
-    else:
-        bits = (sym << 8) | raw
-    return bits.to(tl.int16)
+        return ((raw & 0x80) << 8) | (sym << 7) | (raw & 0x7F)
+    return (sym << 8) | raw
+
+
+@triton.jit
+def _join(sym, raw, BF16: tl.constexpr):
+    """Symbol + raw byte -> int16 bits (truncated like a C cast)."""
+    return _join32(sym, raw, BF16).to(tl.int16)
 
 
 @triton.jit
@@ -230,10 +234,7 @@ def _f4_escape_decode_kernel(raw, out, esc_index, esc_symbol, E, BF16: tl.conste
     idx = tl.load(esc_index + i, mask=m, other=0).to(tl.int64)
     sym = tl.load(esc_symbol + i, mask=m, other=0).to(tl.int32)
     r = tl.load(raw + idx, mask=m, other=0).to(tl.int32)
-    if BF16:
-        bits = ((r & 0x80) << 8) | (sym << 7) | (r & 0x7F)
-    else:
-        bits = (sym << 8) | r
+    bits = _join32(sym, r, BF16)
     if F32:
         tl.store(out + idx, _f4_float(bits, BF16), mask=m)
     else:
@@ -253,11 +254,7 @@ def _f4_escapes(acc, raw, x, esc_index, esc_symbol, row_ptr, n0, IN, OUT, B, str
         idx = tl.load(esc_index + ei, mask=em, other=0).to(tl.int64)
         sym = tl.load(esc_symbol + ei, mask=em, other=0).to(tl.int32)
         r = tl.load(raw + idx, mask=em, other=0).to(tl.int32)
-        if BF16:
-            bits = ((r & 0x80) << 8) | (sym << 7) | (r & 0x7F)
-        else:
-            bits = (sym << 8) | r
-        w = _f4_float(bits, BF16)
+        w = _f4_float(_join32(sym, r, BF16), BF16)
         row = (idx // IN - n0).to(tl.int32)
         xv = tl.load(x + b[:, None] * stride_x + (idx % IN)[None, :], mask=(b < B)[:, None] & em[None, :],
                      other=0.0).to(tl.float32)

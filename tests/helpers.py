@@ -17,3 +17,15 @@ def assert_one_line_error(proc, needle):
     assert len(lines) == 1, proc.stderr
     assert needle in lines[0] and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def assert_runs_in_triton_interpreter(script, timeout=600):
+    """Run a test script in a fresh process with TRITON_INTERPRET=1 (read at import) and the repo on the path;
+    it must exit 0 and print "ok"."""
+    from pathlib import Path
+
+    path = os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert "ok" in proc.stdout

@@ -5,12 +5,11 @@ CPU through Triton's interpreter where Triton is installed."""
 import importlib.metadata
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_runs_in_triton_interpreter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -122,13 +121,7 @@ def test_fused_matvec_matches_dense(dtype, shape, batch):
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
 def test_triton_kernels_in_the_interpreter():
     """The same kernels on CPU through TRITON_INTERPRET=1 (slow, so small sizes)."""
-    code = Path(__file__).with_name("codec_triton_interp.py")
-    root = str(Path(__file__).resolve().parent.parent)
-    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, str(code)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ok" in proc.stdout
+    assert_runs_in_triton_interpreter(Path(__file__).with_name("codec_triton_interp.py"))
 
 
 # ---- the runtime layout fixed4 (dn.codec_runtime) on torch: the C kernel and the pure-torch path ----------------

@@ -5,13 +5,11 @@ TRITON_INTERPRET=1, where Triton is installed); on CUDA the same checks run for 
 
 import importlib.util
 import os
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_runs_in_triton_interpreter
 
 from dn import codec, codec_runtime
 from dn.tolerances import KERNEL
@@ -158,12 +156,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @needs_triton
 def test_fixed4_kernels_in_the_interpreter():
     """The same kernels on CPU through TRITON_INTERPRET=1 (a fresh process: the flag is read at import)."""
-    root = str(Path(__file__).resolve().parent.parent)
-    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    assert "ok" in proc.stdout
+    assert_runs_in_triton_interpreter(__file__)
 
 
 @pytest.mark.gpu

@@ -6,12 +6,10 @@ kernel's block, kept counts from 1 to all, median and sketch priors, both select
 import importlib.util
 import itertools
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_runs_in_triton_interpreter
 
 from dn import sparse as ref
 from dn import sparse_mlp
@@ -97,12 +95,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 
 @needs_triton
 def test_sparse_kernel_in_the_interpreter():
-    root = str(Path(__file__).resolve().parent.parent)
-    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    assert "ok" in proc.stdout
+    assert_runs_in_triton_interpreter(__file__)
 
 
 @pytest.mark.gpu
