@@ -31,27 +31,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dn import bench, benchmark, safetensors_io  # noqa: E402
+from dn import bench, benchmark, safetensors_io, spec  # noqa: E402
 from dn.errors import DnError  # noqa: E402
 
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
              "head_dim": 128, "rope_theta": 500000.0, "rms_norm_eps": 1e-5}
 CONFIGS = "dense,lossless,sparse50,q4g32e8,q4g32e8+sparse50"
 STD = 0.02
-
-
-def shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    h, n, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
-    out = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        out |= {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                p + "mlp.gate_proj.weight": (n, h), p + "mlp.up_proj.weight": (n, h),
-                p + "mlp.down_proj.weight": (h, n), p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,)}
-    return out
 
 
 def _random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -79,8 +65,9 @@ def build(out: Path, layers: int = 4, tokenizer_dir: Path | None = None, seed: i
            "architectures": ["LlamaForCausalLM"]}
     rng = np.random.default_rng(seed)
     weights = {}
-    for name, shape in shapes(cfg).items():
-        weights[name] = (np.full(shape, 0x3F80, np.uint16) if "norm" in name else _random_bf16(rng, shape), "BF16")
+    for name, shape in spec.tensor_shapes(spec.Architecture.from_hf_config(cfg), norms=True).items():
+        weights[name] = (np.full(shape, 0x3F80, np.uint16) if "norm" in name else _random_bf16(rng, tuple(shape)),
+                         "BF16")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     os.chmod(tmp, 0o755)

@@ -324,25 +324,32 @@ def _quantization(cfg: dict) -> dict | None:
     return q
 
 
-def validate(spec: ModelSpec, tensors: list[TensorInfo]) -> None:
-    """Check that the weights match the architecture (shapes of the projections per layer)."""
-    a = spec.architecture
-    by_name = {t.name: t for t in tensors}
+def tensor_shapes(a: Architecture, norms: bool = False) -> dict[str, list[int]]:
+    """The shapes the architecture implies for the embedding, an untied lm_head and each layer's projections;
+    norms=True adds a Llama-layout model's norms (input, post-attention and final), for building models."""
+    h, n = a.hidden_size, a.intermediate_size
     q_out, kv_out = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
-    expect = {"model.embed_tokens.weight": [a.vocab_size, a.hidden_size]}
+    out = {"model.embed_tokens.weight": [a.vocab_size, h]}
     if not a.tie_word_embeddings:
-        expect["lm_head.weight"] = [a.vocab_size, a.hidden_size]
+        out["lm_head.weight"] = [a.vocab_size, h]
+    if norms:
+        out["model.norm.weight"] = [h]
     for i in range(a.num_hidden_layers):
         p = f"model.layers.{i}."
-        expect |= {p + "self_attn.q_proj.weight": [q_out, a.hidden_size],
-                   p + "self_attn.k_proj.weight": [kv_out, a.hidden_size],
-                   p + "self_attn.v_proj.weight": [kv_out, a.hidden_size],
-                   p + "self_attn.o_proj.weight": [a.hidden_size, q_out],
-                   p + "mlp.gate_proj.weight": [a.intermediate_size, a.hidden_size],
-                   p + "mlp.up_proj.weight": [a.intermediate_size, a.hidden_size],
-                   p + "mlp.down_proj.weight": [a.hidden_size, a.intermediate_size]}
+        out |= {p + "self_attn.q_proj.weight": [q_out, h], p + "self_attn.k_proj.weight": [kv_out, h],
+                p + "self_attn.v_proj.weight": [kv_out, h], p + "self_attn.o_proj.weight": [h, q_out],
+                p + "mlp.gate_proj.weight": [n, h], p + "mlp.up_proj.weight": [n, h],
+                p + "mlp.down_proj.weight": [h, n]}
+        if norms:
+            out |= {p + "input_layernorm.weight": [h], p + "post_attention_layernorm.weight": [h]}
+    return out
+
+
+def validate(spec: ModelSpec, tensors: list[TensorInfo]) -> None:
+    """Check that the weights match the architecture (shapes of the projections per layer)."""
+    by_name = {t.name: t for t in tensors}
     mods = quant.layout(spec.quant, by_name) if spec.quant else {}
-    for name, shape in expect.items():
+    for name, shape in tensor_shapes(spec.architecture).items():
         q = mods.get(name[:-len(".weight")])
         stored = quant.packed_shapes(shape, q["bits"], q["group_size"]) if q else {"weight": shape}
         for kind, want in stored.items():

@@ -230,25 +230,16 @@ SYN = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "n
 
 def synthetic_model(path):
     """A random llama of SYN's sizes, bf16 safetensors written with dn.safetensors_io."""
-    from dn import safetensors_io
+    from dn import safetensors_io, spec
 
-    h, n, kv = SYN["hidden_size"], SYN["intermediate_size"], SYN["num_key_value_heads"] * SYN["head_dim"]
-    q = SYN["num_attention_heads"] * SYN["head_dim"]
-    shapes = {"model.embed_tokens.weight": (SYN["vocab_size"], h), "model.norm.weight": (h,)}
-    for i in range(SYN["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                   p + "mlp.gate_proj.weight": (n, h), p + "mlp.up_proj.weight": (n, h),
-                   p + "mlp.down_proj.weight": (h, n), p + "input_layernorm.weight": (h,),
-                   p + "post_attention_layernorm.weight": (h,)}
+    cfg = SYN | {"model_type": "llama", "rms_norm_eps": 1e-6, "max_position_embeddings": 256,
+                 "tie_word_embeddings": True, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    shapes = spec.tensor_shapes(spec.Architecture.from_hf_config(cfg), norms=True)
     rng = np.random.default_rng(0)
     weights = {name: (safetensors_io.f32_to_bf16(rng.standard_normal(shape, np.float32) * 0.05
                                                  + ("norm" in name)), "BF16") for name, shape in shapes.items()}
     path.mkdir()
     safetensors_io.save(weights, path / "model.safetensors")
-    cfg = SYN | {"model_type": "llama", "rms_norm_eps": 1e-6, "max_position_embeddings": 256,
-                 "tie_word_embeddings": True, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
     (path / "config.json").write_text(json.dumps(cfg))
     return path
 
