@@ -89,7 +89,7 @@ def main(argv=None) -> int:
 
     run = loader.load(args.model, args.backend, "float32")
     be, model, tok = run.backend, run.model, run.tokenizer
-    act = calibrate.model_act(run.model_dir)
+    act = run.spec.architecture.mlp_act
     ev = tok.encode(read_text(args.eval_text))[:args.eval_tokens]
     prompts = PROMPTS[:args.prompts]
     t0 = time.time()

@@ -32,14 +32,6 @@ def calibration_windows(tokens: list[int], seed: int, ctx: int = CTX, max_tokens
     return wins
 
 
-def model_act(model_dir: Path) -> str:
-    """The MLP activation of the model in model_dir, from its config.json (silu without one)."""
-    import json
-
-    path = Path(model_dir) / "config.json"
-    return sparse.act_of_config(json.loads(path.read_text()) if path.is_file() else {})
-
-
 def fit_model(inputs: list[np.ndarray], weights, sparsity: float, prior: str, rank: int,
               progress: bool = True, router: str = sparse.DEFAULT_ROUTER,
               select: str = sparse.DEFAULT_SELECT, act: str = sparse.DEFAULT_ACT) -> list[sparse.LayerSparse]:
@@ -80,7 +72,7 @@ def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, 
         raise DnError(f"unknown selection {select!r} (choose from {', '.join(sparse.SELECTS)})")
     if not 0 < rank <= min(spec.architecture.hidden_size, 2 * n):
         raise DnError(f"router rank {rank} out of range")
-    act = model_act(model_dir)
+    act = spec.architecture.mlp_act
     tokens = Tokenizer(model_dir, spec.architecture.eos_token_id).encode(calib_text)
     wins = calibration_windows(tokens, seed, max_tokens=max_tokens)
     be = backends.resolve(backend)

@@ -11,6 +11,7 @@ import numpy as np
 
 from dn import safetensors_io
 from dn.errors import DnError
+from dn.sparse import gelu_tanh
 from dn.spec import Architecture, ModelSpec, weight_files
 
 
@@ -42,10 +43,6 @@ def linear(x: np.ndarray, w: dict, name: str) -> np.ndarray:
     y = x @ w[f"{name}.weight"].T
     bias = w.get(f"{name}.bias")
     return y if bias is None else y + bias
-
-
-def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
 def attention(x: np.ndarray, w: dict, a: Architecture, layer: int = 0) -> np.ndarray:

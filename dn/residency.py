@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dn import store
+from dn import sparse, store
 from dn.errors import DnError
 from dn.spec import DTYPE_BYTES, ModelSpec
 
@@ -170,10 +170,8 @@ def activation_hotness(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np
                         act: str = "silu") -> np.ndarray:
     """On calibration inputs x [T, d]: each neuron's mean |act(g) u| times its down column's norm, i.e. the
     mean size of what it adds to the layer's output (act: the model's, Architecture.mlp_act)."""
-    from dn import reference
-
     g, u = x @ gate.T, x @ up.T
-    a = (g / (1 + np.exp(-g)) if act == "silu" else reference.gelu_tanh(g)) * u
+    a = sparse.act(act, g) * u
     return np.abs(a).mean(0) * np.linalg.norm(down, axis=0)
 
 
@@ -318,7 +316,7 @@ class ColdTier:
         for t, spec in enumerate(self.layout):
             raw = [self._read(layer, t, int(r[0]), int(r[-1]) + 1) for r in runs]
             raw = raw[0] if len(raw) == 1 else np.concatenate(raw, axis=1)
-            if copy:  # always a copy: a contiguous view would still be the file's pages
+            if copy and len(runs) == 1:  # one run is a view of the file's pages; concatenate already copied
                 raw = np.array(raw, order="C", copy=True)
             shape = spec["shape"]
             ax = spec["axis"]

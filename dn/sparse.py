@@ -46,6 +46,7 @@ import numpy as np
 
 from dn import quant, safetensors_io
 from dn.errors import DnError
+from dn.spec import ACTS as HF_ACTS  # config.json name -> dn name, kept once in dn.spec
 
 VERSION = 2
 READS = (1, 2)      # v1: top-k selection only, no router.t
@@ -62,8 +63,6 @@ GROUP = 64          # int4 router: weights per scale
 ACTS = ("silu", "gelu_tanh")
 DEFAULT_ACT = "silu"
 # config.json hidden_act / hidden_activation -> dn's name (transformers' ACT2FN keys)
-HF_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-           "gelu_tanh": "gelu_tanh"}
 
 
 @dataclass

@@ -113,8 +113,7 @@ class SparseMLP:
         if path == "auto" and self.bundled is not None and t <= NATIVE_TOKENS and o.native_available(x, self.bundled):
             path = "native"
         elif path == "auto":
-            # the GPU kernels compute silu only
-            fused = self.bundled is not None and same and self.act == "silu" and o.fused_available(x)
+            fused = self.bundled is not None and same and o.fused_available(x, self.act)
             path = "fused" if fused else (
                 "gather" if same and t * self.keep * 3 * d <= GATHER_LIMIT else "masked")
         if path == "masked":
@@ -127,7 +126,7 @@ class SparseMLP:
         if idx.shape[1] == 0:                    # threshold selection may keep no neuron: the prior alone
             return o.broadcast_to(self.prior_y0, (t, d))
         if path == "fused":
-            return o.fused_step(x, self.bundled, idx, self.prior_c, self.prior_y0)
+            return o.fused_step(x, self.bundled, idx, self.prior_c, self.prior_y0, self.act)
         return self._gather(x, idx)
 
     def _project(self, x):

@@ -42,10 +42,6 @@ def weight_like(module: nn.Module) -> mx.array:
     return next(v for _, v in leaves if mx.issubdtype(v.dtype, mx.floating))
 
 
-def silu(x: mx.array) -> mx.array:
-    return nn.silu(x)
-
-
 def act(name: str, x: mx.array) -> mx.array:
     """The gated MLP's activation by name (dn.sparse.ACTS)."""
     if name == "gelu_tanh":
@@ -131,13 +127,16 @@ def native_step(x, bundled, mask, c, y0, name):
     raise NotImplementedError("the C sparse kernel runs on torch's CPU tensors (native_available is False)")
 
 
-def fused_available(x: mx.array) -> bool:
-    """The fused sparse kernels run here: Metal on an Apple GPU."""
-    return mx.metal.is_available() and mx.default_device() == mx.gpu
+def fused_available(x: mx.array, act: str = "silu") -> bool:
+    """The fused sparse kernels run here: Metal on an Apple GPU, silu only."""
+    return act == "silu" and mx.metal.is_available() and mx.default_device() == mx.gpu
 
 
-def fused_step(x, bundled, idx, c, y0):
-    """Kept neurons through the two Metal kernels (dn_mlx/sparse.py)."""
+def fused_step(x, bundled, idx, c, y0, act: str = "silu"):
+    """Kept neurons through the two Metal kernels (dn_mlx/sparse.py), which compute silu only."""
     from dn_mlx import sparse
+
+    if act != "silu":
+        raise ValueError(f"the Metal sparse kernels compute silu, not {act}; use path 'gather'")
 
     return sparse._metal_step(x, bundled, idx, c, y0)

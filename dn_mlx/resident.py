@@ -14,6 +14,7 @@ from mlx import nn
 
 from dn import residency
 from dn.spec import ModelSpec
+from dn_mlx import ops
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -83,17 +84,14 @@ def make_part(arrays: list[np.ndarray], info: dict) -> Part:
     return Part(arrays, info)
 
 
-_ACTS = {"silu": nn.silu, "gelu_tanh": nn.gelu_approx}  # gelu_approx: what mlx-lm's gemma3_text MLP runs
-
-
 def acts(part: Part, x: mx.array) -> mx.array:
     """x [T, d] -> act(gate x) * (up x), [T, k]: the model's activation (SiLU, Gemma's GELU tanh; a cold file
     written before it was recorded is SiLU)."""
-    act = _ACTS[part.info.get("act", "silu")]
+    name = part.info.get("act", "silu")
     if part.kind == "dense":
         b = part.bundled
-        return act(x @ b[:, 0].T) * (x @ b[:, 1].T)
-    return act(part.matmul(0, x)) * part.matmul(1, x)
+        return ops.act(name, x @ b[:, 0].T) * (x @ b[:, 1].T)
+    return ops.act(name, part.matmul(0, x)) * part.matmul(1, x)
 
 
 def down(part: Part, h: mx.array) -> mx.array:

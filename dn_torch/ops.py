@@ -45,10 +45,6 @@ def weight_like(module: nn.Module) -> torch.Tensor:
     return torch.empty(0, dtype=module.compute_dtype, device=module.scales.device)
 
 
-def silu(x: torch.Tensor) -> torch.Tensor:
-    return nn.functional.silu(x)
-
-
 def act(name: str, x: torch.Tensor) -> torch.Tensor:
     """The gated MLP's activation by name (dn.sparse.ACTS)."""
     if name == "gelu_tanh":
@@ -173,15 +169,15 @@ def _native():
 _TYPED: set[int] = set()
 
 
-def fused_available(x: torch.Tensor) -> bool:
-    """The fused sparse kernel runs here: Triton on CUDA/ROCm."""
+def fused_available(x: torch.Tensor, act: str = "silu") -> bool:
+    """The fused sparse kernel runs here: Triton on CUDA/ROCm (silu and gelu_tanh)."""
     from dn_torch import sparse
 
     return x.is_cuda and sparse.triton is not None
 
 
-def fused_step(x, bundled, idx, c, y0):
+def fused_step(x, bundled, idx, c, y0, act: str = "silu"):
     """One token through the fused Triton kernel (dn_torch/sparse.py)."""
     from dn_torch import sparse
 
-    return sparse._fused_step(x, bundled, idx.reshape(-1), c, y0)
+    return sparse._fused_step(x, bundled, idx.reshape(-1), c, y0, act=act)

@@ -13,7 +13,7 @@ from torch import nn
 
 from dn import residency
 from dn.spec import ModelSpec
-from dn_torch import quant
+from dn_torch import ops, quant
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NP = {torch.bfloat16: np.uint16, torch.float16: np.float16}
@@ -127,17 +127,14 @@ def make_part(arrays: list[np.ndarray], info: dict) -> Part:
     return Part(arrays, info)
 
 
-_ACTS = {"silu": nn.functional.silu, "gelu_tanh": lambda g: nn.functional.gelu(g, approximate="tanh")}
-
-
 def acts(part: Part, x: torch.Tensor) -> torch.Tensor:
     """x [T, d] -> act(gate x) * (up x), [T, k]: the model's activation (SiLU, Gemma's GELU tanh; a cold file
     written before it was recorded is SiLU)."""
-    act = _ACTS[part.info.get("act", "silu")]
+    name = part.info.get("act", "silu")
     if part.kind == "dense":
         b = part.bundled
-        return act(x @ b[:, 0].T) * (x @ b[:, 1].T)
-    return act(part.matmul(0, x)) * part.matmul(1, x)
+        return ops.act(name, x @ b[:, 0].T) * (x @ b[:, 1].T)
+    return ops.act(name, part.matmul(0, x)) * part.matmul(1, x)
 
 
 def down(part: Part, h: torch.Tensor) -> torch.Tensor:

@@ -380,7 +380,7 @@ def host_metal(builder, tmp_path, monkeypatch):
 
     mlx_sparse._kernel.cache_clear()
     monkeypatch.setattr(mx.fast, "metal_kernel", metal_kernel)
-    monkeypatch.setattr(mlx_ops, "fused_available", lambda x: True)
+    monkeypatch.setattr(mlx_ops, "fused_available", lambda x, act="silu": True)
     yield mlx_sparse, calls
     mlx_sparse._kernel.cache_clear()
 
