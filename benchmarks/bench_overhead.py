@@ -26,8 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -35,27 +33,11 @@ from dn import benchmark  # noqa: E402
 from dn.bench import PROMPTS, Greedy, agreement  # noqa: E402
 
 
-def _timed(step, reps: int, warmup: int) -> dict:
-    return _interleaved({"x": step}, reps, warmup)["x"]
-
-
 def _interleaved(steps: dict, reps: int, warmup: int) -> dict:
-    """dn.benchmark.timer over each step in turn, one call each per round: on shared cores every variant sees the
-    same load, so their ratios hold even when the absolute times drift."""
-    for _ in range(warmup):
-        for fn in steps.values():
-            fn()
-    times = {k: [] for k in steps}
-    for _ in range(reps):
-        for k, fn in steps.items():
-            times[k].append(benchmark.timer(fn, reps=1, warmup=0)["median_s"])
-    out = {}
-    for k, ts in times.items():
-        q1, med, q3 = np.percentile(ts, [25, 50, 75])
-        med, iqr = float(med), float(q3 - q1)
-        out[k] = {"latency_ms_p50": 1e3 * med, "latency_ms_iqr": 1e3 * iqr, "tokens_per_s": 1 / med,
-                  "reps": reps, "warmup": warmup}
-    return out
+    """dn.benchmark.interleaved, as this script's records."""
+    return {k: {"latency_ms_p50": 1e3 * t["median_s"], "latency_ms_iqr": 1e3 * t["iqr_s"],
+                "tokens_per_s": 1 / t["median_s"], "reps": reps, "warmup": warmup}
+            for k, t in benchmark.interleaved(steps, reps, warmup).items()}
 
 
 def torch_records(model_arg, dtype: str, reps: int, warmup: int, modes: list[str]) -> list[dict]:

@@ -116,18 +116,12 @@ def interleaved(model: Path, configs: list, calib: Path | None, batches: list[in
         length = min(map(len, prompts))
         ids = [prompts[0]] if b == 1 else [prompts[i % len(prompts)][:length] for i in range(b)]
         steps = {name: bench.Greedy(r.backend, r.model, ids).step for name, r in runs.items()}
-        for _ in range(warmup):
-            for step in steps.values():
-                step()
-        times = {name: [] for name in steps}
-        for _ in range(reps):
-            for name, step in steps.items():
-                times[name].append(benchmark.timer(step, reps=1, warmup=0)["median_s"])
-        dense = float(np.median(times[configs[0].name]))
-        for name, ts in times.items():
-            q1, med, q3 = (float(x) for x in np.percentile(ts, [25, 50, 75]))
+        times = benchmark.interleaved(steps, reps, warmup)
+        dense = times[configs[0].name]["median_s"]
+        for name, t in times.items():
+            med = t["median_s"]
             out.append({"config": name, "backend": backend, "dtype": dtype, "batch": b, "tokens_per_s": b / med,
-                        "latency_ms_p50": 1e3 * med, "latency_ms_iqr": 1e3 * (q3 - q1), "speed_vs_dense": dense / med,
+                        "latency_ms_p50": 1e3 * med, "latency_ms_iqr": 1e3 * t["iqr_s"], "speed_vs_dense": dense / med,
                         "decode_reps": reps, "decode_warmup": warmup})
     return out
 

@@ -43,6 +43,23 @@ def timer(fn: Callable[[], object], reps: int = 20, warmup: int = 3, sync: Calla
             "warmup": warmup}
 
 
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, dict]:
+    """timer over each fn in turn, one call of each per round: on shared cores every fn sees the same load, so
+    their ratios hold even when the absolute times drift. -> {name: {median_s, iqr_s}}."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            times[k].append(timer(fn, reps=1, warmup=0)["median_s"])
+    out = {}
+    for k, ts in times.items():
+        q1, med, q3 = np.percentile(ts, [25, 50, 75])
+        out[k] = {"median_s": float(med), "iqr_s": float(q3 - q1)}
+    return out
+
+
 def commit() -> str:
     """HEAD of the repo the code runs from, with '+dirty' when the work tree has uncommitted changes."""
     try:
