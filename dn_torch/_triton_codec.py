@@ -176,10 +176,7 @@ ESCAPE = tl.constexpr(15)  # dn.codec_runtime.ESCAPE; kernels read only constexp
 @triton.jit
 def _f4_bits(rank, raw, table, BF16: tl.constexpr):
     """rank, raw (int32) -> the weight's 16 bits in the low half of an int32 (escapes: table[15], i.e. 0)."""
-    sym = tl.load(table + rank).to(tl.int32)
-    if BF16:
-        return ((raw & 0x80) << 8) | (sym << 7) | (raw & 0x7F)
-    return (sym << 8) | raw
+    return _join32(tl.load(table + rank).to(tl.int32), raw, BF16)
 
 
 @triton.jit
