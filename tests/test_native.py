@@ -30,3 +30,16 @@ def test_switched_off(monkeypatch):
 def test_rejects_strided():
     with pytest.raises(ValueError):
         native.ptr(np.zeros((4, 4))[:, 0])
+
+
+def test_failed_build_falls_back(tmp_path, monkeypatch, capsys):
+    """A compiler that cannot build the kernel (here: one that always fails) leaves the plain paths running."""
+    monkeypatch.setenv("DN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    native._build.cache_clear()
+    try:
+        assert native.library("selftest") is None
+    finally:
+        native._build.cache_clear()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "selftest.c" in err[0] and "plain path" in err[0]
