@@ -113,7 +113,6 @@ class Architecture:
         if self.gemma:  # transformers 5: one rope per layer type; 4 reads rope_theta/rope_local_base_freq
             cfg["hidden_activation"] = cfg.pop("hidden_act")
             cfg["sliding_window_pattern"] = _pattern(self.layer_types)  # what mlx_lm.load reads of a -q folder
-            cfg["rope_theta"] = self.rope_theta
             cfg["rope_parameters"] = {"full_attention": rope, "sliding_attention": {
                 "rope_type": "default", "rope_theta": self.rope_local_base_freq}}
         return cfg
