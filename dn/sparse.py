@@ -28,6 +28,11 @@ Scores:
                     int4 sketch of the down matrix (GROUP weights per scale along n): together with the
                     int4 router, an int4 copy of the whole MLP answers for the skipped neurons while the
                     kept ones run in full precision. Costs d (n/2 + 4 n/GROUP) bytes per layer.
+  router "planes":  scores s = |silu(g^)| * |u^| with g^, u^ from the gate and up weights' own split planes
+                    (dn/planes.py: each weight to within its exponent and top mantissa bit, 6 of its 12 bits); the
+                    rest of a kept neuron's bits is read only when it is kept. With the sketch prior, D~ is the
+                    same split of the down matrix. Weights are split as bfloat16 (rounded); the fused C kernel runs
+                    on a bfloat16 model, whose weights it checks are the ones split.
   prior "none":     plain dropping.
 The neurons' weights are bundled per neuron, bundle[j] = [G[j], U[j], D[:, j]] ([n, 3, d]), so one
 contiguous gather fetches everything a kept neuron needs.
@@ -44,14 +49,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dn import quant, safetensors_io
+from dn import planes, quant, safetensors_io
 from dn.errors import DnError
 from dn.spec import ACTS as HF_ACTS  # config.json name -> dn name, kept once in dn.spec
 
 VERSION = 2
 READS = (1, 2)      # v1: top-k selection only, no router.t
 FILE = "dn_sparse.safetensors"
-ROUTERS = ("int4", "lowrank", "int4gate")
+ROUTERS = ("int4", "lowrank", "int4gate", "planes")
 INT4 = ("int4", "int4gate")  # the routers held as packed int4 sketches
 PRIORS = ("none", "median", "sketch")
 SELECTS = ("threshold", "topk")
@@ -68,15 +73,19 @@ DEFAULT_ACT = "silu"
 @dataclass
 class LayerSparse:
     keep: int                 # neurons kept per token
-    router_a: np.ndarray      # lowrank: [d, r]; int4: packed nibbles of [G; U], uint8 [2n, d/2] (int4gate: G's, n rows)
-    router_b: np.ndarray      # lowrank: [r, 2n] (columns [:n] gate, [n:] up); int4: scales [2n, d/GROUP] (int4gate: n)
+    # lowrank: [d, r]; int4: packed nibbles of [G; U], uint8 [2n, d/2] (int4gate: G's, n rows); planes: the split
+    # sketches of [G; U], uint8 [2n, 3d/4]
+    router_a: np.ndarray
+    # lowrank: [r, 2n] (columns [:n] gate, [n:] up); int4: scales [2n, d/GROUP] (int4gate: n); planes: float32
+    # [2, planes.META]
+    router_b: np.ndarray
     prior_c: np.ndarray       # [n] activation a skipped neuron is assumed to have (zeros: drop)
     prior_y0: np.ndarray      # [d] D @ prior_c
     router: str = "lowrank"
     select: str = "topk"
     thresh: np.ndarray | None = None   # threshold: [n] per-neuron score thresholds t_j
-    prior_a: np.ndarray | None = None  # sketch: packed nibbles of D, uint8 [d, n/2]
-    prior_b: np.ndarray | None = None  # sketch: scales [d, n/GROUP]
+    prior_a: np.ndarray | None = None  # sketch: packed nibbles of D, uint8 [d, n/2] (planes: D.T's split, [n, 3d/4])
+    prior_b: np.ndarray | None = None  # sketch: scales [d, n/GROUP] (planes: float32 [1, planes.META])
     act: str = DEFAULT_ACT             # the MLP's activation (ACTS)
 
 
@@ -157,7 +166,16 @@ def predict(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
     x = x.astype(np.float32)
     if layer.router in INT4:
         return x @ dequantize_int4(layer.router_a, layer.router_b).T
+    if layer.router == "planes":
+        return x @ planes.stacked_values(layer.router_a, layer.router_b, x.shape[1]).T
     return (x @ layer.router_a) @ layer.router_b
+
+
+def sketch_matrix(layer: LayerSparse) -> np.ndarray:
+    """The sketch prior's down matrix D~ [d, n], float32 (int4, or the planes router's split of D)."""
+    if layer.router == "planes":
+        return planes.stacked_values(layer.prior_a, layer.prior_b, layer.prior_y0.shape[0]).T
+    return dequantize_int4(layer.prior_a, layer.prior_b)
 
 
 def estimate(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
@@ -199,7 +217,7 @@ def sparse_mlp_step(x: np.ndarray, bundled: np.ndarray, layer: LayerSparse,
         y[t] = h @ w[k, 2] + layer.prior_y0
     if layer.prior_a is not None:                          # sketch: the router's estimate of the skipped
         est = np.where(mask, 0, estimate(x, layer)).astype(np.float64)
-        y += est @ dequantize_int4(layer.prior_a, layer.prior_b).astype(np.float64).T
+        y += est @ sketch_matrix(layer).astype(np.float64).T
     return y
 
 
@@ -237,7 +255,10 @@ def fit_prior(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
     n = gate.shape[0]
     if kind in ("none", "sketch"):
         layer.prior_c, layer.prior_y0 = np.zeros(n, np.float32), np.zeros(down.shape[0], np.float32)
-        if kind == "sketch":
+        if kind == "sketch" and layer.router == "planes":  # the split of D's columns, one row per neuron
+            sk, meta, _ = planes.split_float(np.ascontiguousarray(down.T))
+            layer.prior_a, layer.prior_b = sk, meta[None]
+        elif kind == "sketch":
             if n % GROUP:
                 raise DnError(f"sketch prior needs an intermediate size divisible by {GROUP}, got {n}")
             layer.prior_a, layer.prior_b = quantize_int4(np.ascontiguousarray(down, np.float32))
@@ -276,6 +297,9 @@ def fit_layer(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
         if router == "int4gate" and prior == "sketch":
             raise DnError("the sketch prior needs the router's up estimate: use router int4 with it")
         a, b = quantize_int4(np.concatenate([gate, up]) if router == "int4" else gate)
+    elif router == "planes":
+        planes.check_width(d)
+        a, b, _ = planes.stack([planes.split_float(w) for w in (gate, up)])
     elif router == "lowrank":
         a, b = fit_router(x, gate, up, rank)
     else:
@@ -362,9 +386,13 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
         shapes |= {"router.a": (m, hidden // 2), "router.b": (m, hidden // GROUP)}
         if kind == "int4gate" and section["prior"] == "sketch":
             raise DnError("sparse spec: the sketch prior needs router int4, not int4gate")
+    if kind == "planes":
+        shapes |= {"router.a": (2 * intermediate, 3 * hidden // 4), "router.b": (2, planes.META)}
     if select == "threshold":
         shapes["router.t"] = (intermediate,)
-    if section["prior"] == "sketch":
+    if section["prior"] == "sketch" and kind == "planes":
+        shapes |= {"prior.a": (intermediate, 3 * hidden // 4), "prior.b": (1, planes.META)}
+    elif section["prior"] == "sketch":
         shapes |= {"prior.a": (hidden, intermediate // 2), "prior.b": (hidden, intermediate // GROUP)}
     for i in range(num_layers):
         for name, shape in shapes.items():

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 GATHER_LIMIT = 1 << 22  # elements of [T, k, 3, d] above which a step uses the masked path
-NATIVE_TOKENS = 4       # tokens up to which auto takes the C kernel (decode); more: masked reads each weight once
+NATIVE_TOKENS = 4       # tokens up to which auto takes a C kernel (decode; dn/csrc/planes.c's most); more: masked
 PATHS = ("auto", "gather", "masked", "fused", "native")
 
 
@@ -44,6 +44,10 @@ class SparseMLP:
         # matmul; lowrank: float32 factors [d, r], [r, 2n].
         if layer.router in ("int4", "int4gate"):
             self.router_q = o.int4_linear(layer.router_a, layer.router_b, like)
+        elif layer.router == "planes":  # the gate and up weights' own sketches (dn/planes.py), [2n, 3d/4]
+            o.hold(self, "router_a", o.from_numpy(layer.router_a, like))
+            o.hold(self, "router_lut", o.from_numpy(np.stack([_lut(m) for m in layer.router_b]), like))
+            self.router_meta = np.asarray(layer.router_b, np.float32)
         else:
             o.hold(self, "router_a", o.from_numpy(np.asarray(layer.router_a, np.float32), like))
             o.hold(self, "router_b", o.from_numpy(np.asarray(layer.router_b, np.float32), like))
@@ -52,8 +56,13 @@ class SparseMLP:
         o.hold(self, "prior_c", o.cast(o.from_numpy(np.asarray(layer.prior_c, np.float32), like), like))
         o.hold(self, "prior_y0", o.cast(o.from_numpy(np.asarray(layer.prior_y0, np.float32), like), like))
         self.sketch = layer.prior_a is not None
-        if self.sketch:  # int4 down matrix [d, n], in the router's format
+        if self.sketch and layer.router == "planes":  # the down matrix's own sketch, one row per neuron
+            o.hold(self, "sketch_a", o.from_numpy(layer.prior_a, like))
+            o.hold(self, "sketch_lut", o.from_numpy(_lut(layer.prior_b[0]), like))
+            self.sketch_meta = np.asarray(layer.prior_b[0], np.float32)
+        elif self.sketch:  # int4 down matrix [d, n], in the router's format
             self.sketch_q = o.int4_linear(layer.prior_a, layer.prior_b, like)
+        self.planes = None  # the split-planes kernel's matrices, built at its first call (_planes)
 
     # ---- routing ----------------------------------------------------------------------------------
 
@@ -64,6 +73,10 @@ class SparseMLP:
             return o.act(self.act, o.int4_matmul(x, self.router_q))
         if self.router == "int4":
             p = o.int4_matmul(x, self.router_q)
+        elif self.router == "planes":
+            n, d, xf = self.n, x.shape[-1], o.float32(x)
+            return o.act(self.act, xf @ o.planes_values(self.router_a[:n], self.router_lut[0], d).T) * (
+                xf @ o.planes_values(self.router_a[n:], self.router_lut[1], d).T)
         else:
             p = (o.float32(x) @ self.router_a) @ self.router_b
         return o.act(self.act, p[:, :self.n]) * p[:, self.n:]
@@ -86,6 +99,10 @@ class SparseMLP:
     def call(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if self._planes_fused(x2):  # routing, kept neurons and prior in one C pass
+            y, _ = self.ops.planes_step(x2, self._planes(), self.thresh, self.prior_c32, self.prior_y0, self.act,
+                                        self.sketch)
+            return y.reshape(shape)
         est = self.estimate(x2)                                  # [T, n]: routes, and feeds the sketch prior
         mask = self.route(x2, est)
         if self.tape is not None:
@@ -99,11 +116,48 @@ class SparseMLP:
     def step(self, x, mask, est=None):
         """x [T, d], mask bool [T, n] -> y [T, d]: kept neurons exactly, skipped ones by the prior."""
         o = self.ops
+        if (self.path == "native" and self.router == "planes" and self.bundled is not None
+                and self.select == "threshold" and x.shape[0] <= NATIVE_TOKENS and o.planes_native(x)):  # replayed
+            return self.ops.planes_step(x, self._planes(), self.thresh, self.prior_c32, self.prior_y0, self.act,
+                                        self.sketch, mask)[0]
         y = self._kept(x, mask)
         if self.sketch:
             est = self.estimate(x) if est is None else est
+            if self.router == "planes":
+                w = o.planes_values(self.sketch_a, self.sketch_lut, x.shape[-1])
+                return y + o.cast(o.zero_where(est, mask) @ w, y)
             y = y + o.cast(o.int4_matmul(o.zero_where(est, mask), self.sketch_q), y)
         return y
+
+    # ---- split planes: the C kernel routes and reads the kept neurons' rest in one pass -------------------------
+
+    def _planes_fused(self, x) -> bool:
+        return (self.router == "planes" and self.select == "threshold" and self.bundled is not None
+                and self.tape is None and not self.oracle and self.path in ("auto", "native")
+                and x.shape[0] <= NATIVE_TOKENS and self.ops.planes_native(x))
+
+    def _planes(self):
+        """The kernel's (gate, up, down) matrices: this layer's sketches, and the rests of its bundled weights
+        (checked to be the weights the sketches were split from)."""
+        if self.planes is None:
+            from dn import planes
+
+            o, n = self.ops, self.n
+            bits = o.bits16(self.bundled)  # bf16 [n, 3, d]
+            metas = (self.router_meta[0], self.router_meta[1], self.sketch_meta if self.sketch else None)
+            sks = (o.to_numpy(self.router_a[:n]), o.to_numpy(self.router_a[n:]),
+                   o.to_numpy(self.sketch_a) if self.sketch else None)
+            mats = []
+            for i, (sk, meta) in enumerate(zip(sks, metas)):
+                if sk is None:  # no sketch prior: split the down rows here, for the kept ones' exact weights
+                    sk, meta, rest = planes.split(np.ascontiguousarray(bits[:, i]))
+                else:
+                    rest = planes.rest_of(np.ascontiguousarray(bits[:, i]), sk, meta)
+                mats.append(planes.mat({k: o.from_numpy(v, self.thresh)
+                                        for k, v in planes.arrays(sk, meta, rest).items()}))
+            self.prior_c32 = o.float32(self.prior_c)
+            self.planes = tuple(mats)
+        return self.planes
 
     def _kept(self, x, mask):
         o = self.ops
@@ -155,6 +209,13 @@ class SparseMLP:
             return o.rowsum(h, wd) + self.prior_y0
         # stored down is [d, n] in its own format: run it on the kept activations scattered back to [T, n]
         return self.down_proj(o.scatter(h, idx, self.n)) + self.prior_y0
+
+
+def _lut(meta) -> np.ndarray:
+    """A split-planes meta -> the router's 64 w^ values, float32."""
+    from dn import planes
+
+    return planes.to_float32(planes.luts(np.asarray(meta, np.float32))[0])
 
 
 # ---- policy on a whole model: install, tape/replay, numpy entry points ---------------------------------

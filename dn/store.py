@@ -81,16 +81,21 @@ def entry_bytes(e: Entry, dtype_bytes: int) -> int:
 
 def sparse_side(section: dict, dtype_bytes: int) -> dict[str, int]:
     """Per layer, the bytes a sparse section holds as both backends keep them: `router` (int4 packed, 4 bits + a
-    scale and a bias per GROUP at the compute dtype; or the lowrank factors in float32), `thresh` (float32 per
+    scale and a bias per GROUP at the compute dtype; split-plane sketches of gate and up, 6 bits a weight; or the
+    lowrank factors in float32), `thresh` (float32 per
     neuron), `prior` (what the prior kind itself needs: the median's c and y0 at the compute dtype, the
     sketch's packed int4 down matrix), `zeros` (the c and y0 the runtime holds as zeros for the other
     priors); `held` sums them. For scale: one neuron's bundle and the dense MLP at that dtype."""
     d, n, r = section["hidden"], section["intermediate"], section.get("rank", sparse.DEFAULT_RANK)
     kind = section.get("prior")
     int4 = {"int4": 2 * n, "int4gate": n}.get(section["router"])  # rows of the packed router
-    out = {"router": _int4(int4, d, dtype_bytes) if int4 else (d * r + r * 2 * n) * 4,
+    split = section["router"] == "planes"  # split-plane sketches: 6 bits a weight, + the router's 64 values
+    router = (_int4(int4, d, dtype_bytes) if int4 else 2 * (n * 3 * d // 4 + 64 * 4) if split
+              else (d * r + r * 2 * n) * 4)
+    sketch = n * 3 * d // 4 + 64 * 4 if split else _int4(d, n, dtype_bytes)
+    out = {"router": router,
            "thresh": 4 * n if section.get("select", "topk") == "threshold" else 0,
-           "prior": {"median": (n + d) * dtype_bytes, "sketch": _int4(d, n, dtype_bytes)}.get(kind, 0),
+           "prior": {"median": (n + d) * dtype_bytes, "sketch": sketch}.get(kind, 0),
            "zeros": 0 if kind == "median" else (n + d) * dtype_bytes}
     return out | {"held": sum(out.values()), "neuron": 3 * d * dtype_bytes, "dense_mlp": 3 * d * n * dtype_bytes}
 

@@ -118,6 +118,28 @@ def int4_matmul(x: mx.array, lin: nn.Module) -> mx.array:
     return lin(x.astype(lin.scales.dtype)).astype(mx.float32)
 
 
+def bits16(x: mx.array) -> np.ndarray:
+    """A 16-bit array's bits, uint16 numpy."""
+    return np.array(x.view(mx.uint16))
+
+
+def planes_values(sketch: mx.array, lut: mx.array, k: int) -> mx.array:
+    """Split-plane sketches uint8 [m, 3k/4] -> the router's w^ [m, k] float32 (lut: dn.planes.luts' values, [64])."""
+    m = sketch.shape[0]
+    g = mx.pad(sketch.reshape(m, k // 8, 6), [(0, 0), (0, 0), (0, 2)]).view(mx.uint64)  # [m, k/8, 1]
+    codes = (g >> mx.arange(0, 48, 6, dtype=mx.uint64)) & 63                             # [m, k/8, 8]
+    return mx.take(lut, codes.reshape(m, k).astype(mx.uint32))
+
+
+def planes_native(x: mx.array) -> bool:
+    """dn/csrc/planes.c takes host pointers; MLX runs its plain path (planes_values)."""
+    return False
+
+
+def planes_step(x, mats, thresh, c, y0, name, sketch, mask=None):
+    raise NotImplementedError("the split-planes C kernel runs on torch's CPU tensors (planes_native is False)")
+
+
 def native_available(x: mx.array, bundled: mx.array) -> bool:
     """dn/csrc/sparse.c takes host pointers; MLX arrays would need a copy out, so MLX runs its own paths."""
     return False

@@ -121,6 +121,41 @@ def int4_matmul(x: torch.Tensor, lin: nn.Module) -> torch.Tensor:
     return lin(x.to(lin.compute_dtype)).float()
 
 
+def bits16(x: torch.Tensor) -> np.ndarray:
+    """A 16-bit tensor's bits, uint16 numpy (a copy off the device)."""
+    return x.detach().contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
+
+
+def planes_values(sketch: torch.Tensor, lut: torch.Tensor, k: int) -> torch.Tensor:
+    """Split-plane sketches uint8 [m, 3k/4] -> the router's w^ [m, k] float32 (lut: dn.planes.luts' values, [64])."""
+    m = sketch.shape[0]
+    g = torch.nn.functional.pad(sketch.view(m, k // 8, 6), (0, 2)).contiguous().view(torch.int64)  # [m, k/8, 1]
+    codes = (g >> torch.arange(0, 48, 6, device=sketch.device)) & 63                               # [m, k/8, 8]
+    return lut[codes.reshape(m, k)]
+
+
+def planes_native(x: torch.Tensor) -> bool:
+    """The split-planes C kernel runs here: CPU, bf16, a compiler (dn.native)."""
+    from dn import planes
+
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and planes.native() is not None
+
+
+def planes_step(x: torch.Tensor, mats: tuple, thresh: torch.Tensor, c: torch.Tensor, y0: torch.Tensor, name: str,
+                sketch: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T <= 4, d] bf16 -> (y [T, d], mask bool [T, n]) through dn/csrc/planes.c (mats: dn.planes.mat structs over
+    this layer's tensors); mask given: that selection replayed."""
+    from dn import planes
+
+    t, d = x.shape
+    y = torch.empty(t, d, dtype=torch.float32)
+    y.copy_(y0)
+    m = torch.zeros(t, thresh.shape[0], dtype=torch.uint8) if mask is None else mask.to(torch.uint8).contiguous()
+    planes.step_native(planes.native(), x.contiguous().view(torch.int16), mats, thresh, c, y, m, _ACTS[name],
+                       sketch, mask is None, _threads(t * 3 * thresh.shape[0] * d))
+    return y.to(x.dtype), m.bool()
+
+
 def native_available(x: torch.Tensor, bundled: torch.Tensor) -> bool:
     """The C kernel (dn/csrc/sparse.c) runs here: CPU tensors, bf16 or float32, a compiler (dn.native)."""
     return (x.device.type == "cpu" and bundled.dtype in _NATIVE and x.dtype == bundled.dtype

@@ -1,0 +1,129 @@
+"""Split planes (dn/planes.py): the layout against its definition, and its C kernel (dn/csrc/planes.c) against the
+numpy reference; the sparse MLP on them per backend is in tests/test_sparse.py (router "planes")."""
+
+import numpy as np
+import pytest
+
+from dn import planes, sparse, tolerances
+from dn.errors import DnError
+
+
+def _bf16(rng, shape, scale=0.05):
+    return planes.round_bf16(rng.standard_normal(shape).astype(np.float32) * scale)
+
+
+def _odd_weights(rng, m, k, big=1e5):
+    """bf16 weights with what the layout must survive: zeros, -0, subnormals, rare large and tiny exponents."""
+    w = _bf16(rng, (m, k))
+    flat = w.reshape(-1)
+    spots = rng.choice(flat.size, 12, replace=False)
+    flat[spots] = np.array([0.0, -0.0, 1e-39, -3e-39, 3e-30, -2e-25, big / 500, -big, 7e-20, 1e-33, 3.0, -9.0],
+                           np.float32)
+    return planes.round_bf16(w)
+
+
+def test_split_join_is_bit_exact_and_escapes_are_rare_and_small():
+    rng = np.random.default_rng(0)
+    bits = planes.bf16_bits(_odd_weights(rng, 64, 136))
+    sk, meta, rest = planes.split(bits)
+    assert sk.shape == rest.planes.shape == (64, 136 * 3 // 4)
+    assert np.array_equal(planes.join(sk, meta, rest, 136), bits)
+    assert 0 < rest.esc_bits.size < 0.01 * bits.size
+    w, v = planes.to_float32(bits), planes.sketch_values(sk, meta, 136)
+    # the huge weights sit in the table (the router sees them); what escapes is small
+    assert np.abs(planes.to_float32(rest.esc_bits)).max() < 0.01 * np.median(np.abs(w))
+    big = np.unravel_index(np.argmax(np.abs(w)), w.shape)
+    assert w[big] < 0 and -w[big] / 2 < -v[big] <= -w[big] * 2  # its class mean: same exponent and top bit
+
+
+def test_sketch_values_are_sign_times_the_mean_of_their_class():
+    """w^ = sign(w) * mean |w| over the weights sharing w's exponent and top mantissa bit (bf16-rounded), 0 at
+    escapes: checked from the bits, independently of the packing."""
+    rng = np.random.default_rng(1)
+    w = _bf16(rng, (32, 64))
+    bits = planes.bf16_bits(w)
+    sk, meta, _ = planes.split(bits)
+    got = planes.sketch_values(sk, meta, 64)
+    key = (bits.astype(np.int64) >> 6) & 0x1FF          # exponent and m6
+    for k in np.unique(key):
+        sel = key == k
+        want = planes.round_bf16(np.float32(np.abs(w[sel]).astype(np.float64).mean()))
+        assert np.all(got[sel] == np.where(w[sel] < 0, -want, want))
+
+
+def test_rest_of_refuses_other_weights_and_widths():
+    rng = np.random.default_rng(2)
+    bits = planes.bf16_bits(_bf16(rng, (8, 64)))
+    sk, meta, _ = planes.split(bits)
+    other = planes.bf16_bits(_bf16(rng, (8, 64)))
+    with pytest.raises(DnError, match="do not match"):
+        planes.rest_of(other, sk, meta)
+    with pytest.raises(DnError, match="divisible by 8"):
+        planes.split(planes.bf16_bits(_bf16(rng, (8, 12))))
+    with pytest.raises(DnError, match="not bfloat16"):
+        planes.bf16_bits(np.full((2, 8), 0.1, np.float32))
+
+
+def _layer_mats(rng, n, d):
+    return [planes.split(planes.bf16_bits(_odd_weights(rng, n, d, big=10.0))) for _ in range(3)]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = planes.native()
+    if lib is None:
+        pytest.skip("no C compiler (DN_NATIVE=0 or none installed): the plain paths run")
+    return lib
+
+
+@pytest.mark.parametrize("d", [128, 136, 200])   # whole 64-blocks, a tail, a tail only past two blocks
+@pytest.mark.parametrize("tokens", [1, 3, 4])
+@pytest.mark.parametrize("act,sketch", [("silu", True), ("silu", False), ("gelu_tanh", True)])
+def test_kernel_matches_reference(lib, d, tokens, act, sketch):
+    """The fused C step routes as the reference does (router dots are exact bf16 products: only float32 sums
+    differ) and, on the same selection, computes y within the kernel tolerance; replaying a selection works."""
+    rng = np.random.default_rng(d + tokens)
+    n = 320
+    mats = _layer_mats(rng, n, d)
+    x = _bf16(rng, (tokens, d), 1.0)
+    thresh = np.full(n, 0.02, np.float32) * rng.uniform(0.5, 1.5, n).astype(np.float32)
+    c = (rng.standard_normal(n) * 0.01).astype(np.float32)
+    y0 = (rng.standard_normal(d) * 0.1).astype(np.float32)
+    held = [planes.arrays(*m) for m in mats]
+    structs = tuple(planes.mat(a) for a in held)
+    y, mask = np.tile(y0, (tokens, 1)), np.zeros((tokens, n), np.uint8)
+    planes.step_native(lib, planes.bf16_bits(x), structs, thresh, c, y, mask, sparse.ACTS.index(act), sketch, True)
+    _, ref_mask = planes.step(x, *mats, thresh, c, y0, act, sketch)
+    assert (mask.astype(bool) == ref_mask).mean() >= 0.998 and 0.05 < ref_mask.mean() < 0.95
+    want, _ = planes.step(x, *mats, thresh, c, y0, act, sketch, mask.astype(bool))
+    tol = tolerances.KERNEL["float32"]
+    np.testing.assert_allclose(y, want, rtol=tol.rtol, atol=tol.atol * np.abs(want).max())
+    y2 = np.tile(y0, (tokens, 1))
+    flipped = ~ref_mask
+    planes.step_native(lib, planes.bf16_bits(x), structs, thresh, c, y2, flipped.astype(np.uint8),
+                       sparse.ACTS.index(act), sketch, False)
+    want2, _ = planes.step(x, *mats, thresh, c, y0, act, sketch, flipped)
+    np.testing.assert_allclose(y2, want2, rtol=tol.rtol, atol=tol.atol * np.abs(want2).max())
+
+
+def test_kernel_threads_and_join(lib):
+    rng = np.random.default_rng(5)
+    n, d = 2048, 136
+    mats = _layer_mats(rng, n, d)
+    structs = tuple(planes.mat(planes.arrays(*m)) for m in mats)
+    x = planes.bf16_bits(_bf16(rng, (1, d), 1.0))
+    thresh, c, y0 = np.full(n, 0.02, np.float32), np.zeros(n, np.float32), np.zeros(d, np.float32)
+    outs = []
+    for threads in (1, 2):
+        y, mask = np.tile(y0, (1, 1)), np.zeros((1, n), np.uint8)
+        planes.step_native(lib, x, structs, thresh, c, y, mask, 0, True, True, threads)
+        outs.append((y, mask))
+    assert np.array_equal(outs[0][1], outs[1][1])
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    for m, s in zip(mats, structs):
+        out = np.empty((n, d), np.uint16)
+        planes.join_native(lib, s, n, d, out, 2)
+        assert np.array_equal(out, planes.join(*m, d))
+    with pytest.raises(ValueError, match="1-4 tokens"):
+        planes.step_native(lib, np.zeros((5, d), np.uint16), structs, thresh, c, np.zeros((5, d), np.float32),
+                           np.zeros((5, n), np.uint8), 0, True, True)
