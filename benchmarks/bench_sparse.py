@@ -8,6 +8,10 @@ Paths, each against torch's dense MLP (three F.linear at the same dtype) timed i
   sketch   routed + the sketch prior (int4 down through the same packed kernel)
   router-gate, routed-gate   the same with the int4gate router (an int4 sketch of the gate alone)
   fused    the Triton kernel on the given kept rows (CUDA)
+  planes-router, planes, planes-sketch   router "planes" (dn/planes.py) through dn/csrc/planes.c (CPU, bf16):
+           the router alone (every neuron skipped, no prior), the whole step with threshold selection set to keep
+           that fraction of this token's neurons (the top scores, not a random set), and the same with the
+           sketch prior
 Ratios are against dense timed in the same run just before each keep's paths; absolute times are meaningful
 only on the machine recorded.
 Also checks the kernels against the numpy reference (--check). Timer and JSON: dn/benchmark.py.
@@ -35,10 +39,9 @@ be = backends.get("torch")
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def timeit(fn, reps: int) -> float:
-    """Median seconds per call (dn.benchmark.timer; CUDA synchronized)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else None
-    return benchmark.timer(fn, reps=reps, warmup=3, sync=sync)["median_s"]
+def timeit(fn, reps: int, dev: str) -> float:
+    """Median seconds per call after 3 warm-up calls (dn.benchmark.timer; CUDA synchronized)."""
+    return benchmark.timer(fn, reps=reps, warmup=3, sync=torch.cuda.synchronize if dev == "cuda" else None)["median_s"]
 
 
 def random_layer(rng, d: int, n: int, keep: int, rank: int = 16) -> ref.LayerSparse:
@@ -99,18 +102,32 @@ def bench(d: int, n: int, dtype: str, keeps: list[float], reps: int, dev: str, s
     gated = ts.SparseMLP(bundled, ref.LayerSparse(n, ga, gs, zero_c, zero_y0, "int4gate", "topk"))
     native = routed.ops.native_available(x, bundled)
     fused = routed.ops.fused_available(x)
+    split = routed.ops.planes_native(x)
+    if split:  # router "planes": the weights' own sketches route
+        from dn import planes
+
+        bits = routed.ops.bits16(bundled)
+        parts = [planes.split(np.ascontiguousarray(bits[:, i])) for i in range(3)]
+        ra, rb, _ = planes.stack(parts[:2])
+        by_planes = {}
+        for prior in ("none", "sketch"):
+            pa, pb = (parts[2][0], parts[2][1][None]) if prior == "sketch" else (None, None)
+            by_planes[prior] = ts.SparseMLP(bundled, ref.LayerSparse(n, ra, rb, zero_c, zero_y0, "planes", "threshold",
+                                                                     np.zeros(n, np.float32), pa, pb))
+        never = torch.full((n,), np.inf)  # thresholds no neuron passes: the router's pass alone
+        xs = x.float().cpu().numpy()
+        est = np.abs(ref.silu(xs @ planes.sketch_values(ra[:n], rb[0], d).T) * (xs @ planes.sketch_values(
+            ra[n:], rb[1], d).T))[0]
     rows = []
     with torch.inference_mode():
         for keep in keeps:
-            t_dense = timeit(dense, reps)  # again per keep: on a shared machine the baseline drifts
-            rows.append({"keep": keep, "path": "dense", "us": t_dense * 1e6, "ratio": 1.0})
-            show(rows[-1])
             k = max(1, round(keep * n))
             routed.keep = sketched.keep = gated.keep = k
             idx = torch.randperm(n, generator=g)[:k].sort().values.to(dev)[None]
             mask = torch.zeros(1, n, dtype=torch.bool, device=dev)
             mask[0, idx[0]] = True
-            fns = {"gather": lambda i=idx: routed._gather(x, i),
+            fns = {"dense": dense,
+                   "gather": lambda i=idx: routed._gather(x, i),
                    "router": lambda: routed.route(x),
                    "routed": lambda: routed(x),
                    "sketch": lambda: sketched(x),
@@ -121,10 +138,23 @@ def bench(d: int, n: int, dtype: str, keeps: list[float], reps: int, dev: str, s
                                                                       routed.prior_y0, "silu")
             if fused:
                 fns["fused"] = lambda i=idx: routed.ops.fused_step(x, bundled, i, routed.prior_c, routed.prior_y0)
-            for path, fn in fns.items():
-                if path in skip or (path.startswith("router") and keep != keeps[0]):
-                    continue  # the router's work does not depend on keep
-                t = timeit(fn, reps)
+            if split:
+                cut = np.sort(est)[::-1][k - 1] if k < n else -1.0  # this token keeps its k best-scored neurons
+                for mlp in by_planes.values():
+                    mlp.thresh.fill_(float(np.nextafter(np.float32(cut), np.float32(-1))))
+                fns |= {"planes-router": lambda m=by_planes["none"]: m.ops.planes_step(
+                            x, m._planes(), never, m.prior_c32, m.prior_y0, "silu", False),
+                        "planes": lambda: by_planes["none"](x), "planes-sketch": lambda: by_planes["sketch"](x)}
+            fns = {p: fn for p, fn in fns.items()  # the routers' work does not depend on keep
+                   if p not in skip and not ("router" in p and keep != keeps[0])}
+            # each path timed on its own after warm-up calls (not interleaved: here a kernel's first calls after
+            # another one's run slow, dense up to 1.5x); dense before and after each keep's paths, the faster of
+            # the two the baseline (a shared machine drifts; the faster is the stricter for dn)
+            dense_fn = fns.pop("dense")
+            t_first = timeit(dense_fn, reps, dev)
+            got = {path: timeit(fn, reps, dev) for path, fn in fns.items()}
+            t_dense = min(t_first, timeit(dense_fn, reps, dev))
+            for path, t in ({"dense": t_dense} | got).items():
                 rows.append({"keep": keep, "path": path, "us": t * 1e6, "ratio": t / t_dense})
                 show(rows[-1])
     return rows

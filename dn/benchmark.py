@@ -43,7 +43,8 @@ def timer(fn: Callable[[], object], reps: int = 20, warmup: int = 3, sync: Calla
             "warmup": warmup}
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, dict]:
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int,
+                sync: Callable[[], None] | None = None) -> dict[str, dict]:
     """timer over each fn in turn, one call of each per round: on shared cores every fn sees the same load, so
     their ratios hold even when the absolute times drift. -> {name: {median_s, iqr_s}}."""
     for _ in range(warmup):
@@ -52,7 +53,7 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int) ->
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
-            times[k].append(timer(fn, reps=1, warmup=0)["median_s"])
+            times[k].append(timer(fn, reps=1, warmup=0, sync=sync)["median_s"])
     out = {}
     for k, ts in times.items():
         q1, med, q3 = np.percentile(ts, [25, 50, 75])

@@ -43,10 +43,6 @@ static inline float bf16(uint16_t v) {
     return b.f;
 }
 
-static inline void prefetch(const uint8_t *p, int64_t bytes) {
-    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
-}
-
 /* ---- one row: sketch dots, exact dots, axpys -------------------------------------------------------------------- */
 /* Vector steps take 64 weights: 48 bytes of each plane become 64 codes (VBMI permute + multishift), two byte tables
  * (vpermb) give each weight's low and high byte, and byte unpacking pairs them into bf16 words in the order
@@ -123,8 +119,11 @@ static inline __m512 f32_of(__m512i w, int odd) {  /* w's even (odd) bf16 words 
 /* out[t] = w . x_t for the row's sketch w^ (rest NULL) or its exact weights, for the tokens with live[t]; xp: x in the
  * held order, x: natural (escapes, tail) */
 static void dot(const mat_t *m, int64_t j, int64_t k, const uint16_t *xp, const uint16_t *x, int64_t T,
-                const uint8_t *live, int exact, float *out) {
+                const uint8_t *live, int exact, int64_t next, float *out) {
     const uint8_t *sk = m->sketch + j * (3 * k / 4), *rest = exact ? m->rest + j * (3 * k / 4) : NULL;
+    /* the next row this pass reads (next >= 0), a line ahead per step: a whole row's prefetches at once would stall
+     * on the fill buffers */
+    const uint8_t *pf = next < 0 ? NULL : (exact ? m->rest : m->sketch) + next * (3 * k / 4);
     int64_t i = 0;
     for (int64_t t = 0; t < T; t++) out[t] = 0;
 #ifdef FAST
@@ -133,6 +132,7 @@ static void dot(const mat_t *m, int64_t j, int64_t k, const uint16_t *xp, const 
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         for (; i + 64 <= k; i += 64) {
             __m512i w[2];
+            if (pf) __builtin_prefetch(pf + 6 * (i / 8));
             words64(sk, rest, i, l, w);
             a0 = _mm512_dpbf16_ps(a0, (__m512bh)w[0], (__m512bh)_mm512_loadu_si512(xp + i));
             a1 = _mm512_dpbf16_ps(a1, (__m512bh)w[1], (__m512bh)_mm512_loadu_si512(xp + i + 32));
@@ -143,6 +143,7 @@ static void dot(const mat_t *m, int64_t j, int64_t k, const uint16_t *xp, const 
     for (int t = 0; t < MAXT; t++) acc[t] = _mm512_setzero_ps();
     for (; i + 64 <= k; i += 64) {
         __m512i w[2];
+        if (pf) __builtin_prefetch(pf + 6 * (i / 8));
         words64(sk, rest, i, l, w);
         for (int64_t t = 0; t < T; t++) {
             if (!live[t]) continue;
@@ -164,13 +165,18 @@ static void dot(const mat_t *m, int64_t j, int64_t k, const uint16_t *xp, const 
 }
 
 /* y_t += h[t] w (y in its held order) for the row's exact weights or its sketch; h[t] = 0 skips token t */
-static void axpy(const mat_t *m, int64_t j, int64_t k, const float *h, int64_t T, int exact, float *y) {
+static void axpy(const mat_t *m, int64_t j, int64_t k, const float *h, int64_t T, int exact, int64_t next,
+                 int next_exact, float *y) {
     const uint8_t *sk = m->sketch + j * (3 * k / 4), *rest = exact ? m->rest + j * (3 * k / 4) : NULL;
+    const uint8_t *pf = next < 0 ? NULL : m->sketch + next * (3 * k / 4);  /* as in dot */
+    const uint8_t *pf2 = next < 0 || !next_exact ? NULL : m->rest + next * (3 * k / 4);
     int64_t i = 0;
 #ifdef FAST
     lut_t l = lut(exact ? m->lut_hi : m->lut_w);
     for (; i + 64 <= k; i += 64) {
         __m512i w[2];
+        if (pf) __builtin_prefetch(pf + 6 * (i / 8));
+        if (pf2) __builtin_prefetch(pf2 + 6 * (i / 8));
         words64(sk, rest, i, l, w);
         __m512 v[4] = {f32_of(w[0], 0), f32_of(w[0], 1), f32_of(w[1], 0), f32_of(w[1], 1)};
         if (T == 1) {
@@ -200,7 +206,6 @@ enum { BLOCK = 32 };  /* neurons routed before their kept ones are read: the ske
 static void neurons(const uint16_t *xp, const uint16_t *x, int64_t T, int64_t n, int64_t d, const mat_t *g,
                     const mat_t *u, const mat_t *dn, const float *thresh, const float *c, int sketch, int route,
                     uint8_t *mask, float *y, int kind, int64_t j0, int64_t j1) {
-    int64_t row = 3 * d / 4;
     const uint8_t all[MAXT] = {1, 1, 1, 1};
     float est[BLOCK][MAXT], gs[MAXT], us[MAXT], h[MAXT];
     uint8_t keep[BLOCK][MAXT];
@@ -208,12 +213,9 @@ static void neurons(const uint16_t *xp, const uint16_t *x, int64_t T, int64_t n,
     for (int64_t jb = j0; jb < j1; jb += BLOCK) {
         int64_t je = jb + BLOCK < j1 ? jb + BLOCK : j1, nk = 0, ns = 0;
         for (int64_t j = jb; j < je; j++) {  /* route the block */
-            if (j + 1 < j1) {
-                prefetch(g->sketch + (j + 1) * row, row);
-                prefetch(u->sketch + (j + 1) * row, row);
-            }
-            dot(g, j, d, xp, x, T, all, 0, gs);
-            dot(u, j, d, xp, x, T, all, 0, us);
+            int64_t next = j + 1 < j1 ? j + 1 : -1;
+            dot(g, j, d, xp, x, T, all, 0, next, gs);
+            dot(u, j, d, xp, x, T, all, 0, next, us);
             int any = 0, none = 0;
             for (int64_t t = 0; t < T; t++) {
                 float e = act(kind, gs[t]) * us[t];
@@ -226,21 +228,14 @@ static void neurons(const uint16_t *xp, const uint16_t *x, int64_t T, int64_t n,
             if (none && sketch) skipped[ns++] = j;
         }
         for (int64_t q = 0; q < nk; q++) {  /* the kept: their rests complete the weights */
-            int64_t j = kept[q];
-            if (q + 1 < nk) {
-                int64_t o = kept[q + 1] * row;
-                prefetch(g->rest + o, row), prefetch(u->rest + o, row);
-                prefetch(dn->sketch + o, row), prefetch(dn->rest + o, row);
-            }
-            dot(g, j, d, xp, x, T, keep[j - jb], 1, gs);
-            dot(u, j, d, xp, x, T, keep[j - jb], 1, us);
+            int64_t j = kept[q], next = q + 1 < nk ? kept[q + 1] : -1;
+            dot(g, j, d, xp, x, T, keep[j - jb], 1, next, gs);
+            dot(u, j, d, xp, x, T, keep[j - jb], 1, next, us);
             for (int64_t t = 0; t < T; t++) h[t] = keep[j - jb][t] ? act(kind, gs[t]) * us[t] - c[j] : 0.0f;
-            axpy(dn, j, d, h, T, 1, y);
+            axpy(dn, j, d, h, T, 1, next, 1, y);
         }
-        for (int64_t q = 0; q < ns; q++) {  /* the skipped, with the sketch prior: est down~ */
-            if (q + 1 < ns) prefetch(dn->sketch + skipped[q + 1] * row, row);
-            axpy(dn, skipped[q], d, est[skipped[q] - jb], T, 0, y);
-        }
+        for (int64_t q = 0; q < ns; q++)  /* the skipped, with the sketch prior: est down~ */
+            axpy(dn, skipped[q], d, est[skipped[q] - jb], T, 0, q + 1 < ns ? skipped[q + 1] : -1, 0, y);
     }
 }
 
