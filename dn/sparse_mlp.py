@@ -35,6 +35,12 @@ class SparseMLP:
         self.router, self.select, self.act = layer.router, layer.select, layer.act
         self.tape, self.replay = None, None   # see tape_routes
         like = bundled if bundled is not None else o.weight_like(proj[0]) if proj is not None else like
+        # router "planes" on bf16 weights: the weights are held as their split planes (12 bits), not the bundle
+        self.split = None
+        split_bits = o.bits16(bundled) if layer.router == "planes" and bundled is not None and o.is_bfloat16(
+            bundled) else None
+        if split_bits is not None:
+            bundled = None
         if bundled is not None:
             o.hold(self, "bundled", bundled)
         else:
@@ -62,7 +68,37 @@ class SparseMLP:
             self.sketch_meta = np.asarray(layer.prior_b[0], np.float32)
         elif self.sketch:  # int4 down matrix [d, n], in the router's format
             self.sketch_q = o.int4_linear(layer.prior_a, layer.prior_b, like)
-        self.planes = None  # the split-planes kernel's matrices, built at its first call (_planes)
+        if split_bits is not None:
+            self._hold_split(split_bits, layer, like)
+
+    def _hold_split(self, bits, layer, like) -> None:
+        """Hold the layer's gate, up and down (its columns as rows) as split planes (dn/planes.py): the sketches
+        the spec holds for routing, and the rests of the bundled bf16 bits [n, 3, d], checked to be the weights
+        the sketches were split from. self.split: per matrix, the arrays by dn.planes.FIELDS name (+ "mat", the C
+        kernels' struct, where they run)."""
+        from dn import planes
+
+        o, n = self.ops, self.n
+        sks = [layer.router_a[:n], layer.router_a[n:], layer.prior_a if self.sketch else None]
+        metas = [layer.router_b[0], layer.router_b[1], layer.prior_b[0] if self.sketch else None]
+        views = [self.router_a[:n], self.router_a[n:], self.sketch_a if self.sketch else None]  # held already
+        split = []
+        for i, (sk, meta) in enumerate(zip(sks, metas)):
+            w = np.ascontiguousarray(bits[:, i])
+            if sk is None:  # no sketch prior: the down rows are split here, for the kept ones' exact weights
+                sk, meta, rest = planes.split(w)
+            else:
+                rest = planes.rest_of(w, np.asarray(sk), np.asarray(meta, np.float32))
+            held = {}
+            for name, a in planes.arrays(sk, np.asarray(meta, np.float32), rest).items():
+                if name == "sketch" and views[i] is not None:
+                    held[name] = views[i]
+                    continue
+                o.hold(self, f"split{i}_{name}", o.from_numpy(a, like))
+                held[name] = getattr(self, f"split{i}_{name}")
+            split.append(o.planes_held(held))
+        self.split = _Split(split)
+        self.split.c32 = o.float32(self.prior_c)  # the C kernel takes c in float32
 
     # ---- routing ----------------------------------------------------------------------------------
 
@@ -100,7 +136,7 @@ class SparseMLP:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self._planes_fused(x2):  # routing, kept neurons and prior in one C pass
-            y, _ = self.ops.planes_step(x2, self._planes(), self.thresh, self.prior_c32, self.prior_y0, self.act,
+            y, _ = self.ops.planes_step(x2, self._mats(), self.thresh, self.split.c32, self.prior_y0, self.act,
                                         self.sketch)
             return y.reshape(shape)
         est = self.estimate(x2)                                  # [T, n]: routes, and feeds the sketch prior
@@ -116,9 +152,9 @@ class SparseMLP:
     def step(self, x, mask, est=None):
         """x [T, d], mask bool [T, n] -> y [T, d]: kept neurons exactly, skipped ones by the prior."""
         o = self.ops
-        if (self.path == "native" and self.router == "planes" and self.bundled is not None
-                and self.select == "threshold" and x.shape[0] <= NATIVE_TOKENS and o.planes_native(x)):  # replayed
-            return self.ops.planes_step(x, self._planes(), self.thresh, self.prior_c32, self.prior_y0, self.act,
+        if (self.path == "native" and self._mats() is not None and self.select == "threshold"
+                and x.shape[0] <= NATIVE_TOKENS and o.planes_native(x)):  # a given selection, replayed
+            return self.ops.planes_step(x, self._mats(), self.thresh, self.split.c32, self.prior_y0, self.act,
                                         self.sketch, mask)[0]
         y = self._kept(x, mask)
         if self.sketch:
@@ -132,32 +168,28 @@ class SparseMLP:
     # ---- split planes: the C kernel routes and reads the kept neurons' rest in one pass -------------------------
 
     def _planes_fused(self, x) -> bool:
-        return (self.router == "planes" and self.select == "threshold" and self.bundled is not None
-                and self.tape is None and not self.oracle and self.path in ("auto", "native")
-                and x.shape[0] <= NATIVE_TOKENS and self.ops.planes_native(x))
+        return (self.select == "threshold" and self._mats() is not None and self.tape is None and not self.oracle
+                and self.path in ("auto", "native") and x.shape[0] <= NATIVE_TOKENS and self.ops.planes_native(x))
 
-    def _planes(self):
-        """The kernel's (gate, up, down) matrices: this layer's sketches, and the rests of its bundled weights
-        (checked to be the weights the sketches were split from)."""
-        if self.planes is None:
-            from dn import planes
+    def _mats(self):
+        """The C kernels' (gate, up, down) structs over the split planes, or None."""
+        if self.split is None or "mat" not in self.split[0]:
+            return None
+        return tuple(m["mat"] for m in self.split)
 
-            o, n = self.ops, self.n
-            bits = o.bits16(self.bundled)  # bf16 [n, 3, d]
-            metas = (self.router_meta[0], self.router_meta[1], self.sketch_meta if self.sketch else None)
-            sks = (o.to_numpy(self.router_a[:n]), o.to_numpy(self.router_a[n:]),
-                   o.to_numpy(self.sketch_a) if self.sketch else None)
-            mats = []
-            for i, (sk, meta) in enumerate(zip(sks, metas)):
-                if sk is None:  # no sketch prior: split the down rows here, for the kept ones' exact weights
-                    sk, meta, rest = planes.split(np.ascontiguousarray(bits[:, i]))
-                else:
-                    rest = planes.rest_of(np.ascontiguousarray(bits[:, i]), sk, meta)
-                mats.append(planes.mat({k: o.from_numpy(v, self.thresh)
-                                        for k, v in planes.arrays(sk, meta, rest).items()}))
-            self.prior_c32 = o.float32(self.prior_c)
-            self.planes = tuple(mats)
-        return self.planes
+    def _dense(self, i: int):
+        """Matrix i (gate, up, down's columns as rows) of a split layer as bf16 [n, d], decoded into the backend's
+        shared scratch: valid until the next decode."""
+        return self.ops.planes_join(self.split[i], self.split[i]["sketch"].shape[1] * 4 // 3,
+                                    self.ops.scratch(self.split[i]["sketch"].shape[0],
+                                                     self.split[i]["sketch"].shape[1] * 4 // 3))
+
+    def bundle(self):
+        """The layer's bundled weights [n, 3, d]: the held bundle, or a split layer's decoded (a new array)."""
+        if self.split is None:
+            return self.bundled
+        d = self.split[0]["sketch"].shape[1] * 4 // 3
+        return self.ops.stack([self.ops.planes_join(m, d) for m in self.split], 1)
 
     def _kept(self, x, mask):
         o = self.ops
@@ -171,6 +203,8 @@ class SparseMLP:
             path = "fused" if fused else (
                 "gather" if same and t * self.keep * 3 * d <= GATHER_LIMIT else "masked")
         if path == "masked":
+            return self._masked(x, mask)
+        if path == "native" and self.bundled is None:  # a split layer past the planes kernel's tokens
             return self._masked(x, mask)
         if path == "native":  # any count per token: no kept_indices
             return o.native_step(x, self.bundled, mask, self.prior_c, self.prior_y0, self.act)
@@ -187,13 +221,17 @@ class SparseMLP:
         """Every neuron's gate and up pre-activations, [T, n] each."""
         if self.bundled is not None:
             return x @ self.bundled[:, 0].T, x @ self.bundled[:, 1].T
+        if self.split is not None:  # one matrix decoded at a time (the scratch is shared)
+            g = x @ self._dense(0).T
+            return g, x @ self._dense(1).T
         return self.gate_proj(x), self.up_proj(x)
 
     def _masked(self, x, mask):
         g, u = self._project(x)
         h = self.ops.act(self.act, g) * u - self.prior_c
         h = h * self.ops.cast(mask, h)
-        down = h @ self.bundled[:, 2] if self.bundled is not None else self.down_proj(h)
+        down = (h @ self.bundled[:, 2] if self.bundled is not None else h @ self._dense(2) if self.split is not None
+                else self.down_proj(h))
         return down + self.prior_y0
 
     def _gather(self, x, idx):
@@ -202,13 +240,29 @@ class SparseMLP:
         if self.bundled is not None:
             w = o.take_rows(self.bundled, idx)                    # [T, k, 3, d]
             wg, wu, wd = w[:, :, 0], w[:, :, 1], w[:, :, 2]
+        elif self.split is not None:                              # rows copied out of each decode in turn
+            wg, wu, wd = (o.take_rows(self._dense(i), idx) for i in range(3))
         else:
             wg, wu = (o.rows(p, idx.reshape(-1)).reshape(t, k, -1) for p in (self.gate_proj, self.up_proj))
         h = o.act(self.act, o.rowdot(wg, x)) * o.rowdot(wu, x) - o.take(self.prior_c, idx)
-        if self.bundled is not None:
+        if self.bundled is not None or self.split is not None:
             return o.rowsum(h, wd) + self.prior_y0
         # stored down is [d, n] in its own format: run it on the kept activations scattered back to [T, n]
         return self.down_proj(o.scatter(h, idx, self.n)) + self.prior_y0
+
+
+class _Split:
+    """A split layer's matrices (views of what the layer holds), in an object a framework does not take for more
+    parameters to list."""
+
+    def __init__(self, mats: list):
+        self.mats, self.c32 = mats, None
+
+    def __getitem__(self, i):
+        return self.mats[i]
+
+    def __iter__(self):
+        return iter(self.mats)
 
 
 def _lut(meta) -> np.ndarray:

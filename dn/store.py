@@ -55,7 +55,8 @@ def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:
       stored when that is smaller (16-bit scales are exact in float32 arithmetic);
     - lossless: the runtime layout the stored code is converted to at load (dn.codec_runtime, escapes not
       counted) and decode scratch for the largest coded projection at the compute dtype;
-    - sparse: each layer's router, thresholds and prior (sparse_side)."""
+    - sparse: each layer's router, thresholds and prior (sparse_side); with router "planes" at bf16, the MLPs
+      held as split planes in place of their dense bytes (split_mlp_bytes)."""
     b = DTYPE_BYTES[dtype]
     parts = dict.fromkeys(("dense", "affine", "lossless", "sparse"), 0)
     for e in entries(spec):
@@ -68,7 +69,23 @@ def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:
         parts["lossless"] = sum(codec_runtime.resident_bytes(numel[k]) for k in coded) + scratch * b
     if spec.sparse:  # routers, thresholds and priors ride beside all the weights (no offload yet)
         parts["sparse"] = spec.sparse["num_layers"] * sparse_side(spec.sparse, b)["held"]
+        if spec.sparse["router"] == "planes" and dtype == "bfloat16":  # the MLPs are held as their split planes
+            held = split_mlp_bytes(spec.sparse)
+            parts["dense"] -= spec.sparse["num_layers"] * held["dense_mlp"]
+            parts["sparse"] += spec.sparse["num_layers"] * held["rest"] + held["scratch"]
     return parts | {"total": sum(parts.values())}
+
+
+def split_mlp_bytes(section: dict) -> dict[str, int]:
+    """A layer of router "planes" at bf16 holds its MLP as split planes (dn/planes.py): beside the sketches the
+    sparse section holds (sparse_side), per layer `rest` (the rests of gate, up and down, their escape row offsets
+    and tables; the down's sketch too without the sketch prior; escapes not counted: 0.05% of the default model's
+    weights) instead of `dense_mlp` (the bf16 weights), and once `scratch`: one bf16 matrix the plain paths
+    (prefill) decode each into in turn."""
+    d, n = section["hidden"], section["intermediate"]
+    plane = n * 3 * d // 4
+    rest = 3 * (plane + 8 * (n + 1) + 256) + (plane if section.get("prior") != "sketch" else 0)
+    return {"rest": rest, "dense_mlp": 3 * n * d * 2, "scratch": n * d * 2}
 
 
 def entry_bytes(e: Entry, dtype_bytes: int) -> int:

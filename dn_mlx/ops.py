@@ -123,12 +123,47 @@ def bits16(x: mx.array) -> np.ndarray:
     return np.array(x.view(mx.uint16))
 
 
+def _codes(plane: mx.array, k: int) -> mx.array:
+    """A split plane uint8 [m, 3k/4] -> its 6-bit fields, uint32 [m, k] (dn.planes' packing)."""
+    m = plane.shape[0]
+    g = mx.pad(plane.reshape(m, k // 8, 6), [(0, 0), (0, 0), (0, 2)]).view(mx.uint64)  # [m, k/8, 1]
+    return ((g >> mx.arange(0, 48, 6, dtype=mx.uint64)) & 63).reshape(m, k).astype(mx.uint32)
+
+
 def planes_values(sketch: mx.array, lut: mx.array, k: int) -> mx.array:
     """Split-plane sketches uint8 [m, 3k/4] -> the router's w^ [m, k] float32 (lut: dn.planes.luts' values, [64])."""
-    m = sketch.shape[0]
-    g = mx.pad(sketch.reshape(m, k // 8, 6), [(0, 0), (0, 0), (0, 2)]).view(mx.uint64)  # [m, k/8, 1]
-    codes = (g >> mx.arange(0, 48, 6, dtype=mx.uint64)) & 63                             # [m, k/8, 8]
-    return mx.take(lut, codes.reshape(m, k).astype(mx.uint32))
+    return mx.take(lut, _codes(sketch, k))
+
+
+def planes_join(held: dict, k: int, out=None) -> mx.array:
+    """A split matrix's exact bf16 weights [m, k] (held: dn.planes.FIELDS arrays); out is torch's scratch, unused."""
+    sk = held["sketch"]
+    m = sk.shape[0]
+    lut = held["lut_hi"].astype(mx.uint32)
+    bits = mx.take(lut[:64] | (lut[64:] << 8), _codes(sk, k)) | _codes(held["rest"], k)
+    ptr = np.array(held["esc_ptr"])
+    if ptr[-1]:
+        rows = mx.array(np.repeat(np.arange(m), np.diff(ptr)))
+        bits[rows, held["esc_col"]] = held["esc_bits"].astype(mx.uint32)
+    return bits.astype(mx.uint16).view(mx.bfloat16)
+
+
+def planes_held(held: dict) -> dict:
+    """A split matrix's held arrays (the C kernels take torch's CPU tensors only)."""
+    return held
+
+
+def scratch(rows: int, cols: int) -> None:
+    """MLX arrays are immutable: each decode makes its own (freed after use)."""
+    return None
+
+
+def stack(arrays: list, axis: int) -> mx.array:
+    return mx.stack(arrays, axis)
+
+
+def is_bfloat16(x: mx.array) -> bool:
+    return x.dtype == mx.bfloat16
 
 
 def planes_native(x: mx.array) -> bool:

@@ -126,12 +126,65 @@ def bits16(x: torch.Tensor) -> np.ndarray:
     return x.detach().contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
 
 
+def _codes(plane: torch.Tensor, k: int) -> torch.Tensor:
+    """A split plane uint8 [m, 3k/4] -> its 6-bit fields, int64 [m, k] (dn.planes' packing)."""
+    m = plane.shape[0]
+    g = torch.nn.functional.pad(plane.view(m, k // 8, 6), (0, 2)).contiguous().view(torch.int64)  # [m, k/8, 1]
+    return ((g >> torch.arange(0, 48, 6, device=plane.device)) & 63).reshape(m, k)
+
+
 def planes_values(sketch: torch.Tensor, lut: torch.Tensor, k: int) -> torch.Tensor:
     """Split-plane sketches uint8 [m, 3k/4] -> the router's w^ [m, k] float32 (lut: dn.planes.luts' values, [64])."""
-    m = sketch.shape[0]
-    g = torch.nn.functional.pad(sketch.view(m, k // 8, 6), (0, 2)).contiguous().view(torch.int64)  # [m, k/8, 1]
-    codes = (g >> torch.arange(0, 48, 6, device=sketch.device)) & 63                               # [m, k/8, 8]
-    return lut[codes.reshape(m, k)]
+    return lut[_codes(sketch, k)]
+
+
+def planes_join(held: dict, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A split matrix's exact bf16 weights [m, k] (held: dn.planes.FIELDS tensors, "mat" their struct) into out
+    (or a new tensor): the C decode where it runs, else in torch."""
+    from dn import planes
+
+    sk = held["sketch"]
+    m = sk.shape[0]
+    out = torch.empty(m, k, dtype=torch.bfloat16, device=sk.device) if out is None else out
+    lib = planes.native() if sk.device.type == "cpu" else None
+    if lib is not None:
+        planes.join_native(lib, held["mat"], m, k, out.view(torch.int16), _threads(m * k))
+        return out
+    lut = held["lut_hi"].long()
+    bits = (lut[:64] | (lut[64:] << 8))[_codes(sk, k)] | _codes(held["rest"], k)
+    rows = torch.repeat_interleave(torch.arange(m, device=sk.device), torch.diff(held["esc_ptr"]))
+    bits[rows, held["esc_col"].long()] = held["esc_bits"].view(torch.int16).long() & 0xFFFF
+    out.view(torch.int16).copy_(bits.to(torch.int16))
+    return out
+
+
+def planes_held(held: dict) -> dict:
+    """A split matrix's held tensors + "mat", the C kernels' struct over them, where those run (CPU)."""
+    from dn import planes
+
+    if held["sketch"].device.type == "cpu" and planes.native() is not None:
+        return held | {"mat": planes.mat(held)}
+    return held
+
+
+_SCRATCH: dict = {}
+
+
+def scratch(rows: int, cols: int) -> torch.Tensor:
+    """One bf16 [rows, cols] buffer per shape for the whole process: a split layer's weights decode into it in
+    turn (CPU: the split layers run there)."""
+    key = (rows, cols)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = torch.empty(rows, cols, dtype=torch.bfloat16)
+    return _SCRATCH[key]
+
+
+def stack(arrays: list, axis: int) -> torch.Tensor:
+    return torch.stack(arrays, axis)
+
+
+def is_bfloat16(x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16
 
 
 def planes_native(x: torch.Tensor) -> bool:

@@ -40,9 +40,9 @@ def _weights(mlp):
     """(bundled, None) for a dense MLP or a bundled tensor; (None, projections) for other formats."""
     if isinstance(mlp, torch.Tensor):
         return mlp.contiguous(), None
-    if isinstance(mlp, SparseMLP):
-        return (mlp.bundled, None) if mlp.bundled is not None else (None, (mlp.gate_proj, mlp.up_proj,
-                                                                            mlp.down_proj))
+    if isinstance(mlp, SparseMLP):  # a split layer's bundle is decoded (its next spec splits it again)
+        return (mlp.bundle(), None) if mlp.bundled is not None or mlp.split is not None else (
+            None, (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     proj = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if all(type(p) is nn.Linear for p in proj):
         b = getattr(mlp, "dn_bundled", None)  # laid out by the loader: the weights are its views (lay_out_bundled)
@@ -74,8 +74,8 @@ def _np(t: torch.Tensor) -> np.ndarray:
 def mlp_weights(model, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Layer i's (gate [n, d], up [n, d], down [d, n]) as float32 numpy (dense or bundled layers)."""
     mlp = model.model.layers[i].mlp
-    if isinstance(mlp, SparseMLP) and mlp.bundled is not None:
-        b = _np(mlp.bundled)
+    if isinstance(mlp, SparseMLP) and (mlp.bundled is not None or mlp.split is not None):
+        b = _np(mlp.bundle())
         return b[:, 0], b[:, 1], b[:, 2].T.copy()
     return _np(mlp.gate_proj.weight), _np(mlp.up_proj.weight), _np(mlp.down_proj.weight)
 

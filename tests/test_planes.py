@@ -127,3 +127,32 @@ def test_kernel_threads_and_join(lib):
     with pytest.raises(ValueError, match="1-4 tokens"):
         planes.step_native(lib, np.zeros((5, d), np.uint16), structs, thresh, c, np.zeros((5, d), np.float32),
                            np.zeros((5, n), np.uint8), 0, True, True)
+
+
+@pytest.mark.parametrize("prior", ["sketch", "none"])
+def test_split_layer_holds_what_the_accounting_says(backend_name, prior):
+    """At bf16 a router-"planes" layer holds its MLP as split planes, no bundle: its arrays add up to
+    dn.store.sparse_side + split_mlp_bytes' rest (+ the escapes, which accounting leaves out)."""
+    from dn import backend as backends
+    from dn import sparse_mlp, store
+
+    rng = np.random.default_rng(3)
+    n, d = 256, 128
+    g, u, dn = (_bf16(rng, s) for s in ((n, d), (n, d), (d, n)))
+    x = _bf16(rng, (64, d), 1.0)
+    layer = sparse.fit_layer(x, g, u, dn, n // 2, 16, prior, "planes", "threshold")
+    mlp = backends.get(backend_name).make_sparse_mlp(sparse.bundle(g, u, dn), layer, "bfloat16")
+    assert mlp.bundled is None and mlp.split is not None
+    if hasattr(mlp, "buffers"):
+        held = sum(t.nbytes for t in mlp.buffers())
+    else:
+        from mlx.utils import tree_flatten
+
+        held = sum(v.nbytes for _, v in tree_flatten(mlp.parameters()))
+    section = {"hidden": d, "intermediate": n, "router": "planes", "prior": prior, "select": "threshold"}
+    escapes = sum(int(m["esc_col"].shape[0]) for m in mlp.split) * 6
+    assert held == store.sparse_side(section, 2)["held"] + store.split_mlp_bytes(section)["rest"] + escapes
+    # and it computes what the bundle would: the decoded weights are the bf16 ones
+    b = sparse_mlp.step(x[:3], mlp, "masked")
+    want = sparse.sparse_mlp_step(x[:3], sparse.bundle(g, u, dn), layer, sparse_mlp.route(x[:3], mlp))
+    np.testing.assert_allclose(b, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())

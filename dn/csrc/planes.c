@@ -279,7 +279,21 @@ void dn_planes_join(const mat_t *m, int64_t rows, int64_t k, uint16_t *out, int 
     for (int64_t j = 0; j < rows; j++) {
         const uint8_t *sk = m->sketch + j * (3 * k / 4), *rest = m->rest + j * (3 * k / 4);
         uint16_t *o = out + j * k;
-        for (int64_t i = 0; i < k; i++) o[i] = exact_bits(m, sk, rest, i);
+        int64_t i = 0;
+#ifdef FAST
+        /* natural position n of a block comes from held position pos(n): words 0-63 across w[0], w[1] */
+        lut_t l = lut(m->lut_hi);
+        int16_t nat[64];
+        for (int q = 0; q < 64; q++) nat[q] = (int16_t)pos(q, 64);  /* per row: cheap beside the row */
+        __m512i nat0 = _mm512_loadu_si512(nat), nat1 = _mm512_loadu_si512(nat + 32);
+        for (; i + 64 <= k; i += 64) {
+            __m512i w[2];
+            words64(sk, rest, i, l, w);
+            _mm512_storeu_si512(o + i, _mm512_permutex2var_epi16(w[0], nat0, w[1]));
+            _mm512_storeu_si512(o + i + 32, _mm512_permutex2var_epi16(w[0], nat1, w[1]));
+        }
+#endif
+        for (; i < k; i++) o[i] = exact_bits(m, sk, rest, i);
         for (int64_t e = m->esc_ptr[j]; e < m->esc_ptr[j + 1]; e++) o[m->esc_col[e]] = m->esc_bits[e];
     }
 }
