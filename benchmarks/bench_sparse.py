@@ -143,7 +143,7 @@ def bench(d: int, n: int, dtype: str, keeps: list[float], reps: int, dev: str, s
                 for mlp in by_planes.values():
                     mlp.thresh.fill_(float(np.nextafter(np.float32(cut), np.float32(-1))))
                 fns |= {"planes-router": lambda m=by_planes["none"]: m.ops.planes_step(
-                            x, m._mats(), never, m.split.c32, m.prior_y0, "silu", False),
+                            x, m._mats(), never, m.planes.c32, m.prior_y0, "silu", False),
                         "planes": lambda: by_planes["none"](x), "planes-sketch": lambda: by_planes["sketch"](x)}
             fns = {p: fn for p, fn in fns.items()  # the routers' work does not depend on keep
                    if p not in skip and not ("router" in p and keep != keeps[0])}

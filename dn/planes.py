@@ -177,9 +177,12 @@ def stacked_values(sketch: np.ndarray, metas: np.ndarray, k: int) -> np.ndarray:
 FIELDS = ("sketch", "rest", "esc_ptr", "esc_col", "esc_bits", "lut_w", "lut_hi")
 
 
-def arrays(sketch: np.ndarray, meta: np.ndarray, rest: Rest) -> dict[str, np.ndarray]:
-    """One matrix's arrays by FIELDS name (numpy; a backend moves them into its own arrays)."""
+def arrays(sketch: np.ndarray, meta: np.ndarray, rest: Rest | None = None) -> dict[str, np.ndarray]:
+    """One matrix's arrays by FIELDS name (numpy; a backend moves them into its own arrays). Without its rest: the
+    sketch alone (routing, the sketch prior), the rest fields empty (the kernels' sketch passes never read them)."""
     lut_w, lut_hi = (np.concatenate([t.view(np.uint8)[0::2], t.view(np.uint8)[1::2]]) for t in luts(meta))
+    if rest is None:
+        rest = Rest(np.zeros((0, 0), np.uint8), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.uint16))
     return {"sketch": np.ascontiguousarray(sketch), "rest": rest.planes, "esc_ptr": rest.esc_ptr,
             "esc_col": rest.esc_col, "esc_bits": rest.esc_bits, "lut_w": lut_w, "lut_hi": lut_hi}
 
@@ -195,8 +198,12 @@ def native():
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.dn_planes_step.argtypes = [p, i64, i64, i64, p, p, p, p, p, i32, i32, p, p, i32, i32]
         lib.dn_planes_step.restype = i32
-        lib.dn_planes_join.argtypes = [p, i64, i64, p, i32]
+        lib.dn_planes_join.argtypes = [p, i64, i64, p, i32, i32]
         lib.dn_planes_join.restype = None
+        lib.dn_planes_estimate.argtypes = [p, i64, i64, i64, p, p, i32, p, i32]
+        lib.dn_planes_estimate.restype = i32
+        lib.dn_planes_sketch.argtypes = [p, i64, i64, i64, p, p, i32]
+        lib.dn_planes_sketch.restype = i32
         lib.dn_ready = True
     return lib
 
@@ -230,13 +237,36 @@ def step_native(lib, x_bits, mats: tuple, thresh, c, y, mask, act: int, sketch: 
         raise ValueError(f"the split-planes step takes 1-4 tokens, got {t}")
 
 
-def join_native(lib, m, rows: int, k: int, out, threads: int = 1) -> None:
-    """A matrix's exact bf16 bits into out (uint16 [rows, k], any contiguous CPU memory)."""
+def join_native(lib, m, rows: int, k: int, out, threads: int = 1, exact: bool = True) -> None:
+    """A matrix's exact bf16 bits (exact False: its sketch's w^) into out (uint16 [rows, k], contiguous CPU memory)."""
     import ctypes
 
     from dn.native import ptr
 
-    lib.dn_planes_join(ctypes.byref(m), rows, k, ptr(out), threads)
+    lib.dn_planes_join(ctypes.byref(m), rows, k, ptr(out), int(exact), threads)
+
+
+def estimate_native(lib, x_bits, gate, up, act: int, est, threads: int = 1) -> None:
+    """The router alone in C: est float32 [T <= 4, n] = act(g^) u^ from the gate and up structs (mat())."""
+    import ctypes
+
+    from dn.native import ptr
+
+    t, d = x_bits.shape
+    if lib.dn_planes_estimate(ptr(x_bits), t, est.shape[1], d, ctypes.byref(gate), ctypes.byref(up), act, ptr(est),
+                              threads):
+        raise ValueError(f"the split-planes router takes 1-4 tokens, got {t}")
+
+
+def sketch_native(lib, h, down, y, threads: int = 1) -> None:
+    """The sketch prior alone in C: y float32 [T <= 4, d] += h [T, n] @ down~ (h = 0 skips a neuron)."""
+    import ctypes
+
+    from dn.native import ptr
+
+    t, n = h.shape
+    if lib.dn_planes_sketch(ptr(h), t, n, y.shape[1], ctypes.byref(down), ptr(y), threads):
+        raise ValueError(f"the split-planes sketch takes 1-4 tokens, got {t}")
 
 
 def step(x: np.ndarray, gate: tuple, up: tuple, down: tuple, thresh: np.ndarray, c: np.ndarray, y0: np.ndarray,

@@ -454,8 +454,7 @@ class ResidentMLP:
             gate = R.from_numpy(np.where(m[:, cols], 1.0, 0.0).astype(np.float32), x)
             y = y + R.down(part, (R.acts(part, x) - R.from_numpy(self._c[cols], x)) * gate)
         if s.sketch:
-            o = s.ops
-            y = y + o.cast(o.int4_matmul(o.zero_where(est, keep), s.sketch_q), y)
+            y = y + s.ops.cast(s.sketch_term(x, keep, est), y)
         return y
 
 

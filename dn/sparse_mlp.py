@@ -36,7 +36,6 @@ class SparseMLP:
         self.tape, self.replay = None, None   # see tape_routes
         like = bundled if bundled is not None else o.weight_like(proj[0]) if proj is not None else like
         # router "planes" on bf16 weights: the weights are held as their split planes (12 bits), not the bundle
-        self.split = None
         split_bits = o.bits16(bundled) if layer.router == "planes" and bundled is not None and o.is_bfloat16(
             bundled) else None
         if split_bits is not None:
@@ -52,8 +51,6 @@ class SparseMLP:
             self.router_q = o.int4_linear(layer.router_a, layer.router_b, like)
         elif layer.router == "planes":  # the gate and up weights' own sketches (dn/planes.py), [2n, 3d/4]
             o.hold(self, "router_a", o.from_numpy(layer.router_a, like))
-            o.hold(self, "router_lut", o.from_numpy(np.stack([_lut(m) for m in layer.router_b]), like))
-            self.router_meta = np.asarray(layer.router_b, np.float32)
         else:
             o.hold(self, "router_a", o.from_numpy(np.asarray(layer.router_a, np.float32), like))
             o.hold(self, "router_b", o.from_numpy(np.asarray(layer.router_b, np.float32), like))
@@ -64,41 +61,44 @@ class SparseMLP:
         self.sketch = layer.prior_a is not None
         if self.sketch and layer.router == "planes":  # the down matrix's own sketch, one row per neuron
             o.hold(self, "sketch_a", o.from_numpy(layer.prior_a, like))
-            o.hold(self, "sketch_lut", o.from_numpy(_lut(layer.prior_b[0]), like))
-            self.sketch_meta = np.asarray(layer.prior_b[0], np.float32)
         elif self.sketch:  # int4 down matrix [d, n], in the router's format
             self.sketch_q = o.int4_linear(layer.prior_a, layer.prior_b, like)
-        if split_bits is not None:
-            self._hold_split(split_bits, layer, like)
+        self.split, self.planes = split_bits is not None, None
+        if layer.router == "planes":
+            self._hold_planes(layer, like, split_bits)
 
-    def _hold_split(self, bits, layer, like) -> None:
-        """Hold the layer's gate, up and down (its columns as rows) as split planes (dn/planes.py): the sketches
-        the spec holds for routing, and the rests of the bundled bf16 bits [n, 3, d], checked to be the weights
-        the sketches were split from. self.split: per matrix, the arrays by dn.planes.FIELDS name (+ "mat", the C
-        kernels' struct, where they run)."""
+    def _hold_planes(self, layer, like, bits) -> None:
+        """Router "planes": self.planes holds per matrix (gate, up, down's columns as rows) its arrays by
+        dn.planes.FIELDS name, and "mat", the C kernels' struct, where those run. The sketches are the spec's (the
+        down's: with the sketch prior); with bits (the bundled bf16 weights [n, 3, d]) the rests too, checked to
+        complete the spec's sketches into these very weights: the layer is then held split, with no bundle."""
         from dn import planes
 
         o, n = self.ops, self.n
         sks = [layer.router_a[:n], layer.router_a[n:], layer.prior_a if self.sketch else None]
         metas = [layer.router_b[0], layer.router_b[1], layer.prior_b[0] if self.sketch else None]
         views = [self.router_a[:n], self.router_a[n:], self.sketch_a if self.sketch else None]  # held already
-        split = []
+        mats = []
         for i, (sk, meta) in enumerate(zip(sks, metas)):
-            w = np.ascontiguousarray(bits[:, i])
-            if sk is None:  # no sketch prior: the down rows are split here, for the kept ones' exact weights
-                sk, meta, rest = planes.split(w)
-            else:
-                rest = planes.rest_of(w, np.asarray(sk), np.asarray(meta, np.float32))
+            rest = None
+            if bits is not None:
+                w = np.ascontiguousarray(bits[:, i])
+                if sk is None:  # no sketch prior: the down rows are split here, for the kept ones' exact weights
+                    sk, meta, rest = planes.split(w)
+                else:
+                    rest = planes.rest_of(w, np.asarray(sk), np.asarray(meta, np.float32))
+            if sk is None:
+                mats.append(None)
+                continue
             held = {}
             for name, a in planes.arrays(sk, np.asarray(meta, np.float32), rest).items():
                 if name == "sketch" and views[i] is not None:
                     held[name] = views[i]
                     continue
-                o.hold(self, f"split{i}_{name}", o.from_numpy(a, like))
-                held[name] = getattr(self, f"split{i}_{name}")
-            split.append(o.planes_held(held))
-        self.split = _Split(split)
-        self.split.c32 = o.float32(self.prior_c)  # the C kernel takes c in float32
+                o.hold(self, f"planes{i}_{name}", o.from_numpy(a, like))
+                held[name] = getattr(self, f"planes{i}_{name}")
+            mats.append(o.planes_held(held))
+        self.planes = _Planes(mats, o.float32(self.prior_c))  # the C kernels take c in float32
 
     # ---- routing ----------------------------------------------------------------------------------
 
@@ -110,9 +110,11 @@ class SparseMLP:
         if self.router == "int4":
             p = o.int4_matmul(x, self.router_q)
         elif self.router == "planes":
-            n, d, xf = self.n, x.shape[-1], o.float32(x)
-            return o.act(self.act, xf @ o.planes_values(self.router_a[:n], self.router_lut[0], d).T) * (
-                xf @ o.planes_values(self.router_a[n:], self.router_lut[1], d).T)
+            if self._native_planes(x):
+                return o.planes_estimate(x, self.planes[0], self.planes[1], self.act)
+            xf = o.float32(x)  # one matrix's w^ decoded at a time: the scratch is shared
+            g = xf @ o.float32(self._decode(0, exact=False)).T
+            return o.act(self.act, g) * (xf @ o.float32(self._decode(1, exact=False)).T)
         else:
             p = (o.float32(x) @ self.router_a) @ self.router_b
         return o.act(self.act, p[:, :self.n]) * p[:, self.n:]
@@ -136,7 +138,7 @@ class SparseMLP:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self._planes_fused(x2):  # routing, kept neurons and prior in one C pass
-            y, _ = self.ops.planes_step(x2, self._mats(), self.thresh, self.split.c32, self.prior_y0, self.act,
+            y, _ = self.ops.planes_step(x2, self._mats(), self.thresh, self.planes.c32, self.prior_y0, self.act,
                                         self.sketch)
             return y.reshape(shape)
         est = self.estimate(x2)                                  # [T, n]: routes, and feeds the sketch prior
@@ -152,44 +154,53 @@ class SparseMLP:
     def step(self, x, mask, est=None):
         """x [T, d], mask bool [T, n] -> y [T, d]: kept neurons exactly, skipped ones by the prior."""
         o = self.ops
-        if (self.path == "native" and self._mats() is not None and self.select == "threshold"
-                and x.shape[0] <= NATIVE_TOKENS and o.planes_native(x)):  # a given selection, replayed
-            return self.ops.planes_step(x, self._mats(), self.thresh, self.split.c32, self.prior_y0, self.act,
-                                        self.sketch, mask)[0]
+        if self.split and self.path == "native" and self.select == "threshold" and self._native_planes(x):
+            return o.planes_step(x, self._mats(), self.thresh, self.planes.c32, self.prior_y0, self.act,
+                                 self.sketch, mask)[0]  # a given selection, replayed
         y = self._kept(x, mask)
         if self.sketch:
-            est = self.estimate(x) if est is None else est
-            if self.router == "planes":
-                w = o.planes_values(self.sketch_a, self.sketch_lut, x.shape[-1])
-                return y + o.cast(o.zero_where(est, mask) @ w, y)
-            y = y + o.cast(o.int4_matmul(o.zero_where(est, mask), self.sketch_q), y)
+            y = y + o.cast(self.sketch_term(x, mask, est), y)
         return y
+
+    def sketch_term(self, x, mask, est=None):
+        """The sketch prior's answer for the skipped neurons, [T, d] float32: est^ (the router's estimate where
+        mask is False) times the down matrix's sketch."""
+        o = self.ops
+        h = o.zero_where(self.estimate(x) if est is None else est, mask)
+        if self.router != "planes":
+            return o.int4_matmul(h, self.sketch_q)
+        if self._native_planes(x):
+            return o.planes_sketch(h, self.planes[2])
+        return h @ o.float32(self._decode(2, exact=False))
 
     # ---- split planes: the C kernel routes and reads the kept neurons' rest in one pass -------------------------
 
+    def _native_planes(self, x) -> bool:
+        """The planes C kernels take these tokens: a few, bf16, on CPU, the kernels built."""
+        return (self.planes is not None and "mat" in self.planes[0] and x.shape[0] <= NATIVE_TOKENS
+                and self.ops.planes_native(x))
+
     def _planes_fused(self, x) -> bool:
-        return (self.select == "threshold" and self._mats() is not None and self.tape is None and not self.oracle
-                and self.path in ("auto", "native") and x.shape[0] <= NATIVE_TOKENS and self.ops.planes_native(x))
+        return (self.split and self.select == "threshold" and self.tape is None and not self.oracle
+                and self.path in ("auto", "native") and self._native_planes(x))
 
     def _mats(self):
-        """The C kernels' (gate, up, down) structs over the split planes, or None."""
-        if self.split is None or "mat" not in self.split[0]:
-            return None
-        return tuple(m["mat"] for m in self.split)
+        """The C kernels' (gate, up, down) structs."""
+        return tuple(m["mat"] for m in self.planes)
 
-    def _dense(self, i: int):
-        """Matrix i (gate, up, down's columns as rows) of a split layer as bf16 [n, d], decoded into the backend's
-        shared scratch: valid until the next decode."""
-        return self.ops.planes_join(self.split[i], self.split[i]["sketch"].shape[1] * 4 // 3,
-                                    self.ops.scratch(self.split[i]["sketch"].shape[0],
-                                                     self.split[i]["sketch"].shape[1] * 4 // 3))
+    def _decode(self, i: int, exact: bool = True):
+        """Matrix i (gate, up, down's columns as rows) as bf16 [n, d], its exact weights (split layers) or its
+        sketch's w^, decoded into the backend's shared scratch: valid until the next decode."""
+        m = self.planes[i]
+        rows, d = m["sketch"].shape[0], m["sketch"].shape[1] * 4 // 3
+        return self.ops.planes_decode(m, d, self.ops.scratch(rows, d), exact)
 
     def bundle(self):
         """The layer's bundled weights [n, 3, d]: the held bundle, or a split layer's decoded (a new array)."""
-        if self.split is None:
+        if not self.split:
             return self.bundled
-        d = self.split[0]["sketch"].shape[1] * 4 // 3
-        return self.ops.stack([self.ops.planes_join(m, d) for m in self.split], 1)
+        d = self.planes[0]["sketch"].shape[1] * 4 // 3
+        return self.ops.stack([self.ops.planes_decode(m, d) for m in self.planes], 1)
 
     def _kept(self, x, mask):
         o = self.ops
@@ -221,16 +232,16 @@ class SparseMLP:
         """Every neuron's gate and up pre-activations, [T, n] each."""
         if self.bundled is not None:
             return x @ self.bundled[:, 0].T, x @ self.bundled[:, 1].T
-        if self.split is not None:  # one matrix decoded at a time (the scratch is shared)
-            g = x @ self._dense(0).T
-            return g, x @ self._dense(1).T
+        if self.split:  # one matrix decoded at a time (the scratch is shared)
+            g = x @ self._decode(0).T
+            return g, x @ self._decode(1).T
         return self.gate_proj(x), self.up_proj(x)
 
     def _masked(self, x, mask):
         g, u = self._project(x)
         h = self.ops.act(self.act, g) * u - self.prior_c
         h = h * self.ops.cast(mask, h)
-        down = (h @ self.bundled[:, 2] if self.bundled is not None else h @ self._dense(2) if self.split is not None
+        down = (h @ self.bundled[:, 2] if self.bundled is not None else h @ self._decode(2) if self.split
                 else self.down_proj(h))
         return down + self.prior_y0
 
@@ -240,36 +251,29 @@ class SparseMLP:
         if self.bundled is not None:
             w = o.take_rows(self.bundled, idx)                    # [T, k, 3, d]
             wg, wu, wd = w[:, :, 0], w[:, :, 1], w[:, :, 2]
-        elif self.split is not None:                              # rows copied out of each decode in turn
-            wg, wu, wd = (o.take_rows(self._dense(i), idx) for i in range(3))
+        elif self.split:                                          # rows copied out of each decode in turn
+            wg, wu, wd = (o.take_rows(self._decode(i), idx) for i in range(3))
         else:
             wg, wu = (o.rows(p, idx.reshape(-1)).reshape(t, k, -1) for p in (self.gate_proj, self.up_proj))
         h = o.act(self.act, o.rowdot(wg, x)) * o.rowdot(wu, x) - o.take(self.prior_c, idx)
-        if self.bundled is not None or self.split is not None:
+        if self.bundled is not None or self.split:
             return o.rowsum(h, wd) + self.prior_y0
         # stored down is [d, n] in its own format: run it on the kept activations scattered back to [T, n]
         return self.down_proj(o.scatter(h, idx, self.n)) + self.prior_y0
 
 
-class _Split:
-    """A split layer's matrices (views of what the layer holds), in an object a framework does not take for more
-    parameters to list."""
+class _Planes:
+    """A router-"planes" layer's matrices (views of what the layer holds), in an object a framework does not take
+    for more parameters to list; c32: the prior's c in float32."""
 
-    def __init__(self, mats: list):
-        self.mats, self.c32 = mats, None
+    def __init__(self, mats: list, c32):
+        self.mats, self.c32 = mats, c32
 
     def __getitem__(self, i):
         return self.mats[i]
 
     def __iter__(self):
         return iter(self.mats)
-
-
-def _lut(meta) -> np.ndarray:
-    """A split-planes meta -> the router's 64 w^ values, float32."""
-    from dn import planes
-
-    return planes.to_float32(planes.luts(np.asarray(meta, np.float32))[0])
 
 
 # ---- policy on a whole model: install, tape/replay, numpy entry points ---------------------------------

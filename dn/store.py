@@ -83,9 +83,13 @@ def split_mlp_bytes(section: dict) -> dict[str, int]:
     weights) instead of `dense_mlp` (the bf16 weights), and once `scratch`: one bf16 matrix the plain paths
     (prefill) decode each into in turn."""
     d, n = section["hidden"], section["intermediate"]
-    plane = n * 3 * d // 4
-    rest = 3 * (plane + 8 * (n + 1) + 256) + (plane if section.get("prior") != "sketch" else 0)
+    rest = 3 * (n * 3 * d // 4 + 8 * n) + (_planes_sketch(n, d) if section.get("prior") != "sketch" else 0)
     return {"rest": rest, "dense_mlp": 3 * n * d * 2, "scratch": n * d * 2}
+
+
+def _planes_sketch(n: int, d: int) -> int:
+    """A matrix [n, d]'s split-plane sketch as held: 6 bits a weight, its two 128-byte tables, a row offset."""
+    return n * 3 * d // 4 + 256 + 8
 
 
 def entry_bytes(e: Entry, dtype_bytes: int) -> int:
@@ -107,9 +111,9 @@ def sparse_side(section: dict, dtype_bytes: int) -> dict[str, int]:
     kind = section.get("prior")
     int4 = {"int4": 2 * n, "int4gate": n}.get(section["router"])  # rows of the packed router
     split = section["router"] == "planes"  # split-plane sketches: 6 bits a weight, + the router's 64 values
-    router = (_int4(int4, d, dtype_bytes) if int4 else 2 * (n * 3 * d // 4 + 64 * 4) if split
+    router = (_int4(int4, d, dtype_bytes) if int4 else 2 * _planes_sketch(n, d) if split
               else (d * r + r * 2 * n) * 4)
-    sketch = n * 3 * d // 4 + 64 * 4 if split else _int4(d, n, dtype_bytes)
+    sketch = _planes_sketch(n, d) if split else _int4(d, n, dtype_bytes)
     out = {"router": router,
            "thresh": 4 * n if section.get("select", "topk") == "threshold" else 0,
            "prior": {"median": (n + d) * dtype_bytes, "sketch": sketch}.get(kind, 0),

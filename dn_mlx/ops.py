@@ -130,22 +130,28 @@ def _codes(plane: mx.array, k: int) -> mx.array:
     return ((g >> mx.arange(0, 48, 6, dtype=mx.uint64)) & 63).reshape(m, k).astype(mx.uint32)
 
 
-def planes_values(sketch: mx.array, lut: mx.array, k: int) -> mx.array:
-    """Split-plane sketches uint8 [m, 3k/4] -> the router's w^ [m, k] float32 (lut: dn.planes.luts' values, [64])."""
-    return mx.take(lut, _codes(sketch, k))
-
-
-def planes_join(held: dict, k: int, out=None) -> mx.array:
-    """A split matrix's exact bf16 weights [m, k] (held: dn.planes.FIELDS arrays); out is torch's scratch, unused."""
+def planes_decode(held: dict, k: int, out=None, exact: bool = True) -> mx.array:
+    """A router-planes matrix (held: dn.planes.FIELDS arrays) as bf16 [m, k], its exact weights or (exact False) its
+    sketch's w^; out (torch's scratch) unused."""
     sk = held["sketch"]
     m = sk.shape[0]
-    lut = held["lut_hi"].astype(mx.uint32)
-    bits = mx.take(lut[:64] | (lut[64:] << 8), _codes(sk, k)) | _codes(held["rest"], k)
-    ptr = np.array(held["esc_ptr"])
-    if ptr[-1]:
-        rows = mx.array(np.repeat(np.arange(m), np.diff(ptr)))
-        bits[rows, held["esc_col"]] = held["esc_bits"].astype(mx.uint32)
+    lut = held["lut_hi" if exact else "lut_w"].astype(mx.uint32)
+    bits = mx.take(lut[:64] | (lut[64:] << 8), _codes(sk, k))
+    if exact:
+        bits = bits | _codes(held["rest"], k)
+        ptr = np.array(held["esc_ptr"])
+        if ptr[-1]:
+            rows = mx.array(np.repeat(np.arange(m), np.diff(ptr)))
+            bits[rows, held["esc_col"]] = held["esc_bits"].astype(mx.uint32)
     return bits.astype(mx.uint16).view(mx.bfloat16)
+
+
+def planes_estimate(x, gate, up, name):
+    raise NotImplementedError("the split-planes C kernels run on torch's CPU tensors (planes_native is False)")
+
+
+def planes_sketch(h, down):
+    raise NotImplementedError("the split-planes C kernels run on torch's CPU tensors (planes_native is False)")
 
 
 def planes_held(held: dict) -> dict:
@@ -167,7 +173,7 @@ def is_bfloat16(x: mx.array) -> bool:
 
 
 def planes_native(x: mx.array) -> bool:
-    """dn/csrc/planes.c takes host pointers; MLX runs its plain path (planes_values)."""
+    """dn/csrc/planes.c takes host pointers; MLX runs its plain path (planes_decode)."""
     return False
 
 

@@ -133,29 +133,44 @@ def _codes(plane: torch.Tensor, k: int) -> torch.Tensor:
     return ((g >> torch.arange(0, 48, 6, device=plane.device)) & 63).reshape(m, k)
 
 
-def planes_values(sketch: torch.Tensor, lut: torch.Tensor, k: int) -> torch.Tensor:
-    """Split-plane sketches uint8 [m, 3k/4] -> the router's w^ [m, k] float32 (lut: dn.planes.luts' values, [64])."""
-    return lut[_codes(sketch, k)]
-
-
-def planes_join(held: dict, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """A split matrix's exact bf16 weights [m, k] (held: dn.planes.FIELDS tensors, "mat" their struct) into out
-    (or a new tensor): the C decode where it runs, else in torch."""
+def planes_decode(held: dict, k: int, out: torch.Tensor | None = None, exact: bool = True) -> torch.Tensor:
+    """A router-planes matrix (held: dn.planes.FIELDS tensors, "mat" their C struct) as bf16 [m, k], its exact
+    weights or (exact False) its sketch's w^, into out or a new tensor: the C decode where it runs, else torch."""
     from dn import planes
 
     sk = held["sketch"]
     m = sk.shape[0]
     out = torch.empty(m, k, dtype=torch.bfloat16, device=sk.device) if out is None else out
-    lib = planes.native() if sk.device.type == "cpu" else None
-    if lib is not None:
-        planes.join_native(lib, held["mat"], m, k, out.view(torch.int16), _threads(m * k))
+    if "mat" in held:
+        planes.join_native(planes.native(), held["mat"], m, k, out.view(torch.int16), _threads(m * k), exact)
         return out
-    lut = held["lut_hi"].long()
-    bits = (lut[:64] | (lut[64:] << 8))[_codes(sk, k)] | _codes(held["rest"], k)
-    rows = torch.repeat_interleave(torch.arange(m, device=sk.device), torch.diff(held["esc_ptr"]))
-    bits[rows, held["esc_col"].long()] = held["esc_bits"].view(torch.int16).long() & 0xFFFF
+    lut = held["lut_hi" if exact else "lut_w"].long()
+    bits = (lut[:64] | (lut[64:] << 8))[_codes(sk, k)]
+    if exact:
+        bits |= _codes(held["rest"], k)
+        rows = torch.repeat_interleave(torch.arange(m, device=sk.device), torch.diff(held["esc_ptr"]))
+        bits[rows, held["esc_col"].long()] = held["esc_bits"].view(torch.int16).long() & 0xFFFF
     out.view(torch.int16).copy_(bits.to(torch.int16))
     return out
+
+
+def planes_estimate(x: torch.Tensor, gate: dict, up: dict, name: str) -> torch.Tensor:
+    """x bf16 [T <= 4, d] -> the router's act(g^) * u^ [T, n] float32 through dn/csrc/planes.c."""
+    from dn import planes
+
+    est = torch.empty(x.shape[0], gate["sketch"].shape[0], dtype=torch.float32)
+    planes.estimate_native(planes.native(), x.contiguous().view(torch.int16), gate["mat"], up["mat"], _ACTS[name],
+                           est, _threads(x.shape[0] * 2 * gate["sketch"].numel()))
+    return est
+
+
+def planes_sketch(h: torch.Tensor, down: dict) -> torch.Tensor:
+    """h float32 [T <= 4, n] -> h @ the down matrix's sketch, [T, d] float32, through dn/csrc/planes.c."""
+    from dn import planes
+
+    y = torch.zeros(h.shape[0], down["sketch"].shape[1] * 4 // 3, dtype=torch.float32)
+    planes.sketch_native(planes.native(), h.float().contiguous(), down["mat"], y, _threads(down["sketch"].numel()))
+    return y
 
 
 def planes_held(held: dict) -> dict:
@@ -188,7 +203,7 @@ def is_bfloat16(x: torch.Tensor) -> bool:
 
 
 def planes_native(x: torch.Tensor) -> bool:
-    """The split-planes C kernel runs here: CPU, bf16, a compiler (dn.native)."""
+    """The split-planes C kernels take these tokens: CPU, bf16, a compiler (dn.native)."""
     from dn import planes
 
     return x.device.type == "cpu" and x.dtype == torch.bfloat16 and planes.native() is not None

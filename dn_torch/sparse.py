@@ -41,7 +41,7 @@ def _weights(mlp):
     if isinstance(mlp, torch.Tensor):
         return mlp.contiguous(), None
     if isinstance(mlp, SparseMLP):  # a split layer's bundle is decoded (its next spec splits it again)
-        return (mlp.bundle(), None) if mlp.bundled is not None or mlp.split is not None else (
+        return (mlp.bundle(), None) if mlp.bundled is not None or mlp.split else (
             None, (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     proj = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if all(type(p) is nn.Linear for p in proj):
@@ -74,7 +74,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 def mlp_weights(model, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Layer i's (gate [n, d], up [n, d], down [d, n]) as float32 numpy (dense or bundled layers)."""
     mlp = model.model.layers[i].mlp
-    if isinstance(mlp, SparseMLP) and (mlp.bundled is not None or mlp.split is not None):
+    if isinstance(mlp, SparseMLP) and (mlp.bundled is not None or mlp.split):
         b = _np(mlp.bundle())
         return b[:, 0], b[:, 1], b[:, 2].T.copy()
     return _np(mlp.gate_proj.weight), _np(mlp.up_proj.weight), _np(mlp.down_proj.weight)

@@ -142,7 +142,7 @@ def test_split_layer_holds_what_the_accounting_says(backend_name, prior):
     x = _bf16(rng, (64, d), 1.0)
     layer = sparse.fit_layer(x, g, u, dn, n // 2, 16, prior, "planes", "threshold")
     mlp = backends.get(backend_name).make_sparse_mlp(sparse.bundle(g, u, dn), layer, "bfloat16")
-    assert mlp.bundled is None and mlp.split is not None
+    assert mlp.bundled is None and mlp.split
     if hasattr(mlp, "buffers"):
         held = sum(t.nbytes for t in mlp.buffers())
     else:
@@ -150,7 +150,7 @@ def test_split_layer_holds_what_the_accounting_says(backend_name, prior):
 
         held = sum(v.nbytes for _, v in tree_flatten(mlp.parameters()))
     section = {"hidden": d, "intermediate": n, "router": "planes", "prior": prior, "select": "threshold"}
-    escapes = sum(int(m["esc_col"].shape[0]) for m in mlp.split) * 6
+    escapes = sum(int(m["esc_col"].shape[0]) for m in mlp.planes) * 6
     assert held == store.sparse_side(section, 2)["held"] + store.split_mlp_bytes(section)["rest"] + escapes
     # and it computes what the bundle would: the decoded weights are the bf16 ones
     b = sparse_mlp.step(x[:3], mlp, "masked")

@@ -282,8 +282,8 @@ def _native_paths(mlp, x) -> dict:
     """The C kernel (dn/csrc/sparse.c, torch on CPU) where it runs: all tokens at once (each bundle read once for
     the tokens keeping it) and one token per step, as decoding calls it; on a split layer (router planes, bf16)
     dn/csrc/planes.c, 4 tokens and one at a time. Empty elsewhere (MLX, DN_NATIVE=0)."""
-    if mlp.split is not None:
-        if mlp._mats() is None or mlp.select != "threshold":
+    if mlp.split:
+        if "mat" not in mlp.planes[0] or mlp.select != "threshold":
             return {}
         return {"planes-4": np.concatenate([sparse_mlp.step(x[t:t + 4], mlp, "native") for t in range(0, len(x), 4)]),
                 "planes-1": np.concatenate([sparse_mlp.step(x[t:t + 1], mlp, "native") for t in range(len(x))])}

@@ -273,16 +273,16 @@ int dn_planes_step(const uint16_t *x, int64_t T, int64_t n, int64_t d, const mat
     return 0;
 }
 
-/* A matrix's exact bf16 bits [m, k] in natural order (prefill, plain paths). */
-void dn_planes_join(const mat_t *m, int64_t rows, int64_t k, uint16_t *out, int threads) {
+/* A matrix's exact bf16 bits [m, k] in natural order, or (exact = 0) its sketch's w^ (prefill, plain paths). */
+void dn_planes_join(const mat_t *m, int64_t rows, int64_t k, uint16_t *out, int exact, int threads) {
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
     for (int64_t j = 0; j < rows; j++) {
-        const uint8_t *sk = m->sketch + j * (3 * k / 4), *rest = m->rest + j * (3 * k / 4);
+        const uint8_t *sk = m->sketch + j * (3 * k / 4), *rest = exact ? m->rest + j * (3 * k / 4) : NULL;
         uint16_t *o = out + j * k;
         int64_t i = 0;
 #ifdef FAST
         /* natural position n of a block comes from held position pos(n): words 0-63 across w[0], w[1] */
-        lut_t l = lut(m->lut_hi);
+        lut_t l = lut(exact ? m->lut_hi : m->lut_w);
         int16_t nat[64];
         for (int q = 0; q < 64; q++) nat[q] = (int16_t)pos(q, 64);  /* per row: cheap beside the row */
         __m512i nat0 = _mm512_loadu_si512(nat), nat1 = _mm512_loadu_si512(nat + 32);
@@ -293,9 +293,61 @@ void dn_planes_join(const mat_t *m, int64_t rows, int64_t k, uint16_t *out, int 
             _mm512_storeu_si512(o + i + 32, _mm512_permutex2var_epi16(w[0], nat1, w[1]));
         }
 #endif
-        for (; i < k; i++) o[i] = exact_bits(m, sk, rest, i);
-        for (int64_t e = m->esc_ptr[j]; e < m->esc_ptr[j + 1]; e++) o[m->esc_col[e]] = m->esc_bits[e];
+        for (; i < k; i++) o[i] = exact ? exact_bits(m, sk, rest, i) : sketch_bits(m, sk, i);
+        if (exact)
+            for (int64_t e = m->esc_ptr[j]; e < m->esc_ptr[j + 1]; e++) o[m->esc_col[e]] = m->esc_bits[e];
     }
+}
+
+/* The router alone: est [T, n] = act(g^) u^ from the gate and up sketches (T <= 4; residency's routers, whose
+ * neurons live elsewhere). Returns -1 for T out of range. */
+int dn_planes_estimate(const uint16_t *x, int64_t T, int64_t n, int64_t d, const mat_t *g, const mat_t *u,
+                       int kind, float *est, int threads) {
+    if (T < 1 || T > MAXT) return -1;
+    uint16_t *xp = malloc((size_t)T * d * sizeof(uint16_t));
+    if (!xp) return -2;
+    for (int64_t i = 0; i < T * d; i++) xp[(i / d) * d + pos(i % d, d)] = x[i];
+    const uint8_t all[MAXT] = {1, 1, 1, 1};
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
+    for (int64_t j = 0; j < n; j++) {
+        float gs[MAXT], us[MAXT];
+        dot(g, j, d, xp, x, T, all, 0, j + 1 < n ? j + 1 : -1, gs);
+        dot(u, j, d, xp, x, T, all, 0, j + 1 < n ? j + 1 : -1, us);
+        for (int64_t t = 0; t < T; t++) est[t * n + j] = act(kind, gs[t]) * us[t];
+    }
+    free(xp);
+    return 0;
+}
+
+/* The sketch prior alone: y [T, d] += sum over neurons j of h[t, j] down~_j, skipping h = 0 (T <= 4). */
+int dn_planes_sketch(const float *h, int64_t T, int64_t n, int64_t d, const mat_t *dn, float *y, int threads) {
+    if (T < 1 || T > MAXT) return -1;
+#ifdef _OPENMP
+    if (threads < 1 || n < 64 * threads) threads = 1;
+#else
+    threads = 1;
+#endif
+    float *acc = calloc((size_t)threads * T * d, sizeof(float));
+    if (!acc) return -2;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        int th = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        int th = 0, nt = 1;
+#endif
+        int64_t j0 = n * th / nt, j1 = n * (th + 1) / nt;
+        for (int64_t j = j0; j < j1; j++) {
+            float hj[MAXT];
+            int any = 0;
+            for (int64_t t = 0; t < T; t++) hj[t] = h[t * n + j], any |= hj[t] != 0;
+            if (any) axpy(dn, j, d, hj, T, 0, j + 1 < j1 ? j + 1 : -1, 0, acc + (size_t)th * T * d);
+        }
+    }
+    for (int t = 0; t < threads; t++)
+        for (int64_t i = 0; i < T * d; i++) y[i] += acc[(size_t)t * T * d + (i / d) * d + slot(i % d, d)];
+    free(acc);
+    return 0;
 }
 
 /* 1 when this build took the AVX-512 VBMI + BF16 path (tests, reports). */
