@@ -38,6 +38,7 @@ import sys
 import tempfile
 from collections import deque
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -434,9 +435,19 @@ def folder_for(config: Config, model_dir: Path, root: Path, calib: Path | None, 
     if config.convert_args() is None:
         return model_dir
     name = config.stored
-    if config.sparsity:  # fitted on the calibration text: keyed by its content and the backend that ran it
-        name += f"-calib{_digest(calib.read_bytes(), calib_backend)}"
+    if config.sparsity:  # fitted on the calibration text: keyed by its content, the backend that ran it, the router
+        name += f"-calib{_digest(calib.read_bytes(), calib_backend, sparse_router(calib_backend))}"
     return root / model_key(model_dir) / name
+
+
+@cache
+def sparse_router(calib_backend: str) -> str:
+    """The router sparse configurations fit: dn convert's default where the calibration runs."""
+    from dn import backend as backends
+    from dn import sparse
+
+    be = backends.resolve(calib_backend)
+    return sparse.default_router(be.NAME, be.device_name())
 
 
 def convert(config: Config, model_dir: Path, out: Path, calib: Path | None, calib_backend: str, env: dict) -> None:
@@ -446,7 +457,7 @@ def convert(config: Config, model_dir: Path, out: Path, calib: Path | None, cali
     cmd = [sys.executable, "-m", "dn.cli", "convert", "--model", str(model_dir), "--out", str(out),
            *config.convert_args()]
     if config.sparsity:
-        cmd += ["--calib-text", str(calib), "--backend", calib_backend]
+        cmd += ["--calib-text", str(calib), "--backend", calib_backend, "--router", sparse_router(calib_backend)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise DnError(f"converting {config.stored}: {_last_line(proc.stderr)}")

@@ -50,7 +50,7 @@ def fit_model(inputs: list[np.ndarray], weights, sparsity: float, prior: str, ra
 
 def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, prior: str | None = None,
               seed: int = 0, backend: str = "auto", rank: int = sparse.DEFAULT_RANK,
-              max_tokens: int = MAX_TOKENS, progress: bool = True, router: str = sparse.DEFAULT_ROUTER,
+              max_tokens: int = MAX_TOKENS, progress: bool = True, router: str | None = None,
               select: str = sparse.DEFAULT_SELECT) -> dict:
     """Fit routers + priors on calib_text (the text itself), write sparse.FILE into out_dir, return the
     `sparse` section for dn_spec.json. Raises DnError before writing anything on bad input."""
@@ -66,7 +66,7 @@ def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, 
     sparse.keep_count(sparsity, n)
     if not calib_text or not calib_text.strip():
         raise DnError("the calibration text is empty")
-    if router not in sparse.ROUTERS:
+    if router is not None and router not in sparse.ROUTERS:
         raise DnError(f"unknown router {router!r} (choose from {', '.join(sparse.ROUTERS)})")
     if select not in sparse.SELECTS:
         raise DnError(f"unknown selection {select!r} (choose from {', '.join(sparse.SELECTS)})")
@@ -76,6 +76,7 @@ def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, 
     tokens = Tokenizer(model_dir, spec.architecture.eos_token_id).encode(calib_text)
     wins = calibration_windows(tokens, seed, max_tokens=max_tokens)
     be = backends.resolve(backend)
+    router = router or sparse.default_router(be.NAME, be.device_name())
     plain = type(spec)(spec.architecture, spec.tensors)   # dense model: no codec/sparse sections
     model = be.load(model_dir, plain, "float32") if spec.codec is None else be.load(model_dir, spec, "float32")
     parts = []

@@ -54,7 +54,9 @@ def setup_arg_parser():
     p.add_argument("--calib-text", default=None, help="calibration text (default: $DN_CALIB_TEXT)")
     p.add_argument("--prior", default=None, choices=sparse.PRIORS,
                    help=f"prior for --sparsity (default {sparse.DEFAULT_PRIOR})")
-    p.add_argument("--router", default=None, choices=["int4", "lowrank"], help="router for --sparsity (default int4)")
+    p.add_argument("--router", default=None, choices=["planes", "int4", "lowrank"],
+                   help="router for --sparsity (default: planes, the weights' own split planes, when fitting "
+                        f"through torch on a CPU; else {sparse.DEFAULT_ROUTER})")
     p.add_argument("--select", default=None, choices=["threshold", "topk"],
                    help="per-token selection for --sparsity: calibrated threshold, varying count (default), "
                         "or a fixed top-k count")

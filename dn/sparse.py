@@ -61,7 +61,7 @@ INT4 = ("int4", "int4gate")  # the routers held as packed int4 sketches
 PRIORS = ("none", "median", "sketch")
 SELECTS = ("threshold", "topk")
 DEFAULT_SELECT = "threshold"
-DEFAULT_ROUTER = "int4"
+DEFAULT_ROUTER = "int4"  # portable: the fused Metal and Triton kernels read bundled weights (default_router)
 DEFAULT_PRIOR = "sketch"
 DEFAULT_RANK = 128
 GROUP = 64          # int4 router: weights per scale
@@ -108,6 +108,13 @@ class SparseSpec:
         """The `sparse` section of dn_spec.json (arrays live in FILE)."""
         d = {k: v for k, v in asdict(self).items() if k != "layers"}
         return d | {"file": FILE, "num_layers": len(self.layers)}
+
+
+def default_router(backend: str, device: str) -> str:
+    """The router a conversion fits when none is asked for: "planes" where its C kernels run (torch on a CPU: the
+    best quality, the fastest step, the MLP held in 12 bits), DEFAULT_ROUTER elsewhere (Apple and CUDA GPUs, whose
+    fused kernels read bundled weights; planes would run there through plain decodes)."""
+    return "planes" if backend == "torch" and device == "cpu" else DEFAULT_ROUTER
 
 
 def keep_count(sparsity: float, n: int) -> int:
