@@ -436,18 +436,18 @@ def folder_for(config: Config, model_dir: Path, root: Path, calib: Path | None, 
         return model_dir
     name = config.stored
     if config.sparsity:  # fitted on the calibration text: keyed by its content, the backend that ran it, the router
-        name += f"-calib{_digest(calib.read_bytes(), calib_backend, sparse_router(calib_backend))}"
+        name += f"-calib{_digest(calib.read_bytes(), calib_backend, sparse_router(calib_backend, config.fmt))}"
     return root / model_key(model_dir) / name
 
 
 @cache
-def sparse_router(calib_backend: str) -> str:
-    """The router sparse configurations fit: dn convert's default where the calibration runs."""
+def sparse_router(calib_backend: str, fmt: str) -> str:
+    """The router a sparse configuration over format fmt fits: dn convert's default where the calibration runs."""
     from dn import backend as backends
     from dn import sparse
 
     be = backends.resolve(calib_backend)
-    return sparse.default_router(be.NAME, be.device_name())
+    return sparse.default_router(be.NAME, be.device_name(), fmt == "dense")
 
 
 def convert(config: Config, model_dir: Path, out: Path, calib: Path | None, calib_backend: str, env: dict) -> None:
@@ -457,7 +457,8 @@ def convert(config: Config, model_dir: Path, out: Path, calib: Path | None, cali
     cmd = [sys.executable, "-m", "dn.cli", "convert", "--model", str(model_dir), "--out", str(out),
            *config.convert_args()]
     if config.sparsity:
-        cmd += ["--calib-text", str(calib), "--backend", calib_backend, "--router", sparse_router(calib_backend)]
+        cmd += ["--calib-text", str(calib), "--backend", calib_backend, "--router",
+                sparse_router(calib_backend, config.fmt)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise DnError(f"converting {config.stored}: {_last_line(proc.stderr)}")

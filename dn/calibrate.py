@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dn import sparse
+from dn import sparse, store
 from dn.errors import DnError
 
 CTX = 512            # tokens per calibration window
@@ -51,6 +51,7 @@ def fit_model(inputs: list[np.ndarray], weights, sparsity: float, prior: str, ra
 def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, prior: str | None = None,
               seed: int = 0, backend: str = "auto", rank: int = sparse.DEFAULT_RANK,
               max_tokens: int = MAX_TOKENS, progress: bool = True, router: str | None = None,
+              dense_mlp: bool | None = None,
               select: str = sparse.DEFAULT_SELECT) -> dict:
     """Fit routers + priors on calib_text (the text itself), write sparse.FILE into out_dir, return the
     `sparse` section for dn_spec.json. Raises DnError before writing anything on bad input."""
@@ -76,7 +77,9 @@ def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, 
     tokens = Tokenizer(model_dir, spec.architecture.eos_token_id).encode(calib_text)
     wins = calibration_windows(tokens, seed, max_tokens=max_tokens)
     be = backends.resolve(backend)
-    router = router or sparse.default_router(be.NAME, be.device_name())
+    # dense_mlp: the MLP weights the spec will run on are dense (dn convert knows; default: this folder's)
+    router = router or sparse.default_router(be.NAME, be.device_name(),
+                                             store.mlp_dense(spec) if dense_mlp is None else dense_mlp)
     plain = type(spec)(spec.architecture, spec.tensors)   # dense model: no codec/sparse sections
     model = be.load(model_dir, plain, "float32") if spec.codec is None else be.load(model_dir, spec, "float32")
     parts = []

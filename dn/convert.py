@@ -197,7 +197,8 @@ def _main(argv) -> int:
     if args.sparsity is not None:
         text = read_text(text_path(args.calib_text, "DN_CALIB_TEXT"))  # fail before any work
         sparse_args = {"sparsity": args.sparsity, "calib_text": text, "prior": args.prior,
-                       "seed": args.seed, "backend": args.backend}
+                       "seed": args.seed, "backend": args.backend,
+                       "dense_mlp": quantize is None and args.codec is None}  # the MLP written dense
         sparse_args |= {k: v for k, v in (("router", args.router), ("select", args.select)) if v}
     elif args.prior or args.calib_text or args.router or args.select:
         raise DnError("--prior, --router, --select and --calib-text need --sparsity")

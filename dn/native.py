@@ -53,7 +53,8 @@ def _build(name: str) -> ctypes.CDLL | None:
     if not src.exists():
         raise DnError(f"no native kernel source {src}")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([src.read_text(), " ".join(FLAGS), version, platform.machine(),
+    headers = [h.read_text() for h in sorted(SRC.glob("*.h"))]  # what the sources include
+    key = hashlib.sha256("\0".join([src.read_text(), *headers, " ".join(FLAGS), version, platform.machine(),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     from dn.sources import cache_dir
 

@@ -110,11 +110,13 @@ class SparseSpec:
         return d | {"file": FILE, "num_layers": len(self.layers)}
 
 
-def default_router(backend: str, device: str) -> str:
-    """The router a conversion fits when none is asked for: "planes" where its C kernels run (torch on a CPU: the
-    best quality, the fastest step, the MLP held in 12 bits), DEFAULT_ROUTER elsewhere (Apple and CUDA GPUs, whose
-    fused kernels read bundled weights; planes would run there through plain decodes)."""
-    return "planes" if backend == "torch" and device == "cpu" else DEFAULT_ROUTER
+def default_router(backend: str, device: str, dense_mlp: bool = True) -> str:
+    """The router a conversion fits when none is asked for: "planes" where its C kernels run (torch on a CPU) over
+    dense MLP weights (the best quality, the fastest step, the MLP held in 12 bits); DEFAULT_ROUTER elsewhere: on
+    Apple and CUDA GPUs, whose fused kernels read bundled weights (planes would run there through plain decodes),
+    and over quantized or coded MLPs, which are not held as planes (the 6-bit sketches would outweigh 4-bit
+    weights)."""
+    return "planes" if backend == "torch" and device == "cpu" and dense_mlp else DEFAULT_ROUTER
 
 
 def keep_count(sparsity: float, n: int) -> int:

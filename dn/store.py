@@ -69,11 +69,17 @@ def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:
         parts["lossless"] = sum(codec_runtime.resident_bytes(numel[k]) for k in coded) + scratch * b
     if spec.sparse:  # routers, thresholds and priors ride beside all the weights (no offload yet)
         parts["sparse"] = spec.sparse["num_layers"] * sparse_side(spec.sparse, b)["held"]
-        if spec.sparse["router"] == "planes" and dtype == "bfloat16":  # the MLPs are held as their split planes
+        if spec.sparse["router"] == "planes" and dtype == "bfloat16" and mlp_dense(spec):  # held as split planes
             held = split_mlp_bytes(spec.sparse)
             parts["dense"] -= spec.sparse["num_layers"] * held["dense_mlp"]
             parts["sparse"] += spec.sparse["num_layers"] * held["rest"] + held["scratch"]
     return parts | {"total": sum(parts.values())}
+
+
+def mlp_dense(spec: ModelSpec) -> bool:
+    """The MLP weights are dense (neither quantized nor coded): the loaders bundle them, and a sparse layer of
+    router "planes" holds them split."""
+    return all(e.format == "dense" for e in entries(spec) if e.role == "mlp")
 
 
 def split_mlp_bytes(section: dict) -> dict[str, int]:

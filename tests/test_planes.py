@@ -156,3 +156,47 @@ def test_split_layer_holds_what_the_accounting_says(backend_name, prior):
     b = sparse_mlp.step(x[:3], mlp, "masked")
     want = sparse.sparse_mlp_step(x[:3], sparse.bundle(g, u, dn), layer, sparse_mlp.route(x[:3], mlp))
     np.testing.assert_allclose(b, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+
+
+def test_portable_build_matches_reference(tmp_path):
+    """planes.c without AVX-512 (no -march, no OpenMP): its portable loops against the reference too."""
+    import ctypes
+    import subprocess
+
+    from dn import native
+
+    cc = native._compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    so = tmp_path / "planes_portable.so"
+    subprocess.run([cc, "-O2", "-fPIC", "-shared", "-std=c11", str(native.SRC / "planes.c"), "-o", str(so), "-lm"],
+                   check=True, capture_output=True)
+    lib = ctypes.CDLL(str(so))
+    assert lib.dn_planes_isa() == 0
+    fast = planes.native()
+    if fast is None:
+        pytest.skip("no native build to take the signatures from")
+    for name in ("dn_planes_step", "dn_planes_join"):  # the same signatures as the native build's
+        getattr(lib, name).argtypes = getattr(fast, name).argtypes
+        getattr(lib, name).restype = getattr(fast, name).restype
+    rng = np.random.default_rng(9)
+    n, d, tokens = 320, 136, 3
+    mats = _layer_mats(rng, n, d)
+    structs = tuple(planes.mat(planes.arrays(*m)) for m in mats)
+    x = _bf16(rng, (tokens, d), 1.0)
+    thresh, c, y0 = np.full(n, 0.02, np.float32), np.zeros(n, np.float32), np.zeros(d, np.float32)
+    y, mask = np.zeros((tokens, d), np.float32), np.zeros((tokens, n), np.uint8)
+    planes.step_native(lib, planes.bf16_bits(x), structs, thresh, c, y, mask, 0, True, True)
+    want, _ = planes.step(x, *mats, thresh, c, y0, "silu", True, mask.astype(bool))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert (mask.astype(bool) == planes.step(x, *mats, thresh, c, y0, "silu", True)[1]).mean() >= 0.998
+    out = np.empty((n, d), np.uint16)
+    planes.join_native(lib, structs[0], n, d, out)
+    assert np.array_equal(out, planes.join(*mats[0], d))
+
+
+@pytest.mark.parametrize("backend,device,dense,want", [
+    ("torch", "cpu", True, "planes"), ("torch", "cpu", False, "int4"), ("torch", "cuda:NVIDIA H200", True, "int4"),
+    ("mlx", "metal:Apple M4", True, "int4"), ("mlx", "cpu", True, "int4")])
+def test_conversions_fit_planes_where_its_kernels_run(backend, device, dense, want):
+    assert sparse.default_router(backend, device, dense) == want

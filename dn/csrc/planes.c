@@ -10,6 +10,7 @@
  * tables: the router's bf16 w^ and the exact bits' high part; the rest adds (m >> 2) << 2 | (m & 3). Escapes decode
  * as 0 and are added from their lists. AVX-512 VBMI + BF16 (32 weights a step, vdpbf16ps dots) behind #if, a
  * portable loop otherwise; OpenMP over neurons with one y per thread. */
+#include "dn_kernels.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -22,7 +23,7 @@
 #include <omp.h>
 #endif
 
-enum { ACT_SILU = 0, ACT_GELU_TANH = 1, MAXT = 4 };
+enum { MAXT = 4 };
 
 typedef struct {
     const uint8_t *sketch, *rest;   /* [m, 3k/4] each */
@@ -31,17 +32,6 @@ typedef struct {
     const uint16_t *esc_bits;
     const uint8_t *lut_w, *lut_hi;  /* [128] each: dn.planes.luts() as 64 low bytes, then 64 high bytes */
 } mat_t;
-
-static float act(int kind, float g) {
-    if (kind == ACT_GELU_TANH)
-        return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-    return g / (1.0f + expf(-g));
-}
-
-static inline float bf16(uint16_t v) {
-    union { uint32_t u; float f; } b = {(uint32_t)v << 16};
-    return b.f;
-}
 
 /* ---- one row: sketch dots, exact dots, axpys -------------------------------------------------------------------- */
 /* Vector steps take 64 weights: 48 bytes of each plane become 64 codes (VBMI permute + multishift), two byte tables
@@ -124,6 +114,7 @@ static void dot(const mat_t *m, int64_t j, int64_t k, const uint16_t *xp, const 
     /* the next row this pass reads (next >= 0), a line ahead per step: a whole row's prefetches at once would stall
      * on the fill buffers */
     const uint8_t *pf = next < 0 ? NULL : (exact ? m->rest : m->sketch) + next * (3 * k / 4);
+    (void)pf, (void)xp, (void)live;  /* the vector path's */
     int64_t i = 0;
     for (int64_t t = 0; t < T; t++) out[t] = 0;
 #ifdef FAST
@@ -170,6 +161,7 @@ static void axpy(const mat_t *m, int64_t j, int64_t k, const float *h, int64_t T
     const uint8_t *sk = m->sketch + j * (3 * k / 4), *rest = exact ? m->rest + j * (3 * k / 4) : NULL;
     const uint8_t *pf = next < 0 ? NULL : m->sketch + next * (3 * k / 4);  /* as in dot */
     const uint8_t *pf2 = next < 0 || !next_exact ? NULL : m->rest + next * (3 * k / 4);
+    (void)pf, (void)pf2;
     int64_t i = 0;
 #ifdef FAST
     lut_t l = lut(exact ? m->lut_hi : m->lut_w);
@@ -199,6 +191,33 @@ static void axpy(const mat_t *m, int64_t j, int64_t k, const float *h, int64_t T
     if (exact)
         for (int64_t e = m->esc_ptr[j]; e < m->esc_ptr[j + 1]; e++)
             for (int64_t t = 0; t < T; t++) y[t * k + slot(m->esc_col[e], k)] += h[t] * bf16(m->esc_bits[e]);
+}
+
+/* Per-thread float32 accumulators [threads][T, d] in y's held order (threads clamped: a thread per 64 neurons at
+ * least), summed into y (natural order) by finish(). */
+static int team(int threads, int64_t n) {
+#ifdef _OPENMP
+    return threads < 1 || n < 64 * threads ? 1 : threads;
+#else
+    (void)threads, (void)n;
+    return 1;
+#endif
+}
+
+static void finish(float *acc, int threads, int64_t T, int64_t d, float *y) {
+    for (int t = 0; t < threads; t++)
+        for (int64_t i = 0; i < T * d; i++) y[i] += acc[(size_t)t * T * d + (i / d) * d + slot(i % d, d)];
+    free(acc);
+}
+
+static int thread_id(int64_t *j0, int64_t *j1, int64_t n) {  /* this thread's share of the n neurons */
+#ifdef _OPENMP
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    int t = 0, nt = 1;
+#endif
+    *j0 = n * t / nt, *j1 = n * (t + 1) / nt;
+    return t;
 }
 
 enum { BLOCK = 32 };  /* neurons routed before their kept ones are read: the sketches stay in L2 meanwhile */
@@ -245,11 +264,7 @@ int dn_planes_step(const uint16_t *x, int64_t T, int64_t n, int64_t d, const mat
                    const mat_t *dn, const float *thresh, const float *c, int sketch, int route, uint8_t *mask,
                    float *y, int kind, int threads) {
     if (T < 1 || T > MAXT) return -1;
-#ifdef _OPENMP
-    if (threads < 1 || n < 64 * threads) threads = 1;
-#else
-    threads = 1;
-#endif
+    threads = team(threads, n);
     uint16_t *xp = malloc((size_t)T * d * sizeof(uint16_t));
     float *acc = calloc((size_t)threads * T * d, sizeof(float));
     if (!xp || !acc) {
@@ -259,22 +274,18 @@ int dn_planes_step(const uint16_t *x, int64_t T, int64_t n, int64_t d, const mat
     for (int64_t i = 0; i < T * d; i++) xp[(i / d) * d + pos(i % d, d)] = x[i];
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        int t = 0, nt = 1;
-#endif
-        neurons(xp, x, T, n, d, g, u, dn, thresh, c, sketch, route, mask, acc + (size_t)t * T * d, kind,
-                n * t / nt, n * (t + 1) / nt);
+        int64_t j0, j1;
+        int t = thread_id(&j0, &j1, n);
+        neurons(xp, x, T, n, d, g, u, dn, thresh, c, sketch, route, mask, acc + (size_t)t * T * d, kind, j0, j1);
     }
-    for (int t = 0; t < threads; t++)
-        for (int64_t i = 0; i < T * d; i++) y[i] += acc[(size_t)t * T * d + (i / d) * d + slot(i % d, d)];
-    free(xp), free(acc);
+    finish(acc, threads, T, d, y);
+    free(xp);
     return 0;
 }
 
 /* A matrix's exact bf16 bits [m, k] in natural order, or (exact = 0) its sketch's w^ (prefill, plain paths). */
 void dn_planes_join(const mat_t *m, int64_t rows, int64_t k, uint16_t *out, int exact, int threads) {
+    (void)threads;
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
     for (int64_t j = 0; j < rows; j++) {
         const uint8_t *sk = m->sketch + j * (3 * k / 4), *rest = exact ? m->rest + j * (3 * k / 4) : NULL;
@@ -303,6 +314,7 @@ void dn_planes_join(const mat_t *m, int64_t rows, int64_t k, uint16_t *out, int 
  * neurons live elsewhere). Returns -1 for T out of range. */
 int dn_planes_estimate(const uint16_t *x, int64_t T, int64_t n, int64_t d, const mat_t *g, const mat_t *u,
                        int kind, float *est, int threads) {
+    (void)threads;
     if (T < 1 || T > MAXT) return -1;
     uint16_t *xp = malloc((size_t)T * d * sizeof(uint16_t));
     if (!xp) return -2;
@@ -322,21 +334,13 @@ int dn_planes_estimate(const uint16_t *x, int64_t T, int64_t n, int64_t d, const
 /* The sketch prior alone: y [T, d] += sum over neurons j of h[t, j] down~_j, skipping h = 0 (T <= 4). */
 int dn_planes_sketch(const float *h, int64_t T, int64_t n, int64_t d, const mat_t *dn, float *y, int threads) {
     if (T < 1 || T > MAXT) return -1;
-#ifdef _OPENMP
-    if (threads < 1 || n < 64 * threads) threads = 1;
-#else
-    threads = 1;
-#endif
+    threads = team(threads, n);
     float *acc = calloc((size_t)threads * T * d, sizeof(float));
     if (!acc) return -2;
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        int th = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        int th = 0, nt = 1;
-#endif
-        int64_t j0 = n * th / nt, j1 = n * (th + 1) / nt;
+        int64_t j0, j1;
+        int th = thread_id(&j0, &j1, n);
         for (int64_t j = j0; j < j1; j++) {
             float hj[MAXT];
             int any = 0;
@@ -344,9 +348,7 @@ int dn_planes_sketch(const float *h, int64_t T, int64_t n, int64_t d, const mat_
             if (any) axpy(dn, j, d, hj, T, 0, j + 1 < j1 ? j + 1 : -1, 0, acc + (size_t)th * T * d);
         }
     }
-    for (int t = 0; t < threads; t++)
-        for (int64_t i = 0; i < T * d; i++) y[i] += acc[(size_t)t * T * d + (i / d) * d + slot(i % d, d)];
-    free(acc);
+    finish(acc, threads, T, d, y);
     return 0;
 }
 

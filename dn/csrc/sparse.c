@@ -4,6 +4,7 @@
  * each bundle read once for all the tokens that keep it. y (float32 [T, d]) comes in holding the prior's y0. Weights, x and c are bf16 (raw uint16) or float32; every
  * dot and the accumulation run in float32. AVX-512 (with AVX512_BF16's pair dots where the CPU has them) behind
  * #ifdef, a portable loop otherwise; OpenMP over neurons with one y per thread when threads > 1. */
+#include "dn_kernels.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -13,19 +14,6 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-
-enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
-
-static float act(int kind, float g) {
-    if (kind == ACT_GELU_TANH)
-        return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-    return g / (1.0f + expf(-g));
-}
-
-static inline float bf16(uint16_t v) {
-    union { uint32_t u; float f; } b = {(uint32_t)v << 16};
-    return b.f;
-}
 
 /* The next kept bundle is elsewhere, and the hardware's streamers stop at page boundaries and restart cold at each
  * jump: ask for all of its lines while this one computes. */
