@@ -29,3 +29,14 @@ def assert_runs_in_triton_interpreter(script, timeout=600):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert "ok" in proc.stdout
+
+
+def native_or_skip(load):
+    """A C kernel library from load() (dn.native's build), or skip: no C compiler, or DN_NATIVE=0 (the plain paths
+    run, and are tested, instead)."""
+    import pytest
+
+    lib = load()
+    if lib is None:
+        pytest.skip("no C compiler (or DN_NATIVE=0): the plain paths are tested instead")
+    return lib

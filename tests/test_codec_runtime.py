@@ -60,10 +60,9 @@ SPECIAL = [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0x0001, 0x807F, 0x7C0
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = cr.native()
-    if lib is None:
-        pytest.skip("no C compiler (or DN_NATIVE=0): the plain paths are tested instead")
-    return lib
+    from helpers import native_or_skip
+
+    return native_or_skip(cr.native)
 
 
 def upcast(bits, dtype):

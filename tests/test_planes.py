@@ -70,10 +70,9 @@ def _layer_mats(rng, n, d):
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = planes.native()
-    if lib is None:
-        pytest.skip("no C compiler (DN_NATIVE=0 or none installed): the plain paths run")
-    return lib
+    from helpers import native_or_skip
+
+    return native_or_skip(planes.native)
 
 
 @pytest.mark.parametrize("d", [128, 136, 200])   # whole 64-blocks, a tail, a tail only past two blocks
