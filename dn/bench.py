@@ -440,6 +440,15 @@ def folder_for(config: Config, model_dir: Path, root: Path, calib: Path | None, 
     return root / model_key(model_dir) / name
 
 
+def _names(text: str, allowed, what: str) -> list[str]:
+    """A comma-separated list of names from allowed (DnError naming the first other one)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for t in names:
+        if t not in allowed:
+            raise DnError(f"{what} {t!r} (choose from {', '.join(allowed)})")
+    return names
+
+
 @cache
 def sparse_router(calib_backend: str, fmt: str) -> str:
     """The router a sparse configuration over format fmt fits: dn convert's default where the calibration runs."""
@@ -657,16 +666,10 @@ def _main(argv) -> int:
                 raise DnError(f"{flag}: {key!r} names neither a config nor a backend of this run")
     if set(max_tokens) - {"", *backends.BACKENDS}:
         raise DnError("--max-tokens is per backend only (a perplexity delta needs dense on the same tokens)")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for t in tasks:
-        if t not in TASKS:
-            raise DnError(f"unknown task {t!r} (choose from {', '.join(TASKS)})")
+    tasks = _names(args.tasks, TASKS, "unknown task")
     if tasks:
         humaneval_problems(1)
-    skip = [s.strip() for s in args.skip.split(",") if s.strip()]
-    for s in skip:
-        if s not in SKIPS:
-            raise DnError(f"--skip: unknown phase {s!r} (choose from {', '.join(SKIPS)})")
+    skip = _names(args.skip, SKIPS, "--skip: unknown phase")
     text = text_path(args.text, "DN_EVAL_TEXT")
     read_text(text)
     calib = None

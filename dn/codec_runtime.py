@@ -149,45 +149,68 @@ def buffers(rt: RuntimeTensor) -> tuple:
     return rt.table, rt.nibbles, rt.raw, rt.esc_index, rt.esc_symbol
 
 
-def decode_native(lib, rt: RuntimeTensor, out_f32: bool = False, threads: int = 1) -> np.ndarray:
-    """The C decode -> uint16 bits [shape] (or float32 values); equal to decode() / to_float32(decode())."""
+def decode_native(lib, rt, out_f32: bool = False, threads: int = 1, out=None, dtype: str | None = None):
+    """The C decode -> uint16 bits [shape] (or float32 values); equal to decode() / to_float32(decode()).
+    rt: a RuntimeTensor, or any holder of its five buffers (numpy arrays or CPU tensors) with n and shape (a
+    backend's module; dtype then given); out: where to write (n elements, contiguous; default a new numpy array)."""
     from dn.native import ptr
 
-    out = np.empty(rt.n, np.float32 if out_f32 else np.uint16)
-    lib.dn_fixed4_decode(ptr(rt.table), ptr(rt.nibbles), ptr(rt.raw), rt.n, ptr(rt.esc_index), ptr(rt.esc_symbol),
-                         rt.esc_index.size, rt.dtype == "bfloat16", out_f32, ptr(out), threads)
+    out = np.empty(rt.n, np.float32 if out_f32 else np.uint16) if out is None else out
+    lib.dn_fixed4_decode(*_heads(rt), rt.n, *_escapes(rt), (dtype or rt.dtype) == "bfloat16", out_f32, ptr(out),
+                         threads)
     return out.reshape(rt.shape)
 
 
-def matvec_native_bf16(lib, rt: RuntimeTensor, x_bits: np.ndarray, threads: int = 1) -> np.ndarray | None:
-    """The C fused GEMV for bfloat16 weights and bfloat16 inputs (x_bits uint16 [1..4, in]): float32 sums of
-    exact products (vdpbf16ps); None where this CPU's build lacks it."""
+def matvec_native_bf16(lib, rt, x_bits, threads: int = 1, dtype: str | None = None):
+    """The C fused GEMV for bfloat16 weights and bfloat16 inputs (x_bits: 16-bit bits [1..4, in], contiguous):
+    float32 sums of exact products (vdpbf16ps) [B, out]; None where this CPU's build lacks it. rt as in
+    decode_native; the result is numpy for numpy x, else a torch tensor (x's library)."""
     from dn.native import ptr
 
     out, k = rt.shape
-    x_bits = np.ascontiguousarray(x_bits, np.uint16)
-    y = np.empty((x_bits.shape[0], out), np.float32)
-    if rt.dtype != "bfloat16" or x_bits.shape[1] != k:
+    x_bits = np.ascontiguousarray(x_bits, np.uint16) if isinstance(x_bits, np.ndarray) else x_bits
+    y = _like(x_bits, (x_bits.shape[0], out))
+    if (dtype or rt.dtype) != "bfloat16" or x_bits.shape[1] != k:
         raise ValueError(f"matvec_native_bf16 takes bfloat16 weights and x [1..4, {k}], got {list(x_bits.shape)}")
-    rc = lib.dn_fixed4_matvec_bf16(ptr(rt.table), ptr(rt.nibbles), ptr(rt.raw), out, k, ptr(rt.esc_index),
-                                   ptr(rt.esc_symbol), rt.esc_index.size, ptr(x_bits), x_bits.shape[0], ptr(y), threads)
+    rc = lib.dn_fixed4_matvec_bf16(*_heads(rt), out, k, *_escapes(rt), ptr(x_bits), x_bits.shape[0], ptr(y), threads)
     if rc == -1:
         raise ValueError(f"matvec_native_bf16 takes x [1..4, {k}], got {list(x_bits.shape)}")
     return None if rc else y
 
 
-def matvec_native(lib, rt: RuntimeTensor, x: np.ndarray, threads: int = 1) -> np.ndarray:
-    """The C fused decode+GEMV (batch 1..4), float32 accumulation: within tolerance of matvec()."""
+def matvec_native(lib, rt, x, threads: int = 1, dtype: str | None = None):
+    """The C fused decode+GEMV (batch 1..4), float32 x and accumulation: within tolerance of matvec(). rt and the
+    result's kind as in matvec_native_bf16."""
     from dn.native import ptr
 
     out, k = rt.shape
-    x = np.ascontiguousarray(x, np.float32)
-    y = np.empty((x.shape[0], out), np.float32)
-    if x.shape[1] != k or lib.dn_fixed4_matvec(ptr(rt.table), ptr(rt.nibbles), ptr(rt.raw), out, k,
-                                               ptr(rt.esc_index), ptr(rt.esc_symbol), rt.esc_index.size,
-                                               rt.dtype == "bfloat16", ptr(x), x.shape[0], ptr(y), threads):
+    x = np.ascontiguousarray(x, np.float32) if isinstance(x, np.ndarray) else x.float().contiguous()
+    y = _like(x, (x.shape[0], out))
+    if x.shape[1] != k or lib.dn_fixed4_matvec(*_heads(rt), out, k, *_escapes(rt), (dtype or rt.dtype) == "bfloat16",
+                                               ptr(x), x.shape[0], ptr(y), threads):
         raise ValueError(f"matvec_native takes x [1..4, {k}], got {list(x.shape)}")
     return y
+
+
+def _heads(rt) -> tuple:
+    from dn.native import ptr
+
+    return ptr(rt.table), ptr(rt.nibbles), ptr(rt.raw)
+
+
+def _escapes(rt) -> tuple:
+    from dn.native import ptr
+
+    return ptr(rt.esc_index), ptr(rt.esc_symbol), rt.esc_index.shape[0]
+
+
+def _like(x, shape):
+    """A new float32 array of shape in x's library (numpy, else torch on the CPU)."""
+    if isinstance(x, np.ndarray):
+        return np.empty(shape, np.float32)
+    import torch
+
+    return torch.empty(shape, dtype=torch.float32)
 
 
 def resident_bytes(n: int, escapes: int = 0) -> int:

@@ -340,6 +340,23 @@ def recall(mask: np.ndarray, ref: np.ndarray) -> float:
     return float((mask & ref).sum() / max(1, ref.sum()))
 
 
+# ---- the C kernel over bundles (dn/csrc/sparse.c); backends pass their own memory ------------------
+
+def native():
+    """dn/csrc/sparse.c with its signatures set, or None (DN_NATIVE=0, no compiler): then the plain paths run."""
+    import ctypes
+
+    from dn import native as nat
+
+    lib = nat.library("sparse")  # built and loaded once
+    if lib is not None and not hasattr(lib, "dn_ready"):
+        i64, p, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        for f in (lib.dn_sparse_kept_bf16, lib.dn_sparse_kept_f32):
+            f.argtypes, f.restype = [p, p, p, i64, i64, i64, p, p, i32, i32], None
+        lib.dn_ready = True
+    return lib
+
+
 # ---- files ---------------------------------------------------------------------------------------
 
 def save(spec: SparseSpec, out_dir: Path) -> dict:

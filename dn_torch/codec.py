@@ -174,13 +174,15 @@ def _decode_into(f, out: torch.Tensor) -> torch.Tensor:
     lib = codec_runtime.native() if out.device.type == "cpu" else None
     coded = _TORCH_DTYPES[f.coded]
     if lib is not None and out.dtype in (torch.int16, coded, torch.float32) and out.is_contiguous():
-        lib.dn_fixed4_decode(f.table.data_ptr(), f.nibbles.data_ptr(), f.raw.data_ptr(), f.n,
-                             f.esc_index.data_ptr(), f.esc_symbol.data_ptr(), f.esc_index.numel(),
-                             f.coded == "bfloat16", out.dtype == torch.float32, out.data_ptr(),
-                             torch.get_num_threads())
+        codec_runtime.decode_native(lib, f, out.dtype == torch.float32, torch.get_num_threads(), out, f.coded)
         return out
+    return _plain_into(f, out)
+
+
+def _plain_into(f, out: torch.Tensor) -> torch.Tensor:
+    """_decode_plain's bits into out: as bits, or at out's dtype (an exact upcast, as the dense loader makes)."""
     bits = _decode_plain(f)
-    return out.copy_(bits if out.dtype == torch.int16 else bits.view(coded))  # exact upcast, as the dense loader
+    return out.copy_(bits if out.dtype == torch.int16 else bits.view(_TORCH_DTYPES[f.coded]))
 
 
 def _decode_fixed4_cuda(f, out: torch.Tensor) -> torch.Tensor:
@@ -188,8 +190,7 @@ def _decode_fixed4_cuda(f, out: torch.Tensor) -> torch.Tensor:
     the coded dtype or float32, else through int16 bits; the pure-torch path where Triton is missing."""
     coded = _TORCH_DTYPES[f.coded]
     if not _triton_ok():
-        bits = _decode_plain(f)
-        return out.copy_(bits if out.dtype == torch.int16 else bits.view(coded))
+        return _plain_into(f, out)
     from dn_torch import _triton_codec
 
     if out.dtype in (torch.int16, coded, torch.float32) and out.is_contiguous():
@@ -249,16 +250,9 @@ def matvec_fixed4(f, x: torch.Tensor) -> torch.Tensor:
     lib = codec_runtime.native() if x.device.type == "cpu" else None
     if lib is None or not 1 <= x.shape[0] <= 4:
         return nn.functional.linear(x, f.weight.to(x.dtype))
-    y = torch.empty(x.shape[0], f.shape[0], dtype=torch.float32)
+    threads = torch.get_num_threads()
     if x.dtype == torch.bfloat16 and f.coded == "bfloat16":  # exact bf16 products, no float32 copy of W or x
-        xb = x.contiguous()
-        if not lib.dn_fixed4_matvec_bf16(f.table.data_ptr(), f.nibbles.data_ptr(), f.raw.data_ptr(), f.shape[0],
-                                         f.shape[1], f.esc_index.data_ptr(), f.esc_symbol.data_ptr(),
-                                         f.esc_index.numel(), xb.data_ptr(), x.shape[0], y.data_ptr(),
-                                         torch.get_num_threads()):
+        y = codec_runtime.matvec_native_bf16(lib, f, x.contiguous().view(torch.int16), threads, f.coded)
+        if y is not None:
             return y
-    xf = x.float().contiguous()
-    lib.dn_fixed4_matvec(f.table.data_ptr(), f.nibbles.data_ptr(), f.raw.data_ptr(), f.shape[0], f.shape[1],
-                         f.esc_index.data_ptr(), f.esc_symbol.data_ptr(), f.esc_index.numel(),
-                         f.coded == "bfloat16", xf.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
-    return y
+    return codec_runtime.matvec_native(lib, f, x, threads, f.coded)

@@ -4,8 +4,6 @@ dn_mlx/ops.py has the same functions; a test checks the two modules match, name 
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import torch
 from torch import nn
@@ -258,18 +256,7 @@ _NATIVE = {torch.bfloat16: lambda lib: lib.dn_sparse_kept_bf16, torch.float32: l
 
 def _native():
     """dn/csrc/sparse.c's library with its argument types, or None (DN_NATIVE=0, no compiler)."""
-    from dn import native
-
-    lib = native.library("sparse")  # built and loaded once; None whenever DN_NATIVE=0 now
-    if lib is not None and id(lib) not in _TYPED:
-        i64, p = ctypes.c_int64, ctypes.c_void_p
-        for f in (lib.dn_sparse_kept_bf16, lib.dn_sparse_kept_f32):
-            f.argtypes, f.restype = [p, p, p, i64, i64, i64, p, p, ctypes.c_int, ctypes.c_int], None
-        _TYPED.add(id(lib))
-    return lib
-
-
-_TYPED: set[int] = set()
+    return ref.native()
 
 
 def fused_available(x: torch.Tensor, act: str = "silu") -> bool:
