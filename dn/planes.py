@@ -22,11 +22,14 @@ router estimates better (recall against the oracle 0.934 vs 0.919 on the default
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
 
 from dn.errors import DnError
+from dn.native import ptr
+from dn.safetensors_io import bf16_to_f32, f32_to_bf16
 
 ESCAPE = 15
 META = 48  # float32 per matrix in a sparse file's router.b / prior.b: table (16, as floats), then cent (32)
@@ -39,9 +42,6 @@ class Rest:
     esc_ptr: np.ndarray   # int64 [m + 1]
     esc_col: np.ndarray   # int32 [e]
     esc_bits: np.ndarray  # uint16 [e]
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.planes, self.esc_ptr, self.esc_col, self.esc_bits))
 
 
 def check_width(k: int) -> None:
@@ -89,11 +89,11 @@ def split(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, Rest]:
     r = rank_of[e]
     m6 = np.where(r == ESCAPE, 0, mant >> 6).astype(np.uint8)
     key = (2 * r.astype(np.int64) + m6).ravel()
-    mag = np.abs((b << 16).astype(np.uint32).view(np.float32)).astype(np.float64).ravel()
+    mag = np.abs(bf16_to_f32(bits)).astype(np.float64).ravel()
     tot, cnt = np.bincount(key, mag, 32), np.bincount(key, minlength=32)
     cent = np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0).astype(np.float32)
     cent[2 * ESCAPE:] = 0.0                      # escapes route as 0
-    cent = to_float32(bf16_bits(round_bf16(cent)))  # bf16 values: the kernels' router dots are exact products
+    cent = bf16_to_f32(f32_to_bf16(cent))         # bf16 values: the kernels' router dots are exact products
     table = np.zeros(16, np.float32)
     table[:len(top)] = top
     sketch = _pack((r | (m6 << 4) | (sign << 5)).astype(np.uint8))
@@ -112,13 +112,6 @@ def rest_of(bits: np.ndarray, sketch: np.ndarray, meta: np.ndarray) -> Rest:
     if not (np.array_equal(s2, sketch) and np.array_equal(m2[:16], meta[:16])):
         raise DnError("the sparse spec's split planes do not match the model's weights (fitted on other weights?)")
     return rest
-
-
-def round_bf16(v: np.ndarray) -> np.ndarray:
-    """float32 -> the nearest bfloat16 values (ties to even), as float32."""
-    u = np.ascontiguousarray(v, np.float32).view(np.uint32).astype(np.uint64)
-    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000  # round to nearest even
-    return u.astype(np.uint32).view(np.float32)
 
 
 def luts(meta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +133,7 @@ def codes(sketch: np.ndarray, k: int) -> np.ndarray:
 
 def sketch_values(sketch: np.ndarray, meta: np.ndarray, k: int) -> np.ndarray:
     """The router's w^ [m, k] float32: +-cent[2 r + m6], 0 at escapes."""
-    return to_float32(luts(meta)[0][codes(sketch, k)])
+    return bf16_to_f32(luts(meta)[0][codes(sketch, k)])
 
 
 def join(sketch: np.ndarray, meta: np.ndarray, rest: Rest, k: int) -> np.ndarray:
@@ -153,11 +146,7 @@ def join(sketch: np.ndarray, meta: np.ndarray, rest: Rest, k: int) -> np.ndarray
 
 def split_float(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, Rest]:
     """split() of float weights rounded to bfloat16 (as torch's .to(bfloat16) rounds: the runtime's bf16 weights)."""
-    return split(bf16_bits(round_bf16(w)))
-
-
-def to_float32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    return split(f32_to_bf16(w))
 
 
 def stack(parts: list[tuple[np.ndarray, np.ndarray, Rest]]) -> tuple[np.ndarray, np.ndarray, list[Rest]]:
@@ -189,8 +178,6 @@ def arrays(sketch: np.ndarray, meta: np.ndarray, rest: Rest | None = None) -> di
 
 def native():
     """dn/csrc/planes.c with its signatures set, or None (DN_NATIVE=0, no compiler)."""
-    import ctypes
-
     from dn import native as nat
 
     lib = nat.library("planes")
@@ -208,65 +195,51 @@ def native():
     return lib
 
 
-def mat(fields: dict):
+class Mat(ctypes.Structure):
+    """The kernels' matrix struct (mat_t in dn/csrc/planes.c): FIELDS' addresses."""
+    _fields_ = [(f, ctypes.c_void_p) for f in FIELDS]
+
+
+def mat(fields: dict) -> Mat:
     """The kernels' matrix struct over arrays or CPU tensors by FIELDS name; it keeps them alive."""
-    import ctypes
-
-    from dn.native import ptr
-
-    class Mat(ctypes.Structure):
-        _fields_ = [(f, ctypes.c_void_p) for f in FIELDS]
-
     m = Mat(*[ptr(fields[f]) for f in FIELDS])
     m.held = fields  # the pointers are into these
     return m
+
+
+def _check(rc: int, what: str, t: int) -> None:
+    """A kernel's return code: -1 tokens out of range, -2 out of memory."""
+    if rc == -2:
+        raise MemoryError(f"the split-planes {what}: out of memory")
+    if rc:
+        raise ValueError(f"the split-planes {what} takes 1-4 tokens, got {t}")
 
 
 def step_native(lib, x_bits, mats: tuple, thresh, c, y, mask, act: int, sketch: bool, route: bool,
                 threads: int = 1) -> None:
     """The fused step in C: x_bits bf16 bits [T <= 4, d]; mats (gate, up, down) from mat(); y float32 [T, d] holds
     y0 and is accumulated into; mask uint8 [T, n] written (route) or read. Any contiguous CPU memory."""
-    import ctypes
-
-    from dn.native import ptr
-
     t, d = x_bits.shape
-    n = thresh.shape[0]
-    if lib.dn_planes_step(ptr(x_bits), t, n, d, *[ctypes.byref(m) for m in mats], ptr(thresh), ptr(c), int(sketch),
-                          int(route), ptr(mask), ptr(y), act, threads):
-        raise ValueError(f"the split-planes step takes 1-4 tokens, got {t}")
+    _check(lib.dn_planes_step(ptr(x_bits), t, thresh.shape[0], d, *[ctypes.byref(m) for m in mats], ptr(thresh),
+                              ptr(c), int(sketch), int(route), ptr(mask), ptr(y), act, threads), "step", t)
 
 
-def join_native(lib, m, rows: int, k: int, out, threads: int = 1, exact: bool = True) -> None:
+def join_native(lib, m: Mat, rows: int, k: int, out, threads: int = 1, exact: bool = True) -> None:
     """A matrix's exact bf16 bits (exact False: its sketch's w^) into out (uint16 [rows, k], contiguous CPU memory)."""
-    import ctypes
-
-    from dn.native import ptr
-
     lib.dn_planes_join(ctypes.byref(m), rows, k, ptr(out), int(exact), threads)
 
 
-def estimate_native(lib, x_bits, gate, up, act: int, est, threads: int = 1) -> None:
+def estimate_native(lib, x_bits, gate: Mat, up: Mat, act: int, est, threads: int = 1) -> None:
     """The router alone in C: est float32 [T <= 4, n] = act(g^) u^ from the gate and up structs (mat())."""
-    import ctypes
-
-    from dn.native import ptr
-
     t, d = x_bits.shape
-    if lib.dn_planes_estimate(ptr(x_bits), t, est.shape[1], d, ctypes.byref(gate), ctypes.byref(up), act, ptr(est),
-                              threads):
-        raise ValueError(f"the split-planes router takes 1-4 tokens, got {t}")
+    _check(lib.dn_planes_estimate(ptr(x_bits), t, est.shape[1], d, ctypes.byref(gate), ctypes.byref(up), act,
+                                  ptr(est), threads), "router", t)
 
 
-def sketch_native(lib, h, down, y, threads: int = 1) -> None:
+def sketch_native(lib, h, down: Mat, y, threads: int = 1) -> None:
     """The sketch prior alone in C: y float32 [T <= 4, d] += h [T, n] @ down~ (h = 0 skips a neuron)."""
-    import ctypes
-
-    from dn.native import ptr
-
     t, n = h.shape
-    if lib.dn_planes_sketch(ptr(h), t, n, y.shape[1], ctypes.byref(down), ptr(y), threads):
-        raise ValueError(f"the split-planes sketch takes 1-4 tokens, got {t}")
+    _check(lib.dn_planes_sketch(ptr(h), t, n, y.shape[1], ctypes.byref(down), ptr(y), threads), "sketch", t)
 
 
 def step(x: np.ndarray, gate: tuple, up: tuple, down: tuple, thresh: np.ndarray, c: np.ndarray, y0: np.ndarray,
@@ -280,7 +253,7 @@ def step(x: np.ndarray, gate: tuple, up: tuple, down: tuple, thresh: np.ndarray,
     w_hat = [sketch_values(s, m, d).astype(np.float64) for s, m, _ in (gate, up, down)]
     est = act(act_name, x64 @ w_hat[0].T) * (x64 @ w_hat[1].T)
     mask = np.abs(est) > thresh if mask is None else mask
-    g, u, dd = (to_float32(join(s, m, r, d)).astype(np.float64) for s, m, r in (gate, up, down))
+    g, u, dd = (bf16_to_f32(join(s, m, r, d)).astype(np.float64) for s, m, r in (gate, up, down))
     h = np.where(mask, act(act_name, x64 @ g.T) * (x64 @ u.T) - c, 0.0)
     y = y0.astype(np.float64) + h @ dd
     if sketch:

@@ -6,10 +6,16 @@ import pytest
 
 from dn import planes, sparse, tolerances
 from dn.errors import DnError
+from dn.safetensors_io import bf16_to_f32, f32_to_bf16
+
+
+def _round(v):
+    """float32 -> the nearest bfloat16 values, as float32."""
+    return bf16_to_f32(f32_to_bf16(np.asarray(v, np.float32)))
 
 
 def _bf16(rng, shape, scale=0.05):
-    return planes.round_bf16(rng.standard_normal(shape).astype(np.float32) * scale)
+    return _round(rng.standard_normal(shape).astype(np.float32) * scale)
 
 
 def _odd_weights(rng, m, k, big=1e5):
@@ -19,7 +25,7 @@ def _odd_weights(rng, m, k, big=1e5):
     spots = rng.choice(flat.size, 12, replace=False)
     flat[spots] = np.array([0.0, -0.0, 1e-39, -3e-39, 3e-30, -2e-25, big / 500, -big, 7e-20, 1e-33, 3.0, -9.0],
                            np.float32)
-    return planes.round_bf16(w)
+    return _round(w)
 
 
 def test_split_join_is_bit_exact_and_escapes_are_rare_and_small():
@@ -29,9 +35,9 @@ def test_split_join_is_bit_exact_and_escapes_are_rare_and_small():
     assert sk.shape == rest.planes.shape == (64, 136 * 3 // 4)
     assert np.array_equal(planes.join(sk, meta, rest, 136), bits)
     assert 0 < rest.esc_bits.size < 0.01 * bits.size
-    w, v = planes.to_float32(bits), planes.sketch_values(sk, meta, 136)
+    w, v = bf16_to_f32(bits), planes.sketch_values(sk, meta, 136)
     # the huge weights sit in the table (the router sees them); what escapes is small
-    assert np.abs(planes.to_float32(rest.esc_bits)).max() < 0.01 * np.median(np.abs(w))
+    assert np.abs(bf16_to_f32(rest.esc_bits)).max() < 0.01 * np.median(np.abs(w))
     big = np.unravel_index(np.argmax(np.abs(w)), w.shape)
     assert w[big] < 0 and -w[big] / 2 < -v[big] <= -w[big] * 2  # its class mean: same exponent and top bit
 
@@ -47,7 +53,7 @@ def test_sketch_values_are_sign_times_the_mean_of_their_class():
     key = (bits.astype(np.int64) >> 6) & 0x1FF          # exponent and m6
     for k in np.unique(key):
         sel = key == k
-        want = planes.round_bf16(np.float32(np.abs(w[sel]).astype(np.float64).mean()))
+        want = _round(np.float32(np.abs(w[sel]).astype(np.float64).mean()))
         assert np.all(got[sel] == np.where(w[sel] < 0, -want, want))
 
 

@@ -6,15 +6,14 @@
  * Threshold selection decides each neuron alone, so the router and the neurons share one stream: a skipped neuron's
  * rest is never read, and a kept one's sketch was just read. y (float32 [T, d]) comes in holding y0; mask (uint8
  * [T, n]) is written (route = 1) or read (route = 0: replay a given selection).
- * Decoding: a weight's sketch code q = r | a << 4 (r its 4-bit exponent rank, a = sign << 1 | m6) indexes two 64-entry
- * tables: the router's bf16 w^ and the exact bits' high part; the rest adds (m >> 2) << 2 | (m & 3). Escapes decode
- * as 0 and are added from their lists. AVX-512 VBMI + BF16 (32 weights a step, vdpbf16ps dots) behind #if, a
- * portable loop otherwise; OpenMP over neurons with one y per thread. */
+ * Decoding: a weight's sketch code q = r | m6 << 4 | sign << 5 (r its 4-bit exponent rank, m6 the mantissa's top bit)
+ * indexes two 64-entry tables: the router's bf16 w^ and the exact bits' high part; the rest adds the 6 low mantissa
+ * bits. Escapes decode as 0 and are added from their lists. AVX-512 VBMI + BF16 (64 weights a step, vdpbf16ps dots)
+ * behind #if, a portable loop otherwise; OpenMP over neurons with one y per thread. */
 #include "dn_kernels.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #if defined(__AVX512VBMI__) && defined(__AVX512BF16__)
 #define FAST 1
 #include <immintrin.h>
@@ -24,6 +23,7 @@
 #endif
 
 enum { MAXT = 4 };
+static const uint8_t ALL[MAXT] = {1, 1, 1, 1};  /* every token live */
 
 typedef struct {
     const uint8_t *sketch, *rest;   /* [m, 3k/4] each */
@@ -220,12 +220,18 @@ static int thread_id(int64_t *j0, int64_t *j1, int64_t n) {  /* this thread's sh
     return t;
 }
 
+static uint16_t *held_x(const uint16_t *x, int64_t T, int64_t d) {  /* x in its held order (malloc'd; NULL: none) */
+    uint16_t *xp = malloc((size_t)T * d * sizeof(uint16_t));
+    if (xp)
+        for (int64_t i = 0; i < T * d; i++) xp[(i / d) * d + pos(i % d, d)] = x[i];
+    return xp;
+}
+
 enum { BLOCK = 32 };  /* neurons routed before their kept ones are read: the sketches stay in L2 meanwhile */
 
 static void neurons(const uint16_t *xp, const uint16_t *x, int64_t T, int64_t n, int64_t d, const mat_t *g,
                     const mat_t *u, const mat_t *dn, const float *thresh, const float *c, int sketch, int route,
                     uint8_t *mask, float *y, int kind, int64_t j0, int64_t j1) {
-    const uint8_t all[MAXT] = {1, 1, 1, 1};
     float est[BLOCK][MAXT], gs[MAXT], us[MAXT], h[MAXT];
     uint8_t keep[BLOCK][MAXT];
     int64_t kept[BLOCK], skipped[BLOCK];
@@ -233,8 +239,8 @@ static void neurons(const uint16_t *xp, const uint16_t *x, int64_t T, int64_t n,
         int64_t je = jb + BLOCK < j1 ? jb + BLOCK : j1, nk = 0, ns = 0;
         for (int64_t j = jb; j < je; j++) {  /* route the block */
             int64_t next = j + 1 < j1 ? j + 1 : -1;
-            dot(g, j, d, xp, x, T, all, 0, next, gs);
-            dot(u, j, d, xp, x, T, all, 0, next, us);
+            dot(g, j, d, xp, x, T, ALL, 0, next, gs);
+            dot(u, j, d, xp, x, T, ALL, 0, next, us);
             int any = 0, none = 0;
             for (int64_t t = 0; t < T; t++) {
                 float e = act(kind, gs[t]) * us[t];
@@ -265,13 +271,12 @@ int dn_planes_step(const uint16_t *x, int64_t T, int64_t n, int64_t d, const mat
                    float *y, int kind, int threads) {
     if (T < 1 || T > MAXT) return -1;
     threads = team(threads, n);
-    uint16_t *xp = malloc((size_t)T * d * sizeof(uint16_t));
+    uint16_t *xp = held_x(x, T, d);
     float *acc = calloc((size_t)threads * T * d, sizeof(float));
     if (!xp || !acc) {
         free(xp), free(acc);
         return -2;
     }
-    for (int64_t i = 0; i < T * d; i++) xp[(i / d) * d + pos(i % d, d)] = x[i];
 #pragma omp parallel num_threads(threads)
     {
         int64_t j0, j1;
@@ -286,16 +291,17 @@ int dn_planes_step(const uint16_t *x, int64_t T, int64_t n, int64_t d, const mat
 /* A matrix's exact bf16 bits [m, k] in natural order, or (exact = 0) its sketch's w^ (prefill, plain paths). */
 void dn_planes_join(const mat_t *m, int64_t rows, int64_t k, uint16_t *out, int exact, int threads) {
     (void)threads;
+#ifdef FAST
+    int16_t nat[64];  /* natural position n of a block comes from held position pos(n): words 0-63 of w[0], w[1] */
+    for (int q = 0; q < 64; q++) nat[q] = (int16_t)pos(q, 64);
+#endif
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
     for (int64_t j = 0; j < rows; j++) {
         const uint8_t *sk = m->sketch + j * (3 * k / 4), *rest = exact ? m->rest + j * (3 * k / 4) : NULL;
         uint16_t *o = out + j * k;
         int64_t i = 0;
 #ifdef FAST
-        /* natural position n of a block comes from held position pos(n): words 0-63 across w[0], w[1] */
         lut_t l = lut(exact ? m->lut_hi : m->lut_w);
-        int16_t nat[64];
-        for (int q = 0; q < 64; q++) nat[q] = (int16_t)pos(q, 64);  /* per row: cheap beside the row */
         __m512i nat0 = _mm512_loadu_si512(nat), nat1 = _mm512_loadu_si512(nat + 32);
         for (; i + 64 <= k; i += 64) {
             __m512i w[2];
@@ -311,20 +317,18 @@ void dn_planes_join(const mat_t *m, int64_t rows, int64_t k, uint16_t *out, int 
 }
 
 /* The router alone: est [T, n] = act(g^) u^ from the gate and up sketches (T <= 4; residency's routers, whose
- * neurons live elsewhere). Returns -1 for T out of range. */
+ * neurons live elsewhere). Returns 0, -1 for T out of range, -2 when out of memory. */
 int dn_planes_estimate(const uint16_t *x, int64_t T, int64_t n, int64_t d, const mat_t *g, const mat_t *u,
                        int kind, float *est, int threads) {
     (void)threads;
     if (T < 1 || T > MAXT) return -1;
-    uint16_t *xp = malloc((size_t)T * d * sizeof(uint16_t));
+    uint16_t *xp = held_x(x, T, d);
     if (!xp) return -2;
-    for (int64_t i = 0; i < T * d; i++) xp[(i / d) * d + pos(i % d, d)] = x[i];
-    const uint8_t all[MAXT] = {1, 1, 1, 1};
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
     for (int64_t j = 0; j < n; j++) {
         float gs[MAXT], us[MAXT];
-        dot(g, j, d, xp, x, T, all, 0, j + 1 < n ? j + 1 : -1, gs);
-        dot(u, j, d, xp, x, T, all, 0, j + 1 < n ? j + 1 : -1, us);
+        dot(g, j, d, xp, x, T, ALL, 0, j + 1 < n ? j + 1 : -1, gs);
+        dot(u, j, d, xp, x, T, ALL, 0, j + 1 < n ? j + 1 : -1, us);
         for (int64_t t = 0; t < T; t++) est[t * n + j] = act(kind, gs[t]) * us[t];
     }
     free(xp);
