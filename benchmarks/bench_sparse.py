@@ -12,8 +12,8 @@ Paths, each against torch's dense MLP (three F.linear at the same dtype) timed i
            the router alone (every neuron skipped, no prior), the whole step with threshold selection set to keep
            that fraction of this token's neurons (the top scores, not a random set), and the same with the
            sketch prior
-Ratios are against dense timed in the same run just before each keep's paths; absolute times are meaningful
-only on the machine recorded.
+Ratios are against dense timed in the same run before and after each keep's paths, the faster of the two;
+absolute times are meaningful only on the machine recorded.
 Also checks the kernels against the numpy reference (--check). Timer and JSON: dn/benchmark.py.
     python benchmarks/bench_sparse.py --d 4096 --n 14336 --dtype bfloat16 --threads 1 --reps 7 \
         --json docs/results/bench-sparse-cpu-4096x14336.json                             # CPU, Llama-3-8B MLP
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from dn import backend as backends
-from dn import benchmark, sparse_mlp
+from dn import benchmark, planes, sparse_mlp
 from dn import sparse as ref
 from dn.tolerances import KERNEL
 
@@ -104,20 +104,16 @@ def bench(d: int, n: int, dtype: str, keeps: list[float], reps: int, dev: str, s
     fused = routed.ops.fused_available(x)
     split = routed.ops.planes_native(x)
     if split:  # router "planes": the weights' own sketches route
-        from dn import planes
-
         bits = routed.ops.bits16(bundled)
         parts = [planes.split(np.ascontiguousarray(bits[:, i])) for i in range(3)]
         ra, rb, _ = planes.stack(parts[:2])
         by_planes = {}
         for prior in ("none", "sketch"):
             pa, pb = (parts[2][0], parts[2][1][None]) if prior == "sketch" else (None, None)
-            by_planes[prior] = ts.SparseMLP(bundled, ref.LayerSparse(n, ra, rb, zero_c, zero_y0, "planes", "threshold",
-                                                                     np.zeros(n, np.float32), pa, pb))
+            layer = ref.LayerSparse(n, ra, rb, zero_c, zero_y0, "planes", "threshold", np.zeros(n, np.float32), pa, pb)
+            by_planes[prior] = ts.SparseMLP(bundled, layer)
         never = torch.full((n,), np.inf)  # thresholds no neuron passes: the router's pass alone
-        xs = x.float().cpu().numpy()
-        est = np.abs(ref.silu(xs @ planes.sketch_values(ra[:n], rb[0], d).T) * (xs @ planes.sketch_values(
-            ra[n:], rb[1], d).T))[0]
+        est = ref.scores(x.float().cpu().numpy(), layer)[0]  # this token's router scores
     rows = []
     with torch.inference_mode():
         for keep in keeps:

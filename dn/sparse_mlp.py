@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from dn import planes
+
 GATHER_LIMIT = 1 << 22  # elements of [T, k, 3, d] above which a step uses the masked path
 NATIVE_TOKENS = 4       # tokens up to which auto takes a C kernel (decode; dn/csrc/planes.c's most); more: masked
 PATHS = ("auto", "gather", "masked", "fused", "native")
@@ -72,8 +74,6 @@ class SparseMLP:
         dn.planes.FIELDS name, and "mat", the C kernels' struct, where those run. The sketches are the spec's (the
         down's: with the sketch prior); with bits (the bundled bf16 weights [n, 3, d]) the rests too, checked to
         complete the spec's sketches into these very weights: the layer is then held split, with no bundle."""
-        from dn import planes
-
         o, n = self.ops, self.n
         sks = [layer.router_a[:n], layer.router_a[n:], layer.prior_a if self.sketch else None]
         metas = [layer.router_b[0], layer.router_b[1], layer.prior_b[0] if self.sketch else None]

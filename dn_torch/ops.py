@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dn import planes
 from dn import sparse as ref
 from dn_torch import quant
 
@@ -134,8 +135,6 @@ def _codes(plane: torch.Tensor, k: int) -> torch.Tensor:
 def planes_decode(held: dict, k: int, out: torch.Tensor | None = None, exact: bool = True) -> torch.Tensor:
     """A router-planes matrix (held: dn.planes.FIELDS tensors, "mat" their C struct) as bf16 [m, k], its exact
     weights or (exact False) its sketch's w^, into out or a new tensor: the C decode where it runs, else torch."""
-    from dn import planes
-
     sk = held["sketch"]
     m = sk.shape[0]
     out = torch.empty(m, k, dtype=torch.bfloat16, device=sk.device) if out is None else out
@@ -154,8 +153,6 @@ def planes_decode(held: dict, k: int, out: torch.Tensor | None = None, exact: bo
 
 def planes_estimate(x: torch.Tensor, gate: dict, up: dict, name: str) -> torch.Tensor:
     """x bf16 [T <= 4, d] -> the router's act(g^) * u^ [T, n] float32 through dn/csrc/planes.c."""
-    from dn import planes
-
     est = torch.empty(x.shape[0], gate["sketch"].shape[0], dtype=torch.float32)
     planes.estimate_native(planes.native(), x.contiguous().view(torch.int16), gate["mat"], up["mat"], _ACTS[name],
                            est, _threads(x.shape[0] * 2 * gate["sketch"].numel()))
@@ -164,8 +161,6 @@ def planes_estimate(x: torch.Tensor, gate: dict, up: dict, name: str) -> torch.T
 
 def planes_sketch(h: torch.Tensor, down: dict) -> torch.Tensor:
     """h float32 [T <= 4, n] -> h @ the down matrix's sketch, [T, d] float32, through dn/csrc/planes.c."""
-    from dn import planes
-
     y = torch.zeros(h.shape[0], down["sketch"].shape[1] * 4 // 3, dtype=torch.float32)
     planes.sketch_native(planes.native(), h.float().contiguous(), down["mat"], y, _threads(down["sketch"].numel()))
     return y
@@ -173,8 +168,6 @@ def planes_sketch(h: torch.Tensor, down: dict) -> torch.Tensor:
 
 def planes_held(held: dict) -> dict:
     """A split matrix's held tensors + "mat", the C kernels' struct over them, where those run (CPU)."""
-    from dn import planes
-
     if held["sketch"].device.type == "cpu" and planes.native() is not None:
         return held | {"mat": planes.mat(held)}
     return held
@@ -202,8 +195,6 @@ def is_bfloat16(x: torch.Tensor) -> bool:
 
 def planes_native(x: torch.Tensor) -> bool:
     """The split-planes C kernels take these tokens: CPU, bf16, a compiler (dn.native)."""
-    from dn import planes
-
     return x.device.type == "cpu" and x.dtype == torch.bfloat16 and planes.native() is not None
 
 
@@ -211,8 +202,6 @@ def planes_step(x: torch.Tensor, mats: tuple, thresh: torch.Tensor, c: torch.Ten
                 sketch: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T <= 4, d] bf16 -> (y [T, d], mask bool [T, n]) through dn/csrc/planes.c (mats: dn.planes.mat structs over
     this layer's tensors); mask given: that selection replayed."""
-    from dn import planes
-
     t, d = x.shape
     y = torch.empty(t, d, dtype=torch.float32)
     y.copy_(y0)
@@ -225,7 +214,7 @@ def planes_step(x: torch.Tensor, mats: tuple, thresh: torch.Tensor, c: torch.Ten
 def native_available(x: torch.Tensor, bundled: torch.Tensor) -> bool:
     """The C kernel (dn/csrc/sparse.c) runs here: CPU tensors, bf16 or float32, a compiler (dn.native)."""
     return (x.device.type == "cpu" and bundled.dtype in _NATIVE and x.dtype == bundled.dtype
-            and _native() is not None)
+            and ref.native() is not None)
 
 
 def native_step(x: torch.Tensor, bundled: torch.Tensor, mask: torch.Tensor, c: torch.Tensor, y0: torch.Tensor,
@@ -238,7 +227,7 @@ def native_step(x: torch.Tensor, bundled: torch.Tensor, mask: torch.Tensor, c: t
     x, mask = x.contiguous(), mask.contiguous()
     y = torch.empty(t, d, dtype=torch.float32)
     y.copy_(y0)  # a fresh buffer: the kernel accumulates into it
-    _NATIVE[bundled.dtype](_native())(native.ptr(x), native.ptr(bundled), native.ptr(mask), t, bundled.shape[0], d,
+    _NATIVE[bundled.dtype](ref.native())(native.ptr(x), native.ptr(bundled), native.ptr(mask), t, bundled.shape[0], d,
                                       native.ptr(c), native.ptr(y), _ACTS[name], _threads(t * bundled[0].numel()))
     return y.to(x.dtype)
 
@@ -252,11 +241,6 @@ def _threads(weights: int) -> int:
 _PER_THREAD = 1 << 21
 _ACTS = {"silu": 0, "gelu_tanh": 1}  # dn/csrc/sparse.c's act kinds
 _NATIVE = {torch.bfloat16: lambda lib: lib.dn_sparse_kept_bf16, torch.float32: lambda lib: lib.dn_sparse_kept_f32}
-
-
-def _native():
-    """dn/csrc/sparse.c's library with its argument types, or None (DN_NATIVE=0, no compiler)."""
-    return ref.native()
 
 
 def fused_available(x: torch.Tensor, act: str = "silu") -> bool:
