@@ -85,9 +85,9 @@ def mlp_dense(spec: ModelSpec) -> bool:
 def split_mlp_bytes(section: dict) -> dict[str, int]:
     """A layer of router "planes" at bf16 holds its MLP as split planes (dn/planes.py): beside the sketches the
     sparse section holds (sparse_side), per layer `rest` (the rests of gate, up and down, their escape row offsets
-    and tables; the down's sketch too without the sketch prior; escapes not counted: 0.05% of the default model's
-    weights) instead of `dense_mlp` (the bf16 weights), and once `scratch`: one bf16 matrix the plain paths
-    (prefill) decode each into in turn."""
+    and tables; the down's sketch too without the sketch prior; the rare escapes not counted) instead of
+    `dense_mlp` (the bf16 weights), and once `scratch`: one bf16 matrix the plain paths (prefill) decode each into
+    in turn."""
     d, n = section["hidden"], section["intermediate"]
     rest = 3 * (n * 3 * d // 4 + 8 * n) + (_planes_sketch(n, d) if section.get("prior") != "sketch" else 0)
     return {"rest": rest, "dense_mlp": 3 * n * d * 2, "scratch": n * d * 2}
@@ -116,7 +116,7 @@ def sparse_side(section: dict, dtype_bytes: int) -> dict[str, int]:
     d, n, r = section["hidden"], section["intermediate"], section.get("rank", sparse.DEFAULT_RANK)
     kind = section.get("prior")
     int4 = {"int4": 2 * n, "int4gate": n}.get(section["router"])  # rows of the packed router
-    split = section["router"] == "planes"  # split-plane sketches: 6 bits a weight, + the router's 64 values
+    split = section["router"] == "planes"  # split-plane sketches of gate and up (_planes_sketch)
     router = (_int4(int4, d, dtype_bytes) if int4 else 2 * _planes_sketch(n, d) if split
               else (d * r + r * 2 * n) * 4)
     sketch = _planes_sketch(n, d) if split else _int4(d, n, dtype_bytes)
