@@ -161,15 +161,15 @@ def decode_native(lib, rt, out_f32: bool = False, threads: int = 1, out=None, dt
     return out.reshape(rt.shape)
 
 
-def matvec_native_bf16(lib, rt, x_bits, threads: int = 1, dtype: str | None = None):
+def matvec_native_bf16(lib, rt, x_bits, threads: int = 1, dtype: str | None = None, y=None):
     """The C fused GEMV for bfloat16 weights and bfloat16 inputs (x_bits: 16-bit bits [1..4, in], contiguous):
-    float32 sums of exact products (vdpbf16ps) [B, out]; None where this CPU's build lacks it. rt as in
-    decode_native; the result is numpy for numpy x, else a torch tensor (x's library)."""
+    float32 sums of exact products (vdpbf16ps) [B, out] into y (float32, contiguous; default a new numpy array);
+    None where this CPU's build lacks it. rt as in decode_native."""
     from dn.native import ptr
 
     out, k = rt.shape
     x_bits = np.ascontiguousarray(x_bits, np.uint16) if isinstance(x_bits, np.ndarray) else x_bits
-    y = _like(x_bits, (x_bits.shape[0], out))
+    y = np.empty((x_bits.shape[0], out), np.float32) if y is None else y
     if (dtype or rt.dtype) != "bfloat16" or x_bits.shape[1] != k:
         raise ValueError(f"matvec_native_bf16 takes bfloat16 weights and x [1..4, {k}], got {list(x_bits.shape)}")
     rc = lib.dn_fixed4_matvec_bf16(*_heads(rt), out, k, *_escapes(rt), ptr(x_bits), x_bits.shape[0], ptr(y), threads)
@@ -178,14 +178,14 @@ def matvec_native_bf16(lib, rt, x_bits, threads: int = 1, dtype: str | None = No
     return None if rc else y
 
 
-def matvec_native(lib, rt, x, threads: int = 1, dtype: str | None = None):
-    """The C fused decode+GEMV (batch 1..4), float32 x and accumulation: within tolerance of matvec(). rt and the
-    result's kind as in matvec_native_bf16."""
+def matvec_native(lib, rt, x, threads: int = 1, dtype: str | None = None, y=None):
+    """The C fused decode+GEMV (batch 1..4), float32 x (contiguous) and accumulation, into y as in
+    matvec_native_bf16: within tolerance of matvec(). rt as in decode_native."""
     from dn.native import ptr
 
     out, k = rt.shape
-    x = np.ascontiguousarray(x, np.float32) if isinstance(x, np.ndarray) else x.float().contiguous()
-    y = _like(x, (x.shape[0], out))
+    x = np.ascontiguousarray(x, np.float32) if isinstance(x, np.ndarray) else x
+    y = np.empty((x.shape[0], out), np.float32) if y is None else y
     if x.shape[1] != k or lib.dn_fixed4_matvec(*_heads(rt), out, k, *_escapes(rt), (dtype or rt.dtype) == "bfloat16",
                                                ptr(x), x.shape[0], ptr(y), threads):
         raise ValueError(f"matvec_native takes x [1..4, {k}], got {list(x.shape)}")
@@ -202,15 +202,6 @@ def _escapes(rt) -> tuple:
     from dn.native import ptr
 
     return ptr(rt.esc_index), ptr(rt.esc_symbol), rt.esc_index.shape[0]
-
-
-def _like(x, shape):
-    """A new float32 array of shape in x's library (numpy, else torch on the CPU)."""
-    if isinstance(x, np.ndarray):
-        return np.empty(shape, np.float32)
-    import torch
-
-    return torch.empty(shape, dtype=torch.float32)
 
 
 def resident_bytes(n: int, escapes: int = 0) -> int:

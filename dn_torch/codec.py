@@ -250,9 +250,9 @@ def matvec_fixed4(f, x: torch.Tensor) -> torch.Tensor:
     lib = codec_runtime.native() if x.device.type == "cpu" else None
     if lib is None or not 1 <= x.shape[0] <= 4:
         return nn.functional.linear(x, f.weight.to(x.dtype))
-    threads = torch.get_num_threads()
-    if x.dtype == torch.bfloat16 and f.coded == "bfloat16":  # exact bf16 products, no float32 copy of W or x
-        y = codec_runtime.matvec_native_bf16(lib, f, x.contiguous().view(torch.int16), threads, f.coded)
-        if y is not None:
-            return y
-    return codec_runtime.matvec_native(lib, f, x, threads, f.coded)
+    threads, y = torch.get_num_threads(), torch.empty(x.shape[0], f.shape[0], dtype=torch.float32)
+    bf16 = x.dtype == torch.bfloat16 and f.coded == "bfloat16"  # exact bf16 products, no float32 copy of W or x
+    if bf16 and codec_runtime.matvec_native_bf16(lib, f, x.contiguous().view(torch.int16), threads, f.coded, y) \
+            is not None:
+        return y
+    return codec_runtime.matvec_native(lib, f, x.float().contiguous(), threads, f.coded, y)
