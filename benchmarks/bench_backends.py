@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 
-from dn import backend as backends
-from dn.sources import resolve_model
-from dn.spec import load_spec
+from dn.model.sources import resolve_model
+from dn.model.spec import load_spec
+from dn.runtime import backend as backends
 
 
 def measure(name: str, model_dir, spec, dtype: str, n_prompt: int, n_decode: int) -> dict:

@@ -7,7 +7,7 @@ CPU: the pure-torch decoder then a matmul.
     python benchmarks/bench_codec.py --model [--coded-dir DIR] [--dtype float32] [--json OUT]
     python benchmarks/bench_codec.py --fixed4 --threads 1 [--shapes S] [--json docs/results/bench-codec-fixed4-cpu.json]
 
---fixed4 (CPU): the runtime layout (dn.codec_runtime) through dn_torch.codec: the C decode (GB/s of bf16 written)
+--fixed4 (CPU): the runtime layout (dn.formats.fixed4) through dn_torch.codec: the C decode (GB/s of bf16 written)
 and the pure-torch one, and per batch 1 and 4 torch's bf16 F.linear against the C fused decode+GEMV and against
 the runtime's decode-then-F.linear; ratios are times over F.linear's in the same run (< 1: faster).
 
@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from dn import codec
+from dn.formats import lossless as codec
 from dn_torch import codec as tc
 
 GPU_SHAPES = "4096x4096,14336x4096,4096x14336"
@@ -98,16 +98,17 @@ def bench_shape(shape, device: str, reps: int, steps: int) -> dict:
 def bench_model(coded_dir: str | None, dtype: str, reps: int) -> dict:
     """Decode-step latency of the default model, dense vs compressed (dn convert --codec lossless), on
     the torch backend, batch 1/4/16, after a 32-token prompt; resident weight bytes of both, accounted
-    (dn.footprint) and measured (dn.memory; the coded load follows the dense one, see dn.memory on reuse)."""
+    (dn.footprint) and measured (dn.runtime.memory; the coded load follows the dense one, see dn.runtime.memory on
+    reuse)."""
     import tempfile
     from pathlib import Path
 
-    from dn import backend as backends
-    from dn import memory
     from dn.convert import convert
     from dn.footprint import accounted
-    from dn.sources import resolve_model
-    from dn.spec import load_spec
+    from dn.model.sources import resolve_model
+    from dn.model.spec import load_spec
+    from dn.runtime import backend as backends
+    from dn.runtime import memory
 
     be = backends.get("torch")
     dense_dir = resolve_model(None, progress=False)
@@ -145,8 +146,8 @@ FIXED4_SHAPES = "4096x4096,14336x4096,4096x14336,1536x576,576x1536"
 
 
 def bench_fixed4(shape, reps: int) -> dict:
-    from dn import benchmark
-    from dn import codec_runtime as cr
+    from dn.formats import fixed4 as cr
+    from dn.runtime import timing as benchmark
 
     rng = np.random.default_rng(0)
     bits = (rng.normal(0, 0.02, shape).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
@@ -179,7 +180,7 @@ def bench_fixed4(shape, reps: int) -> dict:
 
 
 def main_fixed4(args) -> None:
-    from dn import benchmark
+    from dn.runtime import timing as benchmark
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or FIXED4_SHAPES).split(",")]
     records = []

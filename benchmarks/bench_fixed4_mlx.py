@@ -19,7 +19,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from dn import benchmark, codec_runtime
+from dn.formats import fixed4 as codec_runtime
+from dn.runtime import timing as benchmark
 from dn_mlx import codec as mc
 
 GPU_SHAPES = "4096x4096,14336x4096,4096x14336"
@@ -69,8 +70,8 @@ def bench_model(coded_dir: str | None, dtype: str, reps: int, prompt: int = 32) 
     import tempfile
 
     from dn.convert import convert
-    from dn.sources import resolve_model
-    from dn.spec import load_spec
+    from dn.model.sources import resolve_model
+    from dn.model.spec import load_spec
     from dn_mlx import model as m
 
     dense_dir = resolve_model(None)

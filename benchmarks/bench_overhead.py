@@ -15,7 +15,7 @@ torch, one process, one thread (--threads):
   rounding differs between the two caches' attention, so free-running tokens may part after a while).
 MLX (when installed and it runs): its eager step and the same step with each layer's MLP and norms under
 mx.compile (mlx-lm's KV cache keeps the offset as a Python int, so the whole step cannot be traced as one).
-All speeds in one run; ratios against eager; JSON through dn.benchmark.report.
+All speeds in one run; ratios against eager; JSON through dn.runtime.timing.report.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dn import benchmark  # noqa: E402
 from dn.bench import PROMPTS, Greedy, agreement  # noqa: E402
+from dn.runtime import timing as benchmark  # noqa: E402
 
 
 def _interleaved(steps: dict, reps: int, warmup: int) -> dict:
-    """dn.benchmark.interleaved, as this script's records."""
+    """dn.runtime.timing.interleaved, as this script's records."""
     return {k: {"latency_ms_p50": 1e3 * t["median_s"], "latency_ms_iqr": 1e3 * t["iqr_s"],
                 "tokens_per_s": 1 / t["median_s"], "reps": reps, "warmup": warmup}
             for k, t in benchmark.interleaved(steps, reps, warmup).items()}
@@ -45,7 +45,7 @@ def torch_records(model_arg, dtype: str, reps: int, warmup: int, modes: list[str
     from torch.profiler import ProfilerActivity, profile
     from transformers import StaticCache
 
-    from dn import loader
+    from dn.runtime import loader
 
     run = loader.load(model_arg, "torch", dtype)
     be, model = run.backend, run.model
@@ -121,7 +121,7 @@ def torch_records(model_arg, dtype: str, reps: int, warmup: int, modes: list[str
 def mlx_records(model_arg, dtype: str, reps: int, warmup: int) -> list[dict]:
     import mlx.core as mx
 
-    from dn import loader
+    from dn.runtime import loader
 
     run = loader.load(model_arg, "mlx", dtype)
     be, model = run.backend, run.model
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
             records += torch_records(args.model, args.dtype, args.steps, args.warmup,
                                      [m for m in args.modes.split(",") if m])
         elif backend == "mlx":
-            from dn import backend as backends
+            from dn.runtime import backend as backends
 
             if not backends.get("mlx").is_available():
                 records.append({"backend": "mlx", "error": "mlx does not run here"})

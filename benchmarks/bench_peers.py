@@ -1,4 +1,5 @@
-"""The lossless codec beside its peers on the same bf16 tensors: dn's codec (dn/codec.py), binade (MLX, bit-exact
+"""The lossless codec beside its peers on the same bf16 tensors: dn's codec (dn/formats/lossless.py), binade (MLX,
+bit-exact
 bf16; packs Linear weights with both sides >= 256 and the embedding) and lmzip (lmz: storage only, a whole file).
 
     python benchmarks/bench_peers.py [--model M] --json OUT [--markdown OUT.md] [--work DIR]
@@ -8,7 +9,7 @@ Bits per weight are compressed bits over the weights they cover, on one tensor s
   and the bytes of its files); both decoded back here and compared bit for bit (binade's numpy decoder);
 - the whole file (every tensor, safetensors header included for lmzip): dn's codec on every tensor, the folder
   `dn convert --codec lossless` writes (it keeps the embedding dense), lmzip's archive (round trip checked);
-- in memory: dn's resident bytes of the coded weights (dn.store: coded bytes, decode tables, one layer of decode
+- in memory: dn's resident bytes of the coded weights (dn.model.store: coded bytes, decode tables, one layer of decode
   scratch) at bf16; binade's loader runs on Metal or CUDA only (its error line is recorded where it cannot run).
 A peer that does not install or run here is recorded with its error line; no figure is taken from elsewhere.
 """
@@ -27,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dn import benchmark, codec, safetensors_io
-from dn.errors import DnError
+from dn.core import tensors as safetensors_io
+from dn.core.errors import DnError
+from dn.formats import lossless as codec
+from dn.runtime import timing as benchmark
 
 BINADE_MEMORY = """
 import json, sys
@@ -56,7 +59,7 @@ def error_line(e: BaseException | str) -> str:
 
 def bf16_folder(model_dir: Path, work: Path) -> Path:
     """The model's weights as bf16 safetensors: the folder itself when they are, else a copy rounded to bf16."""
-    from dn.spec import weight_files
+    from dn.model.spec import weight_files
 
     files = weight_files(model_dir)
     if all(dt not in ("F32", "F16") for f in files for _, dt in safetensors_io.load(f).values()):
@@ -101,8 +104,8 @@ def dn_rows(folder: Path, stats: dict, binade_set: list[str] | None, lossless: P
                  "bits_per_weight_disk": total["bits_per_weight"], "bit_exact": True,
                  "note": "dn codec stats: every floating tensor coded on its own"})
     if lossless is not None:
-        from dn import store
-        from dn.spec import load_spec
+        from dn.model import store
+        from dn.model.spec import load_spec
 
         spec = load_spec(lossless)
         coded = set(spec.codec["coded_tensors"])
@@ -118,8 +121,8 @@ def dn_rows(folder: Path, stats: dict, binade_set: list[str] | None, lossless: P
                      "tensors": "coded projections", "tensor_count": len(coded), "weights": coded_w,
                      "bits_per_weight_disk": bpw(8 * spec.codec["coded_bytes"], coded_w),
                      "bits_per_weight_memory": bpw(8 * resident, coded_w), "bit_exact": True,
-                     "note": "in memory at bf16 (dn.store.resident_bytes): coded bytes, decode tables and one layer "
-                             "of decode scratch"})
+                     "note": "in memory at bf16 (dn.model.store.resident_bytes): coded bytes, decode tables "
+                             "and one layer of decode scratch"})
     return rows
 
 
@@ -210,7 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", default=None)
     args = p.parse_args(argv)
     from dn import bench
-    from dn.sources import cache_dir, resolve_model
+    from dn.model.sources import cache_dir, resolve_model
 
     try:
         model_dir = resolve_model(args.model)

@@ -6,7 +6,7 @@ resident memory of loading a synthetic quantized Llama folder against its reside
 
     PYTHONPATH=. python benchmarks/bench_quant.py [--shapes 576x1536,4096x14336] [--threads N] [--load] [--json OUT]
 
-A shape is [out, in]; weights N(0, 0.02) quantized by dn.quant with bf16 scales and biases (as mlx-lm stores).
+A shape is [out, in]; weights N(0, 0.02) quantized by dn.formats.quant with bf16 scales and biases (as mlx-lm stores).
 Times: median of --reps calls after a warm-up call, time.perf_counter.
 """
 
@@ -24,15 +24,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dn import benchmark
-from dn import quant as ref
+from dn.formats import quant as ref
+from dn.runtime import timing as benchmark
 from dn_torch import quant as tq
 
 FORMATS = ((4, 32), (4, 64), (8, 64))
 
 
 def timer(fn, reps: int) -> float:
-    """Median seconds per call after one warm-up (dn.benchmark.timer, the timer every benchmark shares)."""
+    """Median seconds per call after one warm-up (dn.runtime.timing.timer, the timer every benchmark shares)."""
     return benchmark.timer(fn, reps=reps, warmup=1)["median_s"]
 
 
@@ -99,9 +99,9 @@ def crossover(m: int, k: int, reps: int) -> list[dict]:
 
 def load_memory(model_dir: Path) -> dict:
     """Peak RSS of backend.load on a quantized folder (VmHWM after clear_refs), vs its resident weights."""
-    from dn import memory
-    from dn.backend import get
-    from dn.spec import load_spec
+    from dn.model.spec import load_spec
+    from dn.runtime import memory
+    from dn.runtime.backend import get
 
     be = get("torch")
     spec = load_spec(model_dir)
@@ -129,8 +129,8 @@ def load_memories(root: Path) -> dict:
 
 
 def synthetic_folder(path: Path, hidden=1024, inter=2816, layers=4, vocab=16384, bits=4, gs=64) -> Path:
-    """A random Llama quantized by dn.quant and saved in mlx-lm's layout (bf16 scales, biases, norms)."""
-    from dn import safetensors_io
+    """A random Llama quantized by dn.formats.quant and saved in mlx-lm's layout (bf16 scales, biases, norms)."""
+    from dn.core import tensors as safetensors_io
 
     rng = np.random.default_rng(0)
     bf16 = safetensors_io.f32_to_bf16

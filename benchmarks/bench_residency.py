@@ -3,8 +3,8 @@
     python benchmarks/bench_residency.py --text NEWS.txt --calib-text calib.txt --json OUT.json \
         [--markdown OUT.md] [--plot OUT.png] [--backends torch,mlx] [--budgets 100,60,40,30,25,20,15]
 
-Per point: the resident weights accounted and measured by the platform (dn.memory) after the load, and resident
-memory over a greedy generation (peak, median, p99: dn.memory.Monitor, sampled each token); perplexity at
+Per point: the resident weights accounted and measured by the platform (dn.runtime.memory) after the load, and resident
+memory over a greedy generation (peak, median, p99: dn.runtime.memory.Monitor, sampled each token); perplexity at
 float32 on the text and its delta against the same store fully resident (per-sequence mode: scored on each
 window's last 3/4, its first quarter being the prompt that picks the neurons; every point also carries that
 tail delta); decode tokens/s at bfloat16 (torch: its int4 kernel; one thread) with the cold file in the OS page
@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dn import benchmark  # noqa: E402
+from dn.runtime import timing as benchmark  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 STORES = {  # name -> dn convert flags (None: the model as shipped)
@@ -55,8 +55,8 @@ def _nll(be, model, tokens: list[int], ctx: int) -> np.ndarray:
 
 
 def _decode(run, n: int, drop) -> dict:
-    from dn import memory
     from dn.generate import generate_tokens, prompt_ids
+    from dn.runtime import memory
 
     mon = memory.Monitor(run.backend, run.memory)
     ids = prompt_ids(run.tokenizer, PROMPT, False)
@@ -82,8 +82,8 @@ def _decode(run, n: int, drop) -> dict:
 
 
 def point(job: dict) -> dict:
-    from dn import loader, residency
-    from dn.text import read_text
+    from dn.core.text import read_text
+    from dn.runtime import loader, residency
 
     rec = {}
     for phase, dtype in (("quality", "float32"), ("speed", "bfloat16")):
@@ -293,7 +293,7 @@ def main() -> int:
     if args.point:
         print(json.dumps(point(json.loads(args.point))))
         return 0
-    from dn.sources import resolve_model
+    from dn.model.sources import resolve_model
 
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     model_dir = resolve_model(args.model)

@@ -31,8 +31,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dn import bench, benchmark, safetensors_io, spec  # noqa: E402
-from dn.errors import DnError  # noqa: E402
+from dn import bench  # noqa: E402
+from dn.core import tensors as safetensors_io  # noqa: E402
+from dn.core.errors import DnError  # noqa: E402
+from dn.model import spec  # noqa: E402
+from dn.runtime import timing as benchmark  # noqa: E402
 
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
              "head_dim": 128, "rope_theta": 500000.0, "rms_norm_eps": 1e-5}
@@ -54,7 +57,7 @@ def build(out: Path, layers: int = 4, tokenizer_dir: Path | None = None, seed: i
     tiny ones). The tokenizer files are the default model's unless tokenizer_dir is given."""
     if (out / "config.json").is_file():
         return out
-    from dn.sources import resolve_model
+    from dn.model.sources import resolve_model
 
     src = Path(tokenizer_dir) if tokenizer_dir else resolve_model(None)
     src_cfg = json.loads((src / "config.json").read_text())
@@ -88,8 +91,8 @@ def build(out: Path, layers: int = 4, tokenizer_dir: Path | None = None, seed: i
 
 def cut_text(src: Path, out: Path, tokenizer_dir: Path, tokens: int) -> Path:
     """The first `tokens` tokens of src as text (written once; dn bench keys sparse folders by its content)."""
-    from dn.text import read_text
-    from dn.tokenizer import Tokenizer
+    from dn.core.text import read_text
+    from dn.model.tokenizer import Tokenizer
 
     if not out.is_file():
         tok = Tokenizer(tokenizer_dir)
@@ -103,10 +106,11 @@ def cut_text(src: Path, out: Path, tokenizer_dir: Path, tokens: int) -> Path:
 def interleaved(model: Path, configs: list, calib: Path | None, batches: list[int], reps: int, warmup: int,
                 backend: str = "torch", dtype: str = "bfloat16") -> list[dict]:
     """Every config's folder (dn bench's cache) loaded in this one process and its decode steps timed in turns, one
-    step of each per round (dn.benchmark.timer): on shared cores the ratios of sequential processes follow the load,
+    step of each per round (dn.runtime.timing.timer): on shared cores the ratios of sequential processes follow the
+    load,
     these do not. Greedy tokens from the first prompt, as dn bench's."""
-    from dn import loader
-    from dn.sources import cache_dir
+    from dn.model.sources import cache_dir
+    from dn.runtime import loader
 
     root = cache_dir() / "bench"
     runs = {c.name: loader.load(str(bench.folder_for(c, model, root, calib, "auto")), backend, dtype) for c in configs}
@@ -149,8 +153,8 @@ def main(argv=None) -> int:
     extra = [a for a in extra if a != "--"]
     os.environ["OMP_NUM_THREADS"] = args.threads  # before anything imports torch (the interleaved timing)
 
-    from dn.sources import cache_dir, resolve_model
-    from dn.text import read_text, text_path
+    from dn.core.text import read_text, text_path
+    from dn.model.sources import cache_dir, resolve_model
 
     root = Path(args.cache).expanduser() if args.cache else cache_dir() / "shapes"
     model = build(root / f"llama3-8b-L{args.layers}-s{args.seed}", args.layers, seed=args.seed)

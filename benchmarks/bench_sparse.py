@@ -2,19 +2,20 @@
 
 Paths, each against torch's dense MLP (three F.linear at the same dtype) timed in the same run:
   gather   the plain path on given kept rows: index_select of bundled rows + three contractions
-  native   the C kernel (dn/csrc/sparse.c) on the same kept neurons, read in place from the bundles
+  native   the C kernel (dn/formats/csrc/sparse.c) on the same kept neurons, read in place from the bundles
   router   the int4 router alone (estimate through torch's packed int4 kernel + selection): its cost
   routed   the whole step: int4 router, top-k, the kept neurons (auto path: native on CPU), prior none
   sketch   routed + the sketch prior (int4 down through the same packed kernel)
   router-gate, routed-gate   the same with the int4gate router (an int4 sketch of the gate alone)
   fused    the Triton kernel on the given kept rows (CUDA)
-  planes-router, planes, planes-sketch   router "planes" (dn/planes.py) through dn/csrc/planes.c (CPU, bf16):
+  planes-router, planes, planes-sketch   router "planes" (dn/formats/planes.py) through dn/formats/csrc/planes.c
+  (CPU, bf16):
            the router alone (every neuron skipped, no prior), the whole step with threshold selection set to keep
            that fraction of this token's neurons (the top scores, not a random set), and the same with the
            sketch prior
 Ratios are against dense timed in the same run before and after each keep's paths, the faster of the two;
 absolute times are meaningful only on the machine recorded.
-Also checks the kernels against the numpy reference (--check). Timer and JSON: dn/benchmark.py.
+Also checks the kernels against the numpy reference (--check). Timer and JSON: dn/runtime/timing.py.
     python benchmarks/bench_sparse.py --d 4096 --n 14336 --dtype bfloat16 --threads 1 --reps 7 \
         --json docs/results/bench-sparse-cpu-4096x14336.json                             # CPU, Llama-3-8B MLP
     python benchmarks/bench_sparse.py --d 576 --n 1536 --dtype bfloat16 --threads 1     # default model shape
@@ -29,10 +30,12 @@ import sys
 import numpy as np
 import torch
 
-from dn import backend as backends
-from dn import benchmark, planes, sparse_mlp
-from dn import sparse as ref
-from dn.tolerances import KERNEL
+from dn.core.tolerances import KERNEL
+from dn.formats import planes
+from dn.formats import sparse as ref
+from dn.runtime import backend as backends
+from dn.runtime import sparse_mlp
+from dn.runtime import timing as benchmark
 
 be = backends.get("torch")
 
@@ -40,7 +43,7 @@ DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def timeit(fn, reps: int, dev: str) -> float:
-    """Median seconds per call after 3 warm-up calls (dn.benchmark.timer; CUDA synchronized)."""
+    """Median seconds per call after 3 warm-up calls (dn.runtime.timing.timer; CUDA synchronized)."""
     return benchmark.timer(fn, reps=reps, warmup=3, sync=torch.cuda.synchronize if dev == "cuda" else None)["median_s"]
 
 

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 
-from dn import loader
+from dn.runtime import loader
 from parity.run import PROMPTS, rel_err
 
 

@@ -21,7 +21,7 @@ MEMBER = "gensim/test/test_data/lee_background.cor"
 
 
 def fetch() -> Path:
-    from dn.sources import cache_dir
+    from dn.model.sources import cache_dir
 
     out = cache_dir() / "text" / "lee_background.txt"
     if out.is_file():

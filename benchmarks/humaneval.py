@@ -43,7 +43,7 @@ def passes(problem: dict, completion: str, timeout: float = 5.0) -> bool:
 
 
 def evaluate(model: str | None, backend: str, dtype: str, probs: list[dict], max_tokens: int) -> dict:
-    from dn import loader
+    from dn.runtime import loader
 
     run = loader.load(model, backend, dtype)
     out = {"tokens": [], "passed": []}

@@ -15,8 +15,10 @@ import time
 
 import numpy as np
 
-from dn import calibrate, sparse, store
 from dn.evaluate import perplexity
+from dn.formats import sparse
+from dn.model import store
+from dn.runtime import calibrate
 
 PROMPTS = ["The history of the city begins", "In a statement released on Monday, the company said",
            "Scientists have discovered", "def fibonacci(n):", "The best way to learn a language is",
@@ -83,9 +85,9 @@ def main(argv=None) -> int:
                         "same either way, so MLX can be measured on a spec fitted through torch")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from dn import backend as backends
-    from dn import loader
-    from dn.text import read_text
+    from dn.core.text import read_text
+    from dn.runtime import backend as backends
+    from dn.runtime import loader
 
     run = loader.load(args.model, args.backend, "float32")
     be, model, tok = run.backend, run.model, run.tokenizer

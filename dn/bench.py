@@ -10,16 +10,16 @@ A configuration is `FORMAT[+sparseNN][@BUDGET]`, named the same on both backends
 - `+sparseNN`: the per-token sparse MLP skipping NN% of the neurons, fitted on --calib-text (`sparse50` alone is
   dense+sparse50);
 - `@BUDGET`: a residency budget (`@25%` of the model's dense bf16 weights, or `@512MiB`), exact mode, through
-  dn.residency.bench_options (`residency_hook`); `--max-resident LIST` adds every budget to every configuration.
+  dn.runtime.residency.bench_options (`residency_hook`); `--max-resident LIST` adds every budget to every configuration.
 Folders are made once by `dn convert` into the dn cache (keyed by model, configuration and calibration text).
 
-Each (configuration, backend, dtype) runs in a fresh process: a process's first load is what dn.memory measures
+Each (configuration, backend, dtype) runs in a fresh process: a process's first load is what dn.runtime.memory measures
 exactly. Per record: accounted and measured resident weight bytes and their fraction of dense bf16; resident
 memory while generating (peak, median, p99 over steps, above the pre-load baseline); perplexity over the text
 and its delta against dense; decode latency p50/p99 and tokens/s per batch size, prefill tokens/s (one timer,
-dn.benchmark.timer: warm-up excluded, repetitions and spread reported); the ratio of each speed to dense measured
+dn.runtime.timing.timer: warm-up excluded, repetitions and spread reported); the ratio of each speed to dense measured
 in the same run; greedy agreement with dense over a fixed prompt set; HumanEval pass@1 and agreement with
-`--tasks humaneval`. JSON shape: dn.benchmark.report.
+`--tasks humaneval`. JSON shape: dn.runtime.timing.report.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dn import benchmark, cli
-from dn.errors import DnError
+from dn import cli
+from dn.core.errors import DnError
+from dn.runtime import timing as benchmark
 
 DEFAULT_CONFIGS = "dense,q8,q4g32e8,q4g32,q4g64,q3g32,lossless,sparse50,q4g32+sparse50"
 DTYPES = ("float32", "bfloat16")
@@ -62,7 +63,7 @@ PROMPTS = [
     "Question: A train leaves at 3 pm and travels 120 km at 60 km per hour. When does it arrive?\nAnswer:",
 ]
 HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
-# Record fields a residency run fills through dn.residency (None elsewhere).
+# Record fields a residency run fills through dn.runtime.residency (None elsewhere).
 RESIDENCY_FIELDS = ("fetched_bytes_per_token", "hit_rate")
 
 _FORMAT = r"dense|lossless|q(?P<bits>\d+)(?:g(?P<group>\d+))?(?:e(?P<emb>\d+))?"
@@ -116,7 +117,7 @@ def parse_budget(text: str) -> str:
 
 
 def parse_config(text: str) -> Config:
-    from dn import quant
+    from dn.formats import quant
 
     name = text.strip()
     m = _CONFIG.fullmatch(name)
@@ -156,21 +157,21 @@ def parse_configs(text: str, max_resident: str | None = None) -> list[Config]:
 
 
 def residency_hook():
-    """The one place `@budget` configurations reach dn.residency: its `bench_options(budget, model_dir, backend,
+    """The one place `@budget` configurations reach dn.runtime.residency: its `bench_options(budget, model_dir, backend,
     dtype) -> dict`, which the runner calls in the record's process. The dict may hold
-      "load":   () -> dn.loader.Loaded, the model loaded under the budget (default: dn.loader.load);
+      "load":   () -> dn.runtime.loader.Loaded, the model loaded under the budget (default: dn.runtime.loader.load);
       "fields": () -> dict, record fields read after the run (resident_peak_bytes, resident_median_bytes,
                 resident_p99_bytes, fetched_bytes_per_token, hit_rate), which replace the runner's own.
-    Raises DnError while dn.residency has no bench_options."""
+    Raises DnError while dn.runtime.residency has no bench_options."""
     try:
-        from dn import residency
+        from dn.runtime import residency
     except ModuleNotFoundError as e:
-        if e.name != "dn.residency":
+        if e.name != "dn.runtime.residency":
             raise
         residency = None
     hook = getattr(residency, "bench_options", None)
     if hook is None:
-        raise DnError("residency budgets need dn.residency (not landed)")
+        raise DnError("residency budgets need dn.runtime.residency (not landed)")
     return hook
 
 
@@ -246,8 +247,9 @@ def _mean_agreement(tokens: list[list[int]], baseline: list[list[int]] | None) -
 
 def decode_phase(be, model, res, prompts: list[list[int]], batch: int, reps: int, warmup: int,
                  sample_rest: bool) -> tuple[dict, list[list[int]]]:
-    """Decode latency at one batch size (dn.benchmark.timer over reps steps after warmup steps, no memory read
-    inside a timed step), then resident memory (res: dn.memory.Monitor) read after each of the untimed steps that
+    """Decode latency at one batch size (dn.runtime.timing.timer over reps steps after warmup steps, no memory read
+    inside a timed step), then resident memory (res: dn.runtime.memory.Monitor) read after each of the untimed steps
+    that
     follow: the other prompts' greedy continuations at batch 1 (sample_rest), else min(4, reps) more steps of the
     same batch; its peak covers the timed steps too."""
     res.reset()
@@ -331,9 +333,10 @@ def humaneval(run, limit: int | None, max_tokens: int) -> tuple[list[bool], list
 def measure(job: dict) -> dict:
     """One (configuration, backend, dtype) in this process: {"common": fields, "batches": [fields per batch],
     "tokens": greedy tokens per prompt, "humaneval_tokens": ...}."""
-    from dn import footprint, loader, memory
+    from dn import footprint
+    from dn.core.text import read_text
     from dn.evaluate import perplexity
-    from dn.text import read_text
+    from dn.runtime import loader, memory
 
     phase("load")
     fields = None
@@ -452,8 +455,8 @@ def _names(text: str, allowed, what: str) -> list[str]:
 @cache
 def sparse_router(calib_backend: str, fmt: str) -> str:
     """The router a sparse configuration over format fmt fits: dn convert's default where the calibration runs."""
-    from dn import backend as backends
-    from dn import sparse
+    from dn.formats import sparse
+    from dn.runtime import backend as backends
 
     be = backends.resolve(calib_backend)
     return sparse.default_router(be.NAME, be.device_name(), fmt == "dense")
@@ -633,9 +636,9 @@ def _same_file(a: Path, b: Path) -> bool:
 def _main(argv) -> int:
     from tqdm import tqdm
 
-    from dn import backend as backends
-    from dn.sources import cache_dir, resolve_model
-    from dn.text import read_text, text_path
+    from dn.core.text import read_text, text_path
+    from dn.model.sources import cache_dir, resolve_model
+    from dn.runtime import backend as backends
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = setup_arg_parser().parse_args(argv)

@@ -30,12 +30,12 @@ def _read_line(interactive: bool) -> str | None:
 
 
 def _main(argv) -> int:
-    from dn import loader
-    from dn.errors import DnError
+    from dn.core.errors import DnError
+    from dn.runtime import loader
 
     args = setup_arg_parser().parse_args(argv)
     generate.check_cache_args(args)
-    from dn import residency
+    from dn.runtime import residency
 
     run = loader.load(args.model, args.backend, args.dtype, **residency.load_args(args))
     tok = run.tokenizer

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from dn.errors import DnError
+from dn.core.errors import DnError
 
 VERBS = {
     "generate": ("dn.generate", "stream text from a model"),
@@ -15,7 +15,7 @@ VERBS = {
     "parity": ("parity.run", "compare the backends on the same model"),
     "footprint": ("dn.footprint", "bytes by role, accounted and measured"),
     "convert": ("dn.convert", "write a model folder (optionally compressed or sparse)"),
-    "codec": ("dn.codec_cmd", "lossless codec tools (stats)"),
+    "codec": ("dn.codec", "lossless codec tools (stats)"),
     "bench": ("dn.bench", "weight configurations x backends against dense: memory, quality, speed"),
 }
 
@@ -86,7 +86,7 @@ def progress(total: int, desc: str, unit: str):
 def default_dtype(backend: str) -> str:
     """`--dtype auto`: the model's own bfloat16 where the device computes it natively (Metal, CUDA/ROCm,
     MLX's GPU), float32 on a CPU."""
-    from dn import backend as backends
+    from dn.runtime import backend as backends
 
     try:
         device = backends.resolve(backend).device_name()

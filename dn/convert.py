@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dn import cli, quant, safetensors_io, sparse
-from dn.errors import DnError
+from dn import cli
+from dn.core import tensors as safetensors_io
+from dn.core.errors import DnError
+from dn.formats import quant, sparse
 
 COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
         "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
@@ -118,7 +120,7 @@ def _quantized(name: str, raw: np.ndarray, dtype: str, q: dict) -> dict:
 def write_quantized(src: Path, dst: Path, q: dict, arch) -> dict:
     """src's weights quantized into dst, file by file, and config.json with "quantization" (and mlx-lm's
     "quantization_config" twin); returns the dict, per-module entries kept only for modules quantized."""
-    from dn.spec import read_config, weight_files
+    from dn.model.spec import read_config, weight_files
 
     quant.check_config(q)
     copy_side_files(src, dst)
@@ -140,8 +142,8 @@ def write_quantized(src: Path, dst: Path, q: dict, arch) -> dict:
 
 def convert(src: Path, out: Path, codec: str | None, sparse_args: dict | None, quant: dict | None = None) -> None:
     """quant: a "quantization" dict (see quantization()) to write the weights quantized."""
-    from dn.sources import as_made_by_mkdir
-    from dn.spec import inventory, load_spec
+    from dn.model.sources import as_made_by_mkdir
+    from dn.model.spec import inventory, load_spec
 
     spec = load_spec(src)
     if spec.quant and codec:
@@ -151,7 +153,7 @@ def convert(src: Path, out: Path, codec: str | None, sparse_args: dict | None, q
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         if codec:
-            from dn import codec as lossless
+            from dn.formats import lossless
 
             spec.codec = lossless.compress_model(src, tmp)
         elif quant:
@@ -160,7 +162,7 @@ def convert(src: Path, out: Path, codec: str | None, sparse_args: dict | None, q
         else:
             copy_dense(src, tmp)
         if sparse_args is not None:  # calibrates on the dense source, whatever the weights were written as
-            from dn import calibrate
+            from dn.runtime import calibrate
 
             spec.sparse = calibrate.calibrate(src, tmp, **sparse_args)
         spec.source = str(src)
@@ -183,8 +185,8 @@ def quantize_args(args) -> dict | None:
 
 
 def _main(argv) -> int:
-    from dn.sources import resolve_model
-    from dn.text import read_text, text_path
+    from dn.core.text import read_text, text_path
+    from dn.model.sources import resolve_model
 
     args = setup_arg_parser().parse_args(argv)
     quantize = quantize_args(args)
@@ -224,7 +226,7 @@ def _main(argv) -> int:
 
 def upload_args(args) -> str | None:
     """Check the upload flags before any work; the --card-eval-text text, read now (None without it)."""
-    from dn.text import read_text
+    from dn.core.text import read_text
 
     if not args.upload_repo:
         if args.private or args.card_eval_text or args.card_eval_tokens:

@@ -7,7 +7,8 @@ import sys
 
 import numpy as np
 
-from dn import cli, residency
+from dn import cli
+from dn.runtime import residency
 
 
 def setup_arg_parser():
@@ -31,7 +32,7 @@ def windows(tokens: list[int], ctx: int) -> list[np.ndarray]:
 def perplexity(backend, model, tokens: list[int], ctx: int, batch: int = 1,
                progress: bool = False, on_chunk=None) -> tuple[float, int]:
     """(mean NLL per predicted token, number of predicted tokens); progress: a bar on stderr (cli.progress)."""
-    from dn.errors import DnError
+    from dn.core.errors import DnError
 
     wins = windows(tokens, ctx)
     if not wins:
@@ -55,18 +56,19 @@ def perplexity(backend, model, tokens: list[int], ctx: int, batch: int = 1,
 
 def text_tokens(model: str | None, text: str) -> list[int]:
     """The text as the model's tokens, before any weight is loaded (a text too short fails at once)."""
-    from dn.sources import resolve_model
-    from dn.spec import load_spec
-    from dn.tokenizer import Tokenizer
+    from dn.model.sources import resolve_model
+    from dn.model.spec import load_spec
+    from dn.model.tokenizer import Tokenizer
 
     model_dir = resolve_model(model)
     return Tokenizer(model_dir, load_spec(model_dir).architecture.eos_token_id).encode(text)
 
 
 def _main(argv) -> int:
-    from dn import footprint, loader, memory
-    from dn.errors import DnError
-    from dn.text import read_text, text_path
+    from dn import footprint
+    from dn.core.errors import DnError
+    from dn.core.text import read_text, text_path
+    from dn.runtime import loader, memory
 
     args = setup_arg_parser().parse_args(argv)
     path = text_path(args.text, "DN_EVAL_TEXT")

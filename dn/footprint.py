@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import sys
 
-from dn import cli, residency, store
-from dn.spec import DTYPE_BYTES, ROLES, ModelSpec
+from dn import cli
+from dn.model import store
+from dn.model.spec import DTYPE_BYTES, ROLES, ModelSpec
+from dn.runtime import residency
 
 
 def kv_cache_bytes(spec: ModelSpec, ctx: int, dtype: str, batch: int = 1) -> int:
@@ -15,7 +17,7 @@ def kv_cache_bytes(spec: ModelSpec, ctx: int, dtype: str, batch: int = 1) -> int
 
 
 def accounted(spec: ModelSpec, dtype: str, ctx: int) -> dict:
-    """Dense weights by role at the compute dtype, what dn keeps resident (dn.store.resident_bytes: every
+    """Dense weights by role at the compute dtype, what dn keeps resident (dn.model.store.resident_bytes: every
     format, by part) and the KV cache at ctx."""
     b = DTYPE_BYTES[dtype]
     roles = dict.fromkeys(ROLES, 0)
@@ -62,7 +64,7 @@ def _detail(m: dict) -> str:
 
 
 def measured_lines(m: dict) -> list[str]:
-    """What the load added, measured by the platform (dn.memory); the process's view too where a device
+    """What the load added, measured by the platform (dn.runtime.memory); the process's view too where a device
     allocator gave the figures."""
     process = [f"  {'process':<12}{_mib(m['rss_bytes'])}  {m['rss_kind']} ({_detail(m)} MiB)",
                f"  {'its peak':<12}{_mib(m['rss_peak_bytes'])}  {m['rss_peak_kind']}"]
@@ -74,8 +76,8 @@ def measured_lines(m: dict) -> list[str]:
 
 
 def _main(argv) -> int:
-    from dn.sources import resolve_model
-    from dn.spec import load_spec
+    from dn.model.sources import resolve_model
+    from dn.model.spec import load_spec
 
     args = setup_arg_parser().parse_args(argv)
     model_dir = resolve_model(args.model)
@@ -88,7 +90,7 @@ def _main(argv) -> int:
         plan = residency.make_plan(held, args.dtype, budget, args.residency_mode,
                                    residency.block_bytes(held, args.dtype))
     if not args.no_measure:
-        from dn import loader
+        from dn.runtime import loader
 
         run = loader.load(str(model_dir), args.backend, args.dtype, **residency.load_args(args))
         report["measured"] = measured(run)
@@ -108,7 +110,7 @@ def measured(run) -> dict:
 def write_json(report: dict, path: str) -> None:
     from pathlib import Path
 
-    from dn.errors import DnError
+    from dn.core.errors import DnError
 
     out = Path(path)
     tmp = out.with_name(out.name + ".tmp")

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from dn import cli
-from dn.sampling import sample
+from dn.runtime.sampling import sample
 
 __all__ = ["add_generation_args", "generate_tokens", "prompt_ids", "sample"]
 
@@ -34,7 +34,7 @@ def add_generation_args(p) -> None:
     p.add_argument("--verbose", nargs="?", const=True, default=True, type=_bool, metavar="BOOL",
                    help="print speed and memory statistics on stderr (--verbose false or -q: do not)")
     p.add_argument("-q", "--quiet", dest="verbose", action="store_false", help="same as --verbose false")
-    from dn import residency
+    from dn.runtime import residency
 
     residency.add_args(p)
 
@@ -59,7 +59,7 @@ def setup_arg_parser():
 
 
 def check_cache_args(args) -> None:
-    from dn.errors import DnError
+    from dn.core.errors import DnError
 
     if args.kv_bits is not None and args.max_kv_size is not None:
         raise DnError("--kv-bits and --max-kv-size do not combine (no quantized rotating cache)")
@@ -71,7 +71,7 @@ def generate_tokens(backend, model, prompt_ids: list[int], max_tokens: int, temp
                     cache=None, rng: np.random.Generator | None = None) -> Iterator[int]:
     """Prefill the prompt into a cache (a fresh one from the backend unless given; under max_kv_size N tokens
     at a time), then decode one token at a time. The last token yielded is not fed to the cache."""
-    from dn.errors import DnError
+    from dn.core.errors import DnError
 
     if not prompt_ids:
         raise DnError("the prompt is empty")
@@ -99,7 +99,7 @@ def messages(prompt: str, system_prompt: str | None) -> list[dict]:
 
 
 def prompt_ids(tokenizer, prompt: str, raw: bool, system_prompt: str | None = None) -> list[int]:
-    from dn.errors import DnError
+    from dn.core.errors import DnError
 
     if raw or not tokenizer.chat_template:
         if system_prompt:
@@ -112,7 +112,7 @@ def prompt_ids(tokenizer, prompt: str, raw: bool, system_prompt: str | None = No
 
 def read_prompt(prompt: str) -> str:
     """`--prompt -` reads the prompt from stdin."""
-    from dn.errors import DnError
+    from dn.core.errors import DnError
 
     if prompt != "-":
         return prompt
@@ -125,8 +125,8 @@ def read_prompt(prompt: str) -> str:
 def stream(run, ids: list[int], args, out=None, **kwargs) -> list[int]:
     """Generate from ids, printing the text as it comes (end-of-sequence tokens not shown); stats on stderr
     when args.verbose. Returns the tokens generated."""
-    from dn import memory
-    from dn.tokenizer import StreamDecoder
+    from dn.model.tokenizer import StreamDecoder
+    from dn.runtime import memory
 
     out = out or sys.stdout
     mon = memory.Monitor(run.backend, run.memory) if run.residency is not None else None
@@ -169,7 +169,7 @@ def residency_line(runtime, measured: dict) -> str:
 
 
 def _main(argv) -> int:
-    from dn import loader, residency
+    from dn.runtime import loader, residency
 
     args = setup_arg_parser().parse_args(argv)
     check_cache_args(args)

@@ -1,7 +1,7 @@
 """The Hugging Face Hub round trip: `dn convert --upload-repo USER/NAME` writes a model card (README.md) into the
-converted folder and pushes the folder with huggingface_hub; `--model USER/NAME` pulls it back (dn/sources.py).
+converted folder and pushes the folder with huggingface_hub; `--model USER/NAME` pulls it back (dn/model/sources.py).
 
-The card says what dn did (format, sparse section), the footprint dn accounts (dn.store.resident_bytes) and the
+The card says what dn did (format, sparse section), the footprint dn accounts (dn.model.store.resident_bytes) and the
 quality only when it was measured (`--card-eval-text`): never a number that was not.
 """
 
@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from dn.errors import DnError
+from dn.core.errors import DnError
 
 CARD = "README.md"
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default model's GGUF: its organization and name
@@ -38,7 +38,7 @@ def preflight(repo_id: str) -> None:
     no token."""
     from huggingface_hub import get_token
 
-    from dn.sources import REPO_ID
+    from dn.model.sources import REPO_ID
 
     if not REPO_ID.match(repo_id):
         raise DnError(f"--upload-repo {repo_id!r} is not a Hub repo id (USER/NAME)")
@@ -54,7 +54,7 @@ def preflight(repo_id: str) -> None:
 
 def base_model(model: str | None) -> str | None:
     """The Hub id of what was converted, when dn knows it: the default model's, or --model given as a repo id."""
-    from dn.sources import REPO_ID
+    from dn.model.sources import REPO_ID
 
     if model is None:
         return DEFAULT_BASE
@@ -70,8 +70,8 @@ def measure(folder: Path, source: Path, text: str, text_name: str, backend: str 
             max_tokens: int = CARD_EVAL_TOKENS) -> dict:
     """Perplexity of the converted folder and of its source on the same first max_tokens tokens of text (float32,
     non-overlapping windows of CARD_EVAL_CTX), one model loaded at a time."""
-    from dn import loader
     from dn.evaluate import perplexity
+    from dn.runtime import loader
 
     out = {"text": text_name, "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "ctx": CARD_EVAL_CTX,
            "dtype": CARD_EVAL_DTYPE}
@@ -101,7 +101,7 @@ def _q_text(p: dict) -> str:
 
 
 def _format_lines(spec) -> list[str]:
-    from dn import store
+    from dn.model import store
 
     entries = store.entries(spec)
     quantized = sum(e.format == "affine" for e in entries)
@@ -142,7 +142,7 @@ def _footprint_lines(spec, folder: Path, repo_id: str) -> list[str]:
         r = footprint.accounted(spec, dtype, 1)["resident_weight_bytes"]
         rows.append(f"| {dtype} | {_mib(r)} | {r / dense_bf16:.1%} |")
     on_disk = sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name != CARD)
-    return ["Accounted by dn from the tensor inventory (`dn.store.resident_bytes`): the weights a backend holds "
+    return ["Accounted by dn from the tensor inventory (`dn.model.store.resident_bytes`): the weights a backend holds "
             "resident at each compute dtype, sparse side data included, KV cache not. Dense bf16 weights of this "
             f"model: {_mib(dense_bf16)}.", "",
             "| compute dtype | resident weights | of dense bf16 |", "|---|---|---|", *rows, "",
@@ -181,7 +181,7 @@ def _yaml_list(key: str, values: list[str]) -> list[str]:
 def model_card(folder: Path, repo_id: str, base: str | None = None, quality: dict | None = None) -> str:
     """The README.md of a converted folder: YAML front matter, then what dn did, footprint, quality, how to run."""
     from dn import __version__
-    from dn.spec import load_spec
+    from dn.model.spec import load_spec
 
     spec = load_spec(Path(folder))
     mlx = plain_quantized(spec)

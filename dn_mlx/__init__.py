@@ -19,7 +19,7 @@ from dn_mlx.sparse import make_mlp as make_sparse_mlp
 
 
 def resident_module():
-    """dn_mlx.resident: the block layout and ops dn.residency runs on."""
+    """dn_mlx.resident: the block layout and ops dn.runtime.residency runs on."""
     from dn_mlx import resident
 
     return resident

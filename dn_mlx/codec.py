@@ -1,6 +1,6 @@
-"""Lossless codec on MLX. The stored format (dn.codec, Huffman): a pure-MLX decoder (any device) and Metal
-kernels (decode, fused decode+GEMV), bit-exact against dn.codec. The runtime: attach() converts each coded
-projection at load into the fixed-width layout fixed4 (dn.codec_runtime) and decodes it per call with a
+"""Lossless codec on MLX. The stored format (dn.formats.lossless, Huffman): a pure-MLX decoder (any device) and Metal
+kernels (decode, fused decode+GEMV), bit-exact against dn.formats.lossless. The runtime: attach() converts each coded
+projection at load into the fixed-width layout fixed4 (dn.formats.fixed4) and decodes it per call with a
 vectorized pure-MLX path (logits bit-identical to dense), or, on a GPU with DN_CODEC_FUSED=1, for a few rows
 of x, runs a fused fixed4 decode+GEMV kernel (Metal: metal/codec_fixed4.metal; CUDA: dn_mlx/_cuda_fixed4.py).
 
@@ -19,8 +19,9 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from dn import codec, codec_runtime
-from dn.errors import DnError
+from dn.core.errors import DnError
+from dn.formats import fixed4 as codec_runtime
+from dn.formats import lossless as codec
 
 _MAX_BATCH = 16  # matvec's fused kernel keeps B accumulators per thread
 _MAX_KERNEL_MAXLEN = 13  # the LUT is staged in threadgroup memory (2 << MAXLEN bytes of 32 KiB)
@@ -30,7 +31,7 @@ _MX_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 class _Packed(nn.Module):
-    """A dn.codec.Pack as MLX arrays: only the coded buffers (and the tiny per-tensor table)."""
+    """A dn.formats.lossless.Pack as MLX arrays: only the coded buffers (and the tiny per-tensor table)."""
 
     def __init__(self, p: codec.Pack):
         super().__init__()
@@ -218,7 +219,7 @@ def matvec(enc: codec.EncodedTensor, x: mx.array) -> mx.array:
     return x @ w.T
 
 
-# ---- runtime layout fixed4 (dn.codec_runtime): what attach() holds and runs -------------------------------
+# ---- runtime layout fixed4 (dn.formats.fixed4): what attach() holds and runs -------------------------------
 
 _FIXED4_TG = 256  # fused kernel: threads per threadgroup (8 simdgroups / warps, one row each)
 
@@ -281,7 +282,7 @@ def _pairs(bf16: bool):
 
 
 def _decode_fixed4(f: Fixed4) -> mx.array:
-    """-> uint16 bits [n], bit-exact (dn.codec_runtime.decode)."""
+    """-> uint16 bits [n], bit-exact (dn.formats.fixed4.decode)."""
     dtype, _, n, e = f._meta
     bits = _pairs(dtype == "bfloat16")(f.nibbles.view(mx.uint8), f.raw.view(mx.uint16), f.table)
     bits = bits.view(mx.uint16)[:n]

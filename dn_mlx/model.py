@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from dn.spec import ModelSpec, weight_files
+from dn.model.spec import ModelSpec, weight_files
 
 NAME = "mlx"
 # DN_MLX_DEVICE=cpu|gpu pins the device (CI runs the suite on the CPU of hosted macOS runners).
@@ -46,7 +46,7 @@ def _skeleton(spec: ModelSpec):
 
 
 def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=None):
-    """residency: a dn.residency.Runtime: the MLPs are not read from the folder but held under its plan."""
+    """residency: a dn.runtime.residency.Runtime: the MLPs are not read from the folder but held under its plan."""
     model = _skeleton(spec)
     weights = {}
     for f in weight_files(model_dir):
@@ -60,7 +60,7 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=Non
         for k in [k for k in weights if ".mlp." in k]:
             del weights[k]
     if spec.quant is not None:  # quantized layers swapped in before loading: no dense weight is ever built
-        from dn.quant import layout
+        from dn.formats.quant import layout
         from dn_mlx import quant
 
         quant.quantize_model(model, spec.quant | layout(spec.quant, weights))
@@ -108,7 +108,7 @@ def _load_plain(model, model_dir: Path, spec: ModelSpec, weights: dict, dtype) -
     dtype and evaluated, a chunk of rows at a time when it changes dtype (_read_as), so no stored copy of more
     than a chunk exists beside the model. A sparse folder's dense MLPs are built as their bundles (dn_mlx.sparse.
     lay_out_bundled); coded projections are swapped in before anything is read (dn_mlx.codec.attach)."""
-    from dn import safetensors_io
+    from dn.core import tensors as safetensors_io
 
     if spec.codec is not None:  # the coded projections are stored elsewhere: load what the model has a place for
         known = dict(nn.utils.tree_flatten(model.parameters()))
@@ -147,11 +147,11 @@ def _load_plain(model, model_dir: Path, spec: ModelSpec, weights: dict, dtype) -
 
 
 def _read_as(path: Path, info: dict, offset: int, dtype) -> mx.array:
-    """A stored floating tensor at dtype, evaluated, from plain reads of its file (dn.safetensors_io.read_rows).
+    """A stored floating tensor at dtype, evaluated, from plain reads of its file (dn.core.tensors.read_rows).
     One that changes dtype and is larger than _CHUNK_BYTES is filled a chunk of rows at a time: each slice
     update is evaluated before the next read and reuses the array's buffer. Same values as astype of the whole
     array."""
-    from dn import safetensors_io
+    from dn.core import tensors as safetensors_io
 
     stored, shape = _STORED[info["dtype"]], info["shape"]
 
@@ -178,7 +178,7 @@ def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None
     first 4 tokens and the last ones, max_kv_size in all); under kv_bits a QuantizedKVCache (groups of 64)."""
     from mlx_lm.models import cache as c
 
-    from dn.errors import DnError
+    from dn.core.errors import DnError
 
     own = c.make_prompt_cache(model)  # a model's own make_cache ignores mlx-lm's max_kv_size: bounded here
     if max_kv_size is None and kv_bits is None:

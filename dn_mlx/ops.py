@@ -1,4 +1,4 @@
-"""The array ops dn's backend-neutral layers (dn/sparse_mlp.py) are written over, on MLX.
+"""The array ops dn's backend-neutral layers (dn/runtime/sparse_mlp.py) are written over, on MLX.
 
 dn_torch/ops.py has the same functions; a test checks the two modules match, name for name."""
 
@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from dn import sparse as ref
+from dn.formats import sparse as ref
 from dn_mlx import quant
 
 
@@ -43,7 +43,7 @@ def weight_like(module: nn.Module) -> mx.array:
 
 
 def act(name: str, x: mx.array) -> mx.array:
-    """The gated MLP's activation by name (dn.sparse.ACTS)."""
+    """The gated MLP's activation by name (dn.formats.sparse.ACTS)."""
     if name == "gelu_tanh":
         return nn.gelu_approx(x)
     return nn.silu(x)
@@ -124,14 +124,15 @@ def bits16(x: mx.array) -> np.ndarray:
 
 
 def _codes(plane: mx.array, k: int) -> mx.array:
-    """A split plane uint8 [m, 3k/4] -> its 6-bit fields, uint32 [m, k] (dn.planes' packing)."""
+    """A split plane uint8 [m, 3k/4] -> its 6-bit fields, uint32 [m, k] (dn.formats.planes' packing)."""
     m = plane.shape[0]
     g = mx.pad(plane.reshape(m, k // 8, 6), [(0, 0), (0, 0), (0, 2)]).view(mx.uint64)  # [m, k/8, 1]
     return ((g >> mx.arange(0, 48, 6, dtype=mx.uint64)) & 63).reshape(m, k).astype(mx.uint32)
 
 
 def planes_decode(held: dict, k: int, out=None, exact: bool = True) -> mx.array:
-    """A router-planes matrix (held: dn.planes.FIELDS arrays) as bf16 [m, k], its exact weights or (exact False) its
+    """A router-planes matrix (held: dn.formats.planes.FIELDS arrays) as bf16 [m, k], its exact weights or (exact
+    False) its
     sketch's w^; out (torch's scratch) unused."""
     sk = held["sketch"]
     m = sk.shape[0]
@@ -173,7 +174,7 @@ def is_bfloat16(x: mx.array) -> bool:
 
 
 def planes_native(x: mx.array) -> bool:
-    """dn/csrc/planes.c takes host pointers; MLX runs its plain path (planes_decode)."""
+    """dn/formats/csrc/planes.c takes host pointers; MLX runs its plain path (planes_decode)."""
     return False
 
 
@@ -182,7 +183,7 @@ def planes_step(x, mats, thresh, c, y0, name, sketch, mask=None):
 
 
 def native_available(x: mx.array, bundled: mx.array) -> bool:
-    """dn/csrc/sparse.c takes host pointers; MLX arrays would need a copy out, so MLX runs its own paths."""
+    """dn/formats/csrc/sparse.c takes host pointers; MLX arrays would need a copy out, so MLX runs its own paths."""
     return False
 
 

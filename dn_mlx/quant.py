@@ -1,4 +1,4 @@
-"""Affine group-wise quantized weights (mlx-lm's format, dn/quant.py) on MLX: mlx's own quantized layers.
+"""Affine group-wise quantized weights (mlx-lm's format, dn/formats/quant.py) on MLX: mlx's own quantized layers.
 
 dn_torch/quant.py has the same public functions; a test checks the two modules match, name for name."""
 

@@ -1,5 +1,5 @@
 """Residency on MLX: one block of MLP neurons laid out as MLX computes on it, and the ops the resident MLP
-(dn/residency.py) runs on blocks. dn_torch/resident.py has the same functions.
+(dn/runtime/residency.py) runs on blocks. dn_torch/resident.py has the same functions.
 
 Layouts: dense: a bundle [BLOCK, 3, d] at the compute dtype; affine: mlx's own (packed uint32, scales and biases
 as stored, or at the compute dtype when that is 16-bit), gate and up joined along rows, down along columns.
@@ -12,8 +12,8 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from dn import residency
-from dn.spec import ModelSpec
+from dn.model.spec import ModelSpec
+from dn.runtime import residency
 from dn_mlx import ops
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -37,7 +37,7 @@ def _mx(a: np.ndarray, dtype) -> mx.array:
 
 
 def block_arrays(slices: dict, spec: ModelSpec, dtype: str) -> list[tuple[np.ndarray, int]]:
-    """One block's stored slices (dn.residency.block_slices) -> its tensors as MLX computes on them, as numpy
+    """One block's stored slices (dn.runtime.residency.block_slices) -> its tensors as MLX computes on them, as numpy
     (bf16 as uint16 bits), each with the axis along which blocks join."""
     dt = _DTYPES[dtype]
 
@@ -119,7 +119,7 @@ def concat(ts: list[mx.array]) -> mx.array:
 
 
 class ResidentModule(nn.Module):
-    """Binds a dn.residency.ResidentMLP to nn.Module (the model calls it as its MLP)."""
+    """Binds a dn.runtime.residency.ResidentMLP to nn.Module (the model calls it as its MLP)."""
 
     def __init__(self, mlp: residency.ResidentMLP):
         super().__init__()

@@ -1,4 +1,4 @@
-"""The sparse MLP on MLX: dn/sparse_mlp.py's layer bound to mlx.nn.Module, the Metal kernels, and the
+"""The sparse MLP on MLX: dn/runtime/sparse_mlp.py's layer bound to mlx.nn.Module, the Metal kernels, and the
 framework I/O calibration needs. Paths: `gather` (take of bundled rows, three contractions), `masked` for
 many tokens at once, and `fused` (metal/sparse_hidden.metal + metal/sparse_down.metal through
 mx.fast.metal_kernel; Apple GPU only, so it is not exercised on Linux).
@@ -14,15 +14,15 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from dn import sparse as ref
-from dn import sparse_mlp
+from dn.formats import sparse as ref
+from dn.runtime import sparse_mlp
 from dn_mlx import ops
 
 _DT = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 class SparseMLP(sparse_mlp.SparseMLP, nn.Module):
-    """Drop-in for a SwiGLU MLP executing one layer of the spec (dn.sparse_mlp.SparseMLP has the logic)."""
+    """Drop-in for a SwiGLU MLP executing one layer of the spec (dn.runtime.sparse_mlp.SparseMLP has the logic)."""
 
     ops = ops
 
@@ -138,7 +138,7 @@ def attach(model, model_dir: Path, spec) -> None:
 
 
 class RouterOnly(sparse_mlp.SparseMLP):
-    """A layer's router and prior without its neurons (residency holds those: dn/residency.py)."""
+    """A layer's router and prior without its neurons (residency holds those: dn/runtime/residency.py)."""
 
     ops = ops
 

@@ -164,13 +164,13 @@ def matvec(p, x: torch.Tensor, shape) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-# ---- fixed4: the runtime layout of dn/codec_runtime.py ------------------------------------------------------
+# ---- fixed4: the runtime layout of dn/formats/fixed4.py ------------------------------------------------------
 # Every weight decodes on its own: rank = its nibble, symbol = table[rank] (rank 15: an escape, fixed by a
 # second pass), bits = join(symbol, raw byte). Where the element count is even (every real projection), a
 # program reads nibble bytes and raw bytes as uint16 pairs, contiguous, so the loads can vectorise: element 2j is
 # the low nibble of byte j and the low byte of raw pair j.
 
-ESCAPE = tl.constexpr(15)  # dn.codec_runtime.ESCAPE; kernels read only constexpr globals
+ESCAPE = tl.constexpr(15)  # dn.formats.fixed4.ESCAPE; kernels read only constexpr globals
 
 
 @triton.jit
@@ -344,7 +344,7 @@ def coded_dtype(t) -> str:
 
 
 def fixed4_decode(t, out: torch.Tensor | None = None) -> torch.Tensor:
-    """A fixed4 tensor on the device -> its weights, bit-exact with dn.codec_runtime.decode: int16 bits [n], or
+    """A fixed4 tensor on the device -> its weights, bit-exact with dn.formats.fixed4.decode: int16 bits [n], or
     into out[:n] when given as int16, the coded dtype (the same bits) or float32 (the exact upcast). t: anything
     holding the RuntimeTensor fields as torch tensors (table, nibbles, raw, esc_index, esc_symbol) and
     `coded` or `dtype` naming the format."""
@@ -389,7 +389,7 @@ def fixed4_config(batch: int) -> dict:
 def fixed4_matvec(t, x: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """y = x @ W.T for a fixed4 W [out, in] (t as in fixed4_decode, t.shape its shape) and x [B, in], B <= 16,
     decoding W in registers: one kernel launch (two with SPLIT_K > 1: the cast). Sums in float32 in another order
-    than cuBLAS: close to dn.codec_runtime.matvec (within dn.tolerances.KERNEL), not bit-identical. (Triton's
+    than cuBLAS: close to dn.formats.fixed4.matvec (within dn.core.tolerances.KERNEL), not bit-identical. (Triton's
     interpreter truncates the float32 -> bf16/fp16 cast of y, where a GPU rounds to nearest.)"""
     n_out, n_in = t.shape
     if x.dim() != 2 or x.shape[1] != n_in or not 1 <= x.shape[0] <= 16:

@@ -1,5 +1,6 @@
-"""Lossless codec on torch. Stored format (dn.codec, Huffman): a pure-torch decoder (any device) and a Triton
-kernel (CUDA/ROCm), both bit-exact against dn.codec. Runtime (dn.codec_runtime, fixed4): attach() converts each
+"""Lossless codec on torch. Stored format (dn.formats.lossless, Huffman): a pure-torch decoder (any device) and a Triton
+kernel (CUDA/ROCm), both bit-exact against dn.formats.lossless. Runtime (dn.formats.fixed4, fixed4): attach()
+converts each
 coded projection at load and decodes it, just before its matmul, into a reused scratch buffer: the C kernel on
 CPU, a pure-torch path elsewhere or when DN_NATIVE=0; all bit-exact."""
 
@@ -12,26 +13,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from dn import codec, codec_runtime
+from dn.formats import fixed4 as codec_runtime
+from dn.formats import lossless as codec
 
 _MASK32 = 0xFFFFFFFF
 
 
 class PackedLayer(nn.Module):
-    """A dn.codec.Pack held on a device: only the coded buffers are resident."""
+    """A dn.formats.lossless.Pack held on a device: only the coded buffers are resident."""
 
     def __init__(self, p: codec.Pack):
         super().__init__()
         self.lanes, self.steps, self.maxlen, self.dtype, self.n = p.lanes, p.steps, p.maxlen, p.dtype, p.n
         self.slices = p.slices
-        # The pack's own arrays (fresh from dn.codec.pack), shared rather than copied: a loader holds one copy
+        # The pack's own arrays (fresh from dn.formats.lossless.pack), shared rather than copied: a loader holds one
+        # copy
         # of a layer's coded data beside the model, not two.
         for name, a in (("words", p.words.view("int32")), ("offsets", p.offsets.view("int32")),
                         ("luts", p.luts.view("int16")), ("raw", p.raw), ("table", p.table)):
             self.register_buffer(name, torch.from_numpy(np.require(a, requirements=["C", "W"])))
 
     def stream_meta(self):
-        """Per stream: (bit position, LUT base, output base, count), as dn.codec.stream_meta."""
+        """Per stream: (bit position, LUT base, output base, count), as dn.formats.lossless.stream_meta."""
         t = self.table
         streams = torch.diff(torch.cat([t[:, 0], t.new_tensor([self.offsets.numel()])]))
         tid = torch.repeat_interleave(torch.arange(len(t), device=t.device), streams)
@@ -116,7 +119,7 @@ _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CodecLinear(nn.Module):
-    """nn.Linear whose weight is held in the runtime layout fixed4 (dn.codec_runtime, converted at load from the
+    """nn.Linear whose weight is held in the runtime layout fixed4 (dn.formats.fixed4, converted at load from the
     stored Huffman code) and decoded on access into one scratch buffer shared by every projection (the largest
     projection's size: the model holds one decoded projection at a time). Decoding per projection keeps the
     decoded weight in cache for the matmul that follows. The weights are the stored bits exactly, so logits
@@ -168,7 +171,7 @@ def from_encoded(enc: codec.EncodedTensor, fused: bool = False) -> CodecLinear:
 
 def _decode_into(f, out: torch.Tensor) -> torch.Tensor:
     """f: a module holding a fixed4 tensor's buffers (CodecLinear); out: [n] int16 bits, or values at the coded
-    dtype or float32 (exact upcast). CPU: the C kernel (dn/csrc/codec_runtime.c), else the pure-torch path."""
+    dtype or float32 (exact upcast). CPU: the C kernel (dn/formats/csrc/codec_runtime.c), else the pure-torch path."""
     if out.is_cuda:
         return _decode_fixed4_cuda(f, out)
     lib = codec_runtime.native() if out.device.type == "cpu" else None

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dn import safetensors_io
-from dn.errors import DnError
-from dn.spec import ModelSpec, weight_files
+from dn.core import tensors as safetensors_io
+from dn.core.errors import DnError
+from dn.model.spec import ModelSpec, weight_files
 
 NAME = "torch"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,7 +64,7 @@ def _meta_model(spec: ModelSpec):
 
 
 def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=None):
-    """residency: a dn.residency.Runtime: the MLPs are not read from the folder but held under its plan."""
+    """residency: a dn.runtime.residency.Runtime: the MLPs are not read from the folder but held under its plan."""
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -96,7 +96,7 @@ def _sparse_layers(model_dir: Path, spec: ModelSpec, runtime, dtype: torch.dtype
 
 
 def _without_mlps(model) -> None:
-    """Residency: the MLPs are held by dn.residency, not read from the folder (their tensors find no slot)."""
+    """Residency: the MLPs are held by dn.runtime.residency, not read from the folder (their tensors find no slot)."""
     from dn_torch import resident
 
     for layer in model.model.layers:
@@ -179,7 +179,7 @@ def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: torch.dtype, reside
     """An mlx-lm quantized folder: the skeleton stays on meta, its quantized modules are swapped in, and each
     stored tensor is read from the file straight into its final tensor; packed weights last, a chunk of rows
     at a time into the layout they compute in (no dense, nor second packed, copy of a matrix ever exists)."""
-    from dn import quant as q
+    from dn.formats import quant as q
     from dn_torch import quant
 
     model, config = _meta_model(spec)
@@ -220,7 +220,7 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 class _Stored:
     """One tensor of a safetensors file, read on demand (whole, or rows [r0, r1)) into fresh memory on the
-    device. Plain reads (dn.safetensors_io.read_rows), not a mapping: mapped pages would count as resident
+    device. Plain reads (dn.core.tensors.read_rows), not a mapping: mapped pages would count as resident
     until the file is closed."""
 
     def __init__(self, path: Path, name: str, info: dict, offset: int):
@@ -426,7 +426,7 @@ def import_model_code(spec: ModelSpec) -> None:
 
 def memory_stats(reset_peak: bool = False) -> dict | None:
     """CUDA's allocator: bytes of live tensors now and at the peak (then reset when asked). None on the CPU,
-    which has no device allocator (dn.memory measures the process), and on MPS (not wired up)."""
+    which has no device allocator (dn.runtime.memory measures the process), and on MPS (not wired up)."""
     if _device().type != "cuda":
         return None
     stats = {"kind": "cuda allocated", "active_bytes": int(torch.cuda.memory_allocated()),

@@ -1,4 +1,4 @@
-"""The array ops dn's backend-neutral layers (dn/sparse_mlp.py) are written over, on torch.
+"""The array ops dn's backend-neutral layers (dn/runtime/sparse_mlp.py) are written over, on torch.
 
 dn_mlx/ops.py has the same functions; a test checks the two modules match, name for name."""
 
@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dn import planes
-from dn import sparse as ref
+from dn.formats import planes
+from dn.formats import sparse as ref
 from dn_torch import quant
 
 
@@ -45,7 +45,7 @@ def weight_like(module: nn.Module) -> torch.Tensor:
 
 
 def act(name: str, x: torch.Tensor) -> torch.Tensor:
-    """The gated MLP's activation by name (dn.sparse.ACTS)."""
+    """The gated MLP's activation by name (dn.formats.sparse.ACTS)."""
     if name == "gelu_tanh":
         return nn.functional.gelu(x, approximate="tanh")
     return nn.functional.silu(x)
@@ -126,14 +126,14 @@ def bits16(x: torch.Tensor) -> np.ndarray:
 
 
 def _codes(plane: torch.Tensor, k: int) -> torch.Tensor:
-    """A split plane uint8 [m, 3k/4] -> its 6-bit fields, int64 [m, k] (dn.planes' packing)."""
+    """A split plane uint8 [m, 3k/4] -> its 6-bit fields, int64 [m, k] (dn.formats.planes' packing)."""
     m = plane.shape[0]
     g = torch.nn.functional.pad(plane.view(m, k // 8, 6), (0, 2)).contiguous().view(torch.int64)  # [m, k/8, 1]
     return ((g >> torch.arange(0, 48, 6, device=plane.device)) & 63).reshape(m, k)
 
 
 def planes_decode(held: dict, k: int, out: torch.Tensor | None = None, exact: bool = True) -> torch.Tensor:
-    """A router-planes matrix (held: dn.planes.FIELDS tensors, "mat" their C struct) as bf16 [m, k], its exact
+    """A router-planes matrix (held: dn.formats.planes.FIELDS tensors, "mat" their C struct) as bf16 [m, k], its exact
     weights or (exact False) its sketch's w^, into out or a new tensor: the C decode where it runs, else torch."""
     sk = held["sketch"]
     m = sk.shape[0]
@@ -152,7 +152,7 @@ def planes_decode(held: dict, k: int, out: torch.Tensor | None = None, exact: bo
 
 
 def planes_estimate(x: torch.Tensor, gate: dict, up: dict, name: str) -> torch.Tensor:
-    """x bf16 [T <= 4, d] -> the router's act(g^) * u^ [T, n] float32 through dn/csrc/planes.c."""
+    """x bf16 [T <= 4, d] -> the router's act(g^) * u^ [T, n] float32 through dn/formats/csrc/planes.c."""
     est = torch.empty(x.shape[0], gate["sketch"].shape[0], dtype=torch.float32)
     planes.estimate_native(planes.native(), x.contiguous().view(torch.int16), gate["mat"], up["mat"], _ACTS[name],
                            est, _threads(x.shape[0] * 2 * gate["sketch"].numel()))
@@ -160,7 +160,7 @@ def planes_estimate(x: torch.Tensor, gate: dict, up: dict, name: str) -> torch.T
 
 
 def planes_sketch(h: torch.Tensor, down: dict) -> torch.Tensor:
-    """h float32 [T <= 4, n] -> h @ the down matrix's sketch, [T, d] float32, through dn/csrc/planes.c."""
+    """h float32 [T <= 4, n] -> h @ the down matrix's sketch, [T, d] float32, through dn/formats/csrc/planes.c."""
     y = torch.zeros(h.shape[0], down["sketch"].shape[1] * 4 // 3, dtype=torch.float32)
     planes.sketch_native(planes.native(), h.float().contiguous(), down["mat"], y, _threads(down["sketch"].numel()))
     return y
@@ -194,13 +194,14 @@ def is_bfloat16(x: torch.Tensor) -> bool:
 
 
 def planes_native(x: torch.Tensor) -> bool:
-    """The split-planes C kernels take these tokens: CPU, bf16, a compiler (dn.native)."""
+    """The split-planes C kernels take these tokens: CPU, bf16, a compiler (dn.formats.native)."""
     return x.device.type == "cpu" and x.dtype == torch.bfloat16 and planes.native() is not None
 
 
 def planes_step(x: torch.Tensor, mats: tuple, thresh: torch.Tensor, c: torch.Tensor, y0: torch.Tensor, name: str,
                 sketch: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T <= 4, d] bf16 -> (y [T, d], mask bool [T, n]) through dn/csrc/planes.c (mats: dn.planes.mat structs over
+    """x [T <= 4, d] bf16 -> (y [T, d], mask bool [T, n]) through dn/formats/csrc/planes.c (mats:
+    dn.formats.planes.mat structs over
     this layer's tensors); mask given: that selection replayed."""
     t, d = x.shape
     y = torch.empty(t, d, dtype=torch.float32)
@@ -212,7 +213,8 @@ def planes_step(x: torch.Tensor, mats: tuple, thresh: torch.Tensor, c: torch.Ten
 
 
 def native_available(x: torch.Tensor, bundled: torch.Tensor) -> bool:
-    """The C kernel (dn/csrc/sparse.c) runs here: CPU tensors, bf16 or float32, a compiler (dn.native)."""
+    """The C kernel (dn/formats/csrc/sparse.c) runs here: CPU tensors, bf16 or float32, a compiler
+    (dn.formats.native)."""
     return (x.device.type == "cpu" and bundled.dtype in _NATIVE and x.dtype == bundled.dtype
             and ref.native() is not None)
 
@@ -221,7 +223,7 @@ def native_step(x: torch.Tensor, bundled: torch.Tensor, mask: torch.Tensor, c: t
                 name: str) -> torch.Tensor:
     """x [T, d], bundled [n, 3, d], mask bool [T, n] (any count per token) -> y [T, d] through the C kernel: the
     kept neurons read from their bundles in place, each once for every token keeping it, float32 accumulation."""
-    from dn import native
+    from dn.formats import native
 
     t, d = x.shape
     x, mask = x.contiguous(), mask.contiguous()
@@ -239,7 +241,7 @@ def _threads(weights: int) -> int:
 
 
 _PER_THREAD = 1 << 21
-_ACTS = {"silu": 0, "gelu_tanh": 1}  # dn/csrc/sparse.c's act kinds
+_ACTS = {"silu": 0, "gelu_tanh": 1}  # dn/formats/csrc/sparse.c's act kinds
 _NATIVE = {torch.bfloat16: lambda lib: lib.dn_sparse_kept_bf16, torch.float32: lambda lib: lib.dn_sparse_kept_f32}
 
 

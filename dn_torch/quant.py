@@ -1,4 +1,4 @@
-"""Affine group-wise quantized weights (mlx-lm's format, dn/quant.py) on torch: W = scales * q + biases per
+"""Affine group-wise quantized weights (mlx-lm's format, dn/formats/quant.py) on torch: W = scales * q + biases per
 group of `group_size` inputs, the codes q packed `bits` at a time into little-endian uint32 words.
 
 A quantized matrix [m, k] lives in one of three layouts, always in the same three buffers:
@@ -21,8 +21,8 @@ import functools
 import torch
 from torch import nn
 
-from dn import quant as ref
-from dn.errors import DnError
+from dn.core.errors import DnError
+from dn.formats import quant as ref
 
 _BLOCK = 1 << 20  # elements of dense rows the plain path holds at once
 _REPACK = 1 << 18  # codes converted at once at load (small scratch, so the heap it leaves behind is too)
@@ -50,7 +50,7 @@ def _shape(packed: torch.Tensor, bits: int) -> tuple[int, int]:
 # ---- the plain path: codes of some rows -> dense rows -------------------------------------------------
 
 def _unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """mlx-packed rows [R, k*bits/32] -> codes uint8 [R, k] (dn.quant.unpack)."""
+    """mlx-packed rows [R, k*bits/32] -> codes uint8 [R, k] (dn.formats.quant.unpack)."""
     r = packed.shape[0]
     n, nbytes = ref._chunk(bits)  # codes per run of whole bytes: 3- and 6-bit codes straddle bytes
     raw = packed.contiguous().view(torch.uint8).view(r, -1, nbytes)

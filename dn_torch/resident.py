@@ -1,5 +1,5 @@
 """Residency on torch: one block of MLP neurons laid out as torch computes on it, and the three ops the
-resident MLP (dn/residency.py) runs on blocks. dn_mlx/resident.py has the same functions.
+resident MLP (dn/runtime/residency.py) runs on blocks. dn_mlx/resident.py has the same functions.
 
 Layouts (`layout_key`): dense: a bundle [BLOCK, 3, d] at the compute dtype; affine: each projection in the
 layout dn_torch.quant computes in at that dtype (torch's int4 or int8 CPU kernel layouts at 16-bit compute,
@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dn import residency
-from dn.spec import ModelSpec
+from dn.model.spec import ModelSpec
+from dn.runtime import residency
 from dn_torch import ops, quant
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,12 +72,12 @@ def _axes(kind: str, role: str) -> list[int]:
 
 
 def block_arrays(slices: dict, spec: ModelSpec, dtype: str) -> list[tuple[np.ndarray, int]]:
-    """One block's stored slices (dn.residency.block_slices) -> its tensors as torch computes on them, as numpy
+    """One block's stored slices (dn.runtime.residency.block_slices) -> its tensors as torch computes on them, as numpy
     (bf16 as uint16 bits), each with the axis along which blocks join."""
     dt = _DTYPES[dtype]
     kind = _kind(spec, dtype)
     if kind == "dense":
-        from dn.safetensors_io import bf16_to_f32
+        from dn.core.tensors import bf16_to_f32
 
         f = {k: bf16_to_f32(a) if d == "BF16" else a.astype(np.float32) for k, (a, d) in slices.items()}
         b = np.stack([f["gate_proj.weight"], f["up_proj.weight"], f["down_proj.weight"].T], axis=1)
@@ -162,7 +162,7 @@ def concat(ts: list[torch.Tensor]) -> torch.Tensor:
 
 
 class ResidentModule(nn.Module):
-    """Binds a dn.residency.ResidentMLP to nn.Module (the model calls it as its MLP)."""
+    """Binds a dn.runtime.residency.ResidentMLP to nn.Module (the model calls it as its MLP)."""
 
     def __init__(self, mlp: residency.ResidentMLP):
         super().__init__()

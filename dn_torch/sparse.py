@@ -1,4 +1,4 @@
-"""The sparse MLP on torch: dn/sparse_mlp.py's layer bound to nn.Module, the fused Triton kernel, and the
+"""The sparse MLP on torch: dn/runtime/sparse_mlp.py's layer bound to nn.Module, the fused Triton kernel, and the
 framework I/O calibration needs. Paths: `gather` (index_select of bundled rows, three small contractions;
 any device), `fused` (one Triton kernel: gather, gate/up dots, silu*up, prior correction and down
 accumulation; CUDA, one token), `masked` for many tokens at once (prefill/eval).
@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dn import sparse as ref
-from dn import sparse_mlp
+from dn.formats import sparse as ref
+from dn.runtime import sparse_mlp
 from dn_torch import ops
 
 try:  # Triton only where a GPU backend is installed
@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - CPU installs
 
 
 class SparseMLP(sparse_mlp.SparseMLP, nn.Module):
-    """Drop-in for a SwiGLU MLP executing one layer of the spec (dn.sparse_mlp.SparseMLP has the logic)."""
+    """Drop-in for a SwiGLU MLP executing one layer of the spec (dn.runtime.sparse_mlp.SparseMLP has the logic)."""
 
     ops = ops
 
@@ -175,7 +175,8 @@ def _fused_step(x: torch.Tensor, bundled: torch.Tensor, idx: torch.Tensor, c: to
                y0: torch.Tensor, block_k: int = 16, block_d: int = 256, act: str = "silu",
                split: int = 0) -> torch.Tensor:
     """One token: x [1, d], bundled [n, 3, d], idx [k] -> y [1, d] (Triton, fp32 accumulation); act: silu or
-    gelu_tanh (dn.sparse.ACTS). split 0: one kernel; split s >= 1: two (kept activations, then the down rows with
+    gelu_tanh (dn.formats.sparse.ACTS). split 0: one kernel; split s >= 1: two (kept activations, then the down rows
+    with
     each column's sum split s ways), fewer atomics for one more launch (scripts/gpu_check.py times both)."""
     d, k = x.shape[-1], idx.numel()
     block_d = min(block_d, triton.next_power_of_2(d))  # any d: the kernel masks the last block
@@ -200,7 +201,7 @@ def attach(model, model_dir: Path, spec) -> None:
 
 
 class RouterOnly(sparse_mlp.SparseMLP, nn.Module):
-    """A layer's router and prior without its neurons (residency holds those: dn/residency.py)."""
+    """A layer's router and prior without its neurons (residency holds those: dn/runtime/residency.py)."""
 
     ops = ops
 

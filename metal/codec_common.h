@@ -3,7 +3,7 @@
 #include <metal_stdlib>
 using namespace metal;
 
-// (symbol, raw) bytes -> the 16 weight bits; the inverse of dn.codec.split.
+// (symbol, raw) bytes -> the 16 weight bits; the inverse of dn.formats.lossless.split.
 inline uint16_t dn_join(uint sym, uint raw, bool bf16) {
   return bf16 ? uint16_t(((raw & 0x80u) << 8) | (sym << 7) | (raw & 0x7Fu)) : uint16_t((sym << 8) | raw);
 }

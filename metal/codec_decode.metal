@@ -1,4 +1,4 @@
-// Decode a dn.codec Pack (one or more coded tensors) to uint16 bits. Body for mx.fast.metal_kernel.
+// Decode a dn.formats.lossless Pack (one or more coded tensors) to uint16 bits. Body for mx.fast.metal_kernel.
 // Inputs: words uint32 [W], offsets uint32 [S], luts uint16 [NT << MAXLEN], raw uint8 [n],
 //         table int64 [NT, 4] = (first stream, word base, output start, n) per tensor.
 // Output: out uint16 [n]. Template: LANES, STEPS, MAXLEN, NT (tensors), BF16.

@@ -1,5 +1,5 @@
 // Fused fixed4 decode + GEMV, main pass: y[b, r] = sum_c x[b, c] * W[r, c], where escaped weights count as 0
-// (the caller adds their corrections: dn.codec_runtime.matvec's second pass). Body for mx.fast.metal_kernel.
+// (the caller adds their corrections: dn.formats.fixed4.matvec's second pass). Body for mx.fast.metal_kernel.
 // Inputs: nibbles uint32 [ceil(N/8)] (element e's rank is nibble e % 8 of word e / 8), raw uint32 [2 ceil(N/8)]
 //         (its raw byte is byte e % 4 of word e / 4), table uint8 [16], x float [B, K]. Output: y float [B, ROWS].
 // Template: K, ROWS, B (<= 16), BF16. Grid: whole threadgroups of a multiple of 32 threads; simdgroup s of the

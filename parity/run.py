@@ -1,7 +1,7 @@
 """`dn parity` / `nox -s parity`: logits, hidden states and greedy tokens of two backends, compared.
 
 Relative error at a position = max|dlogit| / max|logit| over the vocabulary, first backend as reference.
-Thresholds come from dn.tolerances.PARITY; a breach exits 1.
+Thresholds come from dn.core.tolerances.PARITY; a breach exits 1.
 
 A sparse model (dn convert --sparsity) routes each token by comparing router scores to thresholds, a
 discontinuous decision: a near-tie that float32 rounding flips swaps a neuron and the difference compounds
@@ -17,10 +17,11 @@ import sys
 
 import numpy as np
 
-from dn import cli, memory
-from dn.tolerances import PARITY, ROUTE_AGREEMENT
+from dn import cli
+from dn.core.tolerances import PARITY, ROUTE_AGREEMENT
+from dn.runtime import memory
 
-MEMORY = ("measured_resident_bytes", "measured_kind", "load_peak_bytes", "load_peak_kind")  # of dn.memory
+MEMORY = ("measured_resident_bytes", "measured_kind", "load_peak_bytes", "load_peak_kind")  # of dn.runtime.memory
 
 PROMPTS = [
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -57,9 +58,9 @@ def steps(tokens: int) -> int:
 def observe(run, tokens: int, replay: list | None = None, bar=None) -> dict:
     """Everything parity compares, computed on one backend (a sparse model: taping its router decisions,
     or executing `replay`, the reference's); bar: a progress bar to advance (steps())."""
-    from dn import sparse_mlp
     from dn.footprint import accounted
     from dn.generate import generate_tokens
+    from dn.runtime import sparse_mlp
 
     def tick(value):
         if bar is not None:
@@ -117,7 +118,7 @@ def compare(a: dict, b: dict, dtype: str) -> dict:
 def run_parity(model: str | None, backends: list[str], dtype: str, tokens: int) -> dict:
     import gc
 
-    from dn import loader
+    from dn.runtime import loader
 
     seen = {}
     with cli.progress(len(backends) * steps(tokens), "dn parity", "step") as bar:
@@ -138,7 +139,7 @@ def run_parity(model: str | None, backends: list[str], dtype: str, tokens: int) 
 
 
 def _main(argv) -> int:
-    from dn.errors import DnError
+    from dn.core.errors import DnError
 
     args = setup_arg_parser().parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]

@@ -165,7 +165,8 @@ def bench_fixed4(path: str, quick: bool) -> None:
     import numpy as np
     import torch
 
-    from dn import benchmark, codec_runtime
+    from dn.formats import fixed4 as codec_runtime
+    from dn.runtime import timing as benchmark
     from dn_torch import _triton_codec as tk
 
     records, best = [], {}
@@ -201,7 +202,7 @@ def bench_sparse_kernel(path: str, quick: bool) -> None:
     import torch
     import torch.nn.functional as F
 
-    from dn import benchmark
+    from dn.runtime import timing as benchmark
     from dn_torch import sparse as ts
 
     d, n = SPARSE_SHAPE
@@ -339,7 +340,8 @@ def dnbench_cmd(py: str, out: Path) -> list[str] | str:
     not."""
     model = os.environ.get("DN_MODEL")
     if not model:
-        r = subprocess.run([py, "-c", "from dn.sources import resolve_model as r; print(r(None, progress=False))"],
+        code = "from dn.model.sources import resolve_model as r; print(r(None, progress=False))"
+        r = subprocess.run([py, "-c", code],
                            capture_output=True, text=True, env=env(), cwd=ROOT)
         if r.returncode:
             return "no default model here: set DN_MODEL (docs/gpu.md)"

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from dn import codec
+from dn.formats import lossless as codec
 from dn_torch import _triton_codec
 from dn_torch import codec as tc
 

@@ -26,21 +26,21 @@ def backend_name(request):
 
 @pytest.fixture
 def backend(backend_name):
-    from dn import backend as backends
+    from dn.runtime import backend as backends
 
     return backends.get(backend_name)
 
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    from dn.sources import resolve_model
+    from dn.model.sources import resolve_model
 
     return resolve_model(None, progress=False)
 
 
 @pytest.fixture(scope="session")
 def default_spec(default_model_dir):
-    from dn.spec import load_spec
+    from dn.model.spec import load_spec
 
     return load_spec(default_model_dir)
 
@@ -58,7 +58,7 @@ def loaded(backend, default_model_dir, default_spec):
 
 @pytest.fixture(scope="session")
 def tokenizer(default_model_dir, default_spec):
-    from dn.tokenizer import Tokenizer
+    from dn.model.tokenizer import Tokenizer
 
     return Tokenizer(default_model_dir, default_spec.architecture.eos_token_id)
 

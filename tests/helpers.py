@@ -32,7 +32,8 @@ def assert_runs_in_triton_interpreter(script, timeout=600):
 
 
 def native_or_skip(load):
-    """A C kernel library from load() (dn.native's build), or skip: no C compiler, or DN_NATIVE=0 (the plain paths
+    """A C kernel library from load() (dn.formats.native's build), or skip: no C compiler, or DN_NATIVE=0 (the plain
+    paths
     run, and are tested, instead)."""
     import pytest
 

@@ -12,8 +12,9 @@ import pytest
 from helpers import assert_one_line_error
 from helpers import run_dn as dn
 
-from dn import bench, safetensors_io
-from dn.errors import DnError
+from dn import bench
+from dn.core import tensors as safetensors_io
+from dn.core.errors import DnError
 
 H, N, LAYERS, HEADS, KV, HD, VOCAB = 128, 128, 2, 4, 2, 32, 128  # H 128: the sparse router's rank fits
 
@@ -63,10 +64,10 @@ def test_keyed_values():
 def test_residency_hook(monkeypatch):
     import dn
 
-    empty = types.ModuleType("dn.residency")
-    monkeypatch.setitem(sys.modules, "dn.residency", empty)
+    empty = types.ModuleType("dn.runtime.residency")
+    monkeypatch.setitem(sys.modules, "dn.runtime.residency", empty)
     monkeypatch.setattr(dn, "residency", empty, raising=False)
-    with pytest.raises(DnError, match=r"residency budgets need dn.residency \(not landed\)"):
+    with pytest.raises(DnError, match=r"residency budgets need dn.runtime.residency \(not landed\)"):
         bench.residency_hook()
     empty.bench_options = lambda budget, model_dir, backend, dtype: {"fields": dict}
     assert bench.residency_hook() is empty.bench_options
@@ -214,7 +215,7 @@ def test_shapes_model_and_skip(tmp_path, eval_text):
     """The Llama-3-8B-shaped builder (here at a tiny size): LlamaForCausalLM with an untied lm_head, GQA, bf16
     weights of std 0.02, the default model's tokenizer; built once. Then dn bench on it without perplexity and with
     agreement over the timed prompt only."""
-    from dn.spec import load_spec
+    from dn.model.spec import load_spec
 
     shapes = _bench_shapes()
     dims = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,

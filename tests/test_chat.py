@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from helpers import run_dn
 
-from dn import cli, sampling
-from dn.errors import DnError
+from dn import cli
+from dn.core.errors import DnError
+from dn.core.tolerances import PARITY
 from dn.generate import generate_tokens, prompt_ids
-from dn.tolerances import PARITY
+from dn.runtime import sampling
 
 
 def dn_main(capsys, *args):
@@ -90,7 +91,7 @@ def test_max_kv_size_bounds_the_cache(backend, loaded, tokenizer):
 
 def test_rotating_caches_agree_across_backends(tokenizer, default_model_dir, default_spec):
     """Both backends keep mlx-lm's set (the first 4 tokens and the latest): the same logits past the window."""
-    from dn import backend as backends
+    from dn.runtime import backend as backends
 
     ids = tokenizer.encode("Water boils at 100 degrees Celsius at sea level")
     steps = tokenizer.encode(", but at higher altitudes the air pressure is lower, so the boiling point")[:12]
@@ -192,7 +193,7 @@ def test_chat_keeps_the_conversation(capsys, monkeypatch, tokenizer):
     replies, prefilled = out.splitlines(), [int(n) for n in re.findall(r"prompt (\d+) tokens", err)]
     assert len(replies) == len(prefilled) == 2, (replies, err)
 
-    from dn import loader
+    from dn.runtime import loader
 
     run = loader.load(None, "torch", "float32")
     history = [{"role": "system", "content": "Answer briefly."}]

@@ -88,9 +88,9 @@ def test_help_lists_version_and_shows_defaults(capsys):
 
 
 def test_dtype_auto_is_bfloat16_where_native(monkeypatch):
-    from dn import backend as backends
     from dn import cli
-    from dn.errors import DnError
+    from dn.core.errors import DnError
+    from dn.runtime import backend as backends
 
     class Device:
         def __init__(self, name):
@@ -149,7 +149,7 @@ def test_unreachable_hub_without_cache(tmp_path):
 
 
 def test_folder_from_a_newer_dn(capsys, tmp_path, default_model_dir):
-    from dn.spec import SPEC_FILE, SPEC_VERSION, load_spec
+    from dn.model.spec import SPEC_FILE, SPEC_VERSION, load_spec
 
     folder = tmp_path / "newer"
     folder.mkdir()
@@ -163,7 +163,7 @@ def test_folder_from_a_newer_dn(capsys, tmp_path, default_model_dir):
 def test_gguf_cache_key_is_the_content_not_the_path(tmp_path):
     import os
 
-    from dn.sources import FINGERPRINT_SPAN, _fingerprint
+    from dn.model.sources import FINGERPRINT_SPAN, _fingerprint
 
     data = bytearray(os.urandom(3 * FINGERPRINT_SPAN))
     a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
@@ -181,8 +181,8 @@ def test_converted_folders_get_mkdirs_mode(tmp_path, monkeypatch):
     import os
     import stat
 
-    from dn import gguf
-    from dn.sources import convert_gguf
+    from dn.model import gguf
+    from dn.model.sources import convert_gguf
 
     def fake_convert(path, out, progress=True):
         (out / "config.json").write_text("{}")

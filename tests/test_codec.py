@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dn import codec, safetensors_io
-from dn.errors import DnError
+from dn.core import tensors as safetensors_io
+from dn.core.errors import DnError
+from dn.formats import lossless as codec
 
 SPECIAL = [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0x0001, 0x807F, 0x3F80, 0x7C00, 0xFC00, 0x7E00, 0x03FF]
 
@@ -140,7 +141,7 @@ def compressed_tiny(tmp_path):
 
 
 def test_compressed_model_logits_are_bit_identical(backend, tmp_path):
-    from dn.spec import load_spec
+    from dn.model.spec import load_spec
 
     src, out = compressed_tiny(tmp_path)
     tokens = np.random.default_rng(2).integers(0, 128, size=(1, 20))
@@ -151,7 +152,7 @@ def test_compressed_model_logits_are_bit_identical(backend, tmp_path):
 
 
 def test_corrupt_compressed_folder_fails_on_load(backend, tmp_path):
-    from dn.spec import load_spec
+    from dn.model.spec import load_spec
 
     _, out = compressed_tiny(tmp_path)
     data = out / codec.DATA_FILE
@@ -170,11 +171,11 @@ def test_corrupt_compressed_folder_fails_on_load(backend, tmp_path):
 def test_default_model_compressed_eval_is_bit_identical(tmp_path, default_model_dir, tokenizer, eval_text):
     """dn eval perplexity of the compressed default model equals dense exactly (torch; MLX runs the
     same check on the tiny model above, its CPU decode being slow)."""
-    from dn import backend as backends
-    from dn import memory
     from dn.convert import convert
     from dn.evaluate import perplexity
-    from dn.spec import load_spec
+    from dn.model.spec import load_spec
+    from dn.runtime import backend as backends
+    from dn.runtime import memory
 
     out = tmp_path / "coded"
     convert(default_model_dir, out, "lossless", None)

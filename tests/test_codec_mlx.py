@@ -1,4 +1,5 @@
-"""dn_mlx.codec against the numpy references (dn.codec, dn.codec_runtime): pure-MLX decodes bit-exact (stored
+"""dn_mlx.codec against the numpy references (dn.formats.lossless, dn.formats.fixed4): pure-MLX decodes bit-exact
+(stored
 format and fixed4), matvecs within KERNEL tolerances, attach() bit-identical to the dense model; the Metal
 kernels when Metal is available, the CUDA fixed4 kernel when MLX runs on CUDA."""
 
@@ -13,9 +14,11 @@ from hypothesis import strategies as st
 
 mx = pytest.importorskip("mlx.core")
 
-from dn import codec, codec_runtime, safetensors_io  # noqa: E402
-from dn.errors import DnError  # noqa: E402
-from dn.tolerances import KERNEL  # noqa: E402
+from dn.core import tensors as safetensors_io  # noqa: E402
+from dn.core.errors import DnError  # noqa: E402
+from dn.core.tolerances import KERNEL  # noqa: E402
+from dn.formats import fixed4 as codec_runtime  # noqa: E402
+from dn.formats import lossless as codec  # noqa: E402
 from dn_mlx import codec as mlx_codec  # noqa: E402
 
 # dn_mlx honours DN_MLX_DEVICE (imported above): the Metal tests run where the GPU is the default device.
@@ -190,8 +193,8 @@ def test_cuda_attach_matches_dense(tiny_pair, dtype, fused, monkeypatch):
 
 
 def _check_attach(tiny_pair, dtype, fused=False):
-    from dn.memory import measure_load
-    from dn.spec import load_spec
+    from dn.model.spec import load_spec
+    from dn.runtime.memory import measure_load
     from dn_mlx import model as mlx_model
 
     dense_dir, coded_dir = tiny_pair
@@ -222,7 +225,7 @@ def _check_attach(tiny_pair, dtype, fused=False):
     assert not any(k.endswith("proj.weight") for k in coded_p)
     proj = sum(v.nbytes for k, v in dense_p.items() if k.endswith("proj.weight"))
     extra = sum(v.nbytes for k, v in coded_p.items() if ".dn_codec." in k or k.endswith("dtype_ref"))
-    # what the layers hold: dn.codec_runtime's fixed4 bytes, padded to whole words (+ the fused escape terms)
+    # what the layers hold: dn.formats.fixed4's fixed4 bytes, padded to whole words (+ the fused escape terms)
     layers = [m for _, m in coded.named_modules() if isinstance(m, mlx_codec.CodecLinear)]
     assert len(layers) == 7 * len(coded.model.layers)
     fixed4 = sum(m.dn_codec.nibbles.nbytes + m.dn_codec.raw.nbytes + 16 + 5 * m.dn_codec._meta[3] for m in layers)
@@ -234,7 +237,7 @@ def _check_attach(tiny_pair, dtype, fused=False):
 
 
 def test_attach_rejects_unmatched_tensor(tiny_pair, tmp_path):
-    from dn.spec import load_spec
+    from dn.model.spec import load_spec
     from dn_mlx import model as mlx_model
 
     _, coded_dir = tiny_pair
@@ -359,7 +362,7 @@ def test_fixed4_bad_input_raises_dn_error():
 
 
 def _gpu_matvec_fixed4_cases(real_bits):
-    """The fused kernel on the GPU against dn.codec_runtime.matvec: real weights (K % 8 == 0) and fuzzed
+    """The fused kernel on the GPU against dn.formats.fixed4.matvec: real weights (K % 8 == 0) and fuzzed
     ones with many escapes and an odd K, B = 1, 4, 16."""
     rng = np.random.default_rng(3)
     cases = [(real_bits["layer.0.attention.self.query.weight"], "bfloat16"),

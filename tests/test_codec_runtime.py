@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dn import codec
-from dn import codec_runtime as cr
-from dn.errors import DnError
-from dn.tolerances import KERNEL
+from dn.core.errors import DnError
+from dn.core.tolerances import KERNEL
+from dn.formats import fixed4 as cr
+from dn.formats import lossless as codec
 
 
 def _bf16(rng, shape, scale=0.02):
@@ -53,7 +53,8 @@ def test_matvec_reference(dtype):
     np.testing.assert_allclose(cr.matvec(rt, x), want, rtol=1e-5, atol=1e-5)
 
 
-# ---- the C kernels (dn/csrc/codec_runtime.c) against the reference above ----------------------------------------
+# ---- the C kernels (dn/formats/csrc/codec_runtime.c) against the reference above
+# ----------------------------------------
 
 SPECIAL = [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0x0001, 0x807F, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0x03FF]
 
@@ -165,12 +166,12 @@ def test_native_matvec_two_threads(lib):
 
 def test_portable_path_without_avx512(tmp_path):
     """The same source built for baseline x86-64 (no AVX-512: the scalar loops only) decodes and multiplies like
-    the reference; dn.native builds with -march=native, so this is the path other CPUs take."""
+    the reference; dn.formats.native builds with -march=native, so this is the path other CPUs take."""
     import ctypes
     import platform
     import subprocess
 
-    from dn import native
+    from dn.formats import native
 
     cc = native._compiler()
     if cc is None or platform.machine() != "x86_64":

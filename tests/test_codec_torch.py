@@ -13,8 +13,8 @@ from helpers import assert_runs_in_triton_interpreter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dn import codec
-from dn.tolerances import KERNEL
+from dn.core.tolerances import KERNEL
+from dn.formats import lossless as codec
 
 torch = pytest.importorskip("torch")
 from dn_torch import codec as tc  # noqa: E402
@@ -85,7 +85,7 @@ def minilm_bf16() -> dict:
     DN_CODEC_MINILM_BF16 (how the GPU machine, which lacks the package, gets them)."""
     path = os.environ.get("DN_CODEC_MINILM_BF16")
     if path:
-        from dn import safetensors_io
+        from dn.core import tensors as safetensors_io
 
         return {n: a for n, (a, _) in safetensors_io.load(Path(path)).items()}
     try:
@@ -124,12 +124,12 @@ def test_triton_kernels_in_the_interpreter():
     assert_runs_in_triton_interpreter(Path(__file__).with_name("codec_triton_interp.py"))
 
 
-# ---- the runtime layout fixed4 (dn.codec_runtime) on torch: the C kernel and the pure-torch path ----------------
+# ---- the runtime layout fixed4 (dn.formats.fixed4) on torch: the C kernel and the pure-torch path ----------------
 
 @pytest.fixture(params=["native", "plain"])
 def runtime_path(request, monkeypatch):
     """Both CPU paths of dn_torch.codec.decode_fixed4: the C kernel, and the pure-torch one (DN_NATIVE=0)."""
-    from dn import codec_runtime
+    from dn.formats import fixed4 as codec_runtime
 
     if request.param == "plain":
         monkeypatch.setenv("DN_NATIVE", "0")
@@ -139,7 +139,7 @@ def runtime_path(request, monkeypatch):
 
 
 def codec_linear(bits: np.ndarray, dtype: str, scratch_dtype):
-    from dn import codec_runtime
+    from dn.formats import fixed4 as codec_runtime
 
     rt = codec_runtime.from_bits(bits, dtype)
     return tc.CodecLinear(rt, [torch.empty(rt.n + 5, dtype=scratch_dtype)], 3, None), rt
@@ -150,7 +150,7 @@ def codec_linear(bits: np.ndarray, dtype: str, scratch_dtype):
 def test_fixed4_decode_into_every_scratch(runtime_path, dtype, scratch):
     """Bits, values at the coded dtype, float32 (exact upcast, as the dense loader's Tensor.to) and the other
     16-bit float (converted as Tensor.to does): each the reference's decode."""
-    from dn import codec_runtime
+    from dn.formats import fixed4 as codec_runtime
 
     bits = weights_like(3 * 4099, 3)  # odd n, escapes (the specials), several vector steps
     coded = tc._TORCH_DTYPES[dtype]
@@ -166,7 +166,7 @@ def test_fixed4_decode_into_every_scratch(runtime_path, dtype, scratch):
 @settings(max_examples=40, deadline=None)
 @given(bits=bits_arrays, dtype=st.sampled_from(codec.DTYPES))
 def test_fixed4_pure_torch_decode_fuzzed_bits(bits, dtype):
-    from dn import codec_runtime
+    from dn.formats import fixed4 as codec_runtime
 
     b = np.array(bits, np.uint16)
     lin, _ = codec_linear(b, dtype, torch.int16)
@@ -179,8 +179,8 @@ def test_fixed4_runtime_logits_bit_identical(runtime_path, tmp_path):
     bit for bit, in float32 and bfloat16; the stored Huffman code is not kept."""
     from test_codec import compressed_tiny
 
-    from dn import backend as backends
-    from dn.spec import load_spec
+    from dn.model.spec import load_spec
+    from dn.runtime import backend as backends
 
     be = backends.get("torch")
     src, out = compressed_tiny(tmp_path)

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from test_families import H, tiny_model
 
-from dn import safetensors_io, sparse
+from dn.core import tensors as safetensors_io
+from dn.formats import sparse
 from dn.generate import generate_tokens
-from dn.spec import load_spec
+from dn.model.spec import load_spec
 
 INTER = 128  # a multiple of sparse.GROUP: the sketch prior quantizes the down matrix along n
 TOKENS = np.random.default_rng(1).integers(0, 128, size=(1, 12))
@@ -53,8 +54,8 @@ def _fit(dense_dir) -> list[sparse.LayerSparse]:
 
 def _quantized(dense_dir, out):
     """A -q folder (4 bits, groups of 32) and its twin: a dense folder holding the dequantized weights."""
-    from dn import quant
     from dn.convert import convert
+    from dn.formats import quant
 
     convert(dense_dir, out, None, None, quant={"bits": 4, "group_size": 32})
     twin = out.with_name(out.name + "-dequantized")

@@ -42,7 +42,7 @@ def test_eval_cli_json(tmp_path, eval_text, backend_name):
 
 def test_backends_agree_on_perplexity(default_model_dir, default_spec, tokenizer, eval_text):
     """The issue's bar: the same perplexity within 0.1% on both backends in float32."""
-    from dn import backend as backends
+    from dn.runtime import backend as backends
 
     tokens = tokenizer.encode(eval_text.read_text())[:256]  # MLX on a CPU is slow
     ppl = {}

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from dn import reference, safetensors_io
-from dn.spec import load_spec
-from dn.tolerances import PARITY
+from dn.core import tensors as safetensors_io
+from dn.core.tolerances import PARITY
+from dn.model import reference
+from dn.model.spec import load_spec
 
 H, INTER, LAYERS, HEADS, KV, HD, VOCAB = 64, 96, 2, 4, 2, 16, 128
 
@@ -57,7 +58,7 @@ def tiny_model(path, model_type: str, inter: int = INTER):
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
 def test_family_runs_on_both_backends(tmp_path, model_type):
     pytest.importorskip("mlx_lm")
-    from dn import backend as backends
+    from dn.runtime import backend as backends
 
     model_dir = tiny_model(tmp_path / model_type, model_type)
     spec = load_spec(model_dir)
@@ -82,8 +83,8 @@ def test_gemma3_residency_runs_the_models_activation(tmp_path, backend_name):
     logits are the fully resident model's."""
     if backend_name == "mlx":
         pytest.importorskip("mlx_lm")
-    from dn import backend as backends
-    from dn import residency
+    from dn.runtime import backend as backends
+    from dn.runtime import residency
 
     be = backends.get(backend_name)
     folder = tiny_model(tmp_path / "gemma", "gemma3_text", inter=2 * residency.BLOCK)
@@ -105,7 +106,7 @@ def test_gemma3_quantized_runs_its_dequantized_twin_on_both_backends(tmp_path):
     pytest.importorskip("mlx_lm")
     from test_compose import _quantized
 
-    from dn import backend as backends
+    from dn.runtime import backend as backends
 
     q, twin = _quantized(tiny_model(tmp_path / "gemma", "gemma3_text"), tmp_path / "q4g32")
     tokens = np.random.default_rng(4).integers(0, VOCAB, size=(1, 16))

@@ -11,8 +11,8 @@ import importlib.metadata
 import numpy as np
 import pytest
 
-from dn import sources
-from dn.errors import DnError
+from dn.core.errors import DnError
+from dn.model import sources
 
 PACKAGE = sources.SHORT_NAMES["gemma3-270m"][0]
 try:
@@ -47,7 +47,7 @@ TOKENS = {
 
 @needs_model
 def test_tokenizer_matches_transformers_gguf_tokenizer(model_dir):
-    from dn.tokenizer import Tokenizer
+    from dn.model.tokenizer import Tokenizer
 
     tok = Tokenizer(model_dir)
     for text, ids in TOKENS.items():
@@ -61,8 +61,9 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(model_dir):
 def test_converted_folder_undoes_the_converter(model_dir):
     """llama.cpp stores every Gemma norm as 1 + w (q/k norms included): the folder holds w. The config carries
     what the GGUF lacks (llama.cpp hard-codes it)."""
-    from dn import gguf, safetensors_io
-    from dn.spec import load_spec, weight_files
+    from dn.core import tensors as safetensors_io
+    from dn.model import gguf
+    from dn.model.spec import load_spec, weight_files
 
     a = load_spec(model_dir).architecture
     assert (a.model_type, a.hidden_act, a.sliding_window, a.query_pre_attn_scalar) == (
@@ -100,8 +101,8 @@ def test_answers_paris(name):
     greedy token is " the"; " Paris" is its third: checked too.)"""
     if name == "mlx":
         pytest.importorskip("mlx_lm")
-    from dn import loader
     from dn.generate import generate_tokens
+    from dn.runtime import loader
 
     run = loader.load("gemma3-270m", name, "float32")
     ids = run.tokenizer.encode("Question: What is the capital of France?\nAnswer:")
@@ -114,8 +115,9 @@ def test_answers_paris(name):
 def test_codec_is_bit_identical_on_gemma_tensors(model_dir):
     """The lossless codec round-trips the tensors it codes in Gemma (a layer's projections: the embedding, 60% of
     the weights, stays dense in that format) bit for bit. Perplexity of the coded folder: docs/gemma3.md."""
-    from dn import codec, safetensors_io
-    from dn.spec import weight_files
+    from dn.core import tensors as safetensors_io
+    from dn.formats import lossless as codec
+    from dn.model.spec import weight_files
 
     path = weight_files(model_dir)[0]
     header, offset = safetensors_io.read_header(path)

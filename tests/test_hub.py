@@ -99,8 +99,8 @@ def test_upload_calls(uploaded):
 
 
 def test_card_of_plain_quantized_folder(uploaded):
-    from dn import store
-    from dn.spec import load_spec
+    from dn.model import store
+    from dn.model.spec import load_spec
 
     _, out, _ = uploaded
     card = (out / "README.md").read_text()
@@ -175,8 +175,8 @@ def test_no_token_refused_before_any_work(tmp_path, monkeypatch, capsys):
 
 def test_card_eval_text_measures_both(tmp_path, monkeypatch):
     """--card-eval-text: the card carries the perplexity of the folder and of its source, as dn eval measures it."""
-    from dn import loader
     from dn.evaluate import perplexity
+    from dn.runtime import loader
 
     src, out, fake = tiny_source(tmp_path / "src"), tmp_path / "out", FakeHub(tmp_path / "cache")
     text = tmp_path / "eval.txt"

@@ -1,4 +1,4 @@
-"""dn.memory: what a load holds, measured by the platform, against what dn footprint accounts for it."""
+"""dn.runtime.memory: what a load holds, measured by the platform, against what dn footprint accounts for it."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from dn import memory
+from dn.runtime import memory
 
 MiB = 2**20
 # Margins of measured against accounted bytes, from the default model in float32 (accounted 513.13 MiB):
@@ -126,10 +126,10 @@ def _copy_mlp(model, as_numpy: bool) -> list:
 
 
 def measured_loads(backend_name: str) -> dict:
-    """dn.loader.load of the default model, measured: plain, then holding a forgotten copy of the MLP weights
+    """dn.runtime.loader.load of the default model, measured: plain, then holding a forgotten copy of the MLP weights
     (backend arrays, then numpy). Every model stays alive, so no load reuses memory another one freed."""
-    from dn import backend as backends
-    from dn import loader
+    from dn.runtime import backend as backends
+    from dn.runtime import loader
 
     be, held, out = backends.get(backend_name), [], {}
     plain = be.load
@@ -206,7 +206,7 @@ def peak_is_bounded(m: dict, accounted: int, layer: int) -> bool:
 
 @pytest.mark.slow
 def test_load_peak_is_bounded(loads, backend_name, default_model_dir, default_spec):
-    from dn.spec import weight_files
+    from dn.model.spec import weight_files
 
     m, acc, layer = loads(backend_name)["plain"], _accounted(default_spec), layer_bytes(default_spec)
     checkpoint = sum(f.stat().st_size for f in weight_files(default_model_dir))
@@ -229,8 +229,9 @@ SYN = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "n
 
 
 def synthetic_model(path):
-    """A random llama of SYN's sizes, bf16 safetensors written with dn.safetensors_io."""
-    from dn import safetensors_io, spec
+    """A random llama of SYN's sizes, bf16 safetensors written with dn.core.tensors."""
+    from dn.core import tensors as safetensors_io
+    from dn.model import spec
 
     cfg = SYN | {"model_type": "llama", "rms_norm_eps": 1e-6, "max_position_embeddings": 256,
                  "tie_word_embeddings": True, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
@@ -247,9 +248,9 @@ def synthetic_model(path):
 def _sparse_folder(src, out):
     """src with a sparse section of random routers and priors (the default kinds: int4 router, sketch prior,
     threshold selection): what matters here is their bytes, not their fit."""
-    from dn import sparse
     from dn.convert import copy_dense
-    from dn.spec import load_spec
+    from dn.formats import sparse
+    from dn.model.spec import load_spec
 
     d, n, rng = SYN["hidden_size"], SYN["intermediate_size"], np.random.default_rng(1)
 
@@ -284,11 +285,11 @@ def synthetic(tmp_path_factory):
 
 
 def measured_folder(backend_name: str, model_dir: str) -> dict:
-    """dn.memory.measure_load of one folder in float32."""
+    """dn.runtime.memory.measure_load of one folder in float32."""
     from pathlib import Path
 
-    from dn import backend as backends
-    from dn.spec import load_spec
+    from dn.model.spec import load_spec
+    from dn.runtime import backend as backends
 
     return memory.measure_load(backends.get(backend_name), Path(model_dir), load_spec(Path(model_dir)), "float32")[1]
 
@@ -296,7 +297,7 @@ def measured_folder(backend_name: str, model_dir: str) -> dict:
 @pytest.mark.slow  # ~20 s: six fresh processes
 @pytest.mark.parametrize("fmt", ["dense", "lossless", "sparse"])
 def test_every_format_loads_without_a_detour(synthetic, backend_name, fmt):
-    from dn.spec import load_spec
+    from dn.model.spec import load_spec
 
     spec = load_spec(synthetic[fmt])
     proc = subprocess.run([sys.executable, __file__, backend_name, str(synthetic[fmt])], capture_output=True,

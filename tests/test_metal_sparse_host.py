@@ -5,7 +5,7 @@ attributes the body names; template arguments as constants) and run over its who
 metal/shim/mlx_launch.h (threadgroups of the launch's size, the last one short, simd_sum a real collective of
 32 lanes), under AddressSanitizer (the bodies do pointer arithmetic on raw buffer pointers, so any access
 outside a buffer is reported) and UBSan, with NaN-poisoned outputs, in three thread orders. Results are compared
-with float64 numpy within dn.tolerances.KERNEL. dn_mlx.sparse's Metal path itself runs through the same host
+with float64 numpy within dn.core.tolerances.KERNEL. dn_mlx.sparse's Metal path itself runs through the same host
 kernels with mx.fast.metal_kernel replaced, and mutated bodies and launch code show the check catches bugs."""
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dn.safetensors_io import bf16_to_f32, f32_to_bf16
-from dn.tolerances import KERNEL
+from dn.core.tensors import bf16_to_f32, f32_to_bf16
+from dn.core.tolerances import KERNEL
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "metal" / "shim"
@@ -441,9 +441,10 @@ def test_host_launch_catches_glue_mutant(host_metal, mutant):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_sparse_mlp_metal_path_through_host_kernels(host_metal, dtype):
     """SparseMLP end to end on the Metal path ('auto' picks it on Metal with top-k): router -> host-side
-    indices -> the two launches; against dn.sparse's reference on the same rounded weights and routes, and
+    indices -> the two launches; against dn.formats.sparse's reference on the same rounded weights and routes, and
     against the MLX gather path (scaled tolerance, as tests/test_sparse.py)."""
-    from dn import sparse, sparse_mlp
+    from dn.formats import sparse
+    from dn.runtime import sparse_mlp
 
     mlx_sparse, calls = host_metal
     t, k, n, d = SHAPES[0]

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from dn import reference
+from dn.core.tolerances import PARITY
 from dn.generate import generate_tokens, prompt_ids
-from dn.tolerances import PARITY
+from dn.model import reference
 
 
 @pytest.mark.parametrize("layer", [0, 29])

@@ -5,7 +5,7 @@ import ctypes
 import numpy as np
 import pytest
 
-from dn import native
+from dn.formats import native
 
 
 def test_builds_and_runs(tmp_path, monkeypatch):

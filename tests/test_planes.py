@@ -1,12 +1,14 @@
-"""Split planes (dn/planes.py): the layout against its definition, and its C kernel (dn/csrc/planes.c) against the
+"""Split planes (dn/formats/planes.py): the layout against its definition, and its C kernel
+(dn/formats/csrc/planes.c) against the
 numpy reference; the sparse MLP on them per backend is in tests/test_sparse.py (router "planes")."""
 
 import numpy as np
 import pytest
 
-from dn import planes, sparse, tolerances
-from dn.errors import DnError
-from dn.safetensors_io import bf16_to_f32, f32_to_bf16
+from dn.core import tolerances
+from dn.core.errors import DnError
+from dn.core.tensors import bf16_to_f32, f32_to_bf16
+from dn.formats import planes, sparse
 
 
 def _round(v):
@@ -137,9 +139,10 @@ def test_kernel_threads_and_join(lib):
 @pytest.mark.parametrize("prior", ["sketch", "none"])
 def test_split_layer_holds_what_the_accounting_says(backend_name, prior):
     """At bf16 a router-"planes" layer holds its MLP as split planes, no bundle: its arrays add up to
-    dn.store.sparse_side + split_mlp_bytes' rest (+ the escapes, which accounting leaves out)."""
-    from dn import backend as backends
-    from dn import sparse_mlp, store
+    dn.model.store.sparse_side + split_mlp_bytes' rest (+ the escapes, which accounting leaves out)."""
+    from dn.model import store
+    from dn.runtime import backend as backends
+    from dn.runtime import sparse_mlp
 
     rng = np.random.default_rng(3)
     n, d = 256, 128
@@ -168,7 +171,7 @@ def test_portable_build_matches_reference(tmp_path):
     import ctypes
     import subprocess
 
-    from dn import native
+    from dn.formats import native
 
     cc = native._compiler()
     if cc is None:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dn.backend import Backend
+from dn.runtime.backend import Backend
 
 
 def _members(protocol) -> list[str]:
@@ -51,7 +51,7 @@ def test_backend_packages_mirror_each_other():
 
 
 def test_core_imports_no_framework():
-    modules = sorted(f"dn.{m.name}" for m in pkgutil.iter_modules(importlib.import_module("dn").__path__))
+    modules = sorted(m.name for m in pkgutil.walk_packages(importlib.import_module("dn").__path__, "dn."))
     code = ("import sys\n" + "".join(f"import {m}\n" for m in modules) +
             "bad = [m for m in ('torch', 'mlx', 'transformers', 'mlx_lm') if m in sys.modules]\n"
             "assert not bad, bad\n")
@@ -63,7 +63,7 @@ KERNEL_BENCHMARKS = {"bench_codec.py", "bench_quant.py", "bench_sparse.py", "ben
 
 
 def test_nothing_reaches_into_a_backend_but_through_the_protocol():
-    """dn/, parity/ and the benchmarks get a backend from dn.backend.get (the package, which satisfies the
+    """dn/, parity/ and the benchmarks get a backend from dn.runtime.backend.get (the package, which satisfies the
     Protocol); none imports a backend's modules by name."""
     import re
     from pathlib import Path

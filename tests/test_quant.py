@@ -1,4 +1,4 @@
-"""Quantized weights (mlx-lm's affine format): dn/quant.py's min/max grid (its error bound, exact grids, mlx
+"""Quantized weights (mlx-lm's affine format): dn/formats/quant.py's min/max grid (its error bound, exact grids, mlx
 reading its tensors), the sparse int4 sketches unchanged, `dn convert -q` writing mlx-lm's layout, and quantized
 folders on both backends."""
 
@@ -13,11 +13,12 @@ from helpers import assert_one_line_error
 from helpers import run_dn as dn
 from test_families import VOCAB, tiny_model
 
-from dn import quant, safetensors_io, sparse
 from dn.convert import EMBEDDING, convert, quantization
-from dn.errors import DnError
-from dn.spec import SPEC_FILE, load_spec
-from dn.tolerances import KERNEL, QUANT
+from dn.core import tensors as safetensors_io
+from dn.core.errors import DnError
+from dn.core.tolerances import KERNEL, QUANT
+from dn.formats import quant, sparse
+from dn.model.spec import SPEC_FILE, load_spec
 
 ALL = [(b, g) for b in quant.BITS for g in quant.GROUP_SIZES]
 
@@ -92,7 +93,7 @@ def test_mlx_reads_the_layout(bits, group_size):
 
 
 def _old_quantize_int4(w):
-    """dn/sparse.py's quantize_int4 before dn/quant.py: the bytes the sparse file format v2 holds."""
+    """dn/formats/sparse.py's quantize_int4 before dn/formats/quant.py: the bytes the sparse file format v2 holds."""
     m, d = w.shape
     g = w.reshape(m, d // sparse.GROUP, sparse.GROUP)
     s = np.abs(g).max(-1) / 7 + 1e-12
@@ -216,7 +217,7 @@ def test_convert_writes_mlx_lm_layout(tmp_path, default_model_dir, model_type, q
     from mlx.utils import tree_flatten
     from mlx_lm.utils import save_config, save_model
 
-    from dn import backend as backends
+    from dn.runtime import backend as backends
 
     src = _source(tmp_path, model_type, default_model_dir)
     convert(src, tmp_path / "q", None, None, q)
@@ -297,8 +298,8 @@ def test_footprint_of_a_quantized_folder(quantized):
     pytest.importorskip("mlx_lm")
     from mlx.utils import tree_flatten
 
-    from dn import backend as backends
     from dn.footprint import accounted
+    from dn.runtime import backend as backends
 
     src, q_dir = quantized
     spec = load_spec(q_dir)

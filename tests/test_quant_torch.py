@@ -1,4 +1,4 @@
-"""Affine-quantized weights on torch (dn_torch/quant.py) against dn/quant.py's numpy reference: the matmul on
+"""Affine-quantized weights on torch (dn_torch/quant.py) against dn/formats/quant.py's numpy reference: the matmul on
 every layout and path, rows, a quantized folder loaded end to end, and MLX on the same packed tensors."""
 
 import json
@@ -8,12 +8,12 @@ import pytest
 import torch
 from test_families import VOCAB, H, tiny_model
 
-from dn import quant as ref
-from dn import safetensors_io
 from dn.convert import convert, quantization
-from dn.errors import DnError
-from dn.spec import load_spec
-from dn.tolerances import KERNEL, QUANT
+from dn.core import tensors as safetensors_io
+from dn.core.errors import DnError
+from dn.core.tolerances import KERNEL, QUANT
+from dn.formats import quant as ref
+from dn.model.spec import load_spec
 from dn_torch import model as tmodel
 from dn_torch import quant as tq
 

@@ -1,4 +1,4 @@
-"""Residency (dn/residency.py): the budget, the planner, the cold file and the three modes, on both backends.
+"""Residency (dn/runtime/residency.py): the budget, the planner, the cold file and the three modes, on both backends.
 
 A tiny random Llama (4 blocks of neurons per layer) checks each mode against the same model fully resident, in
 dense and affine-quantized stores; the real default model checks the budget is kept (measured by the platform)
@@ -15,9 +15,9 @@ import pytest
 from test_compose import _add_sparse, _copy_with_tokenizer, _fit, _quantized
 from test_families import tiny_model
 
-from dn import residency
-from dn.errors import DnError
-from dn.spec import load_spec
+from dn.core.errors import DnError
+from dn.model.spec import load_spec
+from dn.runtime import residency
 
 INTER = 256  # 4 blocks of residency.BLOCK neurons; a multiple of sparse.GROUP too
 TOKENS = np.random.default_rng(3).integers(0, 128, size=(1, 10))
@@ -143,7 +143,7 @@ def test_per_sequence_prior_is_the_prompts_mean_activation(stores):
     h = layer0.register_forward_pre_hook(lambda _m, a: xs.append(a[0][0].float().numpy()))
     be.logits(model, TOKENS)
     h.remove()
-    from dn.safetensors_io import bf16_to_f32, load
+    from dn.core.tensors import bf16_to_f32, load
 
     w = {k: bf16_to_f32(a) for k, (a, _) in load(folder / "model.safetensors").items()}
     g, u, d = (w[f"model.layers.0.mlp.{p}_proj.weight"] for p in ("gate", "up", "down"))
@@ -232,7 +232,7 @@ def test_cold_tier_index_from_a_newer_dn_is_one_line(stores, tmp_path):
 
 _KEEP = """
 import json, sys
-from dn import loader, memory
+from dn.runtime import loader, memory
 from dn.generate import generate_tokens, prompt_ids
 run = loader.load(None, sys.argv[1], "float32", max_resident=sys.argv[2])
 mon = memory.Monitor(run.backend, run.memory)

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from dn import gguf as dn_gguf
-from dn.errors import DnError
-from dn.sources import cache_dir, convert_gguf, default_gguf, resolve_model
-from dn.spec import load_spec
+from dn.core.errors import DnError
+from dn.model import gguf as dn_gguf
+from dn.model.sources import cache_dir, convert_gguf, default_gguf, resolve_model
+from dn.model.spec import load_spec
 
 
 def _fake_hub_cache(root: Path, repo: str, src: Path) -> None:

@@ -11,10 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from dn import backend as backends
-from dn import sparse, sparse_mlp
-from dn.errors import DnError
-from dn.tolerances import KERNEL, PARITY
+from dn.core.errors import DnError
+from dn.core.tolerances import KERNEL, PARITY
+from dn.formats import sparse
+from dn.runtime import backend as backends
+from dn.runtime import sparse_mlp
 
 D, N = 128, 128  # N a multiple of sparse.GROUP: the sketch prior quantizes D along n
 
@@ -237,7 +238,7 @@ def test_threshold_section_without_thresholds(tmp_path):
 
 
 def test_spec_tensor_with_wrong_shape(tmp_path):
-    from dn import safetensors_io
+    from dn.core import tensors as safetensors_io
 
     section = sparse.save(_spec(np.random.default_rng(7)), tmp_path)
     t = {k: v for k, (v, _) in safetensors_io.load(tmp_path / sparse.FILE, mmap=False).items()}
@@ -262,7 +263,7 @@ def test_backend_step_matches_reference(backend_name, dtype, router, select, pri
     x = rng.standard_normal((7, D)).astype(np.float32)
     bq = sparse.bundle(g, u, dn)
     if dtype == "bfloat16":  # the reference sees the same rounded weights and inputs
-        from dn.safetensors_io import bf16_to_f32, f32_to_bf16
+        from dn.core.tensors import bf16_to_f32, f32_to_bf16
 
         bq, x = bf16_to_f32(f32_to_bf16(bq)), bf16_to_f32(f32_to_bf16(x))
         layer.prior_c = bf16_to_f32(f32_to_bf16(layer.prior_c))
@@ -279,9 +280,10 @@ def test_backend_step_matches_reference(backend_name, dtype, router, select, pri
 
 
 def _native_paths(mlp, x) -> dict:
-    """The C kernel (dn/csrc/sparse.c, torch on CPU) where it runs: all tokens at once (each bundle read once for
+    """The C kernel (dn/formats/csrc/sparse.c, torch on CPU) where it runs: all tokens at once (each bundle read once
+    for
     the tokens keeping it) and one token per step, as decoding calls it; on a split layer (router planes, bf16)
-    dn/csrc/planes.c, 4 tokens and one at a time. Empty elsewhere (MLX, DN_NATIVE=0)."""
+    dn/formats/csrc/planes.c, 4 tokens and one at a time. Empty elsewhere (MLX, DN_NATIVE=0)."""
     if mlp.split:
         if "mat" not in mlp.planes[0] or mlp.select != "threshold":
             return {}
@@ -298,7 +300,7 @@ def _native_paths(mlp, x) -> dict:
 def test_backend_gelu_tanh_step_matches_reference(backend_name, dtype, prior):
     """GeGLU (Gemma): the reference with act gelu_tanh against each backend's gather and masked paths, and the
     router's estimate (it routes and feeds the sketch) against the reference's."""
-    from dn.safetensors_io import bf16_to_f32, f32_to_bf16
+    from dn.core.tensors import bf16_to_f32, f32_to_bf16
 
     mod = backends.get(backend_name)
     rng = np.random.default_rng(13)
@@ -330,7 +332,7 @@ def test_backend_gelu_tanh_step_matches_reference(backend_name, dtype, prior):
 def test_native_kernel_threads_match_reference(monkeypatch, dtype):
     """The C kernel's OpenMP split (a y per thread, summed) against the reference: forced on this small layer."""
     torch = pytest.importorskip("torch")
-    from dn.safetensors_io import bf16_to_f32, f32_to_bf16
+    from dn.core.tensors import bf16_to_f32, f32_to_bf16
     from dn_torch import ops
 
     rng = np.random.default_rng(14)
@@ -386,7 +388,7 @@ def test_hardware_kernel_matches_reference(backend_name, dtype, select, prior):
     """Metal (macOS CI's GPU step, DN_MLX_DEVICE=gpu) and Triton (CUDA) kernels against the numpy reference, one
     token per step as decoding runs them; skipped where neither exists (tests/test_metal_sparse_host.py and
     test_triton_kernel_in_interpreter check the same bodies on the host)."""
-    from dn.safetensors_io import bf16_to_f32, f32_to_bf16
+    from dn.core.tensors import bf16_to_f32, f32_to_bf16
 
     rng = np.random.default_rng(10)
     layer, (g, u, dn) = _layer(rng, 40, "int4", prior, select=select)
@@ -424,13 +426,13 @@ def test_triton_kernel_in_interpreter():
     """The fused Triton kernel against the reference on CPU (TRITON_INTERPRET=1); CUDA runs it for real."""
     pytest.importorskip("triton")
     code = (
-        "import numpy as np, torch\nfrom dn import sparse as ref\nfrom dn_torch import sparse as ts\n"
+        "import numpy as np, torch\nfrom dn.formats import sparse as ref\nfrom dn_torch import sparse as ts\n"
         "rng = np.random.default_rng(0)\nd, n = 128, 200\n"
         "g, u, dn = (rng.standard_normal(s).astype(np.float32) * 0.05 for s in ((n, d), (n, d), (d, n)))\n"
         "x = rng.standard_normal((256, d)).astype(np.float32)\n"
         "layer = ref.fit_layer(x, g, u, dn, 70, 8, 'median', 'lowrank')\n"
         "mlp = ts.make_mlp(ref.bundle(g, u, dn), layer, 'float32', 'cpu')\n"
-        "from dn import sparse_mlp\nx1 = x[:1]\nm = sparse_mlp.route(x1, mlp)\n"
+        "from dn.runtime import sparse_mlp\nx1 = x[:1]\nm = sparse_mlp.route(x1, mlp)\n"
         "want = ref.sparse_mlp_step(x1, ref.bundle(g, u, dn), layer, m)\n"
         "idx = np.flatnonzero(m[0])\n"
         "got = ts._fused_step(torch.as_tensor(x1), mlp.bundled, torch.as_tensor(idx), mlp.prior_c,"
@@ -446,8 +448,8 @@ def test_triton_kernel_in_interpreter():
 
 @pytest.fixture(scope="module")
 def sparse_model(tmp_path_factory, default_model_dir, default_spec, calib_text):
-    from dn import calibrate
     from dn.convert import copy_dense
+    from dn.runtime import calibrate
 
     out = tmp_path_factory.mktemp("sparse")
     copy_dense(default_model_dir, out)
@@ -460,7 +462,7 @@ def sparse_model(tmp_path_factory, default_model_dir, default_spec, calib_text):
 
 
 def test_calibrate_is_deterministic(sparse_model, default_model_dir, calib_text, tmp_path):
-    from dn import calibrate
+    from dn.runtime import calibrate
 
     out, _, section = sparse_model
     text = calib_text.read_text(encoding="utf-8")[:6000]
@@ -473,7 +475,7 @@ def test_calibrate_is_deterministic(sparse_model, default_model_dir, calib_text,
 @pytest.mark.parametrize("kwargs,needle", [({"calib_text": "  \n"}, "empty"), ({"sparsity": 1.0}, "sparsity"),
                                            ({"prior": "magic"}, "prior"), ({"router": "magic"}, "router")])
 def test_calibrate_bad_input_writes_nothing(default_model_dir, tmp_path, kwargs, needle):
-    from dn import calibrate
+    from dn.runtime import calibrate
 
     args = {"sparsity": 0.5, "calib_text": "Some text."} | kwargs
     with pytest.raises(DnError, match=needle):
@@ -540,10 +542,10 @@ def _held_bytes(mlp) -> int:
 @pytest.mark.parametrize("prior", sparse.PRIORS)
 @pytest.mark.parametrize("router", sparse.ROUTERS)
 def test_side_bytes_are_what_a_layer_holds(backend_name, router, prior):
-    """dn.store.sparse_side (what dn footprint adds per layer) equals the bytes a backend's SparseMLP holds
+    """dn.model.store.sparse_side (what dn footprint adds per layer) equals the bytes a backend's SparseMLP holds
     besides its bundled weights, for every router and prior kind."""
     _no_sketch_without_up(router, prior)
-    from dn import store
+    from dn.model import store
 
     layer, w = _layer(np.random.default_rng(11), 40, router, prior)
     mlp = backends.get(backend_name).make_sparse_mlp(sparse.bundle(*w), layer, "float32")

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from dn.errors import DnError
-from dn.spec import SPEC_VERSION, Architecture, ModelSpec, TensorInfo, load_spec, role_of, validate
+from dn.core.errors import DnError
+from dn.model.spec import SPEC_VERSION, Architecture, ModelSpec, TensorInfo, load_spec, role_of, validate
 
 HF5 = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "rms_norm_eps": 1e-5,

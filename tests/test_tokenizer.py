@@ -1,4 +1,4 @@
-from dn.tokenizer import StreamDecoder
+from dn.model.tokenizer import StreamDecoder
 
 
 def test_chat_template_renders_the_instruct_format(tokenizer):

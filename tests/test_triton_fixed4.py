@@ -1,5 +1,5 @@
-"""The fixed4 Triton kernels (dn_torch/_triton_codec.py) against the numpy reference dn.codec_runtime: decode
-bit-exact, fused decode+GEMV within dn.tolerances.KERNEL, over fuzzed shapes (odd sizes, escapes, specials,
+"""The fixed4 Triton kernels (dn_torch/_triton_codec.py) against the numpy reference dn.formats.fixed4: decode
+bit-exact, fused decode+GEMV within dn.core.tolerances.KERNEL, over fuzzed shapes (odd sizes, escapes, specials,
 misaligned buffers), batch 1..16, both dtypes. On CPU the checks run in Triton's interpreter (a subprocess with
 TRITON_INTERPRET=1, where Triton is installed); on CUDA the same checks run for real (marked gpu)."""
 
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from helpers import assert_runs_in_triton_interpreter
 
-from dn import codec, codec_runtime
-from dn.tolerances import KERNEL
+from dn.core.tolerances import KERNEL
+from dn.formats import fixed4 as codec_runtime
+from dn.formats import lossless as codec
 
 torch = pytest.importorskip("torch")
 

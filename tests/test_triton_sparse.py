@@ -1,4 +1,4 @@
-"""The fused sparse Triton kernel (dn_torch/sparse.py) against the numpy reference dn.sparse.sparse_mlp_step:
+"""The fused sparse Triton kernel (dn_torch/sparse.py) against the numpy reference dn.formats.sparse.sparse_mlp_step:
 in Triton's interpreter on CPU (a subprocess with TRITON_INTERPRET=1, where Triton is installed) and for real on
 CUDA (marked gpu). One token per call, as decoding runs it; hidden sizes that are and are not multiples of the
 kernel's block, kept counts from 1 to all, median and sketch priors, both selections, float32 and bfloat16."""
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from helpers import assert_runs_in_triton_interpreter
 
-from dn import sparse as ref
-from dn import sparse_mlp
-from dn.tolerances import KERNEL
+from dn.core.tolerances import KERNEL
+from dn.formats import sparse as ref
+from dn.runtime import sparse_mlp
 
 torch = pytest.importorskip("torch")
 
@@ -64,7 +64,7 @@ def check_sparse(device: str, seed: int = 0) -> int:
 def check_blocks(device: str) -> int:
     """_fused_step directly, its block sizes varied (k not a multiple of BLOCK_K, d of BLOCK_D), one kernel and the
     split design (split 1, 3, 8: more shares than blocks of neurons too), both activations (gelu_tanh: the kernels
-    support it; dn.sparse_mlp routes GeGLU layers elsewhere until ops passes act)."""
+    support it; dn.runtime.sparse_mlp routes GeGLU layers elsewhere until ops passes act)."""
     from dn_torch import sparse as ts
 
     rng = np.random.default_rng(3)

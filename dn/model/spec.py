@@ -12,8 +12,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from dn import quant, safetensors_io
-from dn.errors import DnError
+from dn.core import tensors as safetensors_io
+from dn.core.errors import DnError
+from dn.formats import quant
 
 SPEC_VERSION = 1
 SPEC_FILE = "dn_spec.json"
@@ -217,7 +218,7 @@ class ModelSpec:
     source: str = ""
     codec: dict | None = None
     sparse: dict | None = None
-    quant: dict | None = None     # config.json's "quantization" (mlx-lm's affine layout), see dn/quant.py
+    quant: dict | None = None     # config.json's "quantization" (mlx-lm's affine layout), see dn/formats/quant.py
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:

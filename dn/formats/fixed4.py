@@ -1,5 +1,5 @@
 """The lossless codec's runtime layout "fixed4": what a coded tensor becomes in memory, separate from the stored
-format (dn/codec.py, version 1, unchanged). The numpy reference every backend's kernels are tested against.
+format (dn/formats/lossless.py, version 1, unchanged). The numpy reference every backend's kernels are tested against.
 
 Huffman streams decode serially; this layout decodes every weight independently, so a kernel can decode in
 registers inside a matvec (the idea of binade's R4 layout). Per tensor of n 16-bit weights:
@@ -7,7 +7,7 @@ registers inside a matvec (the idea of binade's R4 layout). Per tensor of n 16-b
                          unused entries and entry ESCAPE (15) hold 0
   nibbles  uint8 [ceil(n/2)]  element i's rank in byte i // 2: low nibble for even i, high for odd i;
                          rank ESCAPE marks a symbol outside the table (a padding nibble is 0)
-  raw      uint8 [n]     as in dn/codec.py (bfloat16: sign|mantissa; float16: low byte)
+  raw      uint8 [n]     as in dn/formats/lossless.py (bfloat16: sign|mantissa; float16: low byte)
   esc_index int32 [e]    ascending element indices of the escapes
   esc_symbol uint8 [e]   their symbols
 bits[i] = codec.join(table[rank[i]], raw[i]), except at escapes: codec.join(esc_symbol, raw[i]).
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dn import codec
-from dn.errors import DnError
+from dn.core.errors import DnError
+from dn.formats import lossless as codec
 
 ESCAPE = 15
 RANKS = 15  # table entries a nibble can name
@@ -59,7 +59,7 @@ def from_bits(bits: np.ndarray, dtype: str) -> RuntimeTensor:
 
 
 def from_symbols(sym: np.ndarray, raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> RuntimeTensor:
-    """The layout from a tensor's symbol and raw bytes (dn.codec.split of its bits), flat uint8 [n] each."""
+    """The layout from a tensor's symbol and raw bytes (dn.formats.lossless.split of its bits), flat uint8 [n] each."""
     if sym.size >= 2**31:
         raise ValueError("tensor too large for int32 escape indices")
     counts = np.bincount(sym, minlength=256)
@@ -117,11 +117,12 @@ def matvec(rt: RuntimeTensor, x: np.ndarray) -> np.ndarray:
     return y
 
 
-# ---- the C kernels (dn/csrc/codec_runtime.c), on numpy arrays; backends call the same functions on their memory --
+# ---- the C kernels (dn/formats/csrc/codec_runtime.c), on numpy arrays; backends call the same functions on their
+# memory --
 
 def native():
     """The C library with its signatures set, or None (DN_NATIVE=0, no compiler): then the plain paths run."""
-    from dn import native as nat
+    from dn.formats import native as nat
 
     lib = nat.library("codec_runtime")
     return lib if lib is None or hasattr(lib, "dn_ready") else declare(lib)
@@ -153,7 +154,7 @@ def decode_native(lib, rt, out_f32: bool = False, threads: int = 1, out=None, dt
     """The C decode -> uint16 bits [shape] (or float32 values); equal to decode() / to_float32(decode()).
     rt: a RuntimeTensor, or any holder of its five buffers (numpy arrays or CPU tensors) with n and shape (a
     backend's module; dtype then given); out: where to write (n elements, contiguous; default a new numpy array)."""
-    from dn.native import ptr
+    from dn.formats.native import ptr
 
     out = np.empty(rt.n, np.float32 if out_f32 else np.uint16) if out is None else out
     lib.dn_fixed4_decode(*_heads(rt), rt.n, *_escapes(rt), (dtype or rt.dtype) == "bfloat16", out_f32, ptr(out),
@@ -165,7 +166,7 @@ def matvec_native_bf16(lib, rt, x_bits, threads: int = 1, dtype: str | None = No
     """The C fused GEMV for bfloat16 weights and bfloat16 inputs (x_bits: 16-bit bits [1..4, in], contiguous):
     float32 sums of exact products (vdpbf16ps) [B, out] into y (float32, contiguous; default a new numpy array);
     None where this CPU's build lacks it. rt as in decode_native."""
-    from dn.native import ptr
+    from dn.formats.native import ptr
 
     out, k = rt.shape
     x_bits = np.ascontiguousarray(x_bits, np.uint16) if isinstance(x_bits, np.ndarray) else x_bits
@@ -181,7 +182,7 @@ def matvec_native_bf16(lib, rt, x_bits, threads: int = 1, dtype: str | None = No
 def matvec_native(lib, rt, x, threads: int = 1, dtype: str | None = None, y=None):
     """The C fused decode+GEMV (batch 1..4), float32 x (contiguous) and accumulation, into y as in
     matvec_native_bf16: within tolerance of matvec(). rt as in decode_native."""
-    from dn.native import ptr
+    from dn.formats.native import ptr
 
     out, k = rt.shape
     x = np.ascontiguousarray(x, np.float32) if isinstance(x, np.ndarray) else x
@@ -193,13 +194,13 @@ def matvec_native(lib, rt, x, threads: int = 1, dtype: str | None = None, y=None
 
 
 def _heads(rt) -> tuple:
-    from dn.native import ptr
+    from dn.formats.native import ptr
 
     return ptr(rt.table), ptr(rt.nibbles), ptr(rt.raw)
 
 
 def _escapes(rt) -> tuple:
-    from dn.native import ptr
+    from dn.formats.native import ptr
 
     return ptr(rt.esc_index), ptr(rt.esc_symbol), rt.esc_index.shape[0]
 
@@ -215,7 +216,7 @@ def convert(enc: codec.EncodedTensor, threads: int = 1) -> RuntimeTensor:
     lib = native()
     if lib is None or not (1 <= enc.lanes <= 4096 and enc.steps >= 1 and 1 <= enc.maxlen <= 24):
         return from_encoded(enc)  # the kernel's limits (its per-tile lane state lives on the stack)
-    from dn.native import ptr
+    from dn.formats.native import ptr
 
     words, offsets = np.ascontiguousarray(enc.words, np.uint32), np.ascontiguousarray(enc.offsets, np.uint32)
     lut, sym = codec.build_lut(enc.lengths, enc.maxlen), np.zeros(enc.n, np.uint8)

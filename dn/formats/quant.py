@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from dn.errors import DnError
+from dn.core.errors import DnError
 
 BITS = (2, 3, 4, 6, 8)
 GROUP_SIZES = (32, 64, 128)

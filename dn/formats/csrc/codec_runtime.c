@@ -1,4 +1,4 @@
-/* The lossless codec's runtime layout "fixed4" (dn/codec_runtime.py is the specification and the reference):
+/* The lossless codec's runtime layout "fixed4" (dn/formats/fixed4.py is the specification and the reference):
  * decode into 16-bit bits or float32, and a fused decode+GEMV for batch 1..4 with the reference's two passes.
  * AVX-512 (BW+VL) does 32 weights per step: a nibble byte widened to 16 bits holds two ranks as two bytes in
  * element order, one in-register table lookup (vpshufb) gives their symbols. Other CPUs run the scalar path.
@@ -345,7 +345,7 @@ int dn_fixed4_matvec_bf16(const uint8_t *table, const uint8_t *nibbles, const ui
 #endif
 }
 
-/* Load-time conversion: the stored Huffman code (dn/codec.py, format 1) of one tensor -> its symbol bytes [n],
+/* Load-time conversion: the stored Huffman code (dn/formats/lossless.py, format 1) of one tensor -> its symbol bytes [n],
  * the same as the numpy reference decoder's; the layout is then built from them (codec_runtime.from_symbols).
  * lut: uint16 [2**maxlen], entry = symbol | length << 8. Streams are independent: OpenMP over tiles. Returns the
  * number of tiles with a stream that ran past the n_words words (corrupt offsets: the caller raises), else 0. */

@@ -9,7 +9,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from dn.errors import DnError
+from dn.core.errors import DnError
 
 
 class Tokenizer:

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from dn.errors import DnError
-from dn.spec import ModelSpec
+from dn.core.errors import DnError
+from dn.model.spec import ModelSpec
 
 BACKENDS = ("mlx", "torch")
 DTYPES = ("float32", "bfloat16")
@@ -29,7 +29,8 @@ class Backend(Protocol):
     def device_name(self) -> str: ...
 
     def load(self, model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency: Any = None) -> Any:
-        """residency: a dn.residency.Runtime; the MLPs are then held under its plan, not read from the folder."""
+        """residency: a dn.runtime.residency.Runtime; the MLPs are then held under its plan, not read from the
+        folder."""
 
     def make_cache(self, model: Any, max_kv_size: int | None = None, kv_bits: int | None = None) -> Any:
         """A fresh KV cache for logits(); max_kv_size bounds it to that many tokens (a rotating or sliding-window
@@ -45,21 +46,21 @@ class Backend(Protocol):
         """tokens [1, L] -> [embeddings, after layer 0, ..., after layer N-1], each float32 [L, D]."""
 
     def import_model_code(self, spec: ModelSpec) -> None:
-        """Import the code load() runs for spec, so a measured load (dn.memory) counts weights, not imports."""
+        """Import the code load() runs for spec, so a measured load (dn.runtime.memory) counts weights, not imports."""
 
     def memory_stats(self, reset_peak: bool = False) -> dict | None:
         """The device allocator's {kind, active_bytes, peak_kind, peak_bytes} (peak since the last reset; reset
-        after reading when asked), or None where there is none (torch on the CPU): dn.memory then measures
+        after reading when asked), or None where there is none (torch on the CPU): dn.runtime.memory then measures
         the process."""
 
     def free(self, model: Any) -> None: ...
 
     def resident_module(self) -> Any:
-        """The backend's `resident` module: the block layout and the ops dn.residency runs on (layout_key,
+        """The backend's `resident` module: the block layout and the ops dn.runtime.residency runs on (layout_key,
         block_arrays, part_info, make_part, acts, down, settle, to_numpy, from_numpy, concat,
         install)."""
 
-    # The sparse MLP (dn/sparse_mlp.py has its logic): what calibration, parity and benchmarks call.
+    # The sparse MLP (dn/runtime/sparse_mlp.py has its logic): what calibration, parity and benchmarks call.
     def collect_mlp_inputs(self, model: Any, token_batches: list[np.ndarray]) -> list[np.ndarray]:
         """Run the model over token batches [B, L]; each layer's MLP inputs, float32 [sum B*L, d]."""
 
@@ -67,7 +68,7 @@ class Backend(Protocol):
         """Layer i's (gate [n, d], up [n, d], down [d, n]) as float32 numpy."""
 
     def install_sparse(self, model: Any, s: Any) -> None:
-        """Patch the model's MLPs with an in-memory dn.sparse.SparseSpec."""
+        """Patch the model's MLPs with an in-memory dn.formats.sparse.SparseSpec."""
 
     def make_sparse_mlp(self, bundled: np.ndarray, layer: Any, dtype: str = "float32",
                         device: str | None = None) -> Any:

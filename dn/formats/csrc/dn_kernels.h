@@ -1,4 +1,4 @@
-/* What the CPU kernels in dn/csrc share: the MLP activations by kind (dn.sparse.ACTS order) and bf16 -> float. */
+/* What the CPU kernels in dn/formats/csrc share: the MLP activations by kind (dn.formats.sparse.ACTS order) and bf16 -> float. */
 #ifndef DN_KERNELS_H
 #define DN_KERNELS_H
 #include <math.h>

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dn import safetensors_io
-from dn.errors import DnError
-from dn.sparse import gelu_tanh
-from dn.spec import Architecture, ModelSpec, weight_files
+from dn.core import tensors as safetensors_io
+from dn.core.errors import DnError
+from dn.formats.sparse import gelu_tanh
+from dn.model.spec import Architecture, ModelSpec, weight_files
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

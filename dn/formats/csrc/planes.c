@@ -1,4 +1,4 @@
-/* The sparse MLP on split planes (dn/planes.py, the numpy reference) for a few tokens (decode), in one pass over the
+/* The sparse MLP on split planes (dn/formats/planes.py, the numpy reference) for a few tokens (decode), in one pass over the
  * neurons. For neuron j and token t:
  *   g^, u^ = the gate and up rows' sketches (6 bits a weight) . x_t;  est = act(g^) u^;  kept iff |est| > thresh[j]
  *   kept:    the rows' rest planes complete the exact bf16 weights: h = act(g . x_t) (u . x_t) - c[j];  y_t += h down_j
@@ -30,7 +30,7 @@ typedef struct {
     const int64_t *esc_ptr;         /* [m + 1] */
     const int32_t *esc_col;
     const uint16_t *esc_bits;
-    const uint8_t *lut_w, *lut_hi;  /* [128] each: dn.planes.luts() as 64 low bytes, then 64 high bytes */
+    const uint8_t *lut_w, *lut_hi;  /* [128] each: dn.formats.planes.luts() as 64 low bytes, then 64 high bytes */
 } mat_t;
 
 /* ---- one row: sketch dots, exact dots, axpys -------------------------------------------------------------------- */

@@ -1,4 +1,4 @@
-"""CPU kernels written in C (dn/csrc/<name>.c), built once per machine with the system compiler and called
+"""CPU kernels written in C (dn/formats/csrc/<name>.c), built once per machine with the system compiler and called
 through ctypes on numpy/torch memory. Backend-neutral: a kernel takes raw pointers and sizes, nothing else.
 
 Built into <cache>/native/<name>-<key>.so, the key hashing the source, the flags, the compiler and this CPU's
@@ -20,7 +20,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-from dn.errors import DnError
+from dn.core.errors import DnError
 
 SRC = Path(__file__).parent / "csrc"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=c11")
@@ -56,7 +56,7 @@ def _build(name: str) -> ctypes.CDLL | None:
     headers = [h.read_text() for h in sorted(SRC.glob("*.h"))]  # what the sources include
     key = hashlib.sha256("\0".join([src.read_text(), *headers, " ".join(FLAGS), version, platform.machine(),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
-    from dn.sources import cache_dir
+    from dn.model.sources import cache_dir
 
     out = cache_dir() / "native" / f"{name}-{key}.so"
     if not out.exists():

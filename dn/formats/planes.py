@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dn.errors import DnError
-from dn.native import ptr
-from dn.safetensors_io import bf16_to_f32, f32_to_bf16
+from dn.core.errors import DnError
+from dn.core.tensors import bf16_to_f32, f32_to_bf16
+from dn.formats.native import ptr
 
 ESCAPE = 15
 META = 48  # float32 per matrix in a sparse file's router.b / prior.b: table (16, as floats), then cent (32)
@@ -161,7 +161,8 @@ def stacked_values(sketch: np.ndarray, metas: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([sketch_values(s, meta, k) for s, meta in zip(blocks, metas)])
 
 
-# ---- the C kernels (dn/csrc/planes.c), on numpy arrays or CPU tensors: backends pass their own memory ------------
+# ---- the C kernels (dn/formats/csrc/planes.c), on numpy arrays or CPU tensors: backends pass their own memory
+# ------------
 
 # a matrix as the kernels take it; lut_w, lut_hi: luts() as uint8 [128], the 64 low bytes then the 64 high bytes
 FIELDS = ("sketch", "rest", "esc_ptr", "esc_col", "esc_bits", "lut_w", "lut_hi")
@@ -178,8 +179,8 @@ def arrays(sketch: np.ndarray, meta: np.ndarray, rest: Rest | None = None) -> di
 
 
 def native():
-    """dn/csrc/planes.c with its signatures set, or None (DN_NATIVE=0, no compiler)."""
-    from dn import native as nat
+    """dn/formats/csrc/planes.c with its signatures set, or None (DN_NATIVE=0, no compiler)."""
+    from dn.formats import native as nat
 
     lib = nat.library("planes")
     if lib is not None and not hasattr(lib, "dn_ready"):
@@ -197,7 +198,7 @@ def native():
 
 
 class Mat(ctypes.Structure):
-    """The kernels' matrix struct (mat_t in dn/csrc/planes.c): FIELDS' addresses."""
+    """The kernels' matrix struct (mat_t in dn/formats/csrc/planes.c): FIELDS' addresses."""
     _fields_ = [(f, ctypes.c_void_p) for f in FIELDS]
 
 
@@ -247,7 +248,7 @@ def step(x: np.ndarray, gate: tuple, up: tuple, down: tuple, thresh: np.ndarray,
          act_name: str, sketch: bool, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The numpy reference of the fused step: x [T, d] float32 (bf16 values); gate, up, down = (sketch, meta, rest) of
     [n, d] ([n, d] for down: its columns) -> (y [T, d] float64, mask bool [T, n]). mask given: replayed."""
-    from dn.sparse import act
+    from dn.formats.sparse import act
 
     d = x.shape[1]
     x64 = x.astype(np.float64)

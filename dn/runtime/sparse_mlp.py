@@ -2,7 +2,7 @@
 tape/replay are policy and live here; `dn_<backend>.ops` supplies the array ops and fused kernels, and
 `dn_<backend>.sparse.SparseMLP` only binds this class to its framework's Module.
 
-dn/sparse.py holds the math and the numpy reference every path is tested against.
+dn/formats/sparse.py holds the math and the numpy reference every path is tested against.
 
 The neurons' weights come from the weight store in one of two forms:
 - bundled [n, 3, d] ([gate row | up row | down column] per neuron; dense models): a kept neuron is one
@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from dn import planes
+from dn.formats import planes
 
 GATHER_LIMIT = 1 << 22  # elements of [T, k, 3, d] above which a step uses the masked path
-NATIVE_TOKENS = 4       # tokens up to which auto takes a C kernel (decode; dn/csrc/planes.c's most); more: masked
+# tokens up to which auto takes a C kernel (decode; dn/formats/csrc/planes.c's most); more: masked
+NATIVE_TOKENS = 4
 PATHS = ("auto", "gather", "masked", "fused", "native")
 
 
@@ -51,7 +52,7 @@ class SparseMLP:
         # matmul; lowrank: float32 factors [d, r], [r, 2n].
         if layer.router in ("int4", "int4gate"):
             self.router_q = o.int4_linear(layer.router_a, layer.router_b, like)
-        elif layer.router == "planes":  # the gate and up weights' own sketches (dn/planes.py), [2n, 3d/4]
+        elif layer.router == "planes":  # the gate and up weights' own sketches (dn/formats/planes.py), [2n, 3d/4]
             o.hold(self, "router_a", o.from_numpy(layer.router_a, like))
         else:
             o.hold(self, "router_a", o.from_numpy(np.asarray(layer.router_a, np.float32), like))
@@ -71,7 +72,8 @@ class SparseMLP:
 
     def _hold_planes(self, layer, like, bits) -> None:
         """Router "planes": self.planes holds per matrix (gate, up, down's columns as rows) its arrays by
-        dn.planes.FIELDS name, and "mat", the C kernels' struct, where those run. The sketches are the spec's (the
+        dn.formats.planes.FIELDS name, and "mat", the C kernels' struct, where those run. The sketches are the spec's
+        (the
         down's: with the sketch prior); with bits (the bundled bf16 weights [n, 3, d]) the rests too, checked to
         complete the spec's sketches into these very weights: the layer is then held split, with no bundle."""
         o, n = self.ops, self.n
@@ -280,7 +282,7 @@ class _Planes:
 
 def install(model, s, cls) -> None:
     """Patch the MLPs with an in-memory SparseSpec (re-installing over SparseMLPs reuses their weights)."""
-    from dn.errors import DnError
+    from dn.core.errors import DnError
 
     if len(s.layers) != len(model.model.layers):
         raise DnError(f"sparse spec has {len(s.layers)} layers, the model {len(model.model.layers)}")

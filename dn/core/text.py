@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dn.errors import DnError
+from dn.core.errors import DnError
 
 
 def text_path(flag: str | None, env: str) -> Path:

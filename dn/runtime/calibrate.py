@@ -1,5 +1,5 @@
 """Calibration for `dn convert --sparsity`: run the dense model over calibration text through a backend,
-fit each layer's router and prior in numpy (dn/sparse.py), write the sparse spec file.
+fit each layer's router and prior in numpy (dn/formats/sparse.py), write the sparse spec file.
 
 Deterministic for a given seed: the seed picks which calibration windows are used; fitting is exact
 linear algebra on those windows' MLP inputs.
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dn import sparse, store
-from dn.errors import DnError
+from dn.core.errors import DnError
+from dn.formats import sparse
+from dn.model import store
 
 CTX = 512            # tokens per calibration window
 MAX_TOKENS = 16384   # calibration tokens used (windows sampled by seed)
@@ -55,9 +56,9 @@ def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, 
               select: str = sparse.DEFAULT_SELECT) -> dict:
     """Fit routers + priors on calib_text (the text itself), write sparse.FILE into out_dir, return the
     `sparse` section for dn_spec.json. Raises DnError before writing anything on bad input."""
-    from dn import backend as backends
-    from dn.spec import load_spec
-    from dn.tokenizer import Tokenizer
+    from dn.model.spec import load_spec
+    from dn.model.tokenizer import Tokenizer
+    from dn.runtime import backend as backends
 
     prior = prior or sparse.DEFAULT_PRIOR
     if prior not in sparse.PRIORS:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dn.errors import DnError
+from dn.core.errors import DnError
 
 # safetensors dtype -> numpy dtype of the stored bits (BF16 stays uint16).
 DTYPES = {

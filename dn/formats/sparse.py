@@ -29,7 +29,8 @@ Scores:
                     int4 router, an int4 copy of the whole MLP answers for the skipped neurons while the
                     kept ones run in full precision. Costs d (n/2 + 4 n/GROUP) bytes per layer.
   router "planes":  scores s = |silu(g^)| * |u^| with g^, u^ from the gate and up weights' own split planes
-                    (dn/planes.py: each weight to within its exponent and top mantissa bit, 6 of its 12 bits); the
+                    (dn/formats/planes.py: each weight to within its exponent and top mantissa bit, 6 of its 12 bits);
+                    the
                     rest of a kept neuron's bits is read only when it is kept. With the sketch prior, D~ is the
                     same split of the down matrix. Weights are split as bfloat16 (rounded); the fused C kernel runs
                     on a bfloat16 model, whose weights it checks are the ones split.
@@ -49,9 +50,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dn import planes, quant, safetensors_io
-from dn.errors import DnError
-from dn.spec import ACTS as HF_ACTS  # config.json name -> dn name, kept once in dn.spec
+from dn.core import tensors as safetensors_io
+from dn.core.errors import DnError
+from dn.formats import planes, quant
+from dn.model.spec import ACTS as HF_ACTS  # config.json name -> dn name, kept once in dn.model.spec
 
 VERSION = 2
 READS = (1, 2)      # v1: top-k selection only, no router.t
@@ -340,13 +342,14 @@ def recall(mask: np.ndarray, ref: np.ndarray) -> float:
     return float((mask & ref).sum() / max(1, ref.sum()))
 
 
-# ---- the C kernel over bundles (dn/csrc/sparse.c); backends pass their own memory ------------------
+# ---- the C kernel over bundles (dn/formats/csrc/sparse.c); backends pass their own memory ------------------
 
 def native():
-    """dn/csrc/sparse.c with its signatures set, or None (DN_NATIVE=0, no compiler): then the plain paths run."""
+    """dn/formats/csrc/sparse.c with its signatures set, or None (DN_NATIVE=0, no compiler): then the plain paths
+    run."""
     import ctypes
 
-    from dn import native as nat
+    from dn.formats import native as nat
 
     lib = nat.library("sparse")  # built and loaded once
     if lib is not None and not hasattr(lib, "dn_ready"):

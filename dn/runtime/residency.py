@@ -34,9 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dn import sparse, store
-from dn.errors import DnError
-from dn.spec import DTYPE_BYTES, ModelSpec
+from dn.core.errors import DnError
+from dn.formats import sparse
+from dn.model import store
+from dn.model.spec import DTYPE_BYTES, ModelSpec
 
 VERSION = 2  # 2: a layer's tensor held [outer, blocks, inner]
 BLOCK = 64                      # neurons per block: a multiple of every affine group size and of torch's int4 rows
@@ -115,7 +116,7 @@ def dense_bf16(spec: ModelSpec) -> int:
 
 
 def fixed_bytes(spec: ModelSpec, dtype: str) -> int:
-    """Bytes of everything but the MLP projections, as held at dtype (dn.store's accounting)."""
+    """Bytes of everything but the MLP projections, as held at dtype (dn.model.store's accounting)."""
     b = DTYPE_BYTES[dtype]
     total = store.resident_bytes(spec, dtype)
     mlp = sum(store.entry_bytes(e, b) for e in store.entries(spec) if e.role == "mlp")
@@ -123,7 +124,7 @@ def fixed_bytes(spec: ModelSpec, dtype: str) -> int:
 
 
 def block_bytes(spec: ModelSpec, dtype: str) -> int:
-    """One block as accounted (dn.store), for a plan made without the cold file (dn footprint --no-measure)."""
+    """One block as accounted (dn.model.store), for a plan made without the cold file (dn footprint --no-measure)."""
     b = DTYPE_BYTES[dtype]
     layer = sum(store.entry_bytes(e, b) for e in store.entries(spec) if e.name.startswith("model.layers.0.mlp."))
     return layer * BLOCK // spec.architecture.intermediate_size
@@ -362,7 +363,7 @@ class ResidentMLP:
         self.order = np.asarray(tier.order(layer))
         self.hot = self._part(tier.read(layer, 0, self.h, copy=True)) if self.h else None
         self.y0 = None              # per-sequence: the answer for the neurons outside the selected set
-        self.sparse = sparse        # sparse mode: the layer's router and prior (dn.sparse_mlp.SparseMLP)
+        self.sparse = sparse        # sparse mode: the layer's router and prior (dn.runtime.sparse_mlp.SparseMLP)
         self._perm = self._c = None
 
     def _part(self, arrays):
@@ -520,8 +521,8 @@ def install(model, runtime: Runtime, R, module_cls, sparse_layers=None) -> None:
 
 def _store_layer(model_dir: Path, spec: ModelSpec, i: int) -> dict[str, np.ndarray]:
     """Layer i's stored MLP tensors as numpy (bf16 as uint16 bits), by suffix ('gate_proj.weight', ...)."""
-    from dn import safetensors_io
-    from dn.spec import weight_files
+    from dn.core import tensors as safetensors_io
+    from dn.model.spec import weight_files
 
     want = {f"{p}.{k}" for p in mlp_names(i) for k in ("weight", "scales", "biases")}
     out = {}
@@ -533,7 +534,8 @@ def _store_layer(model_dir: Path, spec: ModelSpec, i: int) -> dict[str, np.ndarr
 
 def _dense_float(arrays: dict, spec: ModelSpec, proj: str) -> np.ndarray:
     """A stored projection as float32 numpy (dequantized when affine)."""
-    from dn import quant, safetensors_io
+    from dn.core import tensors as safetensors_io
+    from dn.formats import quant
 
     w, dt = arrays[f"{proj}.weight"]
     if f"{proj}.scales" not in arrays:
@@ -617,8 +619,8 @@ def _layout_of(tensors) -> list[dict]:
 
 def _calibration_inputs(backend, model_dir, spec, calib_text: str, tokens: int = 2048) -> list[np.ndarray]:
     """Each layer's MLP inputs over the first `tokens` tokens of the calibration text (the full model runs once)."""
-    from dn import text
-    from dn.tokenizer import Tokenizer
+    from dn.core import text
+    from dn.model.tokenizer import Tokenizer
 
     ids = Tokenizer(model_dir, spec.architecture.eos_token_id).encode(text.read_text(Path(calib_text)))[:tokens]
     if len(ids) < 64:
@@ -636,8 +638,9 @@ def _calibration_inputs(backend, model_dir, spec, calib_text: str, tokens: int =
 def quantization_error(model_dir: Path, spec: ModelSpec, bits: int, group_size: int) -> float:
     """Relative RMS error of affine `bits`-bit groups of `group_size` on the first and last layer's linear
     weights (inf where the group size does not divide them)."""
-    from dn import quant, safetensors_io
-    from dn.spec import weight_files
+    from dn.core import tensors as safetensors_io
+    from dn.formats import quant
+    from dn.model.spec import weight_files
 
     last = spec.architecture.num_hidden_layers - 1
     want = {t.name for t in spec.tensors if t.role in ("mlp", "attention") and len(t.shape) == 2
@@ -661,7 +664,7 @@ def store_for(model_dir: Path, spec: ModelSpec, dtype: str, budget: int, mode: s
     other folders are used as they are."""
     import sys
 
-    from dn.spec import load_spec
+    from dn.model.spec import load_spec
 
     if spec.quant is not None or spec.codec is not None or spec.sparse is not None:
         return model_dir, spec
@@ -671,7 +674,7 @@ def store_for(model_dir: Path, spec: ModelSpec, dtype: str, budget: int, mode: s
     except DnError:
         pass
     from dn.convert import convert, quantization
-    from dn.sources import cache_dir
+    from dn.model.sources import cache_dir
 
     four = quantization_error(model_dir, spec, 4, 32) <= quantization_error(model_dir, spec, 8, 64)
     fmt, q = ("q4g32e8", quantization(4, 32, 8, 32)) if four else ("q8g64", quantization(8, 64))
@@ -730,7 +733,7 @@ def fields(runtime: Runtime | None) -> dict:
 
 def bench_options(budget: str, model_dir: Path, backend: str, dtype: str) -> dict:
     """dn bench's hook: `25%` (exact mode) or `25%:per-sequence`, over the record's folder."""
-    from dn import loader
+    from dn.runtime import loader
 
     size, _, mode = budget.partition(":")
     held = {}

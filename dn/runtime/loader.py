@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dn import backend as backends
-from dn import memory, safetensors_io
-from dn.sources import resolve_model
-from dn.spec import ModelSpec, load_spec
-from dn.tokenizer import Tokenizer
+from dn.core import tensors as safetensors_io
+from dn.model.sources import resolve_model
+from dn.model.spec import ModelSpec, load_spec
+from dn.model.tokenizer import Tokenizer
+from dn.runtime import backend as backends
+from dn.runtime import memory
 
 
 @dataclass
@@ -21,15 +22,15 @@ class Loaded:
     model: Any
     dtype: str
     tokenizer: Tokenizer
-    memory: dict  # what the load added, measured by the platform (dn.memory.measure_load)
+    memory: dict  # what the load added, measured by the platform (dn.runtime.memory.measure_load)
 
 
-    residency: Any = None  # dn.residency.Runtime when loaded under --max-resident
+    residency: Any = None  # dn.runtime.residency.Runtime when loaded under --max-resident
 
 
 def load(model: str | None, backend: str = "auto", dtype: str = "float32", max_resident: str | None = None,
          mode: str = "exact", calib_text: str | None = None, prefetch: bool = False) -> Loaded:
-    """max_resident: a budget ('300MB', '25%' of dense bf16): the MLPs are held by dn.residency under it."""
+    """max_resident: a budget ('300MB', '25%' of dense bf16): the MLPs are held by dn.runtime.residency under it."""
     be = backends.resolve(backend)  # first, so a missing backend fails before any conversion
     model_dir = resolve_model(model)
     spec = load_spec(model_dir)
@@ -37,7 +38,7 @@ def load(model: str | None, backend: str = "auto", dtype: str = "float32", max_r
     tokenizer = Tokenizer(model_dir, spec.architecture.eos_token_id)
     runtime = None
     if max_resident is not None:
-        from dn import residency
+        from dn.runtime import residency
 
         budget = residency.parse_budget(max_resident, residency.dense_bf16(spec))
         model_dir, spec = residency.store_for(model_dir, spec, dtype, budget, mode)

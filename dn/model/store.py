@@ -1,11 +1,12 @@
 """The weight store: where each weight of a model lives and in what format, as plain data, and the one
 function that accounts for the bytes a backend holds resident for it.
 
-Formats: `dense` (the compute dtype), `lossless` (dn/codec.py: entropy-coded; held as dn/codec_runtime.py, decoded
-into one scratch buffer), `affine` (dn/quant.py: mlx-lm's group quantization, kept packed). A sparse section
-(dn/sparse.py) adds side data per layer: the router, its thresholds and the prior. Backends build each
+Formats: `dense` (the compute dtype), `lossless` (dn/formats/lossless.py: entropy-coded; held as dn/formats/fixed4.py,
+decoded
+into one scratch buffer), `affine` (dn/formats/quant.py: mlx-lm's group quantization, kept packed). A sparse section
+(dn/formats/sparse.py) adds side data per layer: the router, its thresholds and the prior. Backends build each
 weight in its format (dn_<backend>.quant, dn_<backend>.codec) and run them through their ops; the sparse
-MLP asks them for whole matrices or for kept neurons' rows (dn/sparse_mlp.py).
+MLP asks them for whole matrices or for kept neurons' rows (dn/runtime/sparse_mlp.py).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dn import codec_runtime, quant, sparse
-from dn.spec import DTYPE_BYTES, ModelSpec
+from dn.formats import fixed4 as codec_runtime
+from dn.formats import quant, sparse
+from dn.model.spec import DTYPE_BYTES, ModelSpec
 
 FORMATS = ("dense", "lossless", "affine")
 
@@ -53,7 +55,7 @@ def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:
     `resident_weight_bytes` reports everywhere.
     - dense: numel x dtype; affine: packed codes + a scale and a bias per group, at the compute dtype or as
       stored when that is smaller (16-bit scales are exact in float32 arithmetic);
-    - lossless: the runtime layout the stored code is converted to at load (dn.codec_runtime, escapes not
+    - lossless: the runtime layout the stored code is converted to at load (dn.formats.fixed4, escapes not
       counted) and decode scratch for the largest coded projection at the compute dtype;
     - sparse: each layer's router, thresholds and prior (sparse_side); with router "planes" at bf16, the MLPs
       held as split planes in place of their dense bytes (split_mlp_bytes)."""
@@ -83,7 +85,7 @@ def mlp_dense(spec: ModelSpec) -> bool:
 
 
 def split_mlp_bytes(section: dict) -> dict[str, int]:
-    """A layer of router "planes" at bf16 holds its MLP as split planes (dn/planes.py): beside the sketches the
+    """A layer of router "planes" at bf16 holds its MLP as split planes (dn/formats/planes.py): beside the sketches the
     sparse section holds (sparse_side), per layer `rest` (the rests of gate, up and down, their escape row offsets
     and tables; the down's sketch too without the sketch prior; the rare escapes not counted) instead of
     `dense_mlp` (the bf16 weights), and once `scratch`: one bf16 matrix the plain paths (prefill) decode each into

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dn import safetensors_io
-from dn.errors import DnError
+from dn.core import tensors as safetensors_io
+from dn.core.errors import DnError
 
 # gguf architecture -> HF model_type
 ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
@@ -220,7 +220,7 @@ def tokenizer_files(reader) -> dict[str, str]:
 
 def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     """Write the HF folder into out_dir (which the caller renames into place)."""
-    from dn.spec import Architecture
+    from dn.model.spec import Architecture
 
     reader = open_gguf(gguf_path)
     cfg = hf_config(reader)
