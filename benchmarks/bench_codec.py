@@ -12,17 +12,26 @@ and the pure-torch one, and per batch 1 and 4 torch's bf16 F.linear against the 
 the runtime's decode-then-F.linear; ratios are times over F.linear's in the same run (< 1: faster).
 
 Weights are N(0, 0.02) rounded to bf16 (the exponent spread of trained layers); a shape is [out, in].
+Timer and JSON: dn.runtime.timing (on CUDA, Triton's do_bench: CUDA events around the kernels, cache flushed).
 """
 
 import argparse
-import json
 import platform
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from dn.formats import lossless as codec
+from dn.convert import convert
+from dn.footprint import accounted
+from dn.formats import fixed4, lossless
+from dn.model.sources import resolve_model
+from dn.model.spec import load_spec
+from dn.runtime import backend as backends
+from dn.runtime import memory, timing
 from dn_torch import codec as tc
 
 GPU_SHAPES = "4096x4096,14336x4096,4096x14336"
@@ -33,16 +42,10 @@ def timer(fn, device: str, reps: int) -> float:
     """Seconds per call: median on CUDA; minimum on CPU, where other processes' time slices land in
     some of the calls."""
     if device == "cuda":
-        from triton.testing import do_bench
+        from triton.testing import do_bench  # CUDA only: Triton is not there on every machine
 
         return do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.min(times))
+    return timing.timer(fn, reps=reps, warmup=1)["min_s"]
 
 
 def bench_batch(p, w, shape, b: int, device: str, reps: int) -> dict:
@@ -58,7 +61,7 @@ def bench_batch(p, w, shape, b: int, device: str, reps: int) -> dict:
     row = {"dense_s": dense, "decode_matmul_s": timer(decode_then_matmul, device, reps)}
     row["decode_matmul_vs_dense"] = row["decode_matmul_s"] / dense
     if device == "cuda":
-        from dn_torch import _triton_codec
+        from dn_torch import _triton_codec  # CUDA only: needs Triton
 
         fused = timer(lambda: _triton_codec.matvec(p, x, shape), device, reps)
         y, ref = _triton_codec.matvec(p, x, shape).float(), x.float() @ w.float().T
@@ -72,9 +75,9 @@ def bench_shape(shape, device: str, reps: int, steps: int) -> dict:
     w32 = rng.normal(0, 0.02, shape).astype(np.float32)
     bits = (w32.view(np.uint32) >> 16).astype(np.uint16)  # truncation: any bf16 pattern is fine here
     t0 = time.perf_counter()
-    enc = codec.encode(bits, "bfloat16", steps=steps)
+    enc = lossless.encode(bits, "bfloat16", steps=steps)
     encode_s = time.perf_counter() - t0
-    p = tc.PackedLayer(codec.pack({"": enc})).to(device)
+    p = tc.PackedLayer(lossless.pack({"": enc})).to(device)
     w = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).to(device)
     out = torch.empty(enc.n, dtype=torch.int16, device=device)
     assert torch.equal(p.decode(out).view(torch.bfloat16).view(shape), w), "decode is not bit-exact"
@@ -84,7 +87,7 @@ def bench_shape(shape, device: str, reps: int, steps: int) -> dict:
     t_copy = timer(lambda: out.copy_(w.view(-1).view(torch.int16)), device, reps)
     r["decode_GBps"] = 2 * enc.n / t_dec / 1e9
     if device == "cuda":  # the kernel alone, stream metadata computed once
-        from dn_torch import _triton_codec
+        from dn_torch import _triton_codec  # CUDA only: needs Triton
 
         meta = _triton_codec._meta(p)
         t_kernel = timer(lambda: _triton_codec.decode(p.words, p.luts, p.raw, meta[0], meta[1], meta[2], meta[3],
@@ -100,16 +103,6 @@ def bench_model(coded_dir: str | None, dtype: str, reps: int) -> dict:
     the torch backend, batch 1/4/16, after a 32-token prompt; resident weight bytes of both, accounted
     (dn.footprint) and measured (dn.runtime.memory; the coded load follows the dense one, see dn.runtime.memory on
     reuse)."""
-    import tempfile
-    from pathlib import Path
-
-    from dn.convert import convert
-    from dn.footprint import accounted
-    from dn.model.sources import resolve_model
-    from dn.model.spec import load_spec
-    from dn.runtime import backend as backends
-    from dn.runtime import memory
-
     be = backends.get("torch")
     dense_dir = resolve_model(None, progress=False)
     if coded_dir is None:
@@ -127,14 +120,11 @@ def bench_model(coded_dir: str | None, dtype: str, reps: int) -> dict:
     for b in (1, 4, 16):
         row = {}
         for k, m in models.items():
-            times = []
-            for _ in range(reps):
-                cache = be.make_cache(m)
-                be.logits(m, prompt[:b], cache, last_only=True)
-                t0 = time.perf_counter()
-                be.logits(m, prompt[:b, :1], cache, last_only=True)
-                times.append(time.perf_counter() - t0)
-            row[f"{k}_step_s"] = float(np.min(times))
+            cache = be.make_cache(m)
+            be.logits(m, prompt[:b], cache, last_only=True)
+            step = timing.timer(lambda m=m, cache=cache, x=prompt[:b, :1]: be.logits(m, x, cache, last_only=True),
+                                reps=reps, warmup=0)
+            row[f"{k}_step_s"] = step["min_s"]
         row["coded_vs_dense"] = row["coded_step_s"] / row["dense_step_s"]
         res["batches"][str(b)] = row
         print(f"model {res['model']} {dtype} B={b}: dense {row['dense_step_s'] * 1e3:.1f} ms, "
@@ -146,32 +136,29 @@ FIXED4_SHAPES = "4096x4096,14336x4096,4096x14336,1536x576,576x1536"
 
 
 def bench_fixed4(shape, reps: int) -> dict:
-    from dn.formats import fixed4 as cr
-    from dn.runtime import timing as benchmark
-
     rng = np.random.default_rng(0)
     bits = (rng.normal(0, 0.02, shape).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
-    rt = cr.from_bits(bits, "bfloat16")
+    rt = fixed4.from_bits(bits, "bfloat16")
     w = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
     lin = tc.CodecLinear(rt, [torch.empty(rt.n, dtype=torch.bfloat16)], 0, None)
     assert torch.equal(lin.weight.view(torch.int16), w.view(torch.int16)), "decode is not bit-exact"
     n = rt.n
     r = {"shape": list(shape), "bits_per_weight": rt.bits_per_weight(), "escapes": int(rt.esc_index.size),
-         "threads": torch.get_num_threads(), "native": cr.native() is not None}
+         "threads": torch.get_num_threads(), "native": fixed4.native() is not None}
     copy = torch.empty_like(w)
-    t = {"decode": benchmark.timer(lambda: lin.weight, reps=reps),
-         "copy": benchmark.timer(lambda: copy.copy_(w), reps=reps)}
+    t = {"decode": timing.timer(lambda: lin.weight, reps=reps),
+         "copy": timing.timer(lambda: copy.copy_(w), reps=reps)}
     if n <= 4096 * 4096:  # the plain path is slow: small shapes only
-        t["decode_torch"] = benchmark.timer(lambda: tc._decode_plain(lin), reps=max(3, reps // 4), warmup=1)
+        t["decode_torch"] = timing.timer(lambda: tc._decode_plain(lin), reps=max(3, reps // 4), warmup=1)
     for k, v in t.items():
         r[f"{k}_GBps"] = 2 * n / v["median_s"] / 1e9  # bf16 bytes written (the copy also reads as many)
     r["batches"] = {}
     for b in (1, 4):
         x = torch.randn(b, shape[1]).to(torch.bfloat16)
-        dense = benchmark.timer(lambda x=x: torch.nn.functional.linear(x, w), reps=reps)["median_s"]
-        fused = benchmark.timer(lambda x=x: tc.matvec_fixed4(lin, x), reps=reps)["median_s"]
-        runtime = benchmark.timer(lambda x=x: lin(x), reps=reps)["median_s"]
-        y, ref = tc.matvec_fixed4(lin, x), cr.matvec(rt, x.float().numpy())
+        dense = timing.timer(lambda x=x: torch.nn.functional.linear(x, w), reps=reps)["median_s"]
+        fused = timing.timer(lambda x=x: tc.matvec_fixed4(lin, x), reps=reps)["median_s"]
+        runtime = timing.timer(lambda x=x: lin(x), reps=reps)["median_s"]
+        y, ref = tc.matvec_fixed4(lin, x), fixed4.matvec(rt, x.float().numpy())
         r["batches"][str(b)] = {"dense_s": dense, "fused_s": fused, "fused_vs_dense": fused / dense,
                                 "decode_linear_s": runtime, "decode_linear_vs_dense": runtime / dense,
                                 "fused_max_rel_err_vs_reference": float(np.abs(y.numpy() - ref).max()
@@ -180,8 +167,6 @@ def bench_fixed4(shape, reps: int) -> dict:
 
 
 def main_fixed4(args) -> None:
-    from dn.runtime import timing as benchmark
-
     shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or FIXED4_SHAPES).split(",")]
     records = []
     for shape in shapes:
@@ -195,15 +180,15 @@ def main_fixed4(args) -> None:
                      f" of {row['dense_s'] * 1e3:.3g} ms")
         print(line, flush=True)
     if args.json:
-        benchmark.write(benchmark.report(records, device=f"{platform.processor() or platform.machine()} CPU",
-                                         torch=torch.__version__), args.json)
+        timing.write(timing.report(records, device=f"{platform.processor() or platform.machine()} CPU",
+                                   torch=torch.__version__), args.json)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default=None, help=f"OUTxIN,... (default cuda {GPU_SHAPES}, cpu {CPU_SHAPES})")
     p.add_argument("--reps", type=int, default=5, help="timed calls per measurement on CPU")
-    p.add_argument("--steps", type=int, default=codec.STEPS, help="symbols per lane stream (format field)")
+    p.add_argument("--steps", type=int, default=lossless.STEPS, help="symbols per lane stream (format field)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--model", action="store_true", help="decode-step latency of the default model instead")
     p.add_argument("--coded-dir", default=None, help="with --model: an existing compressed folder")
@@ -216,19 +201,19 @@ def main():
         torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or (GPU_SHAPES if device == "cuda"
                                                                             else CPU_SHAPES)).split(",")]
+    command = ["python", "benchmarks/bench_codec.py", *sys.argv[1:]]
     if args.fixed4:
         return main_fixed4(args)
     if args.model:
         res = bench_model(args.coded_dir, args.dtype, args.reps)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
+            timing.write(timing.report([res], command), args.json)
         return
     name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
-    res = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(), "results": []}
+    records = []
     for shape in shapes:
         r = bench_shape(shape, device, args.reps, args.steps)
-        res["results"].append(r)
+        records.append(r)
         line = f"{shape[0]}x{shape[1]}: {r['bits_per_weight']:.2f} bits/w, decode {r['decode_GBps']:.3g} GB/s " \
                f"(dense copy {r['dense_copy_GBps']:.3g})"
         for b, row in r["batches"].items():
@@ -238,8 +223,8 @@ def main():
                          f"({row['fused_s'] * 1e6:.0f} vs {row['dense_s'] * 1e6:.0f} us)")
         print(line, flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        timing.write(timing.report(records, command, device=name, torch=torch.__version__,
+                                   threads=torch.get_num_threads()), args.json)
 
 
 if __name__ == "__main__":

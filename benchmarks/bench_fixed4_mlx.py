@@ -14,14 +14,19 @@ same run. Weights are N(0, 0.02) rounded to bf16 (the exponent spread of trained
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from dn.formats import fixed4 as codec_runtime
-from dn.runtime import timing as benchmark
+from dn.convert import convert
+from dn.formats import fixed4
+from dn.model.sources import resolve_model
+from dn.model.spec import load_spec
+from dn.runtime import timing
 from dn_mlx import codec as mc
+from dn_mlx import model as m
 
 GPU_SHAPES = "4096x4096,14336x4096,4096x14336"
 CPU_SHAPES = "1536x576,576x1536"
@@ -35,14 +40,14 @@ def bench_shape(shape: tuple[int, int], reps: int, gpu: str | None) -> list[dict
     rng = np.random.default_rng(0)
     vals = (rng.standard_normal(shape) * 0.02).astype(np.float32)
     bits = (vals.view(np.uint32) >> 16).astype(np.uint16)
-    rt = codec_runtime.from_bits(bits, "bfloat16")
+    rt = fixed4.from_bits(bits, "bfloat16")
     f = mc.Fixed4(rt, fused=gpu is not None)
     w = mx.array(bits).view(mx.bfloat16)
     mx.eval(f.parameters(), w)
     assert np.array_equal(np.array(mc.decode_fixed4(f)), bits)
     n = rt.n
-    dec = benchmark.timer(run(lambda: mc._decode_fixed4(f)), reps)
-    copy = benchmark.timer(run(lambda: w + 0), reps)
+    dec = timing.timer(run(lambda: mc._decode_fixed4(f)), reps)
+    copy = timing.timer(run(lambda: w + 0), reps)
     common = {"shape": list(shape), "bits_per_weight": rt.bits_per_weight(), "escapes": int(rt.esc_index.size),
               "device": str(mx.default_device()), "gpu_kernel": gpu}
     decode = {"what": "decode", "decode_s": dec["median_s"], "decode_gb_s": 2 * n / dec["median_s"] / 1e9,
@@ -53,27 +58,20 @@ def bench_shape(shape: tuple[int, int], reps: int, gpu: str | None) -> list[dict
 def bench_batch(f: mc.Fixed4, rt, w: mx.array, b: int, reps: int, gpu: str | None, rng) -> dict:
     """y = x W^T for x [b, in] bf16: dense, decode then matmul, fused (GPU)."""
     x = mx.array(rng.standard_normal((b, rt.shape[1])).astype(np.float32)).astype(mx.bfloat16)
-    dense = benchmark.timer(run(lambda: x @ w.T), reps)["median_s"]
-    dm = benchmark.timer(run(lambda: x @ mc._weight(mc._decode_fixed4(f), "bfloat16", mx.bfloat16)
+    dense = timing.timer(run(lambda: x @ w.T), reps)["median_s"]
+    dm = timing.timer(run(lambda: x @ mc._weight(mc._decode_fixed4(f), "bfloat16", mx.bfloat16)
                              .reshape(rt.shape).T), reps)["median_s"]
     row = {"what": "matvec", "batch": b, "dense_s": dense, "decode_matmul_s": dm, "decode_matmul_vs_dense": dm / dense}
     if gpu is not None:
-        fused = benchmark.timer(run(lambda: mc.matvec_fixed4(f, x)), reps)["median_s"]
+        fused = timing.timer(run(lambda: mc.matvec_fixed4(f, x)), reps)["median_s"]
         y = np.array(mc.matvec_fixed4(f, x).astype(mx.float32))
-        ref = codec_runtime.matvec(rt, np.array(x.astype(mx.float32)))
+        ref = fixed4.matvec(rt, np.array(x.astype(mx.float32)))
         row |= {"fused_s": fused, "fused_vs_dense": fused / dense, "speed_vs_dense": dense / fused,
                 "fused_max_rel_err": float(np.abs(y - ref).max() / np.abs(ref).max())}
     return row
 
 
 def bench_model(coded_dir: str | None, dtype: str, reps: int, prompt: int = 32) -> list[dict]:
-    import tempfile
-
-    from dn.convert import convert
-    from dn.model.sources import resolve_model
-    from dn.model.spec import load_spec
-    from dn_mlx import model as m
-
     dense_dir = resolve_model(None)
     if coded_dir is None:
         coded_dir = tempfile.mkdtemp(prefix="dn-fixed4-")
@@ -90,7 +88,7 @@ def bench_model(coded_dir: str | None, dtype: str, reps: int, prompt: int = 32) 
             i = next(pos)
             return m.logits(model, tokens[:, i:i + 1], cache)  # numpy: evaluated
 
-        out[name] = benchmark.timer(step, reps, warmup=2)["median_s"]
+        out[name] = timing.timer(step, reps, warmup=2)["median_s"]
         del model, cache
     return [{"what": "model_decode_step", "model": str(dense_dir), "dtype": dtype, "batch": 1, "prompt": prompt,
              "device": str(mx.default_device()), "dense_step_s": out["dense"], "lossless_step_s": out["lossless"],
@@ -110,7 +108,7 @@ def main(argv=None) -> None:
         records = bench_model(args.coded_dir, args.dtype, args.reps)
         print(records[0])
         if args.json:
-            benchmark.write(benchmark.report(records), args.json)
+            timing.write(timing.report(records), args.json)
         return
     gpu = mc._gpu()
     shapes = args.shapes or (GPU_SHAPES if gpu else CPU_SHAPES)
@@ -121,7 +119,7 @@ def main(argv=None) -> None:
             print({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()})
         records += rows
     if args.json:
-        benchmark.write(benchmark.report(records), args.json)
+        timing.write(timing.report(records), args.json)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Weight formats on the default model: a thin caller of `dn bench` (dn/bench.py), which does the work (each
+"""Weight formats on the default model: a thin caller of `dn bench` (dn/bench/), which does the work (each
 (config, backend, dtype) in a fresh process: perplexity, accounted and measured resident bytes against dense bf16,
 load peak, decode and prefill speed against dense in the same run). It keeps this script's defaults and flags so
 the commands in docs/formats.md still run; the JSON has dn bench's shape (one record per config, backend, dtype

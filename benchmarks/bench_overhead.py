@@ -5,7 +5,7 @@
         [--modes default] [--json docs/results/overhead-cpu.json]
 
 torch, one process, one thread (--threads):
-- `eager`: the step dn runs today (transformers' DynamicCache, dn.bench.Greedy);
+- `eager`: the step dn runs today (transformers' DynamicCache, dn.bench.runner.Greedy);
 - `linears`: every Linear of the model (lm_head included) applied once to a random vector: the weight-reading
   floor as torch's own matvecs do it; `bytes / bandwidth`: the weights' bytes over the read bandwidth measured here
   (a sum over a 256 MiB float32 buffer);
@@ -29,23 +29,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dn.bench import PROMPTS, Greedy, agreement  # noqa: E402
-from dn.runtime import timing as benchmark  # noqa: E402
+from dn.bench.runner import PROMPTS, Greedy, agreement  # noqa: E402
+from dn.runtime import backend as backends  # noqa: E402
+from dn.runtime import loader, timing  # noqa: E402
 
 
 def _interleaved(steps: dict, reps: int, warmup: int) -> dict:
     """dn.runtime.timing.interleaved, as this script's records."""
     return {k: {"latency_ms_p50": 1e3 * t["median_s"], "latency_ms_iqr": 1e3 * t["iqr_s"],
                 "tokens_per_s": 1 / t["median_s"], "reps": reps, "warmup": warmup}
-            for k, t in benchmark.interleaved(steps, reps, warmup).items()}
+            for k, t in timing.interleaved(steps, reps, warmup).items()}
 
 
 def torch_records(model_arg, dtype: str, reps: int, warmup: int, modes: list[str]) -> list[dict]:
-    import torch
+    import torch  # the torch backend's records only: this machine may have MLX alone
     from torch.profiler import ProfilerActivity, profile
     from transformers import StaticCache
-
-    from dn.runtime import loader
 
     run = loader.load(model_arg, "torch", dtype)
     be, model = run.backend, run.model
@@ -119,9 +118,7 @@ def torch_records(model_arg, dtype: str, reps: int, warmup: int, modes: list[str
 
 
 def mlx_records(model_arg, dtype: str, reps: int, warmup: int) -> list[dict]:
-    import mlx.core as mx
-
-    from dn.runtime import loader
+    import mlx.core as mx  # the MLX backend's records only
 
     run = loader.load(model_arg, "mlx", dtype)
     be, model = run.backend, run.model
@@ -182,20 +179,18 @@ def main(argv=None) -> int:
     records = []
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         if backend == "torch":
-            import torch
+            import torch  # after OMP_NUM_THREADS is set, and only when torch is timed
 
             torch.set_num_threads(args.threads)
             records += torch_records(args.model, args.dtype, args.steps, args.warmup,
                                      [m for m in args.modes.split(",") if m])
         elif backend == "mlx":
-            from dn.runtime import backend as backends
-
             if not backends.get("mlx").is_available():
                 records.append({"backend": "mlx", "error": "mlx does not run here"})
                 continue
             records += mlx_records(args.model, args.dtype, args.steps, args.warmup)
-        benchmark.write(benchmark.report(records, ["python", "benchmarks/bench_overhead.py", *(argv or sys.argv[1:])],
-                                         threads=args.threads, loadavg=os.getloadavg()), args.json)
+        timing.write(timing.report(records, ["python", "benchmarks/bench_overhead.py", *(argv or sys.argv[1:])],
+                                   threads=args.threads, loadavg=os.getloadavg()), args.json)
     for r in records:
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
     return 0

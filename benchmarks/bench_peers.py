@@ -28,10 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dn.core import tensors as safetensors_io
+from dn.bench import configs, runner
+from dn.core import tensors
 from dn.core.errors import DnError
-from dn.formats import lossless as codec
-from dn.runtime import timing as benchmark
+from dn.formats import lossless
+from dn.model import store
+from dn.model.sources import cache_dir, resolve_model
+from dn.model.spec import load_spec, weight_files
+from dn.runtime import timing
 
 BINADE_MEMORY = """
 import json, sys
@@ -59,18 +63,16 @@ def error_line(e: BaseException | str) -> str:
 
 def bf16_folder(model_dir: Path, work: Path) -> Path:
     """The model's weights as bf16 safetensors: the folder itself when they are, else a copy rounded to bf16."""
-    from dn.model.spec import weight_files
-
     files = weight_files(model_dir)
-    if all(dt not in ("F32", "F16") for f in files for _, dt in safetensors_io.load(f).values()):
+    if all(dt not in ("F32", "F16") for f in files for _, dt in tensors.load(f).values()):
         return model_dir
     out = work / "bf16"
     if not out.is_dir():
         out.mkdir(parents=True)
         for f in files:
-            t = {k: (safetensors_io.f32_to_bf16(np.asarray(a, np.float32)), "BF16") if dt in ("F32", "F16") else (a, dt)
-                 for k, (a, dt) in safetensors_io.load(f).items()}
-            safetensors_io.save(t, out / f.name)
+            t = {k: (tensors.f32_to_bf16(np.asarray(a, np.float32)), "BF16") if dt in ("F32", "F16") else (a, dt)
+                 for k, (a, dt) in tensors.load(f).items()}
+            tensors.save(t, out / f.name)
         for f in model_dir.iterdir():
             if f.is_file() and not f.name.endswith(".safetensors"):
                 (out / f.name).write_bytes(f.read_bytes())
@@ -80,7 +82,7 @@ def bf16_folder(model_dir: Path, work: Path) -> Path:
 def source_bits(folder: Path) -> dict[str, np.ndarray]:
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
-        out |= {k: np.asarray(a) for k, (a, dt) in safetensors_io.load(f).items()}
+        out |= {k: np.asarray(a) for k, (a, dt) in tensors.load(f).items()}
     return out
 
 
@@ -88,7 +90,7 @@ def bpw(bits: float, weights: int) -> float:
     return bits / weights if weights else float("nan")
 
 
-def dn_rows(folder: Path, stats: dict, binade_set: list[str] | None, lossless: Path | None) -> list[dict]:
+def dn_rows(folder: Path, stats: dict, binade_set: list[str] | None, coded_dir: Path | None) -> list[dict]:
     t = stats["tensors"]
     rows = []
     if binade_set:
@@ -103,14 +105,11 @@ def dn_rows(folder: Path, stats: dict, binade_set: list[str] | None, lossless: P
                  "tensor_count": len(t), "weights": total["weights"],
                  "bits_per_weight_disk": total["bits_per_weight"], "bit_exact": True,
                  "note": "dn codec stats: every floating tensor coded on its own"})
-    if lossless is not None:
-        from dn.model import store
-        from dn.model.spec import load_spec
-
-        spec = load_spec(lossless)
+    if coded_dir is not None:
+        spec = load_spec(coded_dir)
         coded = set(spec.codec["coded_tensors"])
         coded_w = sum(ti.numel for ti in spec.tensors if ti.name in coded)
-        files = sum(f.stat().st_size for f in lossless.glob("*.safetensors"))
+        files = sum(f.stat().st_size for f in coded_dir.glob("*.safetensors"))
         resident = store.resident_bytes(spec, "bfloat16")["lossless"]
         rows.append({"codec": "dn lossless (dn convert --codec lossless)", "version": version("dreamnova"),
                      "tensors": "every tensor", "tensor_count": len(spec.tensors), "weights": total["weights"],
@@ -128,7 +127,7 @@ def dn_rows(folder: Path, stats: dict, binade_set: list[str] | None, lossless: P
 
 def run_binade(folder: Path, work: Path, src: dict[str, np.ndarray]) -> tuple[list[dict], list[str] | None]:
     row = {"codec": "binade", "version": version("binade"), "tensors": "binade's set"}
-    try:
+    try:  # a peer: optional, recorded as an error when it does not import
         from binade.pack import pack_model
         from binade.unpack import PackedModel
     except Exception as e:  # not installed, or its imports fail here
@@ -164,7 +163,7 @@ def run_binade(folder: Path, work: Path, src: dict[str, np.ndarray]) -> tuple[li
 
 def run_lmzip(folder: Path, work: Path, weights: int) -> list[dict]:
     row = {"codec": "lmzip", "version": version("lmzip"), "tensors": "whole file", "weights": weights}
-    try:
+    try:  # a peer: optional, recorded as an error when it does not import
         import lmz
     except Exception as e:
         return [row | {"error": error_line(e)}]
@@ -212,8 +211,6 @@ def main(argv=None) -> int:
     p.add_argument("--json", required=True)
     p.add_argument("--markdown", default=None)
     args = p.parse_args(argv)
-    from dn import bench
-    from dn.model.sources import cache_dir, resolve_model
 
     try:
         model_dir = resolve_model(args.model)
@@ -223,18 +220,18 @@ def main(argv=None) -> int:
             folder = bf16_folder(model_dir, work)
             src = source_bits(folder)
             print("dn codec stats ...", file=sys.stderr)
-            stats = codec.stats(folder)
+            stats = lossless.stats(folder)
             print("binade ...", file=sys.stderr)
             binade_rows, packed = run_binade(folder, work, src)
-            config = bench.parse_config("lossless")
-            lossless = bench.folder_for(config, folder, cache_dir() / "bench", None, "auto")
+            config = configs.parse_config("lossless")
+            coded_dir = runner.folder_for(config, folder, cache_dir() / "bench", None, "auto")
             print("dn convert --codec lossless (cached) ...", file=sys.stderr)
             convert_error = None
             try:
-                bench.convert(config, folder, lossless, None, "auto", dict(os.environ))
+                runner.convert(config, folder, coded_dir, None, "auto", dict(os.environ))
             except DnError as e:  # a model dn does not run (e.g. BERT): the codec's own stats still count
-                lossless, convert_error = None, str(e)
-            rows = dn_rows(folder, stats, packed, lossless)
+                coded_dir, convert_error = None, str(e)
+            rows = dn_rows(folder, stats, packed, coded_dir)
             rows = rows[:1 if packed else 0] + binade_rows + rows[1 if packed else 0:]
             if convert_error:
                 rows.append({"codec": "dn lossless (dn convert --codec lossless)", "version": version("dreamnova"),
@@ -244,9 +241,9 @@ def main(argv=None) -> int:
     except DnError as e:
         print(f"dn: error: {e}", file=sys.stderr)
         return 2
-    result = benchmark.report(rows, ["python"] + sys.argv, model=str(args.model or model_dir.name),
+    result = timing.report(rows, ["python"] + sys.argv, model=str(args.model or model_dir.name),
                               source=str(folder))
-    benchmark.write(result, args.json)
+    timing.write(result, args.json)
     md = table(rows)
     if args.markdown:
         Path(args.markdown).write_text(md)

@@ -7,14 +7,13 @@ resident memory of loading a synthetic quantized Llama folder against its reside
     PYTHONPATH=. python benchmarks/bench_quant.py [--shapes 576x1536,4096x14336] [--threads N] [--load] [--json OUT]
 
 A shape is [out, in]; weights N(0, 0.02) quantized by dn.formats.quant with bf16 scales and biases (as mlx-lm stores).
-Times: median of --reps calls after a warm-up call, time.perf_counter.
+Times: median of --reps calls after a warm-up call (dn.runtime.timing.timer); JSON: dn.runtime.timing.report, a
+record per (shape, format, batch), the crossover sweep and --load's figures beside them.
 """
 
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 from functools import partial
@@ -24,8 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dn.core import tensors
 from dn.formats import quant as ref
-from dn.runtime import timing as benchmark
+from dn.model.spec import load_spec
+from dn.runtime import backend as backends
+from dn.runtime import memory, timing
 from dn_torch import quant as tq
 
 FORMATS = ((4, 32), (4, 64), (8, 64))
@@ -33,7 +35,7 @@ FORMATS = ((4, 32), (4, 64), (8, 64))
 
 def timer(fn, reps: int) -> float:
     """Median seconds per call after one warm-up (dn.runtime.timing.timer, the timer every benchmark shares)."""
-    return benchmark.timer(fn, reps=reps, warmup=1)["median_s"]
+    return timing.timer(fn, reps=reps, warmup=1)["median_s"]
 
 
 def quantized(w: np.ndarray, bits: int, gs: int, dtype) -> tq.QuantizedLinear:
@@ -99,11 +101,7 @@ def crossover(m: int, k: int, reps: int) -> list[dict]:
 
 def load_memory(model_dir: Path) -> dict:
     """Peak RSS of backend.load on a quantized folder (VmHWM after clear_refs), vs its resident weights."""
-    from dn.model.spec import load_spec
-    from dn.runtime import memory
-    from dn.runtime.backend import get
-
-    be = get("torch")
+    be = backends.get("torch")
     spec = load_spec(model_dir)
     out = {}
     for dtype in ("bfloat16", "float32"):
@@ -130,25 +128,23 @@ def load_memories(root: Path) -> dict:
 
 def synthetic_folder(path: Path, hidden=1024, inter=2816, layers=4, vocab=16384, bits=4, gs=64) -> Path:
     """A random Llama quantized by dn.formats.quant and saved in mlx-lm's layout (bf16 scales, biases, norms)."""
-    from dn.core import tensors as safetensors_io
-
     rng = np.random.default_rng(0)
-    bf16 = safetensors_io.f32_to_bf16
+    bf16 = tensors.f32_to_bf16
     shapes = {"model.embed_tokens": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes |= {p + f"self_attn.{n}_proj": (hidden, hidden) for n in "qkvo"}
         shapes |= {p + "mlp.gate_proj": (inter, hidden), p + "mlp.up_proj": (inter, hidden),
                    p + "mlp.down_proj": (hidden, inter)}
-    tensors = {"model.norm.weight": (bf16(np.ones(hidden, np.float32)), "BF16")}
+    arrays = {"model.norm.weight": (bf16(np.ones(hidden, np.float32)), "BF16")}
     for i in range(layers):
         for n in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"model.layers.{i}.{n}.weight"] = (bf16(np.ones(hidden, np.float32)), "BF16")
+            arrays[f"model.layers.{i}.{n}.weight"] = (bf16(np.ones(hidden, np.float32)), "BF16")
     for name, shape in shapes.items():
         packed, s, b = ref.quantize((0.02 * rng.standard_normal(shape)).astype(np.float32), bits, gs)
-        tensors |= {name + ".weight": packed, name + ".scales": (bf16(s), "BF16"), name + ".biases": (bf16(b), "BF16")}
+        arrays |= {name + ".weight": packed, name + ".scales": (bf16(s), "BF16"), name + ".biases": (bf16(b), "BF16")}
     path.mkdir(parents=True, exist_ok=True)
-    safetensors_io.save(tensors, path / "model.safetensors")
+    tensors.save(arrays, path / "model.safetensors")
     cfg = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
            "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64, "head_dim": 64,
            "vocab_size": vocab, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "tie_word_embeddings": True,
@@ -167,20 +163,17 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"command": " ".join([sys.executable, *sys.argv]), "git_head": head, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
-              "loadavg_start": os.getloadavg(), "timing": "median of reps after one warm-up, perf_counter"}
+    extra = {"threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(),
+             "timing": "median of reps after one warm-up, perf_counter"}
     if args.load:  # first: before the big matrices of the speed runs are allocated
         with tempfile.TemporaryDirectory() as d:
-            result["load_memory"] = load_memories(Path(d))
+            extra["load_memory"] = load_memories(Path(d))
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    result["rows"] = [r for m, k in shapes for r in bench_shape(m, k, args.reps)]
+    rows = [r for m, k in shapes for r in bench_shape(m, k, args.reps)]
     m, k = shapes[-1]
-    result["crossover"] = crossover(m, k, max(3, args.reps // 4))
-    result["loadavg_end"] = os.getloadavg()
+    extra |= {"crossover": crossover(m, k, max(3, args.reps // 4)), "loadavg_end": os.getloadavg()}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        timing.write(timing.report(rows, [sys.executable, *sys.argv], **extra), args.json)
 
 
 if __name__ == "__main__":

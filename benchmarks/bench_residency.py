@@ -24,7 +24,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dn.runtime import timing as benchmark  # noqa: E402
+from dn.core.text import read_text  # noqa: E402
+from dn.model.sources import resolve_model  # noqa: E402
+from dn.runtime import loader, memory, residency, timing  # noqa: E402
+from dn.runtime.generation import generate_tokens, prompt_ids  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 STORES = {  # name -> dn convert flags (None: the model as shipped)
@@ -55,36 +57,31 @@ def _nll(be, model, tokens: list[int], ctx: int) -> np.ndarray:
 
 
 def _decode(run, n: int, drop) -> dict:
-    from dn.generate import generate_tokens, prompt_ids
-    from dn.runtime import memory
-
     mon = memory.Monitor(run.backend, run.memory)
     ids = prompt_ids(run.tokenizer, PROMPT, False)
     if run.residency:
         run.residency.reset_counters()
     mon.reset()
-    stamps, tokens = [time.perf_counter()], []
-    for tok in generate_tokens(run.backend, run.model, ids, n):
-        stamps.append(time.perf_counter())
-        tokens.append(int(tok))
-        if len(tokens) == 1 and run.residency:  # reads and hits per decode step, not the prompt's
-            run.residency.reset_counters()
+    gen, tokens = generate_tokens(run.backend, run.model, ids, n), []
+
+    def step():  # one token, then what runs between tokens (the memory read, the cold file dropped)
+        tokens.append(int(next(gen)))
         mon.sample()
         if drop is not None:
             drop()
-    step = np.diff(stamps)[3:]  # the first is the prefill, then two warm-up steps
-    out = {"tokens_per_s": float(1 / np.median(step)), "latency_ms_p50": float(np.median(step) * 1e3),
-           "latency_ms_p99": float(np.percentile(step, 99) * 1e3), "decode_steps": len(step), "tokens": tokens,
-           **mon.summary()}
+
+    step()  # the prefill and the first token
+    if run.residency:  # reads and hits per decode step, not the prompt's
+        run.residency.reset_counters()
+    t = timing.timer(step, reps=n - 3, warmup=2)
+    out = {"tokens_per_s": 1 / t["median_s"], "latency_ms_p50": t["median_s"] * 1e3,
+           "latency_ms_p99": t["p99_s"] * 1e3, "decode_steps": t["reps"], "tokens": tokens, **mon.summary()}
     if run.residency:
         out |= run.residency.stats() | {"fetched_scope": "decode steps"}
     return out
 
 
 def point(job: dict) -> dict:
-    from dn.core.text import read_text
-    from dn.runtime import loader, residency
-
     rec = {}
     for phase, dtype in (("quality", "float32"), ("speed", "bfloat16")):
         if not job[phase]:
@@ -240,10 +237,10 @@ def table(records: list[dict]) -> str:
 
 
 def plot(records: list[dict], path: str) -> None:
-    import matplotlib
+    import matplotlib  # optional (--plot): late, so the sweep needs no matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     marks = {"exact": "o", "per-sequence": "s", "sparse": "^"}
@@ -293,7 +290,6 @@ def main() -> int:
     if args.point:
         print(json.dumps(point(json.loads(args.point))))
         return 0
-    from dn.model.sources import resolve_model
 
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     model_dir = resolve_model(args.model)
@@ -305,9 +301,9 @@ def main() -> int:
         records.append({k: job[k] for k in ("backend", "store", "mode", "budget")} |
                        ({"label": job["label"]} if "label" in job else {}) | run_point(job, env))
         relate(records)
-        result = benchmark.report(records, threads=args.threads, text=Path(args.text).name)
+        result = timing.report(records, threads=args.threads, text=Path(args.text).name)
         if args.json:
-            benchmark.write(result, args.json)
+            timing.write(result, args.json)
     return outputs(records, args)
 
 

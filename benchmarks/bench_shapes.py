@@ -32,10 +32,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dn import bench  # noqa: E402
-from dn.core import tensors as safetensors_io  # noqa: E402
+from dn.bench import configs as bench_configs  # noqa: E402
+from dn.bench import runner  # noqa: E402
+from dn.core import tensors  # noqa: E402
 from dn.core.errors import DnError  # noqa: E402
+from dn.core.text import read_text, text_path  # noqa: E402
 from dn.model import spec  # noqa: E402
-from dn.runtime import timing as benchmark  # noqa: E402
+from dn.model.sources import cache_dir, resolve_model  # noqa: E402
+from dn.model.tokenizer import Tokenizer  # noqa: E402
+from dn.runtime import loader, timing  # noqa: E402
 
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
              "head_dim": 128, "rope_theta": 500000.0, "rms_norm_eps": 1e-5}
@@ -48,7 +53,7 @@ def _random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray
     flat, step = out.reshape(-1), 1 << 24  # a float32 chunk at a time: the peak stays near the bf16 model
     for i in range(0, flat.size, step):
         m = min(step, flat.size - i)
-        flat[i:i + m] = safetensors_io.f32_to_bf16(rng.standard_normal(m, dtype=np.float32) * np.float32(STD))
+        flat[i:i + m] = tensors.f32_to_bf16(rng.standard_normal(m, dtype=np.float32) * np.float32(STD))
     return out
 
 
@@ -57,7 +62,6 @@ def build(out: Path, layers: int = 4, tokenizer_dir: Path | None = None, seed: i
     tiny ones). The tokenizer files are the default model's unless tokenizer_dir is given."""
     if (out / "config.json").is_file():
         return out
-    from dn.model.sources import resolve_model
 
     src = Path(tokenizer_dir) if tokenizer_dir else resolve_model(None)
     src_cfg = json.loads((src / "config.json").read_text())
@@ -75,7 +79,7 @@ def build(out: Path, layers: int = 4, tokenizer_dir: Path | None = None, seed: i
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     os.chmod(tmp, 0o755)
     try:
-        safetensors_io.save(weights, tmp / "model.safetensors")
+        tensors.save(weights, tmp / "model.safetensors")
         for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (src / f).is_file():
                 shutil.copy(src / f, tmp / f)
@@ -91,9 +95,6 @@ def build(out: Path, layers: int = 4, tokenizer_dir: Path | None = None, seed: i
 
 def cut_text(src: Path, out: Path, tokenizer_dir: Path, tokens: int) -> Path:
     """The first `tokens` tokens of src as text (written once; dn bench keys sparse folders by its content)."""
-    from dn.core.text import read_text
-    from dn.model.tokenizer import Tokenizer
-
     if not out.is_file():
         tok = Tokenizer(tokenizer_dir)
         ids = tok.encode(read_text(src), add_special_tokens=False)
@@ -106,21 +107,17 @@ def cut_text(src: Path, out: Path, tokenizer_dir: Path, tokens: int) -> Path:
 def interleaved(model: Path, configs: list, calib: Path | None, batches: list[int], reps: int, warmup: int,
                 backend: str = "torch", dtype: str = "bfloat16") -> list[dict]:
     """Every config's folder (dn bench's cache) loaded in this one process and its decode steps timed in turns, one
-    step of each per round (dn.runtime.timing.timer): on shared cores the ratios of sequential processes follow the
-    load,
-    these do not. Greedy tokens from the first prompt, as dn bench's."""
-    from dn.model.sources import cache_dir
-    from dn.runtime import loader
-
+    step of each per round (dn.runtime.timing.interleaved): on shared cores the ratios of sequential processes
+    follow the load, these do not. Greedy tokens from the first prompt, as dn bench's."""
     root = cache_dir() / "bench"
-    runs = {c.name: loader.load(str(bench.folder_for(c, model, root, calib, "auto")), backend, dtype) for c in configs}
-    prompts = [runs[configs[0].name].tokenizer.encode(p) for p in bench.PROMPTS]
+    runs = {c.name: loader.load(str(runner.folder_for(c, model, root, calib, "auto")), backend, dtype) for c in configs}
+    prompts = [runs[configs[0].name].tokenizer.encode(p) for p in runner.PROMPTS]
     out = []
     for b in batches:
         length = min(map(len, prompts))
         ids = [prompts[0]] if b == 1 else [prompts[i % len(prompts)][:length] for i in range(b)]
-        steps = {name: bench.Greedy(r.backend, r.model, ids).step for name, r in runs.items()}
-        times = benchmark.interleaved(steps, reps, warmup)
+        steps = {name: runner.Greedy(r.backend, r.model, ids).step for name, r in runs.items()}
+        times = timing.interleaved(steps, reps, warmup)
         dense = times[configs[0].name]["median_s"]
         for name, t in times.items():
             med = t["median_s"]
@@ -153,9 +150,6 @@ def main(argv=None) -> int:
     extra = [a for a in extra if a != "--"]
     os.environ["OMP_NUM_THREADS"] = args.threads  # before anything imports torch (the interleaved timing)
 
-    from dn.core.text import read_text, text_path
-    from dn.model.sources import cache_dir, resolve_model
-
     root = Path(args.cache).expanduser() if args.cache else cache_dir() / "shapes"
     model = build(root / f"llama3-8b-L{args.layers}-s{args.seed}", args.layers, seed=args.seed)
     print(f"model: {model}", file=sys.stderr)
@@ -178,13 +172,13 @@ def main(argv=None) -> int:
         if "torch" in sys.modules:  # imported already (dn bench checks its backends): set its threads here too
             sys.modules["torch"].set_num_threads(int(args.threads))
         calib = Path(cmd[cmd.index("--calib-text") + 1]) if "--calib-text" in cmd else None
-        configs = bench.parse_configs(args.configs)
+        configs = bench_configs.parse_configs(args.configs)
         records = interleaved(model, configs, calib, sorted({int(b) for b in args.batch.split(",")}),
                               args.interleaved, 2)
         script = " ".join(["python", "benchmarks/bench_shapes.py", *(argv or sys.argv[1:])])
         path = Path(args.json).with_name(Path(args.json).stem + "-interleaved.json")
-        benchmark.write(benchmark.report(records, script.split(), threads=int(args.threads),
-                                         loadavg=os.getloadavg()), path)
+        timing.write(timing.report(records, script.split(), threads=int(args.threads),
+                                   loadavg=os.getloadavg()), path)
         for r in records:
             print(f"{r['config']:>18} batch {r['batch']}: {r['tokens_per_s']:.2f} tok/s, {r['speed_vs_dense']:.2f}x "
                   f"dense (p50 {r['latency_ms_p50']:.1f} ms, iqr {r['latency_ms_iqr']:.1f})")
@@ -194,7 +188,7 @@ def main(argv=None) -> int:
         result = json.loads(Path(args.json).read_text())
         result["script"] = " ".join(["python", "benchmarks/bench_shapes.py", *(argv or sys.argv[1:])])
         result["shapes"] = json.loads((model / "config.json").read_text())
-        benchmark.write(result, args.json)
+        timing.write(result, args.json)
     return rc
 
 

@@ -34,8 +34,8 @@ from dn.core.tolerances import KERNEL
 from dn.formats import planes
 from dn.formats import sparse as ref
 from dn.runtime import backend as backends
-from dn.runtime import sparse_mlp
-from dn.runtime import timing as benchmark
+from dn.runtime import sparse_mlp, timing
+from dn_torch import sparse as ts
 
 be = backends.get("torch")
 
@@ -44,7 +44,7 @@ DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def timeit(fn, reps: int, dev: str) -> float:
     """Median seconds per call after 3 warm-up calls (dn.runtime.timing.timer; CUDA synchronized)."""
-    return benchmark.timer(fn, reps=reps, warmup=3, sync=torch.cuda.synchronize if dev == "cuda" else None)["median_s"]
+    return timing.timer(fn, reps=reps, warmup=3, sync=torch.cuda.synchronize if dev == "cuda" else None)["median_s"]
 
 
 def random_layer(rng, d: int, n: int, keep: int, rank: int = 16) -> ref.LayerSparse:
@@ -82,8 +82,6 @@ def check(dev: str) -> list[dict]:
 
 
 def bench(d: int, n: int, dtype: str, keeps: list[float], reps: int, dev: str, skip: tuple = ()) -> list[dict]:
-    from dn_torch import sparse as ts
-
     g = torch.Generator(device="cpu").manual_seed(0)
     dt = DT[dtype]
     gate, up = (torch.randn(n, d, generator=g) * 0.02 for _ in range(2))
@@ -188,7 +186,7 @@ def main(argv=None) -> int:
     for c in check_rows:
         print("check", c)
     if args.json:
-        benchmark.write(benchmark.report(rows, ["python"] + sys.argv, **extra, check=check_rows), args.json)
+        timing.write(timing.report(rows, ["python"] + sys.argv, **extra, check=check_rows), args.json)
     return 0 if all(c["ok"] for c in check_rows) else 1
 
 

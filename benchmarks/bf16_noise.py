@@ -2,15 +2,17 @@
 parity prompts: the noise floor behind the bfloat16 parity threshold.
 
     python benchmarks/bf16_noise.py [--json OUT]
+
+JSON: dn.runtime.timing.report, one record per pair compared.
 """
 
 import argparse
 import gc
-import json
+import sys
 
 import numpy as np
 
-from dn.runtime import loader
+from dn.runtime import loader, timing
 from parity.run import PROMPTS, rel_err
 
 
@@ -38,8 +40,8 @@ def main():
     for k, v in report.items():
         print(f"{k:<32} max {v['max_rel_err']:.2e}  mean {v['mean_rel_err']:.2e}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        records = [{"pair": k, **v} for k, v in report.items()]
+        timing.write(timing.report(records, ["python", "benchmarks/bf16_noise.py", *sys.argv[1:]]), args.json)
 
 
 if __name__ == "__main__":

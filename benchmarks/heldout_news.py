@@ -17,12 +17,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dn.model.sources import cache_dir  # noqa: E402
+
 MEMBER = "gensim/test/test_data/lee_background.cor"
 
 
 def fetch() -> Path:
-    from dn.model.sources import cache_dir
-
     out = cache_dir() / "text" / "lee_background.txt"
     if out.is_file():
         return out

@@ -3,7 +3,8 @@ pass@1 of greedy completions, and greedy-token agreement of a model with a basel
 
     python benchmarks/humaneval.py --model DIR [--baseline DENSE] [--backend torch] [--limit N] --json OUT
 
-Completions run in a subprocess each, with a timeout (the problems' own tests, as HumanEval defines them).
+Problems, stops and checks are dn bench's (dn.bench.humaneval): each completion runs in a subprocess with a timeout
+(the problems' own tests, as HumanEval defines them). JSON: dn.runtime.timing.report, one record.
 """
 
 import argparse
@@ -14,44 +15,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dn import bench  # dn bench --tasks humaneval: the same problems, stops and checks
-
-STOPS = bench.HUMANEVAL_STOPS
-
-
-def problems(limit: int | None) -> list[dict]:
-    return bench.humaneval_problems(limit)
-
-
-def complete(run, prompt: str, max_tokens: int) -> tuple[list[int], str]:
-    """Greedy tokens and the completion text cut at the first stop sequence."""
-    from dn.generate import generate_tokens
-
-    ids, text = [], ""
-    for tok in generate_tokens(run.backend, run.model, run.tokenizer.encode(prompt), max_tokens,
-                               eos_ids=run.tokenizer.eos_ids):
-        ids.append(tok)
-        text = run.tokenizer.decode(ids)
-        if any(s in text for s in STOPS):
-            break
-    cut = min([text.index(s) for s in STOPS if s in text], default=len(text))
-    return ids, text[:cut]
-
-
-def passes(problem: dict, completion: str, timeout: float = 5.0) -> bool:
-    return bench.humaneval_passes(problem, completion, timeout)
+from dn.bench import humaneval
+from dn.runtime import loader, timing
 
 
 def evaluate(model: str | None, backend: str, dtype: str, probs: list[dict], max_tokens: int) -> dict:
-    from dn.runtime import loader
-
-    run = loader.load(model, backend, dtype)
-    out = {"tokens": [], "passed": []}
-    for p in probs:
-        ids, text = complete(run, p["prompt"], max_tokens)
-        out["tokens"].append(ids)
-        out["passed"].append(passes(p, text))
-    return out
+    passed, tokens = humaneval.evaluate(loader.load(model, backend, dtype), probs, max_tokens)
+    return {"tokens": tokens, "passed": passed}
 
 
 def agreement(a: list[int], b: list[int]) -> float:
@@ -70,20 +40,19 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    probs = problems(args.limit)
+    probs = humaneval.problems(args.limit)
     res = evaluate(args.model, args.backend, args.dtype, probs, args.max_tokens)
-    report = {"model": args.model or "default", "backend": args.backend, "problems": len(probs),
+    record = {"model": args.model or "default", "backend": args.backend, "problems": len(probs),
               "pass_at_1": float(np.mean(res["passed"]))}
     if args.baseline is not None or args.model is not None:
         base = evaluate(args.baseline, args.backend, args.dtype, probs, args.max_tokens)
-        report["baseline"] = args.baseline or "default"
-        report["baseline_pass_at_1"] = float(np.mean(base["passed"]))
-        report["greedy_agreement"] = float(np.mean([agreement(a, b) for a, b in zip(res["tokens"], base["tokens"])]))
-        report["identical_completions"] = float(np.mean([a == b for a, b in zip(res["tokens"], base["tokens"])]))
-    print(json.dumps(report, indent=1))
+        record["baseline"] = args.baseline or "default"
+        record["baseline_pass_at_1"] = float(np.mean(base["passed"]))
+        record["greedy_agreement"] = float(np.mean([agreement(a, b) for a, b in zip(res["tokens"], base["tokens"])]))
+        record["identical_completions"] = float(np.mean([a == b for a, b in zip(res["tokens"], base["tokens"])]))
+    print(json.dumps(record, indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        timing.write(timing.report([record], ["python", "benchmarks/humaneval.py", *sys.argv[1:]]), args.json)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 Fits on the calibration text only (in memory, the same code dn convert runs), measures on the eval text.
     python benchmarks/sparse_quality.py --calib-text ../shared/data/calib.txt --eval-text ../shared/data/eval.txt \
         --backend torch --json docs/results/sparse-quality-torch.json
+
+JSON: dn.runtime.timing.report, a record per row (benchmarks/sparse_table.py makes the markdown).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import time
 
 import numpy as np
 
+from dn.core.text import read_text
 from dn.evaluate import perplexity
 from dn.formats import sparse
 from dn.model import store
-from dn.runtime import calibrate
+from dn.runtime import calibrate, loader, timing
 
 PROMPTS = ["The history of the city begins", "In a statement released on Monday, the company said",
            "Scientists have discovered", "def fibonacci(n):", "The best way to learn a language is",
@@ -85,10 +88,6 @@ def main(argv=None) -> int:
                         "same either way, so MLX can be measured on a spec fitted through torch")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from dn.core.text import read_text
-    from dn.runtime import backend as backends
-    from dn.runtime import loader
-
     run = loader.load(args.model, args.backend, "float32")
     be, model, tok = run.backend, run.model, run.tokenizer
     act = run.spec.architecture.mlp_act
@@ -139,17 +138,14 @@ def main(argv=None) -> int:
                    "agree": agreement(gen, dense_gen), "agree_tokens": token_agreement(gen, dense_gen)}
             rows.append(row)
             print(json.dumps(row), f"({time.time() - t0:.0f}s)", file=sys.stderr)
-    result = {"backend": be.NAME, "fit_backend": args.fit_backend or be.NAME, "device": be.device_name(),
-              "eval_tokens": count, "calib_tokens": int(wins.size), "router": args.router, "select": args.select,
-              "rank": args.rank, "gen_tokens": args.gen_tokens, "prompts": len(prompts),
-              "rows": rows,
-              "recall_per_layer": {str(k): v for k, v in recalls.items()},
-              "bytes_per_layer_bf16": store.sparse_side(spec.section(), 2), "command": " ".join(sys.argv)}
-    del backends
+    result = timing.report(rows, sys.argv, backend=be.NAME, fit_backend=args.fit_backend or be.NAME,
+                           device=be.device_name(), eval_tokens=count, calib_tokens=int(wins.size),
+                           router=args.router, select=args.select, rank=args.rank, gen_tokens=args.gen_tokens,
+                           prompts=len(prompts), recall_per_layer={str(k): v for k, v in recalls.items()},
+                           bytes_per_layer_bf16=store.sparse_side(spec.section(), 2))
     print(json.dumps(result, indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        timing.write(result, args.json)
     return 0
 
 

@@ -16,7 +16,7 @@ def table(result: dict) -> str:
             f"{result['prompts']} prompts, router {result['router']}, selection {result['select']}\n\n")
     lines = ["| sparsity | prior | router | kept on eval | ppl | Δ vs dense | agreement: prefix | tokens |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
+    for r in result.get("records", result.get("rows")):  # "rows": the JSON written before dn.runtime.timing.report
         kept = f"{r['kept_on_eval']:.3f}" if "kept_on_eval" in r else "1"
         lines.append(f"| {r['sparsity']} | {r['prior']} | {r.get('router', '-')} | {kept} | {r['ppl']:.3f} | "
                      f"{100 * r['delta']:+.2f}% | {r['agree']:.3f} | {r.get('agree_tokens', 1.0):.3f} |")

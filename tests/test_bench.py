@@ -4,7 +4,6 @@ word-level tokenizer (each record in its own process, folders converted once int
 from __future__ import annotations
 
 import json
-import sys
 import types
 
 import numpy as np
@@ -12,9 +11,10 @@ import pytest
 from helpers import assert_one_line_error
 from helpers import run_dn as dn
 
-from dn import bench
-from dn.core import tensors as safetensors_io
+from dn.bench import configs, report, runner
+from dn.core import tensors
 from dn.core.errors import DnError
+from dn.runtime import residency
 
 H, N, LAYERS, HEADS, KV, HD, VOCAB = 128, 128, 2, 4, 2, 32, 128  # H 128: the sparse router's rank fits
 
@@ -32,7 +32,7 @@ H, N, LAYERS, HEADS, KV, HD, VOCAB = 128, 128, 2, 4, 2, 32, 128  # H 128: the sp
     ("lossless+sparse50@25%", "lossless+sparse50", ["--codec", "lossless", "--sparsity", "0.5"]),
 ])
 def test_config_names(name, stored, args):
-    c = bench.parse_config(name)
+    c = configs.parse_config(name)
     assert (c.name, c.stored, c.convert_args()) == (name, stored, args)
     assert c.budget == ("25%" if "@" in name else None)
 
@@ -41,36 +41,43 @@ def test_config_names(name, stored, args):
                                   "lossless@0%", "dense@101%", "dense@12XB", "+sparse50"])
 def test_unknown_configs_raise(name):
     with pytest.raises(DnError):
-        bench.parse_config(name)
+        configs.parse_config(name)
 
 
 def test_config_list_dense_first_once_and_budgets():
-    names = [c.name for c in bench.parse_configs("q4g32,dense,q4g32,lossless@50%", "25%,1GiB")]
+    names = [c.name for c in configs.parse_configs("q4g32,dense,q4g32,lossless@50%", "25%,1GiB")]
     assert names == ["dense", "q4g32", "lossless@50%", "dense@25%", "q4g32@25%", "dense@1GiB", "q4g32@1GiB"]
-    assert [c.name for c in bench.parse_configs("q8")] == ["dense", "q8"]
+    assert [c.name for c in configs.parse_configs("q8")] == ["dense", "q8"]
 
 
 def test_keyed_values():
-    table = bench.keyed("32,lossless:4,mlx:8", "--decode-tokens", int)
-    pick = {n: bench.pick(table, bench.parse_config(n), b) for n, b in
+    table = configs.keyed("32,lossless:4,mlx:8", "--decode-tokens", int)
+    pick = {n: configs.pick(table, configs.parse_config(n), b) for n, b in
             (("dense", "torch"), ("lossless", "mlx"), ("q8", "mlx"), ("lossless@25%", "torch"))}
     assert pick == {"dense": 32, "lossless": 4, "q8": 8, "lossless@25%": 4}
-    per_backend = bench.keyed("torch:4096,mlx:1024", "--max-tokens", int)
-    assert bench.pick(per_backend, bench.parse_config("q8"), "mlx") == 1024
+    per_backend = configs.keyed("torch:4096,mlx:1024", "--max-tokens", int)
+    assert configs.pick(per_backend, configs.parse_config("q8"), "mlx") == 1024
     with pytest.raises(DnError, match="--max-tokens has no value for q8 on torch"):
-        bench.pick(bench.keyed("mlx:4", "--max-tokens", int), bench.parse_config("q8"), "torch", "--max-tokens")
+        configs.pick(configs.keyed("mlx:4", "--max-tokens", int), configs.parse_config("q8"), "torch", "--max-tokens")
 
 
-def test_residency_hook(monkeypatch):
-    import dn
+def test_budget_configs_load_under_the_budget(monkeypatch):
+    """An `@budget` record loads its folder under the budget (exact mode, cold file ranked on $DN_CALIB_TEXT) and
+    reads dn.runtime.residency.fields after the run; any other record loads plainly and has no such fields."""
+    calls = []
 
-    empty = types.ModuleType("dn.runtime.residency")
-    monkeypatch.setitem(sys.modules, "dn.runtime.residency", empty)
-    monkeypatch.setattr(dn, "residency", empty, raising=False)
-    with pytest.raises(DnError, match=r"residency budgets need dn.runtime.residency \(not landed\)"):
-        bench.residency_hook()
-    empty.bench_options = lambda budget, model_dir, backend, dtype: {"fields": dict}
-    assert bench.residency_hook() is empty.bench_options
+    def load(model, backend, dtype, **kw):
+        calls.append((model, backend, dtype, kw))
+        return types.SimpleNamespace(residency=None)
+
+    monkeypatch.setattr(runner.loader, "load", load)
+    monkeypatch.setenv("DN_CALIB_TEXT", "/calib.txt")
+    job = {"folder": "/f", "backend": "torch", "dtype": "float32", "budget": None}
+    assert runner.load(job)[1] is None and calls.pop() == ("/f", "torch", "float32", {})
+    _, fields = runner.load(job | {"budget": configs.parse_config("q4g32@25%").budget})
+    assert calls.pop() == ("/f", "torch", "float32", {"max_resident": "25%", "mode": "exact",
+                                                      "calib_text": "/calib.txt"})
+    assert fields() == residency.fields(None) and set(runner.RESIDENCY_FIELDS) <= set(fields())
 
 
 def test_relate_and_table():
@@ -81,9 +88,9 @@ def test_relate_and_table():
                 "latency_ms_p99": 2e3 / tps, "greedy_agreement": 1.0} | kw
     records = [rec("dense", 10.0, 20.0), rec("q4g32", 11.0, 40.0, greedy_agreement=0.5),
                {"config": "q3g32", "backend": "torch", "dtype": "bfloat16", "batch": 1, "error": "boom | bad"}]
-    bench.relate(records)
+    report.relate(records)
     assert records[1]["ppl_delta_pct"] == pytest.approx(10.0) and records[1]["speed_vs_dense"] == 2.0
-    md = bench.table(records).splitlines()
+    md = report.table(records).splitlines()
     assert len(md) == 5 and "+10.00%" in md[3] and "2.00x" in md[3] and "failed: boom / bad" in md[4]
     assert len({line.count("|") for line in md}) == 1
 
@@ -140,12 +147,12 @@ def tiny_model(root):
                    p + "mlp.down_proj.weight": (H, N), p + "input_layernorm.weight": (H,),
                    p + "post_attention_layernorm.weight": (H,)}
     rng = np.random.default_rng(0)
-    weights = {k: (safetensors_io.f32_to_bf16(((1 + 0.1 * rng.standard_normal(s)) if "norm" in k
+    weights = {k: (tensors.f32_to_bf16(((1 + 0.1 * rng.standard_normal(s)) if "norm" in k
                                                else 0.1 * rng.standard_normal(s)).astype(np.float32)), "BF16")
                for k, s in shapes.items()}
     model = root / "model"
     model.mkdir(parents=True)
-    safetensors_io.save(weights, model / "model.safetensors")
+    tensors.save(weights, model / "model.safetensors")
     (model / "config.json").write_text(json.dumps(cfg))
     words = [f"w{i}" for i in range(VOCAB - 1)]
     tok = Tokenizer(models.WordLevel({"[UNK]": 0} | {w: i + 1 for i, w in enumerate(words)}, unk_token="[UNK]"))
@@ -184,7 +191,7 @@ def test_bench_run(backend_name, tiny, tmp_path):
             assert r[key] > 0, key
         assert r["resident_fraction"] == r["resident_weight_bytes"] / r["dense_bf16_bytes"]
         assert r["latency_ms_p50"] <= r["latency_ms_p99"] and r["fetched_bytes_per_token"] is None
-        assert 0 <= r["greedy_agreement"] <= 1 and r["agreement_prompts"] == len(bench.PROMPTS)
+        assert 0 <= r["greedy_agreement"] <= 1 and r["agreement_prompts"] == len(runner.PROMPTS)
     dense, lossless, q4 = recs[("dense", 1)], recs[("lossless", 1)], recs[("q4g32", 1)]
     assert dense["resident_fraction"] == 2.0 and dense["ppl_delta_pct"] == 0 and dense["speed_vs_dense"] == 1
     assert lossless["ppl"] == dense["ppl"] and lossless["greedy_agreement"] == 1.0  # bit-exact
@@ -229,11 +236,11 @@ def test_shapes_model_and_skip(tmp_path, eval_text):
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_hidden_layers"] == 2
     spec = load_spec(model)
     assert spec.architecture.vocab_size == 49152 and spec.architecture.num_key_value_heads == 2
-    w = safetensors_io.load(model / "model.safetensors")
+    w = tensors.load(model / "model.safetensors")
     assert w["lm_head.weight"][0].shape == (49152, 128) and w["model.layers.1.mlp.down_proj.weight"][1] == "BF16"
-    up = safetensors_io.bf16_to_f32(w["model.layers.0.mlp.up_proj.weight"][0])
+    up = tensors.bf16_to_f32(w["model.layers.0.mlp.up_proj.weight"][0])
     assert up.shape == (256, 128) and abs(up.std() - 0.02) < 1e-3 and abs(up.mean()) < 1e-3
-    assert (safetensors_io.bf16_to_f32(w["model.norm.weight"][0]) == 1).all()
+    assert (tensors.bf16_to_f32(w["model.norm.weight"][0]) == 1).all()
     assert "Llama-3-8B" in shapes.__doc__ and shapes.LLAMA3_8B["intermediate_size"] == 14336
 
     out = tmp_path / "bench.json"

@@ -1,5 +1,5 @@
-"""What every benchmark shares: one timer and one JSON shape that records the machine, the versions, the
-command and the commit (`dn bench` will build on this).
+"""What every benchmark shares (dn bench, benchmarks/*.py): one timer and one JSON shape that records the machine,
+the versions, the command and the commit.
 
 JSON: {"machine": {...}, "versions": {...}, "command": "...", "commit": "...", "records": [{...}, ...]}.
 Speed targets are ratios against a baseline timed in the same run; absolute times mean something only on
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def timer(fn: Callable[[], object], reps: int = 20, warmup: int = 3, sync: Callable[[], None] | None = None) -> dict:
-    """Seconds per call of fn: median, p99, spread (interquartile range) over reps calls after warmup calls.
+    """Seconds per call of fn: median, p99, minimum, spread (interquartile range) over reps calls after warmup calls.
     sync (e.g. a device synchronize) runs before each clock read, so queued work is counted."""
     for _ in range(warmup):
         fn()
@@ -39,8 +39,8 @@ def timer(fn: Callable[[], object], reps: int = 20, warmup: int = 3, sync: Calla
             sync()
         times.append(time.perf_counter() - t)
     q1, med, q3, p99 = np.percentile(times, [25, 50, 75, 99])
-    return {"median_s": float(med), "p99_s": float(p99), "iqr_s": float(q3 - q1), "reps": reps,
-            "warmup": warmup}
+    return {"median_s": float(med), "p99_s": float(p99), "min_s": float(min(times)), "iqr_s": float(q3 - q1),
+            "reps": reps, "warmup": warmup}
 
 
 def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int,
