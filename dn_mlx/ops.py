@@ -1,6 +1,6 @@
-"""The array ops dn's backend-neutral layers (dn/runtime/sparse_mlp.py) are written over, on MLX.
-
-dn_torch/ops.py has the same functions; a test checks the two modules match, name for name."""
+"""dn.runtime.backend.Ops on MLX: the array ops dn's backend-neutral layers are written over, and the Metal sparse
+kernels (dn_mlx/kernels.py). The C kernels take host pointers, which MLX arrays would need a copy out for: MLX runs
+its own paths for those (no native_sparse, no native_planes)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,27 @@ from mlx import nn
 
 from dn.formats import sparse as ref
 from dn_mlx import quant
+from dn_mlx.kernels import fused_available as fused_available
+from dn_mlx.kernels import fused_step as fused_step
+
+CAPABILITIES = frozenset({"fused_sparse"})
+# dtype names (dn.core.tensors.File.dtype: floats by dn's name, the rest by safetensors') -> MLX's: the one table
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16, "U32": mx.uint32, "I32": mx.int32,
+          "I64": mx.int64, "U8": mx.uint8, "I8": mx.int8}
+# dn's activation names (dn.core.activations) -> MLX's functions
+_ACTS = {"silu": nn.silu, "gelu_tanh": nn.gelu_approx}
+
+
+def device() -> mx.Device:
+    return mx.default_device()  # DN_MLX_DEVICE pins it (dn_mlx/model.py)
 
 
 def hold(module: nn.Module, name: str, array: mx.array) -> None:
-    """Keep an array on a module so it is listed with the module's weights."""
     setattr(module, name, array)
 
 
 def from_numpy(a: np.ndarray, like: mx.array) -> mx.array:
-    """numpy -> array on MLX's default device (dtype kept; `like` for the torch twin's device)."""
-    return mx.array(np.ascontiguousarray(a))
+    return mx.array(np.ascontiguousarray(a))  # MLX's default device
 
 
 def to_numpy(a: mx.array) -> np.ndarray:
@@ -34,8 +45,11 @@ def cast(x: mx.array, like: mx.array) -> mx.array:
     return x.astype(like.dtype)
 
 
+def is_dense(module: nn.Module) -> bool:
+    return type(module) is nn.Linear
+
+
 def weight_like(module: nn.Module) -> mx.array:
-    """An array with the module's compute dtype (any weight format)."""
     if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):  # scales may be held 16-bit
         return mx.zeros((), getattr(module, "_compute", module.scales.dtype))
     leaves = nn.utils.tree_flatten(module.parameters())
@@ -43,10 +57,7 @@ def weight_like(module: nn.Module) -> mx.array:
 
 
 def act(name: str, x: mx.array) -> mx.array:
-    """The gated MLP's activation by name (dn.formats.sparse.ACTS)."""
-    if name == "gelu_tanh":
-        return nn.gelu_approx(x)
-    return nn.silu(x)
+    return _ACTS[name](x)
 
 
 def abs(x: mx.array) -> mx.array:
@@ -63,7 +74,7 @@ def topk_mask(s: mx.array, k: int) -> mx.array:
 
 
 def kept_indices(mask: mx.array) -> mx.array:
-    """bool [T, n] with the same count per row -> sorted indices [T, k] (MLX has no nonzero: host side)."""
+    """On the host: MLX has no nonzero."""
     m = np.array(mask)
     return mx.array(np.nonzero(m)[1].reshape(m.shape[0], -1).astype(np.uint32))
 
@@ -73,22 +84,18 @@ def take(a: mx.array, idx: mx.array) -> mx.array:
 
 
 def take_rows(w: mx.array, idx: mx.array) -> mx.array:
-    """w [n, ...], idx [T, k] -> [T, k, ...]."""
     return mx.take(w, idx.reshape(-1), axis=0).reshape(*idx.shape, *w.shape[1:])
 
 
 def rowdot(w: mx.array, x: mx.array) -> mx.array:
-    """w [T, k, d], x [T, d] -> [T, k]."""
     return (w @ x[:, :, None])[..., 0]
 
 
 def rowsum(h: mx.array, w: mx.array) -> mx.array:
-    """h [T, k], w [T, k, d] -> [T, d]."""
     return (h[:, None, :] @ w)[:, 0]
 
 
 def scatter(h: mx.array, idx: mx.array, n: int) -> mx.array:
-    """h [T, k] at columns idx [T, k] of a zero [T, n]."""
     return mx.put_along_axis(mx.zeros((h.shape[0], n), h.dtype), idx, h, axis=1)
 
 
@@ -97,14 +104,11 @@ def broadcast_to(a: mx.array, shape: tuple) -> mx.array:
 
 
 def rows(module: nn.Module, idx: mx.array) -> mx.array:
-    """Rows idx of a projection's weight [out, in], whatever its format, at the compute dtype."""
     return quant.rows(module, idx)  # dense, coded (its decoded weight) or quantized (those rows dequantized)
 
 
 def int4_linear(packed: np.ndarray, scales: np.ndarray, like: mx.array) -> nn.Module:
-    """dn's packed int4 sketch (nibbles uint8 [m, k/2] low first, float32 scales [m, k/GROUP], value q - 8) as an
-    affine-quantized linear: the nibbles read as uint32 are MLX's 4-bit layout, the bias is -8 * scale. Scales
-    and biases at like's dtype."""
+    """MLX's own affine 4-bit layout."""
     m, half = packed.shape
     lin = nn.QuantizedLinear(2 * half, m, bias=False, group_size=ref.GROUP, bits=4)  # lazy init, replaced below
     s = mx.array(np.asarray(scales, np.float32))
@@ -114,12 +118,10 @@ def int4_linear(packed: np.ndarray, scales: np.ndarray, like: mx.array) -> nn.Mo
 
 
 def int4_matmul(x: mx.array, lin: nn.Module) -> mx.array:
-    """x [T, k] @ W.T through an int4_linear, in its compute dtype -> [T, m] float32."""
     return lin(x.astype(lin.scales.dtype)).astype(mx.float32)
 
 
 def bits16(x: mx.array) -> np.ndarray:
-    """A 16-bit array's bits, uint16 numpy."""
     return np.array(x.view(mx.uint16))
 
 
@@ -131,9 +133,7 @@ def _codes(plane: mx.array, k: int) -> mx.array:
 
 
 def planes_decode(held: dict, k: int, out=None, exact: bool = True) -> mx.array:
-    """A router-planes matrix (held: dn.formats.planes.FIELDS arrays) as bf16 [m, k], its exact weights or (exact
-    False) its
-    sketch's w^; out (torch's scratch) unused."""
+    """A new array each time (out is None: scratch() has none)."""
     sk = held["sketch"]
     m = sk.shape[0]
     lut = held["lut_hi" if exact else "lut_w"].astype(mx.uint32)
@@ -147,22 +147,8 @@ def planes_decode(held: dict, k: int, out=None, exact: bool = True) -> mx.array:
     return bits.astype(mx.uint16).view(mx.bfloat16)
 
 
-def planes_estimate(x, gate, up, name):
-    raise NotImplementedError("the split-planes C kernels run on torch's CPU tensors (planes_native is False)")
-
-
-def planes_sketch(h, down):
-    raise NotImplementedError("the split-planes C kernels run on torch's CPU tensors (planes_native is False)")
-
-
-def planes_held(held: dict) -> dict:
-    """A split matrix's held arrays (the C kernels take torch's CPU tensors only)."""
-    return held
-
-
 def scratch(rows: int, cols: int) -> None:
-    """MLX arrays are immutable: each decode makes its own (freed after use)."""
-    return None
+    return None  # MLX arrays are immutable: each decode makes its own (freed after use)
 
 
 def stack(arrays: list, axis: int) -> mx.array:
@@ -171,36 +157,3 @@ def stack(arrays: list, axis: int) -> mx.array:
 
 def is_bfloat16(x: mx.array) -> bool:
     return x.dtype == mx.bfloat16
-
-
-def planes_native(x: mx.array) -> bool:
-    """dn/formats/csrc/planes.c takes host pointers; MLX runs its plain path (planes_decode)."""
-    return False
-
-
-def planes_step(x, mats, thresh, c, y0, name, sketch, mask=None):
-    raise NotImplementedError("the split-planes C kernel runs on torch's CPU tensors (planes_native is False)")
-
-
-def native_available(x: mx.array, bundled: mx.array) -> bool:
-    """dn/formats/csrc/sparse.c takes host pointers; MLX arrays would need a copy out, so MLX runs its own paths."""
-    return False
-
-
-def native_step(x, bundled, mask, c, y0, name):
-    raise NotImplementedError("the C sparse kernel runs on torch's CPU tensors (native_available is False)")
-
-
-def fused_available(x: mx.array, act: str = "silu") -> bool:
-    """The fused sparse kernels run here: Metal on an Apple GPU, silu only."""
-    return act == "silu" and mx.metal.is_available() and mx.default_device() == mx.gpu
-
-
-def fused_step(x, bundled, idx, c, y0, act: str = "silu"):
-    """Kept neurons through the two Metal kernels (dn_mlx/sparse.py), which compute silu only."""
-    from dn_mlx import sparse
-
-    if act != "silu":
-        raise ValueError(f"the Metal sparse kernels compute silu, not {act}; use path 'gather'")
-
-    return sparse._metal_step(x, bundled, idx, c, y0)

@@ -203,7 +203,7 @@ def bench_sparse_kernel(path: str, quick: bool) -> None:
     import torch.nn.functional as F
 
     from dn.runtime import timing as benchmark
-    from dn_torch import sparse as ts
+    from dn_torch import kernels as ts
 
     d, n = SPARSE_SHAPE
     g = torch.Generator(DEVICE).manual_seed(0)
@@ -220,8 +220,8 @@ def bench_sparse_kernel(path: str, quick: bool) -> None:
         idx = torch.randperm(n, device=DEVICE, generator=g)[:max(1, round(keep * n))].sort().values
         xf, bf = x.float(), bundled[idx].float()
         want = (F.silu(bf[:, 0] @ xf[0]) * (bf[:, 1] @ xf[0])) @ bf[:, 2]
-        got = ts._fused_step(x, bundled, idx, c, y0, block_k=bk, block_d=bd, split=split).float()[0]
-        tm = gpu_times(lambda: ts._fused_step(x, bundled, idx, c, y0, block_k=bk, block_d=bd, split=split))
+        got = ts.triton_step(x, bundled, idx, c, y0, block_k=bk, block_d=bd, split=split).float()[0]
+        tm = gpu_times(lambda: ts.triton_step(x, bundled, idx, c, y0, block_k=bk, block_d=bd, split=split))
         return {"keep": keep, "block_k": bk, "block_d": bd, "split": split, **tm,
                 "vs_dense_graph": tm["graph_us"] / dense["graph_us"],
                 "max_rel_err": float((got - want).abs().max() / want.abs().max())}

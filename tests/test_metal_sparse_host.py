@@ -1,6 +1,6 @@
 """Host check of the sparse-MLP Metal kernels (metal/sparse_hidden.metal, metal/sparse_down.metal; Metal cannot
 run on Linux). Each body is compiled as C++ through metal/shim inside the signature MLX 0.32 generates for it
-(concrete `const device T*` inputs named as in dn_mlx.sparse._metal_step, `device float*` outputs, the
+(concrete `const device T*` inputs named as in dn_mlx.kernels.metal_step, `device float*` outputs, the
 attributes the body names; template arguments as constants) and run over its whole 1-D grid by
 metal/shim/mlx_launch.h (threadgroups of the launch's size, the last one short, simd_sum a real collective of
 32 lanes), under AddressSanitizer (the bodies do pointer arithmetic on raw buffer pointers, so any access
@@ -36,8 +36,8 @@ pytestmark = [
 ]
 ORDERS = (0, 1, 2)  # thread order between collectives: index, reversed, shuffled (as tests/test_metal_host.py)
 DTYPES = ("float32", "bfloat16", "float16")
-HIDDEN_IN, DOWN_IN = ("x", "bundled", "idx", "c"), ("h", "bundled", "idx", "y0")  # as _metal_step launches
-SIMDGROUPS = 4  # _metal_step's default: 4 simdgroups per sparse_hidden threadgroup
+HIDDEN_IN, DOWN_IN = ("x", "bundled", "idx", "c"), ("h", "bundled", "idx", "y0")  # as metal_step launches
+SIMDGROUPS = 4  # metal_step's default: 4 simdgroups per sparse_hidden threadgroup
 
 _C_TYPES = {"float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t", "uint32": "uint32_t",
             "int32": "int32_t", "int64": "int64_t", "uint16": "uint16_t", "uint8": "uint8_t"}
@@ -226,7 +226,7 @@ def _body(name: str) -> str:
 
 
 def _check_hidden(builder, root, case, source=None, groups=(32 * SIMDGROUPS, 32), orders=ORDERS) -> np.ndarray:
-    """sparse_hidden over its real grid (32 threads per kept neuron), with _metal_step's threadgroup and with
+    """sparse_hidden over its real grid (32 threads per kept neuron), with metal_step's threadgroup and with
     one simdgroup per threadgroup: h [T, K] float32 against float64 numpy within KERNEL["float32"] (it reads
     T_in and computes in float32; the reference reads the same rounded values)."""
     dt, (t, d), k = case["dtype"], case["x"].shape, case["idx"].shape[1]
@@ -276,7 +276,7 @@ def test_host_sparse_kernels_match_numpy(builder, tmp_path, dtype, shape):
     _prebuild(builder, dtype, *shape)
     case = _case(sum(shape), dtype, *shape)
     h = _check_hidden(builder, tmp_path, case)
-    _check_down(builder, tmp_path, case, h)  # fed the kernel's own h, as _metal_step chains them
+    _check_down(builder, tmp_path, case, h)  # fed the kernel's own h, as metal_step chains them
 
 
 @settings(max_examples=12, deadline=None)
@@ -334,16 +334,16 @@ def test_launcher_models_constant_address_space():
                           [("T_in", "float32"), ("D", 4), ("K", 1)])
 
 
-# ---- dn_mlx.sparse's Metal path, with mx.fast.metal_kernel run by the host ----------------------------------
+# ---- dn_mlx.kernels' Metal path, with mx.fast.metal_kernel run by the host ----------------------------------
 
 @pytest.fixture
 def host_metal(builder, tmp_path, monkeypatch):
-    """Replace mx.fast.metal_kernel by the host launcher and make dn_mlx.sparse believe it runs on Metal: the
+    """Replace mx.fast.metal_kernel by the host launcher and make dn_mlx believe it runs on Metal: the
     source, names, input dtypes, template arguments, grid, threadgroup and output shapes the Python code
     passes are the ones compiled and run, so a mismatch with the body fails to compile or gives wrong results."""
     mx = pytest.importorskip("mlx.core")
+    from dn_mlx import kernels as mlx_kernels
     from dn_mlx import ops as mlx_ops
-    from dn_mlx import sparse as mlx_sparse
 
     dtypes = {getattr(mx, n): n for n in _C_TYPES}
     calls = []
@@ -378,11 +378,11 @@ def host_metal(builder, tmp_path, monkeypatch):
 
         return launch
 
-    mlx_sparse._kernel.cache_clear()
+    mlx_kernels._kernel.cache_clear()
     monkeypatch.setattr(mx.fast, "metal_kernel", metal_kernel)
     monkeypatch.setattr(mlx_ops, "fused_available", lambda x, act="silu": True)
-    yield mlx_sparse, calls
-    mlx_sparse._kernel.cache_clear()
+    yield mlx_kernels, calls
+    mlx_kernels._kernel.cache_clear()
 
 
 def _metal_step_matches(step, dtype: str):
@@ -402,8 +402,8 @@ def _metal_step_matches(step, dtype: str):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_metal_step_through_host_kernels(host_metal, dtype):
-    mlx_sparse, calls = host_metal
-    case = _metal_step_matches(mlx_sparse._metal_step, dtype)  # int32 idx: _metal_step casts it
+    mlx_kernels, calls = host_metal
+    case = _metal_step_matches(mlx_kernels.metal_step, dtype)  # int32 idx: metal_step casts it
     (t, d), k = case["x"].shape, case["idx"].shape[1]
     tmpl = {"T_in": dtype, "D": d, "K": k}
     assert calls == [
@@ -425,15 +425,15 @@ GLUE_MUTANTS = {
 
 @pytest.mark.parametrize("mutant", GLUE_MUTANTS)
 def test_host_launch_catches_glue_mutant(host_metal, mutant):
-    """_metal_step with one launch argument wrong (exec'd from its mutated source) fails the same check."""
-    mlx_sparse, _ = host_metal
+    """metal_step with one launch argument wrong (exec'd from its mutated source) fails the same check."""
+    mlx_kernels, _ = host_metal
     old, new, message = GLUE_MUTANTS[mutant]
-    src = inspect.getsource(mlx_sparse._metal_step)
-    assert src.count(old) == 1, f"mutation target {old!r} not (once) in _metal_step"
-    namespace = dict(vars(mlx_sparse))
+    src = inspect.getsource(mlx_kernels.metal_step)
+    assert src.count(old) == 1, f"mutation target {old!r} not (once) in metal_step"
+    namespace = dict(vars(mlx_kernels))
     exec(compile(src.replace(old, new), f"<{mutant}>", "exec"), namespace)
     with pytest.raises(AssertionError) as err:
-        _metal_step_matches(namespace["_metal_step"], "bfloat16")
+        _metal_step_matches(namespace["metal_step"], "bfloat16")
     if message:
         assert message in str(err.value)
 
@@ -445,14 +445,15 @@ def test_sparse_mlp_metal_path_through_host_kernels(host_metal, dtype):
     against the MLX gather path (scaled tolerance, as tests/test_sparse.py)."""
     from dn.formats import sparse
     from dn.runtime import sparse_mlp
+    from dn_mlx import sparse as mlx_sparse
 
-    mlx_sparse, calls = host_metal
+    _, calls = host_metal
     t, k, n, d = SHAPES[0]
     rng = np.random.default_rng(5)
     g, u, dn = (rng.standard_normal(s).astype(np.float32) * 0.2 for s in ((n, d), (n, d), (d, n)))
     layer = sparse.fit_layer(rng.standard_normal((200, d)).astype(np.float32), g, u, dn, k, 8, "median",
                              "lowrank", "topk")
-    mlp = mlx_sparse.make_mlp(sparse.bundle(g, u, dn), layer, dtype)
+    mlp = mlx_sparse.make_sparse_mlp(sparse.bundle(g, u, dn), layer, dtype)
     x = rng.standard_normal((t, d)).astype(np.float32)
     bq = sparse.bundle(g, u, dn)
     if dtype == "bfloat16":  # the reference sees the same rounded weights, inputs and prior

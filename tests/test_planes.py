@@ -5,7 +5,7 @@ numpy reference; the sparse MLP on them per backend is in tests/test_sparse.py (
 import numpy as np
 import pytest
 
-from dn.core import tolerances
+from dn.core import activations, tolerances
 from dn.core.errors import DnError
 from dn.core.tensors import bf16_to_f32, f32_to_bf16
 from dn.formats import planes, sparse
@@ -99,7 +99,7 @@ def test_kernel_matches_reference(lib, d, tokens, act, sketch):
     held = [planes.arrays(*m) for m in mats]
     structs = tuple(planes.mat(a) for a in held)
     y, mask = np.tile(y0, (tokens, 1)), np.zeros((tokens, n), np.uint8)
-    planes.step_native(lib, planes.bf16_bits(x), structs, thresh, c, y, mask, sparse.ACTS.index(act), sketch, True)
+    planes.step_native(lib, planes.bf16_bits(x), structs, thresh, c, y, mask, activations.kind(act), sketch, True)
     _, ref_mask = planes.step(x, *mats, thresh, c, y0, act, sketch)
     assert (mask.astype(bool) == ref_mask).mean() >= 0.998 and 0.05 < ref_mask.mean() < 0.95
     want, _ = planes.step(x, *mats, thresh, c, y0, act, sketch, mask.astype(bool))
@@ -108,7 +108,7 @@ def test_kernel_matches_reference(lib, d, tokens, act, sketch):
     y2 = np.tile(y0, (tokens, 1))
     flipped = ~ref_mask
     planes.step_native(lib, planes.bf16_bits(x), structs, thresh, c, y2, flipped.astype(np.uint8),
-                       sparse.ACTS.index(act), sketch, False)
+                       activations.kind(act), sketch, False)
     want2, _ = planes.step(x, *mats, thresh, c, y0, act, sketch, flipped)
     np.testing.assert_allclose(y2, want2, rtol=tol.rtol, atol=tol.atol * np.abs(want2).max())
 

@@ -1,4 +1,5 @@
-"""Both backend packages satisfy the one Protocol in dn/, and their modules mirror each other."""
+"""Both backend packages satisfy the Protocols in dn/ (the package: Backend; its ops module: Ops plus the optional
+kernel groups it declares), and their other modules mirror each other."""
 
 import importlib
 import inspect
@@ -8,11 +9,14 @@ import sys
 
 import pytest
 
-from dn.runtime.backend import Backend
+from dn.runtime.backend import CAPABILITIES, Backend, Ops
+
+PACKAGES = ["dn_mlx", "dn_torch"]
 
 
 def _members(protocol) -> list[str]:
-    return [n for n in dir(protocol) if not n.startswith("_")]
+    """Its methods and its annotated attributes (NAME, resident, CAPABILITIES)."""
+    return sorted({n for n in [*dir(protocol), *protocol.__annotations__] if not n.startswith("_")})
 
 
 def _signature(obj) -> list[str]:
@@ -21,14 +25,42 @@ def _signature(obj) -> list[str]:
     return [f"{p.name}:{p.kind}:{p.default is inspect.Parameter.empty}" for p in params if p.name != "self"]
 
 
-@pytest.mark.parametrize("package", ["dn_mlx", "dn_torch"])
-def test_backend_satisfies_protocol(package):
-    module = importlib.import_module(package)
-    for name in _members(Backend):
-        assert hasattr(module, name), f"{package} lacks {name}"
-        proto = getattr(Backend, name)
+def _satisfies(module, protocol) -> None:
+    for name in _members(protocol):
+        assert hasattr(module, name), f"{module.__name__} lacks {name}"
+        proto = getattr(protocol, name, None)
         if callable(proto):
-            assert _signature(getattr(module, name)) == _signature(proto), f"{package}.{name} signature"
+            assert _signature(getattr(module, name)) == _signature(proto), f"{module.__name__}.{name} signature"
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_backend_satisfies_protocol(package):
+    _satisfies(importlib.import_module(package), Backend)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_ops_satisfy_protocol_and_declare_their_capabilities(package):
+    """A backend's ops: every Ops function; each capability it declares brings its group's functions, and one it
+    does not declare brings none of them (no stubs that raise, no checks that always say no); nothing else public."""
+    ops = importlib.import_module(f"{package}.ops")
+    _satisfies(ops, Ops)
+    assert isinstance(ops.CAPABILITIES, frozenset) and not ops.CAPABILITIES - set(CAPABILITIES), ops.CAPABILITIES
+    for capability, group in CAPABILITIES.items():
+        if capability in ops.CAPABILITIES:
+            _satisfies(ops, group)
+        else:
+            present = [n for n in _members(group) if hasattr(ops, n)]
+            assert not present, f"{package}.ops does not declare {capability} but has {present}"
+    contract = {n for p in (Ops, *CAPABILITIES.values()) for n in _members(p)}
+    public = {n for n, f in vars(ops).items() if inspect.isfunction(f) and not n.startswith("_")}
+    assert public <= contract, f"{package}.ops has {sorted(public - contract)} outside dn.runtime.backend.Ops"
+
+
+@pytest.mark.parametrize("package,capabilities", [("dn_torch", {"native_sparse", "native_planes", "fused_sparse"}),
+                                                  ("dn_mlx", {"fused_sparse"})])
+def test_capabilities_are_what_each_backend_has(package, capabilities):
+    declared = importlib.import_module(f"{package}.ops").CAPABILITIES
+    assert declared == capabilities
 
 
 def _public_functions(module) -> dict[str, list[str]]:
@@ -41,10 +73,15 @@ def _submodules(package: str) -> set[str]:
     return {m.name for m in modules if not m.name.startswith("_")}  # private kernels may differ
 
 
+# checked against dn.runtime.backend's Protocols instead (ops), or each backend's own by design (kernels: C and Triton,
+# Metal)
+NOT_MIRRORED = {"ops", "kernels"}
+
+
 def test_backend_packages_mirror_each_other():
     names = _submodules("dn_mlx")
     assert names == _submodules("dn_torch")
-    for name in sorted(names):
+    for name in sorted(names - NOT_MIRRORED):
         mlx = _public_functions(importlib.import_module(f"dn_mlx.{name}"))
         torch = _public_functions(importlib.import_module(f"dn_torch.{name}"))
         assert mlx == torch, f"dn_mlx.{name} and dn_torch.{name} differ"

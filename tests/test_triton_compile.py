@@ -74,7 +74,7 @@ def test_fixed4_decode_compiles_for_sm90(bf16, paired, f32):
 
 @pytest.mark.parametrize("gelu", [False, True])
 def test_sparse_kernel_compiles_for_sm90(gelu):
-    from dn_torch import sparse as ts
+    from dn_torch import kernels as ts
 
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "idx_ptr": "*i64", "c_ptr": "*bf16", "y_ptr": "*fp32", "K": "i32"}
     cx = {"D": 4096, "BLOCK_K": 16, "BLOCK_D": 256, "GELU": gelu}

@@ -1,4 +1,4 @@
-"""The fused sparse Triton kernel (dn_torch/sparse.py) against the numpy reference dn.formats.sparse.sparse_mlp_step:
+"""The fused sparse Triton kernel (dn_torch/kernels.py) against the numpy reference dn.formats.sparse.sparse_mlp_step:
 in Triton's interpreter on CPU (a subprocess with TRITON_INTERPRET=1, where Triton is installed) and for real on
 CUDA (marked gpu). One token per call, as decoding runs it; hidden sizes that are and are not multiples of the
 kernel's block, kept counts from 1 to all, median and sketch priors, both selections, float32 and bfloat16."""
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from helpers import assert_runs_in_triton_interpreter
 
+from dn.core import activations
 from dn.core.tolerances import KERNEL
 from dn.formats import sparse as ref
 from dn.runtime import sparse_mlp
@@ -45,7 +46,7 @@ def check_sparse(device: str, seed: int = 0) -> int:
         calib = rng.standard_normal((256, d)).astype(np.float32)
         layer = ref.fit_layer(calib, gate, up, down, keep, 8, prior, router, select)
         bundled = ref.bundle(gate, up, down)
-        mlp = ts.make_mlp(bundled, layer, dtype, device)
+        mlp = ts.make_sparse_mlp(bundled, layer, dtype, device)
         x = rng.standard_normal((3, d)).astype(np.float32)
         if dtype == "bfloat16":  # the reference computes on the values the kernel reads
             bundled, x = bf16_round(bundled), bf16_round(x)
@@ -62,16 +63,16 @@ def check_sparse(device: str, seed: int = 0) -> int:
 
 
 def check_blocks(device: str) -> int:
-    """_fused_step directly, its block sizes varied (k not a multiple of BLOCK_K, d of BLOCK_D), one kernel and the
+    """triton_step directly, its block sizes varied (k not a multiple of BLOCK_K, d of BLOCK_D), one kernel and the
     split design (split 1, 3, 8: more shares than blocks of neurons too), both activations (gelu_tanh: the kernels
     support it; dn.runtime.sparse_mlp routes GeGLU layers elsewhere until ops passes act)."""
-    from dn_torch import sparse as ts
+    from dn_torch import kernels
 
     rng = np.random.default_rng(3)
     count = 0
     for (d, n, k, block_k, block_d, split), act in itertools.product(
             ((96, 50, 17, 16, 64, 0), (160, 64, 33, 8, 128, 0), (64, 40, 40, 64, 32, 0), (200, 30, 5, 4, 256, 0),
-             (96, 50, 17, 4, 32, 3), (200, 64, 40, 16, 64, 1), (64, 40, 7, 8, 128, 8)), ref.ACTS):
+             (96, 50, 17, 4, 32, 3), (200, 64, 40, 16, 64, 1), (64, 40, 7, 8, 128, 8)), activations.NAMES):
         b = rng.standard_normal((n, 3, d)).astype(np.float32) * 0.1
         x = rng.standard_normal((1, d)).astype(np.float32)
         c = (rng.standard_normal(n) * 0.01).astype(np.float32)
@@ -82,7 +83,7 @@ def check_blocks(device: str) -> int:
         mask[0, idx] = True
         want = ref.sparse_mlp_step(x, b, layer, mask)
         tt = lambda a: torch.as_tensor(a, device=device)
-        got = ts._fused_step(tt(x), tt(b), tt(idx), tt(c), tt(y0), block_k=block_k, block_d=block_d,
+        got = kernels.triton_step(tt(x), tt(b), tt(idx), tt(c), tt(y0), block_k=block_k, block_d=block_d,
                            act=act, split=split)
         np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
                                    err_msg=f"d={d} n={n} k={k} blocks {block_k}x{block_d} split {split} {act}")

@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
+from dn.core import activations
 from dn.core.errors import DnError
-from dn.core.tensors import bf16_to_f32, f32_to_bf16
+from dn.core.tensors import File, bf16_to_f32, f32_to_bf16
+from dn.formats import native as nat
 from dn.formats.native import ptr
 
 ESCAPE = 15
@@ -180,8 +183,6 @@ def arrays(sketch: np.ndarray, meta: np.ndarray, rest: Rest | None = None) -> di
 
 def native():
     """dn/formats/csrc/planes.c with its signatures set, or None (DN_NATIVE=0, no compiler)."""
-    from dn.formats import native as nat
-
     lib = nat.library("planes")
     if lib is not None and not hasattr(lib, "dn_ready"):
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -220,7 +221,8 @@ def _check(rc: int, what: str, t: int) -> None:
 def step_native(lib, x_bits, mats: tuple, thresh, c, y, mask, act: int, sketch: bool, route: bool,
                 threads: int = 1) -> None:
     """The fused step in C: x_bits bf16 bits [T <= 4, d]; mats (gate, up, down) from mat(); y float32 [T, d] holds
-    y0 and is accumulated into; mask uint8 [T, n] written (route) or read. Any contiguous CPU memory."""
+    y0 and is accumulated into; mask uint8 [T, n] written (route) or read; act: dn.core.activations.kind. Any contiguous
+    CPU memory."""
     t, d = x_bits.shape
     _check(lib.dn_planes_step(ptr(x_bits), t, thresh.shape[0], d, *[ctypes.byref(m) for m in mats], ptr(thresh),
                               ptr(c), int(sketch), int(route), ptr(mask), ptr(y), act, threads), "step", t)
@@ -248,16 +250,46 @@ def step(x: np.ndarray, gate: tuple, up: tuple, down: tuple, thresh: np.ndarray,
          act_name: str, sketch: bool, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The numpy reference of the fused step: x [T, d] float32 (bf16 values); gate, up, down = (sketch, meta, rest) of
     [n, d] ([n, d] for down: its columns) -> (y [T, d] float64, mask bool [T, n]). mask given: replayed."""
-    from dn.formats.sparse import act
-
     d = x.shape[1]
     x64 = x.astype(np.float64)
     w_hat = [sketch_values(s, m, d).astype(np.float64) for s, m, _ in (gate, up, down)]
-    est = act(act_name, x64 @ w_hat[0].T) * (x64 @ w_hat[1].T)
+    est = activations.apply(act_name, x64 @ w_hat[0].T) * (x64 @ w_hat[1].T)
     mask = np.abs(est) > thresh if mask is None else mask
     g, u, dd = (bf16_to_f32(join(s, m, r, d)).astype(np.float64) for s, m, r in (gate, up, down))
-    h = np.where(mask, act(act_name, x64 @ g.T) * (x64 @ u.T) - c, 0.0)
+    h = np.where(mask, activations.apply(act_name, x64 @ g.T) * (x64 @ u.T) - c, 0.0)
     y = y0.astype(np.float64) + h @ dd
     if sketch:
         y += np.where(mask, 0.0, est) @ w_hat[2]
     return y, mask
+
+
+@dataclass
+class Planes:
+    """A bf16 matrix [m, k] held as split planes: its sketch, meta and rest (numpy)."""
+    name: ClassVar[str] = "planes"
+    scratch: ClassVar[bool] = True  # the plain paths (prefill) decode each into one bf16 matrix in turn
+    sketch: np.ndarray
+    meta: np.ndarray
+    rest: Rest
+    shape: tuple[int, int]
+
+    @classmethod
+    def nbytes(cls, shape, dtype_bytes: int = 2, part: str = "all") -> int:
+        """Bytes held for an [m, k] matrix: its sketch (6 bits a weight, its two 128-byte tables, a row offset),
+        its rest (6 bits a weight and each row's escape offset; the rare escapes not counted), or both."""
+        m, k = shape
+        sketch, rest = m * 3 * k // 4 + 256 + 8, m * 3 * k // 4 + 8 * m
+        return {"sketch": sketch, "rest": rest, "all": sketch + rest}[part]
+
+    @classmethod
+    def from_stored(cls, f: File, name: str) -> Planes:
+        return cls(*split(f.read(name, "bfloat16")), tuple(f.shape(name)))
+
+    def dequantize(self) -> np.ndarray:
+        return bf16_to_f32(join(self.sketch, self.meta, self.rest, self.shape[1]))
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, np.float32) @ self.dequantize().T
+
+    def rows(self, idx) -> np.ndarray:
+        return self.dequantize()[idx]

@@ -1,9 +1,8 @@
 """Per-token sparse MLP: the spec (router + prior per layer), its file I/O, the fitting math and the
 numpy reference of one sparse MLP step, which both backends are tested against.
 
-A gated MLP is y = D (act(G x) * (U x)) with n neurons, act one of ACTS: "silu" (SwiGLU: Llama, SmolLM2,
-Qwen) or "gelu_tanh" (GeGLU, tanh approximation: Gemma); below, silu stands for the layer's act. Per token
-the router scores every neuron and keeps some of them:
+A gated MLP is y = D (act(G x) * (U x)) with n neurons, act one of dn/core/activations.py's; below, silu stands
+for the layer's act. Per token the router scores every neuron and keeps some of them:
   select "threshold" (v2 default): keep neuron j iff score_j > t_j, t_j = tau / |D[:, j]| (a neuron's
                     score weighted by its down column's norm, i.e. the size of what it would add), tau
                     set per layer on calibration scores so that on average `keep` neurons pass; the
@@ -41,6 +40,7 @@ contiguous gather fetches everything a kept neuron needs.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import warnings
@@ -50,10 +50,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dn.core import tensors as safetensors_io
+from dn.core import activations, tensors
 from dn.core.errors import DnError
+from dn.formats import native as nat
 from dn.formats import planes, quant
-from dn.model.spec import ACTS as HF_ACTS  # config.json name -> dn name, kept once in dn.model.spec
 
 VERSION = 2
 READS = (1, 2)      # v1: top-k selection only, no router.t
@@ -67,9 +67,7 @@ DEFAULT_ROUTER = "int4"  # portable: the fused Metal and Triton kernels read bun
 DEFAULT_PRIOR = "sketch"
 DEFAULT_RANK = 128
 GROUP = 64          # int4 router: weights per scale
-ACTS = ("silu", "gelu_tanh")
-DEFAULT_ACT = "silu"
-# config.json hidden_act / hidden_activation -> dn's name (transformers' ACT2FN keys)
+DEFAULT_ACT = activations.DEFAULT  # what a file written before GeGLU support runs
 
 
 @dataclass
@@ -88,7 +86,7 @@ class LayerSparse:
     thresh: np.ndarray | None = None   # threshold: [n] per-neuron score thresholds t_j
     prior_a: np.ndarray | None = None  # sketch: packed nibbles of D, uint8 [d, n/2] (planes: D.T's split, [n, 3d/4])
     prior_b: np.ndarray | None = None  # sketch: scales [d, n/GROUP] (planes: float32 [1, planes.META])
-    act: str = DEFAULT_ACT             # the MLP's activation (ACTS)
+    act: str = DEFAULT_ACT             # the MLP's activation (dn.core.activations)
 
 
 @dataclass
@@ -129,34 +127,6 @@ def keep_count(sparsity: float, n: int) -> int:
 
 # ---- the numpy reference -------------------------------------------------------------------------
 
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1 + np.exp(-x))
-
-
-def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """GELU, tanh approximation (torch's approximate="tanh", transformers' gelu_pytorch_tanh)."""
-    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
-
-
-def act(name: str, x: np.ndarray) -> np.ndarray:
-    """The gated MLP's activation by name (ACTS)."""
-    if name == "silu":
-        return silu(x)
-    if name == "gelu_tanh":
-        return gelu_tanh(x)
-    raise DnError(f"unknown activation {name!r} (choose from {', '.join(ACTS)})")
-
-
-def act_of_config(cfg: dict) -> str:
-    """A Hugging Face config's MLP activation (hidden_activation, else hidden_act; a nested text_config for
-    multimodal ones) as one of ACTS; silu when it names none. DnError for any other."""
-    cfg = cfg.get("text_config") or cfg
-    name = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
-    if name not in HF_ACTS:
-        raise DnError(f"the sparse path runs MLP activations {', '.join(sorted(HF_ACTS))}; the model uses {name!r}")
-    return HF_ACTS[name]
-
-
 def bundle(gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
     """gate, up [n, d], down [d, n] -> [n, 3, d], one contiguous block per neuron."""
     return np.ascontiguousarray(np.stack([gate, up, down.T], axis=1))
@@ -195,8 +165,8 @@ def estimate(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
     n = layer.prior_c.shape[0]
     p = predict(x, layer)
     if layer.router == "int4gate":
-        return act(layer.act, p)
-    return act(layer.act, p[:, :n]) * p[:, n:]
+        return activations.apply(layer.act, p)
+    return activations.apply(layer.act, p[:, :n]) * p[:, n:]
 
 
 def scores(x: np.ndarray, layer: LayerSparse) -> np.ndarray:
@@ -224,7 +194,7 @@ def sparse_mlp_step(x: np.ndarray, bundled: np.ndarray, layer: LayerSparse,
     for t in range(len(x)):                                # per token: only its kept neurons are read
         k = np.flatnonzero(mask[t])
         g, u = w[k, 0] @ x64[t], w[k, 1] @ x64[t]
-        h = act(layer.act, g) * u - layer.prior_c[k]                 # prior: subtract the kept neurons' c
+        h = activations.apply(layer.act, g) * u - layer.prior_c[k]  # prior: subtract the kept neurons' c
         y[t] = h @ w[k, 2] + layer.prior_y0
     if layer.prior_a is not None:                          # sketch: the router's estimate of the skipped
         est = np.where(mask, 0, estimate(x, layer)).astype(np.float64)
@@ -234,7 +204,7 @@ def sparse_mlp_step(x: np.ndarray, bundled: np.ndarray, layer: LayerSparse,
 
 def dense_mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
               name: str = DEFAULT_ACT) -> np.ndarray:
-    return (act(name, x @ gate.T) * (x @ up.T)) @ down.T
+    return (activations.apply(name, x @ gate.T) * (x @ up.T)) @ down.T
 
 
 # ---- fitting (numpy, on calibration MLP inputs) --------------------------------------------------
@@ -276,7 +246,7 @@ def fit_prior(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
         return
     if kind != "median":
         raise DnError(f"unknown prior {kind!r} (choose from {', '.join(PRIORS)})")
-    h = act(layer.act, x @ gate.T) * (x @ up.T)                     # [T, n]
+    h = activations.apply(layer.act, x @ gate.T) * (x @ up.T)  # [T, n]
     skipped = ~route_mask(x, layer)
     with warnings.catch_warnings():  # a neuron never skipped has no median: c = 0
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -317,9 +287,8 @@ def fit_layer(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
         raise DnError(f"unknown router {router!r} (choose from {', '.join(ROUTERS)})")
     if select not in SELECTS:
         raise DnError(f"unknown selection {select!r} (choose from {', '.join(SELECTS)})")
-    if name not in ACTS:
-        raise DnError(f"unknown activation {name!r} (choose from {', '.join(ACTS)})")
-    layer = LayerSparse(keep, a, b, np.zeros(n, np.float32), np.zeros(d, np.float32), router, select, act=name)
+    layer = LayerSparse(keep, a, b, np.zeros(n, np.float32), np.zeros(d, np.float32), router, select,
+                        act=activations.check(name))
     if select == "threshold":
         layer.thresh = fit_threshold(x, down, layer, up)
     fit_prior(x, gate, up, down, layer, prior)
@@ -330,7 +299,7 @@ def oracle_mask(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarra
                 name: str = DEFAULT_ACT) -> np.ndarray:
     """Per token t, the counts[t] neurons with the largest true |act(G x) * U x| * |D[:, j]|: the best any
     router keeping that many can do. Bool [T, n]."""
-    h = np.abs(act(name, x @ gate.T) * (x @ up.T)) * np.linalg.norm(down, axis=0)
+    h = np.abs(activations.apply(name, x @ gate.T) * (x @ up.T)) * np.linalg.norm(down, axis=0)
     order = np.argsort(-h, axis=1, kind="stable")
     mask = np.zeros(h.shape, bool)
     np.put_along_axis(mask, order, np.arange(h.shape[1])[None] < np.asarray(counts)[:, None], axis=1)
@@ -347,10 +316,6 @@ def recall(mask: np.ndarray, ref: np.ndarray) -> float:
 def native():
     """dn/formats/csrc/sparse.c with its signatures set, or None (DN_NATIVE=0, no compiler): then the plain paths
     run."""
-    import ctypes
-
-    from dn.formats import native as nat
-
     lib = nat.library("sparse")  # built and loaded once
     if lib is not None and not hasattr(lib, "dn_ready"):
         i64, p, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -364,18 +329,18 @@ def native():
 
 def save(spec: SparseSpec, out_dir: Path) -> dict:
     """Write FILE into out_dir; return the section for dn_spec.json."""
-    tensors = {}
+    arrays = {}
     for i, layer in enumerate(spec.layers):
         p = f"layers.{i}."
-        tensors |= {p + "router.a": layer.router_a, p + "router.b": layer.router_b,
-                    p + "prior.c": layer.prior_c, p + "prior.y0": layer.prior_y0}
+        arrays |= {p + "router.a": layer.router_a, p + "router.b": layer.router_b,
+                   p + "prior.c": layer.prior_c, p + "prior.y0": layer.prior_y0}
         if layer.select == "threshold":
-            tensors[p + "router.t"] = layer.thresh
+            arrays[p + "router.t"] = layer.thresh
         if layer.prior_a is not None:
-            tensors |= {p + "prior.a": layer.prior_a, p + "prior.b": layer.prior_b}
-    safetensors_io.save({k: np.ascontiguousarray(v if v.dtype == np.uint8 else v.astype(np.float32))
-                         for k, v in tensors.items()},
-                        Path(out_dir) / FILE, metadata={"dn_sparse_version": str(VERSION)})
+            arrays |= {p + "prior.a": layer.prior_a, p + "prior.b": layer.prior_b}
+    tensors.save({k: np.ascontiguousarray(v if v.dtype == np.uint8 else v.astype(np.float32))
+                  for k, v in arrays.items()},
+                 Path(out_dir) / FILE, metadata={"dn_sparse_version": str(VERSION)})
     return spec.section()
 
 
@@ -396,9 +361,7 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
             raise DnError(f"sparse spec {key} is {section.get(key)!r}, the model has {want}")
     if section.get("router") not in ROUTERS or section.get("prior") not in PRIORS:
         raise DnError(f"sparse spec: unknown router/prior {section.get('router')!r}/{section.get('prior')!r}")
-    act_name = section.get("act", DEFAULT_ACT)   # files before GeGLU support: silu
-    if act_name not in ACTS:
-        raise DnError(f"sparse spec: unknown activation {act_name!r}")
+    act_name = activations.check(section.get("act", DEFAULT_ACT))
     keep = section.get("keep")
     if not isinstance(keep, list) or len(keep) != num_layers or not all(
             isinstance(k, int) and 0 < k <= intermediate for k in keep):
@@ -406,7 +369,7 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
     path = Path(model_dir) / section.get("file", FILE)
     if not path.is_file():
         raise DnError(f"sparse spec file {path} is missing")
-    header, _ = safetensors_io.read_header(path)
+    header, _ = tensors.read_header(path)
     r, kind = section.get("rank"), section["router"]
     shapes = {"router.a": (hidden, r), "router.b": (r, 2 * intermediate), "prior.c": (intermediate,),
               "prior.y0": (hidden,)}
@@ -450,7 +413,7 @@ class _Layers(Sequence):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)
-        stored = safetensors_io.load(self.path, mmap=False, names=[f"layers.{i}.{n}" for n in self.names])
+        stored = tensors.load(self.path, mmap=False, names=[f"layers.{i}.{n}" for n in self.names])
         got = {n: stored[f"layers.{i}.{n}"][0] for n in self.names}
         got = {n: a if a.dtype == np.uint8 else a.astype(np.float32, copy=False) for n, a in got.items()}
         return LayerSparse(self.keep[i], got["router.a"], got["router.b"], got["prior.c"], got["prior.y0"],

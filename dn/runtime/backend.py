@@ -1,7 +1,10 @@
-"""The contract both backend packages satisfy, and the one place a backend is chosen.
+"""The contracts both backend packages satisfy, and the one place a backend is chosen.
 
-`dn_mlx` and `dn_torch` expose the same module-level functions; tests check them against `Backend`.
-All arrays crossing the contract are numpy, so callers (generate, eval, parity) are backend-free.
+`dn_mlx` and `dn_torch` expose the same module-level functions (`Backend`); all arrays crossing it are numpy, so
+callers (generate, eval, parity) are backend-free. Each backend's `ops` module is the array ops dn's backend-neutral
+layers (dn/runtime/sparse_mlp.py, dn/runtime/residency) are written over (`Ops`), plus the optional kernel groups its
+CAPABILITIES declare (`CAPABILITIES` here: a group's functions exist exactly when it is declared).
+tests/test_protocol.py checks names and signatures.
 """
 
 from __future__ import annotations
@@ -55,10 +58,11 @@ class Backend(Protocol):
 
     def free(self, model: Any) -> None: ...
 
-    def resident_module(self) -> Any:
-        """The backend's `resident` module: the block layout and the ops dn.runtime.residency runs on (layout_key,
-        block_arrays, part_info, make_part, acts, down, settle, to_numpy, from_numpy, concat,
-        install)."""
+    # The backend's `resident` module: what dn.runtime.residency needs beyond the backend's ops (dense blocks
+    # are laid out by dn): layout(spec, dtype) -> (kind, key) and block_arrays(slices, proj, spec, dtype) of an
+    # affine block; join(arrays, info) -> part; matmul(x, w, s, b, info); settle(y); concat(ys); ResidentModule
+    # (the MLP's module, `resident` set by Runtime.install); ops (the backend's ops module).
+    resident: Any
 
     # The sparse MLP (dn/runtime/sparse_mlp.py has its logic): what calibration, parity and benchmarks call.
     def collect_mlp_inputs(self, model: Any, token_batches: list[np.ndarray]) -> list[np.ndarray]:
@@ -73,6 +77,141 @@ class Backend(Protocol):
     def make_sparse_mlp(self, bundled: np.ndarray, layer: Any, dtype: str = "float32",
                         device: str | None = None) -> Any:
         """A standalone sparse MLP over bundled weights [n, 3, d] (tests, benchmarks)."""
+
+
+class Ops(Protocol):
+    """`dn_<backend>.ops`: arrays are the backend's own (torch tensors, mlx arrays); `like` gives a new array its
+    device (and, where said, its dtype)."""
+
+    CAPABILITIES: frozenset[str]  # the optional kernel groups this backend has (keys of CAPABILITIES below)
+    DTYPES: dict  # dtype names (dn's for floats, safetensors' for the rest) -> the framework's: the backend's one table
+
+    def device(self) -> Any:
+        """The device a model is placed on by default."""
+
+    def hold(self, module: Any, name: str, array: Any) -> None:
+        """Keep an array on a module so it is listed (and moved) with the module's weights."""
+
+    def from_numpy(self, a: np.ndarray, like: Any) -> Any:
+        """numpy -> an array on like's device (dtype kept)."""
+
+    def to_numpy(self, a: Any) -> np.ndarray: ...
+
+    def float32(self, x: Any) -> Any: ...
+
+    def cast(self, x: Any, like: Any) -> Any:
+        """x at like's dtype."""
+
+    def is_dense(self, module: Any) -> bool:
+        """A plain dense linear projection (its weight a full matrix)."""
+
+    def weight_like(self, module: Any) -> Any:
+        """An array with the module's device and compute dtype (any weight format)."""
+
+    def act(self, name: str, x: Any) -> Any:
+        """The gated MLP's activation by dn's name (dn.core.activations)."""
+
+    def abs(self, x: Any) -> Any: ...
+
+    def zero_where(self, x: Any, mask: Any) -> Any:
+        """x with 0 where mask is True."""
+
+    def topk_mask(self, s: Any, k: int) -> Any:
+        """scores [T, n] -> bool [T, n], True at each row's k largest."""
+
+    def kept_indices(self, mask: Any) -> Any:
+        """bool [T, n] with the same count per row -> sorted indices [T, k]."""
+
+    def take(self, a: Any, idx: Any) -> Any:
+        """a[idx] along the first axis."""
+
+    def take_rows(self, w: Any, idx: Any) -> Any:
+        """w [n, ...], idx [T, k] -> [T, k, ...]."""
+
+    def rowdot(self, w: Any, x: Any) -> Any:
+        """w [T, k, d], x [T, d] -> [T, k]."""
+
+    def rowsum(self, h: Any, w: Any) -> Any:
+        """h [T, k], w [T, k, d] -> [T, d]."""
+
+    def scatter(self, h: Any, idx: Any, n: int) -> Any:
+        """h [T, k] at columns idx [T, k] of a zero [T, n]."""
+
+    def broadcast_to(self, a: Any, shape: tuple) -> Any: ...
+
+    def rows(self, module: Any, idx: Any) -> Any:
+        """Rows idx of a projection's weight [out, in], whatever its format, at the compute dtype."""
+
+    def int4_linear(self, packed: np.ndarray, scales: np.ndarray, like: Any) -> Any:
+        """dn's packed int4 sketch (nibbles uint8 [m, k/2] low first, float32 scales [m, k/GROUP], value q - 8) as
+        the backend's affine-quantized linear (the nibbles read as uint32 are the 4-bit layout, the bias -8 * scale),
+        scales and biases at like's dtype."""
+
+    def int4_matmul(self, x: Any, lin: Any) -> Any:
+        """x [T, k] @ W.T through an int4_linear, in its compute dtype -> [T, m] float32."""
+
+    def bits16(self, x: Any) -> np.ndarray:
+        """A 16-bit array's bits, uint16 numpy."""
+
+    def planes_decode(self, held: dict, k: int, out: Any = None, exact: bool = True) -> Any:
+        """A router-planes matrix (held: its dn.formats.planes.FIELDS arrays) as bf16 [m, k]: its exact weights or
+        (exact False) its sketch's w^, into out (a scratch()) where the backend writes in place."""
+
+    def scratch(self, rows: int, cols: int) -> Any:
+        """One bf16 [rows, cols] buffer per shape for the process that split layers decode into in turn, or None
+        where arrays are immutable (each decode then makes its own)."""
+
+    def stack(self, arrays: list, axis: int) -> Any:
+        """A new array (no autograd history)."""
+
+    def is_bfloat16(self, x: Any) -> bool: ...
+
+
+class NativeSparse(Protocol):
+    """Capability "native_sparse": dn/formats/csrc/sparse.c over bundled weights, any count of kept neurons per
+    token, each bundle read once for the tokens keeping it."""
+
+    def native_available(self, x: Any, bundled: Any) -> bool:
+        """The C kernel runs on these arrays (host memory, its dtypes, a compiler)."""
+
+    def native_step(self, x: Any, bundled: Any, mask: Any, c: Any, y0: Any, name: str) -> Any:
+        """x [T, d], bundled [n, 3, d], mask bool [T, n] -> y [T, d] (float32 accumulation, x's dtype)."""
+
+
+class NativePlanes(Protocol):
+    """Capability "native_planes": dn/formats/csrc/planes.c over a router-planes layer's split weights."""
+
+    def planes_native(self, x: Any) -> bool:
+        """The split-planes C kernels take these tokens (host memory, bf16, a compiler)."""
+
+    def planes_held(self, held: dict) -> dict:
+        """A split matrix's held arrays + "mat", the C kernels' struct over them, where those run."""
+
+    def planes_step(self, x: Any, mats: tuple, thresh: Any, c: Any, y0: Any, name: str, sketch: bool,
+                    mask: Any = None) -> tuple[Any, Any]:
+        """x [T <= 4, d] bf16 -> (y [T, d], mask bool [T, n]): routing, kept neurons and prior in one pass (mats:
+        the (gate, up, down) structs); mask given: that selection replayed."""
+
+    def planes_estimate(self, x: Any, gate: dict, up: dict, name: str) -> Any:
+        """x bf16 [T <= 4, d] -> the router's act(g^) * u^, [T, n] float32."""
+
+    def planes_sketch(self, h: Any, down: dict) -> Any:
+        """h float32 [T <= 4, n] -> h @ the down matrix's sketch, [T, d] float32."""
+
+
+class FusedSparse(Protocol):
+    """Capability "fused_sparse": a GPU kernel over bundled weights and the same kept count per token."""
+
+    def fused_available(self, x: Any, act: str = "silu") -> bool:
+        """The fused kernel runs on these arrays with this activation."""
+
+    def fused_step(self, x: Any, bundled: Any, idx: Any, c: Any, y0: Any, act: str = "silu") -> Any:
+        """x [T, d], bundled [n, 3, d], idx [T, k] sorted kept neurons -> y [T, d] (where a kernel takes one token:
+        T = 1)."""
+
+
+# the optional kernel groups an ops module may declare in its CAPABILITIES, and the functions each brings
+CAPABILITIES = {"native_sparse": NativeSparse, "native_planes": NativePlanes, "fused_sparse": FusedSparse}
 
 
 def get(name: str) -> Backend:

@@ -1,6 +1,7 @@
 """The sparse MLP, written once over a backend's ops (the Keras 3 way): routing, selection, the prior and
-tape/replay are policy and live here; `dn_<backend>.ops` supplies the array ops and fused kernels, and
-`dn_<backend>.sparse.SparseMLP` only binds this class to its framework's Module.
+tape/replay are policy and live here; `dn_<backend>.ops` supplies the array ops and the optional kernels its
+CAPABILITIES declare (dn.runtime.backend.Ops; `can` asks), and `dn_<backend>.sparse.SparseMLP` only binds this
+class to its framework's Module.
 
 dn/formats/sparse.py holds the math and the numpy reference every path is tested against.
 
@@ -13,22 +14,56 @@ The neurons' weights come from the weight store in one of two forms:
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dn.formats import planes
+from dn.core.errors import DnError
+from dn.formats import planes, sparse
 
 GATHER_LIMIT = 1 << 22  # elements of [T, k, 3, d] above which a step uses the masked path
 # tokens up to which auto takes a C kernel (decode; dn/formats/csrc/planes.c's most); more: masked
 NATIVE_TOKENS = 4
 PATHS = ("auto", "gather", "masked", "fused", "native")
+# a dense MLP's attribute (a plain one) where a loader puts the bundle its weights are views of: (bundle, weights)
+LAID_OUT = "_dn_bundled"
+
+
+def can(ops, capability: str) -> bool:
+    """Whether a backend's ops have an optional kernel group (dn.runtime.backend.CAPABILITIES): its functions exist
+    only then; whether they run on given arrays is the group's own check (native_available, ...)."""
+    return capability in ops.CAPABILITIES
 
 
 class SparseMLP:
-    """One layer of the sparse spec. The backend subclass sets `ops` and calls `setup` from __init__."""
+    """One layer of the sparse spec over `mlp` (a dense MLP, a bundle [n, 3, d], a SparseMLP whose weights it takes
+    over, or projections in another format); mlp None: the router and prior alone (residency holds the neurons), at
+    like's dtype and device. A backend subclass sets `ops` and lists its framework's Module next in its bases (whose
+    __init__ runs first)."""
 
     ops: Any = None
+
+    def __init__(self, mlp, layer: sparse.LayerSparse, path: str = "auto", like=None):
+        super().__init__()  # the framework's Module, where the backend's class lists one
+        bundled, proj = (None, None) if mlp is None else self.weights_of(mlp)
+        self.setup(bundled, proj, layer, path, like)
+
+    def weights_of(self, mlp):
+        """(bundled, None) for a bundle, a dense MLP or a bundled layer; (None, projections) for other formats."""
+        if isinstance(mlp, SparseMLP):  # a split layer's bundle is decoded (its next spec splits it again)
+            return (mlp.bundle(), None) if mlp.bundled is not None or mlp.split else (
+                None, (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        if not hasattr(mlp, "gate_proj"):  # a bundle [n, 3, d]
+            return mlp, None
+        proj = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if not all(self.ops.is_dense(p) for p in proj):
+            return None, proj
+        b, weights = vars(mlp).get(LAID_OUT, (None, ()))
+        if b is None or any(p.weight is not w for p, w in zip(proj, weights)):  # none, or no longer its views
+            b = self.ops.stack([proj[0].weight, proj[1].weight, proj[2].weight.T], 1)
+        return b, None
 
     def setup(self, bundled, proj, layer, path: str = "auto", like=None) -> None:
         """bundled: [n, 3, d] backend array or None; proj: (gate, up, down) modules or None; neither: the
@@ -99,7 +134,7 @@ class SparseMLP:
                     continue
                 o.hold(self, f"planes{i}_{name}", o.from_numpy(a, like))
                 held[name] = getattr(self, f"planes{i}_{name}")
-            mats.append(o.planes_held(held))
+            mats.append(o.planes_held(held) if can(o, "native_planes") else held)
         self.planes = _Planes(mats, o.float32(self.prior_c))  # the C kernels take c in float32
 
     # ---- routing ----------------------------------------------------------------------------------
@@ -180,7 +215,7 @@ class SparseMLP:
     def _native_planes(self, x) -> bool:
         """The planes C kernels take these tokens: a few, bf16, on CPU, the kernels built."""
         return (self.planes is not None and "mat" in self.planes[0] and x.shape[0] <= NATIVE_TOKENS
-                and self.ops.planes_native(x))
+                and can(self.ops, "native_planes") and self.ops.planes_native(x))
 
     def _planes_fused(self, x) -> bool:
         return (self.split and self.select == "threshold" and self.tape is None and not self.oracle
@@ -209,16 +244,18 @@ class SparseMLP:
         t, d = x.shape
         same = t == 1 or self.select == "topk"   # every row keeps the same count: [T, k] indices exist
         path = self.path
-        if path == "auto" and self.bundled is not None and t <= NATIVE_TOKENS and o.native_available(x, self.bundled):
+        if path == "auto" and self.bundled is not None and t <= NATIVE_TOKENS and can(o, "native_sparse") and \
+                o.native_available(x, self.bundled):
             path = "native"
         elif path == "auto":
-            fused = self.bundled is not None and same and o.fused_available(x, self.act)
+            fused = self.bundled is not None and same and can(o, "fused_sparse") and o.fused_available(x, self.act)
             path = "fused" if fused else (
                 "gather" if same and t * self.keep * 3 * d <= GATHER_LIMIT else "masked")
-        if path == "masked":
-            return self._masked(x, mask)
-        if path == "native" and self.bundled is None:  # a split layer past the planes kernel's tokens
-            return self._masked(x, mask)
+        if path == "masked" or (path == "native" and self.bundled is None):  # native: a split layer past the
+            return self._masked(x, mask)                                      # planes kernel's tokens
+        need = {"native": "native_sparse", "fused": "fused_sparse"}.get(path)
+        if need is not None and not can(o, need):
+            raise ValueError(f"path {path!r} needs the backend's {need} kernels (dn.runtime.backend.CAPABILITIES)")
         if path == "native":  # any count per token: no kept_indices
             return o.native_step(x, self.bundled, mask, self.prior_c, self.prior_y0, self.act)
         if not same:
@@ -280,14 +317,56 @@ class _Planes:
 
 # ---- policy on a whole model: install, tape/replay, numpy entry points ---------------------------------
 
-def install(model, s, cls) -> None:
-    """Patch the MLPs with an in-memory SparseSpec (re-installing over SparseMLPs reuses their weights)."""
-    from dn.core.errors import DnError
-
+def install(cls, model, s: sparse.SparseSpec) -> None:
+    """Patch the MLPs with an in-memory SparseSpec, as cls (the backend's SparseMLP; re-installing over SparseMLPs
+    reuses their weights)."""
     if len(s.layers) != len(model.model.layers):
         raise DnError(f"sparse spec has {len(s.layers)} layers, the model {len(model.model.layers)}")
     for i, layer in enumerate(model.model.layers):
         layer.mlp = cls(layer.mlp, s.layers[i])  # copies the arrays: s (memory-mapped) is not kept
+
+
+def attach(cls, model, model_dir: Path, spec) -> None:
+    """Replace every layer's MLP by a cls executing spec.sparse (validated against the model), read a layer at a
+    time."""
+    install(cls, model, sparse.load_for_model(model_dir, spec, lazy=True))
+
+
+def routers(cls, model_dir: Path, spec, like) -> list:
+    """Each layer's router and prior without its neurons (residency holds those), as cls at like's dtype and
+    device."""
+    return [cls(None, layer, like=like) for layer in sparse.load_for_model(model_dir, spec, lazy=True).layers]
+
+
+def collect_mlp_inputs(ops, tap, run, model, token_batches: list[np.ndarray]) -> list[np.ndarray]:
+    """Run the model over token batches [B, L]; each layer's MLP inputs, float32 [sum B*L, d] (tap, run: bind's)."""
+    got = [[] for _ in model.model.layers]
+    undo = [tap(layer, lambda x, g=g: g.append(ops.to_numpy(ops.float32(x.reshape(-1, x.shape[-1])))))
+            for layer, g in zip(model.model.layers, got)]
+    try:
+        for tokens in token_batches:
+            run(model, np.asarray(tokens))
+    finally:
+        for u in undo:
+            u()
+    return [np.concatenate(g) for g in got]
+
+
+def bind(cls, tap, run) -> tuple:
+    """A backend's sparse functions over its SparseMLP class cls (cls.ops its ops), tap(layer, record) (the layer's
+    MLP calls record(x) on its input; returns what undoes that) and run(model, tokens [B, L] numpy): attach (for its
+    loader), and dn.runtime.backend.Backend's install_sparse, mlp_weights and collect_mlp_inputs."""
+    return (functools.partial(attach, cls), functools.partial(install, cls), functools.partial(mlp_weights, cls.ops),
+            functools.partial(collect_mlp_inputs, cls.ops, tap, run))
+
+
+def mlp_weights(ops, model, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layer i's (gate [n, d], up [n, d], down [d, n]) as float32 numpy (dense or bundled layers)."""
+    mlp = model.model.layers[i].mlp
+    if isinstance(mlp, SparseMLP) and (mlp.bundled is not None or mlp.split):
+        b = ops.to_numpy(ops.float32(mlp.bundle()))
+        return b[:, 0], b[:, 1], b[:, 2].T.copy()
+    return tuple(ops.to_numpy(ops.float32(p.weight)) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
 
 
 def tape_routes(model, replay: list[list[np.ndarray]] | None = None) -> list[list[np.ndarray]]:

@@ -1,10 +1,12 @@
-/* What the CPU kernels in dn/formats/csrc share: the MLP activations by kind (dn.formats.sparse.ACTS order) and bf16 -> float. */
+/* What the CPU kernels in dn/formats/csrc share: the MLP activations by kind and bf16 -> float. */
 #ifndef DN_KERNELS_H
 #define DN_KERNELS_H
 #include <math.h>
 #include <stdint.h>
 
-enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
+/* the activations' numbers: dn/core/activations.py's ACTS (tests/test_sparse.py holds them equal) */
+#define ACT_SILU 0
+#define ACT_GELU_TANH 1
 
 static inline float act(int kind, float g) {
     if (kind == ACT_GELU_TANH)
