@@ -1,5 +1,5 @@
 """`dn convert`: write a model folder dn loads with --model DIR: plain, lossless-compressed or quantized,
-and/or sparse.
+and/or sparse (the writing is dn.runtime.writer's).
 
 Everything is written into a temporary folder beside --out and renamed at the end, so an interrupted
 or failed run leaves nothing behind. --upload-repo USER/NAME then adds a model card and pushes the folder to
@@ -9,22 +9,16 @@ the Hugging Face Hub (dn/hub.py); a failed upload keeps the folder.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from dn import cli
-from dn.core import tensors as safetensors_io
+from dn import cli, hub
 from dn.core.errors import DnError
+from dn.core.text import read_text, text_path
 from dn.formats import quant, sparse
+from dn.model.sources import resolve_model
+from dn.runtime.writer import convert, quantization
 
-COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-        "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
-EMBEDDING = "model.embed_tokens"   # module path of the embedding (the lm_head too when tied)
 Q_FLAGS = ("q_bits", "q_group_size", "q_embedding_bits", "q_embedding_group_size")
 
 
@@ -76,103 +70,6 @@ def setup_arg_parser():
     return p
 
 
-def copy_side_files(src: Path, dst: Path) -> None:
-    for name in COPY:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-
-
-def copy_dense(src: Path, dst: Path) -> None:
-    copy_side_files(src, dst)
-    for f in sorted(src.glob("*.safetensors")):
-        shutil.copy2(f, dst / f.name)
-
-
-def quantization(bits, group_size, embedding_bits=None, embedding_group_size=None) -> dict:
-    """-q's "quantization" dict as mlx-lm writes it: global parameters (mlx-lm's defaults: 4 bits, groups of
-    64) plus the embedding's own entry when it differs."""
-    bits, group_size = (4 if bits is None else bits), (64 if group_size is None else group_size)
-    emb = (bits if embedding_bits is None else embedding_bits,
-           group_size if embedding_group_size is None else embedding_group_size)
-    quant.check(bits, group_size)
-    quant.check(*emb)
-    q = quant.params(bits, group_size)
-    return q if emb == (bits, group_size) else q | {EMBEDDING: quant.params(*emb)}
-
-
-def _stored(x: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
-    """float32 -> (bits as stored in safetensors dtype `dtype`, dtype)."""
-    return (safetensors_io.f32_to_bf16(x) if dtype == "BF16" else x.astype(safetensors_io.DTYPES[dtype])), dtype
-
-
-def _quantized(name: str, raw: np.ndarray, dtype: str, q: dict) -> dict:
-    """One stored tensor -> itself, or its packed weight, scales and biases (in the weight's dtype) when it
-    is a Linear or Embedding weight (2-D) whose input size the group size divides: what mlx-lm quantizes."""
-    path = name.removesuffix(".weight")
-    q = q[path] if isinstance(q.get(path), dict) else q
-    if path == name or raw.ndim != 2 or raw.shape[1] % q["group_size"]:
-        return {name: (raw, dtype)}
-    w = safetensors_io.bf16_to_f32(raw) if dtype == "BF16" else raw
-    packed, scales, biases = quant.quantize(w, q["bits"], q["group_size"])
-    return {name: packed, f"{path}.scales": _stored(scales, dtype), f"{path}.biases": _stored(biases, dtype)}
-
-
-def write_quantized(src: Path, dst: Path, q: dict, arch) -> dict:
-    """src's weights quantized into dst, file by file, and config.json with "quantization" (and mlx-lm's
-    "quantization_config" twin); returns the dict, per-module entries kept only for modules quantized."""
-    from dn.model.spec import read_config, weight_files
-
-    quant.check_config(q)
-    copy_side_files(src, dst)
-    done = set()
-    tied = {"lm_head.weight"} if arch.tie_word_embeddings else set()  # a stored copy of the embedding: mlx-lm drops it
-    for f in weight_files(src):
-        out = {}
-        for name, (raw, dtype) in safetensors_io.load(f).items():
-            out |= {} if name in tied else _quantized(name, raw, dtype, q)
-        done |= {k.removesuffix(".scales") for k in out if k.endswith(".scales")}
-        safetensors_io.save(out, dst / f.name)
-    q = {k: v for k, v in q.items() if not isinstance(v, dict) or k in done}
-    # rope explicit: mlx_lm.load reads only rope_theta/rope_scaling (10000 without), not transformers 5's keys
-    rope = {"rope_theta": arch.rope_theta} | ({"rope_scaling": arch.rope_scaling} if arch.rope_scaling else {})
-    cfg = read_config(src) | rope | {"quantization": q, "quantization_config": q}
-    (dst / "config.json").write_text(json.dumps(cfg, indent=4))
-    return q
-
-
-def convert(src: Path, out: Path, codec: str | None, sparse_args: dict | None, quant: dict | None = None) -> None:
-    """quant: a "quantization" dict (see quantization()) to write the weights quantized."""
-    from dn.model.sources import as_made_by_mkdir
-    from dn.model.spec import inventory, load_spec
-
-    spec = load_spec(src)
-    if spec.quant and codec:
-        raise DnError(f"lossless coding of quantized weights is not supported ({src} is quantized)")
-    if spec.quant and quant:
-        raise DnError(f"{src} is already quantized")
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        if codec:
-            from dn.formats import lossless
-
-            spec.codec = lossless.compress_model(src, tmp)
-        elif quant:
-            spec.quant = write_quantized(src, tmp, quant, spec.architecture)
-            spec.tensors = inventory(tmp)
-        else:
-            copy_dense(src, tmp)
-        if sparse_args is not None:  # calibrates on the dense source, whatever the weights were written as
-            from dn.runtime import calibrate
-
-            spec.sparse = calibrate.calibrate(src, tmp, **sparse_args)
-        spec.source = str(src)
-        spec.save(tmp)
-        as_made_by_mkdir(tmp)  # mkdtemp makes it 0700
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def quantize_args(args) -> dict | None:
     """The -q flags as a "quantization" dict (None without -q), checked before any work."""
     if not args.quantize:
@@ -185,9 +82,6 @@ def quantize_args(args) -> dict | None:
 
 
 def _main(argv) -> int:
-    from dn.core.text import read_text, text_path
-    from dn.model.sources import resolve_model
-
     args = setup_arg_parser().parse_args(argv)
     quantize = quantize_args(args)
     out = Path(args.out).expanduser()
@@ -209,8 +103,6 @@ def _main(argv) -> int:
     convert(src, out, args.codec, sparse_args, quantize)
     print(f"wrote {out}")
     if args.upload_repo:
-        from dn import hub
-
         quality = None
         if card_text is not None:
             try:
@@ -226,14 +118,10 @@ def _main(argv) -> int:
 
 def upload_args(args) -> str | None:
     """Check the upload flags before any work; the --card-eval-text text, read now (None without it)."""
-    from dn.core.text import read_text
-
     if not args.upload_repo:
         if args.private or args.card_eval_text or args.card_eval_tokens:
             raise DnError("--private, --card-eval-text and --card-eval-tokens need --upload-repo")
         return None
-    from dn import hub
-
     hub.preflight(args.upload_repo)
     if args.card_eval_tokens and not args.card_eval_text:
         raise DnError("--card-eval-tokens needs --card-eval-text")

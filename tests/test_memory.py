@@ -248,9 +248,9 @@ def synthetic_model(path):
 def _sparse_folder(src, out):
     """src with a sparse section of random routers and priors (the default kinds: int4 router, sketch prior,
     threshold selection): what matters here is their bytes, not their fit."""
-    from dn.convert import copy_dense
     from dn.formats import sparse
     from dn.model.spec import load_spec
+    from dn.runtime.writer import copy_dense
 
     d, n, rng = SYN["hidden_size"], SYN["intermediate_size"], np.random.default_rng(1)
 

@@ -1,5 +1,6 @@
 """Calibration for `dn convert --sparsity`: run the dense model over calibration text through a backend,
-fit each layer's router and prior in numpy (dn/formats/sparse.py), write the sparse spec file.
+fit each layer's router and prior in numpy (dn/formats/sparse.py), write the sparse spec file. Also each layer's
+MLP inputs over calibration text, which rank residency's neurons (mlp_inputs).
 
 Deterministic for a given seed: the seed picks which calibration windows are used; fitting is exact
 linear algebra on those windows' MLP inputs.
@@ -12,9 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dn.core import text
 from dn.core.errors import DnError
 from dn.formats import sparse
 from dn.model import store
+from dn.model.spec import ModelSpec, load_spec
+from dn.model.tokenizer import Tokenizer
+from dn.runtime import backend as backends
 
 CTX = 512            # tokens per calibration window
 MAX_TOKENS = 16384   # calibration tokens used (windows sampled by seed)
@@ -56,10 +61,6 @@ def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, 
               select: str = sparse.DEFAULT_SELECT) -> dict:
     """Fit routers + priors on calib_text (the text itself), write sparse.FILE into out_dir, return the
     `sparse` section for dn_spec.json. Raises DnError before writing anything on bad input."""
-    from dn.model.spec import load_spec
-    from dn.model.tokenizer import Tokenizer
-    from dn.runtime import backend as backends
-
     prior = prior or sparse.DEFAULT_PRIOR
     if prior not in sparse.PRIORS:
         raise DnError(f"unknown prior {prior!r} (choose from {', '.join(sparse.PRIORS)})")
@@ -101,3 +102,19 @@ def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, 
                                        "seed": seed, "text_sha256": sparse.text_digest(calib_text),
                                        "backend": be.NAME})
     return sparse.save(s, Path(out_dir))
+
+
+def mlp_inputs(backend, model_dir: Path, spec: ModelSpec, calib_text: str, tokens: int = 2048) -> list[np.ndarray]:
+    """Each layer's MLP inputs over the first `tokens` tokens of the calibration text file calib_text (the full
+    model runs once, in float32): what ranks residency's neurons by activation."""
+    ids = Tokenizer(model_dir, spec.architecture.eos_token_id).encode(text.read_text(Path(calib_text)))[:tokens]
+    if len(ids) < 64:
+        raise DnError(f"calibration text {calib_text} has {len(ids)} tokens; residency needs at least 64")
+    model = backend.load(model_dir, spec, "float32")
+    try:
+        win = 512
+        batches = [np.array([ids[i:i + win]]) for i in range(0, len(ids) - win + 1, win)] or [np.array([ids])]
+        return backend.collect_mlp_inputs(model, batches)
+    finally:
+        del model
+        backend.free(None)

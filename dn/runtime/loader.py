@@ -1,17 +1,25 @@
-"""Model argument -> folder -> spec -> backend model + tokenizer: the steps every verb shares."""
+"""Model argument -> folder -> spec -> backend model + tokenizer: the steps every verb shares. Under a budget, the
+format the folder is held in is chosen here (store_for): residency plans, the loader picks what it plans on."""
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dn.core import tensors as safetensors_io
-from dn.model.sources import resolve_model
-from dn.model.spec import ModelSpec, load_spec
+import numpy as np
+
+from dn.core import tensors
+from dn.core.errors import DnError
+from dn.formats import quant
+from dn.model.sources import cache_dir, resolve_model
+from dn.model.spec import ModelSpec, load_spec, weight_files
 from dn.model.tokenizer import Tokenizer
 from dn.runtime import backend as backends
-from dn.runtime import memory
+from dn.runtime import memory, residency, writer
+from dn.runtime.budget import parse_budget
 
 
 @dataclass
@@ -34,14 +42,57 @@ def load(model: str | None, backend: str = "auto", dtype: str = "float32", max_r
     be = backends.resolve(backend)  # first, so a missing backend fails before any conversion
     model_dir = resolve_model(model)
     spec = load_spec(model_dir)
-    safetensors_io.check_folder(model_dir)
+    tensors.check_folder(model_dir)
     tokenizer = Tokenizer(model_dir, spec.architecture.eos_token_id)
     runtime = None
     if max_resident is not None:
-        from dn.runtime import residency
-
-        budget = residency.parse_budget(max_resident, residency.dense_bf16(spec))
-        model_dir, spec = residency.store_for(model_dir, spec, dtype, budget, mode)
+        budget = parse_budget(max_resident, residency.dense_bf16(spec))
+        model_dir, spec = store_for(model_dir, spec, dtype, budget, mode)
         runtime = residency.open_runtime(be, model_dir, spec, dtype, budget, mode, calib_text, prefetch)
     handle, measured = memory.measure_load(be, model_dir, spec, dtype, residency=runtime)
     return Loaded(model_dir, spec, be, handle, dtype, tokenizer, measured, runtime)
+
+
+# ---- the format a budget needs ------------------------------------------------------------------------
+
+def quantization_error(model_dir: Path, spec: ModelSpec, bits: int, group_size: int) -> float:
+    """Relative RMS error of affine `bits`-bit groups of `group_size` on the first and last layer's linear
+    weights (inf where the group size does not divide them)."""
+    last = spec.architecture.num_hidden_layers - 1
+    want = {t.name for t in spec.tensors if t.role in ("mlp", "attention") and len(t.shape) == 2
+            and (".layers.0." in t.name or f".layers.{last}." in t.name)}
+    err = ref = 0.0
+    for f in weight_files(model_dir):
+        for _, (a, dt) in tensors.load(f, mmap=False, names=want).items():
+            w = tensors.to_float32(a, dt)
+            if w.shape[1] % group_size:
+                return float("inf")
+            err += float(np.sum((quant.dequantize(*quant.quantize(w, bits, group_size), bits, group_size) - w) ** 2))
+            ref += float(np.sum(w ** 2))
+    return (err / ref) ** 0.5 if ref else float("inf")
+
+
+def store_for(model_dir: Path, spec: ModelSpec, dtype: str, budget: int, mode: str) -> tuple[Path, ModelSpec]:
+    """The planner's choice of format for a dense folder whose budget its own format cannot meet: the cheapest
+    that holds quality. 4-bit groups of 32 with an 8-bit embedding when that loses no more than 8-bit groups of 64
+    would (the weights already lie on its grid: the default model, dequantized from Q4_1, 0.14% against 0.48%),
+    else 8-bit groups of 64 (+0.1% on the default model, docs/formats.md). Converted once into the dn cache;
+    other folders are used as they are."""
+    if spec.quant is not None or spec.codec is not None or spec.sparse is not None:
+        return model_dir, spec
+    try:
+        residency.make_plan(spec, dtype, budget, mode, residency.block_bytes(spec, dtype))
+        return model_dir, spec
+    except DnError:
+        pass
+    four = quantization_error(model_dir, spec, 4, 32) <= quantization_error(model_dir, spec, 8, 64)
+    fmt, q = ("q4g32e8", writer.quantization(4, 32, 8, 32)) if four else ("q8g64", writer.quantization(8, 64))
+    key = hashlib.sha256(f"{Path(model_dir).resolve()}:{residency.fingerprint(model_dir, spec)}:".encode() + b"".join(
+        str(f.stat().st_mtime_ns).encode() for f in sorted(Path(model_dir).glob("*.safetensors")))).hexdigest()[:16]
+    out = cache_dir() / "residency-stores" / f"{key}-{fmt}"
+    if not (out / "config.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"dn: the budget needs a smaller format than {model_dir.name}'s: storing it as {fmt} in {out}",
+              file=sys.stderr)
+        writer.convert(model_dir, out, None, None, quant=q)
+    return out, load_spec(out)

@@ -1,0 +1,188 @@
+"""Residency's cold file: every MLP block of a model, as the backend lays it out, in hotness order per layer, and its
+index (offsets, a checksum per block, the layout). Written once per model, backend layout and dtype (temporary
+names, then renamed); read with its checksums checked on every read."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import mmap
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from dn.core.errors import DnError
+from dn.core.files import atomic_file
+from dn.model.spec import ModelSpec
+from dn.runtime.residency.plan import BLOCK
+
+VERSION = 2  # 2: a layer's tensor held [outer, blocks, inner]
+FOLDER = "dn_residency"
+INDEX, COLD = "index.json", "cold.bin"
+
+
+def checksum(blocks: np.ndarray) -> np.ndarray:
+    """Per block of a tensor's bytes laid out [outer, blocks, inner]: the sum of its words (the widest of 8, 4, 2
+    or 1 bytes dividing inner), wrapping at 64 bits. Not cryptographic: it catches truncation, bit rot and a file
+    changed underneath, at memory speed."""
+    inner = blocks.shape[2]
+    word = next(w for w in (np.uint64, np.uint32, np.uint16, np.uint8) if inner % np.dtype(w).itemsize == 0)
+    return blocks.view(word).sum(axis=(0, 2), dtype=np.uint64)
+
+
+def folder(model_dir: Path, backend_name: str, layout_key: str, dtype: str) -> Path:
+    return Path(model_dir) / FOLDER / f"{backend_name}-{layout_key}-{dtype}"
+
+
+def fingerprint(model_dir: Path, spec: ModelSpec) -> str:
+    """The stored MLP tensors the cold file was made from: names, shapes, dtypes, file sizes."""
+    h = hashlib.sha256()
+    for t in spec.tensors:
+        if t.role == "mlp":
+            h.update(f"{t.name}{t.shape}{t.dtype};".encode())
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size};".encode())
+    return h.hexdigest()[:16]
+
+
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if os.uname().sysname == "Linux" else mmap.MADV_WILLNEED)
+
+
+def split(t: dict) -> tuple[int, int]:
+    """(outer, inner bytes) of one block's tensor around its join axis: the file holds a layer's tensor as
+    [outer, blocks, inner], so any run of blocks is the joined tensor, as a view."""
+    shape = t["shape"]
+    return int(np.prod(shape[:t["axis"]])), int(np.prod(shape[t["axis"]:])) * t["itemsize"]
+
+
+def write_cold(out: Path, layers, layout: list[dict], meta: dict) -> None:
+    """Write the cold file and its index into out (temporary names, then renamed; nothing is left half-written:
+    a full disk removes the temporaries and raises DnError). layers yields (order, tensors): tensors[t] is tensor
+    t of every block, uint8 [outer, blocks, inner] (see split), blocks in hotness order, so that the blocks of a
+    run of positions, joined along their block axis, are a view of the file."""
+    out.mkdir(parents=True, exist_ok=True)
+    index = {"version": VERSION, "block": BLOCK, "layout": layout, **meta, "layers": []}
+    try:  # the inner name is renamed first: the cold file, then the index that describes it
+        with atomic_file(out / INDEX) as tmp_index, atomic_file(out / COLD) as tmp_cold:
+            with open(tmp_cold, "wb") as f:
+                for order, pieces in layers:
+                    entry = {"order": [int(b) for b in order], "offsets": [], "checksums": []}
+                    for p in pieces:  # [outer, blocks, inner]
+                        entry["offsets"].append(f.tell())
+                        entry["checksums"].append([str(int(c)) for c in checksum(p)])
+                        f.write(p.tobytes())
+                    index["layers"].append(entry)
+                index["size"] = f.tell()
+                f.flush()
+                os.fsync(f.fileno())
+            tmp_index.write_text(json.dumps(index))
+    except OSError as e:
+        raise DnError(f"cannot write the cold tier in {out}: {e.strerror or e}") from None
+
+
+class ColdTier:
+    """The cold file, read with pread into fresh buffers; every piece's checksum is checked on read."""
+
+    def __init__(self, path: Path):
+        self.dir = Path(path)
+        try:
+            self.index = json.loads((self.dir / INDEX).read_text())
+        except (OSError, ValueError) as e:
+            raise DnError(f"cold tier index {self.dir / INDEX} is missing or unreadable ({e})") from None
+        if self.index.get("version", 0) > VERSION:
+            raise DnError(f"{self.dir}: cold tier version {self.index['version']} is newer than this dn reads "
+                          f"({VERSION})")
+        try:
+            self.fd = os.open(self.dir / COLD, os.O_RDONLY)
+        except OSError as e:
+            raise DnError(f"cold tier file {self.dir / COLD} is missing ({e.strerror})") from None
+        size = os.fstat(self.fd).st_size
+        # private and copy-on-write: writable views for frameworks that want them; nothing is ever written
+        self.map = mmap.mmap(self.fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE) if size else None
+        if size != self.index["size"]:
+            raise DnError(f"cold tier file {self.dir / COLD} is {size} bytes, its index says {self.index['size']}: "
+                          "truncated or changed; delete the folder to rebuild it")
+        self.layout = self.index["layout"]
+        nb = self.index["blocks"]
+        for t in self.layout:
+            t["outer"], t["inner"] = split(t)
+        self.block_bytes = sum(t["outer"] * t["inner"] for t in self.layout)
+        self.blocks = nb
+        self.sums = [[np.array([int(c) for c in cs], np.uint64) for cs in la["checksums"]]
+                     for la in self.index["layers"]]
+        self.fetched = 0          # bytes read since the last reset
+        self._lock = threading.Lock()
+
+    def order(self, layer: int) -> list[int]:
+        return self.index["layers"][layer]["order"]
+
+    def _view(self, layer: int, t: int) -> np.ndarray:
+        spec = self.layout[t]
+        off = self.index["layers"][layer]["offsets"][t]
+        return np.frombuffer(self.map, np.uint8, spec["outer"] * self.blocks * spec["inner"], off).reshape(
+            spec["outer"], self.blocks, spec["inner"])
+
+    def _read(self, layer: int, t: int, start: int, stop: int) -> np.ndarray:
+        """Tensor t of blocks [start, stop) -> uint8 [outer, stop - start, inner], a view of the mapping, checked."""
+        v = self._view(layer, t)[:, start:stop]
+        bad = np.flatnonzero(checksum(v) != self.sums[layer][t][start:stop])
+        if bad.size:
+            raise DnError(f"cold tier file {self.dir / COLD}: block {start + int(bad[0])} of layer {layer} fails "
+                          "its checksum (changed underneath?); delete the folder to rebuild it")
+        with self._lock:
+            self.fetched += v.size
+        return v
+
+    def read(self, layer: int, start: int, stop: int, copy: bool = False) -> list[np.ndarray] | None:
+        """Blocks [start, stop) of a layer (file positions, hotness order) -> each tensor of those blocks joined
+        along its block axis, as the backend lays it out."""
+        return self.read_positions(layer, np.arange(start, stop), copy)
+
+    def read_positions(self, layer: int, positions, copy: bool = False) -> list[np.ndarray] | None:
+        """Blocks at sorted file positions -> joined tensors (None for no block). Without copy, a single run is
+        views of the mapping: the caller drops them, then calls release(layer), so the pages leave the process
+        (the page cache keeps them: not the process's memory); with copy, fresh memory (blocks kept resident)."""
+        pos = np.asarray(positions, np.int64)
+        if not pos.size:
+            return None
+        self._advise(layer, _POPULATE_READ)  # map the pages in one call: faulting them in one by one costs more
+        runs = np.split(pos, np.flatnonzero(np.diff(pos) != 1) + 1)
+        out = []
+        for t, spec in enumerate(self.layout):
+            raw = [self._read(layer, t, int(r[0]), int(r[-1]) + 1) for r in runs]
+            raw = raw[0] if len(raw) == 1 else np.concatenate(raw, axis=1)
+            if copy and len(runs) == 1:  # one run is a view of the file's pages; concatenate already copied
+                raw = np.array(raw, order="C", copy=True)
+            shape = spec["shape"]
+            ax = spec["axis"]
+            joined = [*shape[:ax], len(pos) * shape[ax], *shape[ax + 1:]]
+            out.append(raw.view(spec["numpy"]).reshape(joined))
+        if copy:
+            self.release(layer)
+        return out
+
+    def _advise(self, layer: int, advice: int) -> None:
+        la = self.index["layers"][layer]
+        start = la["offsets"][0] // mmap.PAGESIZE * mmap.PAGESIZE
+        end = self.index["layers"][layer + 1]["offsets"][0] if layer + 1 < len(self.index["layers"]) \
+            else self.index["size"]
+        if end > start and hasattr(self.map, "madvise"):
+            with contextlib.suppress(OSError):  # an older kernel without MADV_POPULATE_READ: pages fault in
+                self.map.madvise(advice, start, end - start)
+
+    def release(self, layer: int) -> None:
+        """Unmap a layer's pages from the process (they stay in the OS page cache)."""
+        self._advise(layer, mmap.MADV_DONTNEED)
+
+    def drop_cache(self) -> None:
+        """Evict the file from the OS page cache, so the next reads come from the disk (flash on a Mac)."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+        os.close(self.fd)

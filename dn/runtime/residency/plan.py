@@ -1,0 +1,129 @@
+"""Residency's plan: which MLP blocks stay resident under a budget, and in what order a layer's blocks are kept
+(hotness). The bytes are dn.model.store's accounting."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from dn.core import activations
+from dn.core.errors import DnError
+from dn.model import store
+from dn.model.spec import DTYPE_BYTES, ModelSpec
+
+BLOCK = 64                      # neurons per block: a multiple of every affine group size and of torch's int4 rows
+MODES = ("exact", "sparse", "per-sequence")
+
+
+@dataclass
+class Plan:
+    mode: str
+    budget: int                  # bytes the process may hold for weights (plus the stated margin)
+    dense_bf16: int
+    fixed: int                   # everything but the MLP neurons, as held
+    side: int                    # sparse mode: routers, thresholds and priors
+    block_bytes: int             # one block of BLOCK neurons as held
+    blocks: int                  # per layer
+    layers: int
+    hot: list[int] = field(default_factory=list)   # resident blocks per layer
+    buffer_blocks: int = 0       # blocks of read buffer (the largest cold run of a layer)
+
+    @property
+    def minimum(self) -> int:
+        """No block resident: one layer's blocks read at a time."""
+        return self.fixed + self.side + self.blocks * self.block_bytes
+
+    @property
+    def resident(self) -> int:
+        return self.fixed + self.side + (sum(self.hot) + self.buffer_blocks) * self.block_bytes
+
+    @property
+    def hot_fraction(self) -> float:
+        return sum(self.hot) / (self.blocks * self.layers)
+
+    def summary(self) -> dict:
+        return asdict(self) | {"minimum": self.minimum, "resident": self.resident,
+                               "hot_fraction": self.hot_fraction}
+
+    def lines(self) -> list[str]:
+        mib = lambda n: f"{n / 2**20:.1f} MiB ({100 * n / self.dense_bf16:.1f}% of dense bf16)"
+        return [f"residency plan ({self.mode}): budget {mib(self.budget)}",
+                f"  resident, fixed (embedding/lm_head, attention, norms): {mib(self.fixed)}",
+                *([f"  resident, sparse routers and priors: {mib(self.side)}"] if self.side else []),
+                f"  resident MLP blocks: {sum(self.hot)} of {self.blocks * self.layers} "
+                f"({100 * self.hot_fraction:.0f}%, {min(self.hot)}-{max(self.hot)} of {self.blocks} per layer, "
+                f"{BLOCK} neurons each): {mib(sum(self.hot) * self.block_bytes)}",
+                f"  read buffer: {self.buffer_blocks} blocks: {mib(self.buffer_blocks * self.block_bytes)}",
+                f"  planned total: {mib(self.resident)}; minimum for this model: {mib(self.minimum)}",
+                "  cold: the other MLP blocks, read from the cold file on demand (what the OS page cache keeps of "
+                "it is not counted: it is not the process's memory)"]
+
+
+def dense_bf16(spec: ModelSpec) -> int:
+    """The model's weights as dense bf16: what budget percentages are of."""
+    return store.dense_bytes(spec, "bfloat16")
+
+
+def fixed_bytes(spec: ModelSpec, dtype: str) -> int:
+    """Bytes of everything but the MLP projections, as held at dtype (dn.model.store's accounting)."""
+    total = store.resident_bytes(spec, dtype)
+    mlp = store.held_bytes(spec, dtype, lambda e: e.role == "mlp")
+    return total["total"] - total["sparse"] - mlp
+
+
+def block_bytes(spec: ModelSpec, dtype: str) -> int:
+    """One block as accounted (dn.model.store), for a plan made without the cold file (dn footprint --no-measure)."""
+    layer = store.held_bytes(spec, dtype, lambda e: e.name.startswith("model.layers.0.mlp."))
+    return layer * BLOCK // spec.architecture.intermediate_size
+
+
+def make_plan(spec: ModelSpec, dtype: str, budget: int, mode: str, block_bytes: int) -> Plan:
+    """Fill the budget with the hottest blocks, spread evenly over layers (files keep each layer's blocks in
+    hotness order, so a layer's resident set is its first `hot` blocks). Raises DnError below the minimum."""
+    if mode not in MODES:
+        raise DnError(f"unknown residency mode {mode!r} (choose from {', '.join(MODES)})")
+    if mode == "sparse" and spec.sparse is None:
+        raise DnError("residency mode 'sparse' needs a sparse model (dn convert --sparsity S): this one has no router")
+    a = spec.architecture
+    n_layers, blocks = a.num_hidden_layers, a.intermediate_size // BLOCK
+    side = spec.sparse["num_layers"] * store.sparse_side(spec.sparse, DTYPE_BYTES[dtype])["held"] \
+        if mode == "sparse" else 0
+    plan = Plan(mode, budget, dense_bf16(spec), fixed_bytes(spec, dtype), side, block_bytes, blocks, n_layers)
+    if budget < plan.minimum:
+        raise DnError(f"--max-resident {budget / 2**20:.1f} MiB is below this model's minimum of "
+                      f"{plan.minimum / 2**20:.1f} MiB ({100 * plan.minimum / plan.dense_bf16:.1f}% of dense bf16: "
+                      f"embedding/lm_head, attention, norms{', routers, priors' if side else ''} and one layer's "
+                      f"MLP read at a time, {dtype})")
+    # h resident blocks in each of L layers and a buffer of (blocks - h): fixed + side + (L h + blocks - h) B
+    spare = (budget - plan.fixed - side) // block_bytes - blocks
+    if spare >= (n_layers - 1) * blocks:
+        plan.hot, plan.buffer_blocks = [blocks] * n_layers, 0
+        return plan
+    h, extra = divmod(spare, n_layers - 1) if n_layers > 1 else (blocks, 0)
+    h = min(h, blocks - 1)
+    extra = min(spare - h * (n_layers - 1), n_layers - 1)  # layers that hold one block more than the others
+    plan.hot = [h + 1 if i < extra else h for i in range(n_layers)]
+    plan.buffer_blocks = blocks - h
+    return plan
+
+
+# ---- hotness ----------------------------------------------------------------------------------------------
+
+def weight_hotness(gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """Without calibration text: each neuron's |gate row| |up row| |down column|, a bound on what it can add."""
+    return np.linalg.norm(gate, axis=1) * np.linalg.norm(up, axis=1) * np.linalg.norm(down, axis=0)
+
+
+def activation_hotness(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+                        act: str = "silu") -> np.ndarray:
+    """On calibration inputs x [T, d]: each neuron's mean |act(g) u| times its down column's norm, i.e. the
+    mean size of what it adds to the layer's output (act: the model's, Architecture.mlp_act)."""
+    g, u = x @ gate.T, x @ up.T
+    a = activations.apply(act, g) * u
+    return np.abs(a).mean(0) * np.linalg.norm(down, axis=0)
+
+
+def block_order(hot: np.ndarray) -> np.ndarray:
+    """Per-neuron hotness [n] -> block ids, hottest first."""
+    return np.argsort(-hot.reshape(-1, BLOCK).sum(1), kind="stable")
