@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from dn.bench import configs as bench_configs  # noqa: E402
 from dn.bench import runner  # noqa: E402
 from dn.core import tensors  # noqa: E402
 from dn.core.errors import DnError  # noqa: E402
+from dn.core.files import atomic_dir  # noqa: E402
 from dn.core.text import read_text, text_path  # noqa: E402
 from dn.model import spec  # noqa: E402
 from dn.model.sources import cache_dir, resolve_model  # noqa: E402
@@ -76,9 +76,7 @@ def build(out: Path, layers: int = 4, tokenizer_dir: Path | None = None, seed: i
         weights[name] = (np.full(shape, 0x3F80, np.uint16) if "norm" in name else _random_bf16(rng, tuple(shape)),
                          "BF16")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_dir(out) as tmp:
         tensors.save(weights, tmp / "model.safetensors")
         for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (src / f).is_file():
@@ -86,10 +84,6 @@ def build(out: Path, layers: int = 4, tokenizer_dir: Path | None = None, seed: i
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
         if out.exists():
             shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

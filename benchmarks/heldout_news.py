@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dn.model.sources import cache_dir  # noqa: E402
+from dn.core.files import atomic_file, cache_dir  # noqa: E402
 
 MEMBER = "gensim/test/test_data/lee_background.cor"
 
@@ -32,9 +32,8 @@ def fetch() -> Path:
         wheel = next(Path(tmp).glob("gensim-*.whl"))
         text = zipfile.ZipFile(wheel).read(MEMBER).decode()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(text)
-    tmp_out.replace(out)
+    with atomic_file(out) as tmp_out:
+        tmp_out.write_text(text)
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dn.core.errors import DnError
+from dn.core.errors import DnError, reworded
 
 
 def text_path(flag: str | None, env: str) -> Path:
@@ -16,16 +16,11 @@ def text_path(flag: str | None, env: str) -> Path:
 
 
 def read_text(path: Path) -> str:
-    try:
+    with reworded({FileNotFoundError: f"no such text file: {path}",
+                   IsADirectoryError: f"{path} is a folder, not a text file",
+                   UnicodeDecodeError: f"{path} is not UTF-8 text",
+                   OSError: lambda e: f"cannot read {path}: {e.strerror}"}):
         text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DnError(f"no such text file: {path}") from None
-    except IsADirectoryError:
-        raise DnError(f"{path} is a folder, not a text file") from None
-    except UnicodeDecodeError:
-        raise DnError(f"{path} is not UTF-8 text") from None
-    except OSError as e:
-        raise DnError(f"cannot read {path}: {e.strerror}") from None
     if not text.strip():
         raise DnError(f"text file {path} is empty")
     return text

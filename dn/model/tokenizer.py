@@ -9,13 +9,13 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from tokenizers import Tokenizer as HFTokenizer
+
 from dn.core.errors import DnError
 
 
 class Tokenizer:
     def __init__(self, model_dir: Path, eos_token_id=None):
-        from tokenizers import Tokenizer as HFTokenizer
-
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():
@@ -58,8 +58,9 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise DnError("this model has no chat template")
+        # late: jinja2 costs ~100 ms of imports; only chat templates need it
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2.sandbox import ImmutableSandboxedEnvironment  # late: as jinja2 above
 
         def raise_exception(msg):
             raise TemplateError(msg)

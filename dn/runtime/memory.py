@@ -19,6 +19,8 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
+
 _PROC = Path("/proc/self")
 _SAMPLE_S = 0.005
 _sampler = None  # the peak sampler, when clear_refs cannot be written
@@ -187,8 +189,6 @@ class Monitor:
         return max(top - self.base, *self.samples, 0)
 
     def summary(self) -> dict:
-        import numpy as np
-
         s = np.asarray(self.samples or [self.now()])
         return {"resident_peak_bytes": int(self.peak()), "resident_median_bytes": int(np.median(s)),
                 "resident_p99_bytes": int(np.percentile(s, 99)), "resident_samples": len(s),

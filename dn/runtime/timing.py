@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dn.core.files import atomic_file
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -94,6 +96,5 @@ def report(records: list[dict], command: list[str] | None = None, **extra) -> di
 def write(result: dict, path: str | Path) -> None:
     """Write through a temporary file and a rename, so an interrupted run leaves the old file whole."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
