@@ -49,9 +49,10 @@ def parity(session):
     out = Path(session.create_tmp())
     session.run("dn", "parity", "--dtype", "float32", "--json", str(out / "parity-float32.json"), *session.posargs)
     # bfloat16 is reported, not gated: each backend in bf16 is ~0.1 max rel err from its own float32
-    # logits on the default model, above the 2e-2 threshold (README, "Measured here").
+    # logits on the default model, above the 2e-2 threshold (README, "Measured here"). A breach exits 3; a
+    # crash (1) or a usage error (2) still fails the session.
     session.run("dn", "parity", "--dtype", "bfloat16", "--json", str(out / "parity-bfloat16.json"),
-                *session.posargs, success_codes=[0, 1])
+                *session.posargs, success_codes=[0, 3])
 
 
 @nox.session

@@ -7,14 +7,17 @@ import sys
 
 import numpy as np
 
-from dn import cli, generate
+from dn import cli
+from dn.core.errors import DnError
+from dn.generate import add_generation_args, check_cache_args, stream
+from dn.runtime import loader, residency
 
 HELP = "Type a message and press Enter; /reset starts over, /exit or end of input (Ctrl-D) ends."
 
 
 def setup_arg_parser():
     p = cli.ArgumentParser(prog="dn chat", description="Chat with a model. " + HELP)
-    generate.add_generation_args(p)
+    add_generation_args(p)
     return p
 
 
@@ -30,13 +33,8 @@ def _read_line(interactive: bool) -> str | None:
 
 
 def _main(argv) -> int:
-    from dn.core.errors import DnError
-    from dn.runtime import loader
-
     args = setup_arg_parser().parse_args(argv)
-    generate.check_cache_args(args)
-    from dn.runtime import residency
-
+    check_cache_args(args)
     run = loader.load(args.model, args.backend, args.dtype, **residency.load_args(args))
     tok = run.tokenizer
     if not tok.chat_template:
@@ -59,7 +57,7 @@ def _main(argv) -> int:
         ids = tok.encode(tok.apply_chat_template(history), add_special_tokens=False)
         if cache is None or ids[:len(fed)] != fed:  # the template rewrote earlier turns: start a fresh cache
             cache, fed = run.backend.make_cache(run.model, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits), []
-        tokens = generate.stream(run, ids[len(fed):], args, cache=cache, rng=rng)
+        tokens = stream(run, ids[len(fed):], args, cache=cache, rng=rng)
         fed = ids + tokens[:-1]  # what the cache holds: the last token yielded is never fed
         history.append({"role": "assistant", "content": tok.decode([t for t in tokens if t not in tok.eos_ids])})
     return 0

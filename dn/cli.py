@@ -6,13 +6,15 @@ import argparse
 import importlib
 import sys
 
+from dn.core import __version__
 from dn.core.errors import DnError
+from dn.runtime import backend as backends
 
 VERBS = {
     "generate": ("dn.generate", "stream text from a model"),
     "chat": ("dn.chat", "a conversation in the terminal, kept across turns"),
     "eval": ("dn.evaluate", "perplexity over a text file, with footprint"),
-    "parity": ("parity.run", "compare the backends on the same model"),
+    "parity": ("dn.parity", "compare the backends on the same model"),
     "footprint": ("dn.footprint", "bytes by role, accounted and measured"),
     "convert": ("dn.convert", "write a model folder (optionally compressed or sparse)"),
     "codec": ("dn.codec", "lossless codec tools (stats)"),
@@ -78,7 +80,7 @@ def non_negative_int(text: str) -> int:
 
 def progress(total: int, desc: str, unit: str):
     """A tqdm bar on stderr for a long run; off when stderr is not a terminal (logs, pipes, tests)."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # only the long verbs draw a bar
 
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
 
@@ -86,8 +88,6 @@ def progress(total: int, desc: str, unit: str):
 def default_dtype(backend: str) -> str:
     """`--dtype auto`: the model's own bfloat16 where the device computes it natively (Metal, CUDA/ROCm,
     MLX's GPU), float32 on a CPU."""
-    from dn.runtime import backend as backends
-
     try:
         device = backends.resolve(backend).device_name()
     except DnError:  # no usable backend: the load says so in its own words
@@ -124,8 +124,6 @@ def main(argv=None) -> int:
               + "\n\noptions:\n  -h, --help    show this help\n  -V, --version print dn's version")
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from dn import __version__
-
         print(f"dn {__version__}")
         return 0
     if argv[0] not in VERBS:

@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 
 from dn import cli
+from dn.core.errors import DnError
+from dn.footprint import write_json
+from dn.formats import lossless
+from dn.model.sources import resolve_model
 
 
 def setup_arg_parser():
@@ -18,18 +22,13 @@ def setup_arg_parser():
 
 
 def _main(argv) -> int:
-    from dn.core.errors import DnError
-    from dn.footprint import write_json
-    from dn.formats import lossless as codec
-    from dn.model.sources import resolve_model
-
     args = setup_arg_parser().parse_args(argv)
     path = Path(args.path).expanduser()
     if not (path.is_file() and path.suffix == ".safetensors"):
         path = resolve_model(args.path)
     if not path.exists():
         raise DnError(f"no such file or folder: {path}")
-    report = codec.stats(path)
+    report = lossless.stats(path)
     t = report["total"]
     note = " (fp32 weights rounded to bf16 first)" if report["source_fp32_rounded_to_bf16"] else ""
     print(f"{len(report['tensors'])} tensors, {t['weights']} weights: {t['bits_per_weight']:.3f} bits/weight, "

@@ -7,8 +7,14 @@ import sys
 
 import numpy as np
 
-from dn import cli
-from dn.runtime import residency
+from dn import cli, footprint
+from dn.core.errors import DnError
+from dn.core.text import read_text, text_path
+from dn.model.sources import resolve_model
+from dn.model.spec import load_spec
+from dn.model.tokenizer import Tokenizer
+from dn.runtime import loader, memory, residency
+from dn.runtime.generation import residency_line
 
 
 def setup_arg_parser():
@@ -32,8 +38,6 @@ def windows(tokens: list[int], ctx: int) -> list[np.ndarray]:
 def perplexity(backend, model, tokens: list[int], ctx: int, batch: int = 1,
                progress: bool = False, on_chunk=None) -> tuple[float, int]:
     """(mean NLL per predicted token, number of predicted tokens); progress: a bar on stderr (cli.progress)."""
-    from dn.core.errors import DnError
-
     wins = windows(tokens, ctx)
     if not wins:
         raise DnError("the text has fewer than two tokens")
@@ -56,20 +60,11 @@ def perplexity(backend, model, tokens: list[int], ctx: int, batch: int = 1,
 
 def text_tokens(model: str | None, text: str) -> list[int]:
     """The text as the model's tokens, before any weight is loaded (a text too short fails at once)."""
-    from dn.model.sources import resolve_model
-    from dn.model.spec import load_spec
-    from dn.model.tokenizer import Tokenizer
-
     model_dir = resolve_model(model)
     return Tokenizer(model_dir, load_spec(model_dir).architecture.eos_token_id).encode(text)
 
 
 def _main(argv) -> int:
-    from dn import footprint
-    from dn.core.errors import DnError
-    from dn.core.text import read_text, text_path
-    from dn.runtime import loader, memory
-
     args = setup_arg_parser().parse_args(argv)
     path = text_path(args.text, "DN_EVAL_TEXT")
     tokens = text_tokens(args.model, read_text(path))
@@ -99,8 +94,6 @@ def _main(argv) -> int:
           f"{result['measured_resident_bytes'] / 2**20:.1f} MiB measured ({result['measured_kind']}), "
           f"load peak {result['load_peak_bytes'] / 2**20:.1f} MiB; peak {result['peak_memory_bytes'] / 2**20:.0f} MiB")
     if run.residency is not None:
-        from dn.generate import residency_line
-
         print(residency_line(run.residency, result).replace("while generating", "while evaluating"))
     if args.json:
         footprint.write_json(result, args.json)

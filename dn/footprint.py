@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from dn import cli
+from dn.core.errors import DnError
+from dn.core.files import atomic_file
 from dn.model import store
-from dn.model.spec import DTYPE_BYTES, ROLES, ModelSpec
-from dn.runtime import residency
+from dn.model.sources import resolve_model
+from dn.model.spec import DTYPE_BYTES, ROLES, ModelSpec, load_spec
+from dn.runtime import loader, residency
 
 
 def kv_cache_bytes(spec: ModelSpec, ctx: int, dtype: str, batch: int = 1) -> int:
@@ -76,9 +80,6 @@ def measured_lines(m: dict) -> list[str]:
 
 
 def _main(argv) -> int:
-    from dn.model.sources import resolve_model
-    from dn.model.spec import load_spec
-
     args = setup_arg_parser().parse_args(argv)
     model_dir = resolve_model(args.model)
     spec = load_spec(model_dir)
@@ -86,12 +87,10 @@ def _main(argv) -> int:
     plan = None
     if args.max_resident is not None and args.no_measure:  # planned from the accounting alone, in the format
         budget = residency.parse_budget(args.max_resident, residency.dense_bf16(spec))  # the loader would pick
-        _, held = residency.store_for(model_dir, spec, args.dtype, budget, args.residency_mode)
+        _, held = loader.store_for(model_dir, spec, args.dtype, budget, args.residency_mode)
         plan = residency.make_plan(held, args.dtype, budget, args.residency_mode,
                                    residency.block_bytes(held, args.dtype))
     if not args.no_measure:
-        from dn.runtime import loader
-
         run = loader.load(str(model_dir), args.backend, args.dtype, **residency.load_args(args))
         report["measured"] = measured(run)
         plan = run.residency.plan if run.residency else None
@@ -108,15 +107,10 @@ def measured(run) -> dict:
 
 
 def write_json(report: dict, path: str) -> None:
-    from pathlib import Path
-
-    from dn.core.errors import DnError
-
     out = Path(path)
-    tmp = out.with_name(out.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        tmp.replace(out)
+        with atomic_file(out) as tmp:
+            tmp.write_text(json.dumps(report, indent=1) + "\n")
     except OSError as e:
         raise DnError(f"cannot write {out}: {e.strerror}") from None
 

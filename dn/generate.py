@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
-import time
-from collections.abc import Iterator
-
-import numpy as np
 
 from dn import cli
-from dn.runtime.sampling import sample
-
-__all__ = ["add_generation_args", "generate_tokens", "prompt_ids", "sample"]
+from dn.core.errors import DnError
+from dn.runtime import loader, memory, residency
+from dn.runtime.generation import check_cache, prompt_ids, residency_line, stream_generate
 
 
 def add_generation_args(p) -> None:
@@ -34,14 +31,10 @@ def add_generation_args(p) -> None:
     p.add_argument("--verbose", nargs="?", const=True, default=True, type=_bool, metavar="BOOL",
                    help="print speed and memory statistics on stderr (--verbose false or -q: do not)")
     p.add_argument("-q", "--quiet", dest="verbose", action="store_false", help="same as --verbose false")
-    from dn.runtime import residency
-
     residency.add_args(p)
 
 
 def _bool(text: str) -> bool:
-    import argparse
-
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -59,61 +52,15 @@ def setup_arg_parser():
 
 
 def check_cache_args(args) -> None:
-    from dn.core.errors import DnError
-
-    if args.kv_bits is not None and args.max_kv_size is not None:
-        raise DnError("--kv-bits and --max-kv-size do not combine (no quantized rotating cache)")
-
-
-def generate_tokens(backend, model, prompt_ids: list[int], max_tokens: int, temp: float = 0.0,
-                    seed: int = 0, eos_ids: set[int] = frozenset(), *, top_p: float = 1.0, min_p: float = 0.0,
-                    top_k: int = 0, max_kv_size: int | None = None, kv_bits: int | None = None,
-                    cache=None, rng: np.random.Generator | None = None) -> Iterator[int]:
-    """Prefill the prompt into a cache (a fresh one from the backend unless given; under max_kv_size N tokens
-    at a time), then decode one token at a time. The last token yielded is not fed to the cache."""
-    from dn.core.errors import DnError
-
-    if not prompt_ids:
-        raise DnError("the prompt is empty")
-    rng = np.random.default_rng(seed) if rng is None else rng
-    if cache is None:
-        cache = backend.make_cache(model, max_kv_size=max_kv_size, kv_bits=kv_bits)
-    step = max_kv_size or len(prompt_ids)
-    for i in range(0, len(prompt_ids), step):
-        logits = backend.logits(model, np.array([prompt_ids[i:i + step]]), cache, last_only=True)[0, -1]
-    for i in range(max_tokens):
-        token = sample(logits, temp, rng, top_p, min_p, top_k)
-        yield token
-        if token in eos_ids or i == max_tokens - 1:
-            return
-        logits = backend.logits(model, np.array([[token]]), cache, last_only=True)[0, -1]
+    check_cache(args.kv_bits, args.max_kv_size)
 
 
 def sampling_kwargs(args) -> dict:
     return {"top_p": args.top_p, "min_p": args.min_p, "top_k": args.top_k}
 
 
-def messages(prompt: str, system_prompt: str | None) -> list[dict]:
-    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
-        [{"role": "user", "content": prompt}]
-
-
-def prompt_ids(tokenizer, prompt: str, raw: bool, system_prompt: str | None = None) -> list[int]:
-    from dn.core.errors import DnError
-
-    if raw or not tokenizer.chat_template:
-        if system_prompt:
-            raise DnError("--system-prompt needs a chat template (" +
-                          ("--raw turns it off)" if raw else "this model has none)"))
-        return tokenizer.encode(prompt)
-    text = tokenizer.apply_chat_template(messages(prompt, system_prompt))
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 def read_prompt(prompt: str) -> str:
     """`--prompt -` reads the prompt from stdin."""
-    from dn.core.errors import DnError
-
     if prompt != "-":
         return prompt
     text = sys.stdin.read()
@@ -125,52 +72,30 @@ def read_prompt(prompt: str) -> str:
 def stream(run, ids: list[int], args, out=None, **kwargs) -> list[int]:
     """Generate from ids, printing the text as it comes (end-of-sequence tokens not shown); stats on stderr
     when args.verbose. Returns the tokens generated."""
-    from dn.model.tokenizer import StreamDecoder
-    from dn.runtime import memory
-
     out = out or sys.stdout
     mon = memory.Monitor(run.backend, run.memory) if run.residency is not None else None
     if mon:
         mon.reset()
         run.residency.reset_counters()
-    decoder, tokens, start, first = StreamDecoder(run.tokenizer), [], time.perf_counter(), None
-    for token in generate_tokens(run.backend, run.model, ids, args.max_tokens, args.temp, args.seed,
-                                 run.tokenizer.eos_ids, **sampling_kwargs(args), max_kv_size=args.max_kv_size,
-                                 kv_bits=args.kv_bits, **kwargs):
-        first = first or time.perf_counter()
-        tokens.append(token)
-        if len(tokens) == 1 and run.residency is not None:  # report reads per decode step, not the prompt's
-            run.residency.reset_counters()
+    tokens, r = [], None
+    for r in stream_generate(run, ids, args.max_tokens, args.temp, args.seed, **sampling_kwargs(args),
+                             max_kv_size=args.max_kv_size, kv_bits=args.kv_bits, **kwargs):
+        tokens.append(r.token)
         if mon:
             mon.sample()
-        if token not in run.tokenizer.eos_ids:
-            print(decoder.add(token), end="", flush=True, file=out)
-    end = time.perf_counter()
+        if r.text:
+            print(r.text, end="", flush=True, file=out)
     print(file=out)
     if args.verbose:
-        n = len(tokens)
-        decode_rate = (n - 1) / (end - first) if n > 1 else 0.0
         print(f"[{run.backend.NAME} {run.backend.device_name()} {args.dtype}] prompt {len(ids)} tokens "
-              f"{len(ids) / (first - start):.1f} tok/s; generated {n} tokens {decode_rate:.1f} tok/s; "
+              f"{r.prompt_tps:.1f} tok/s; generated {len(tokens)} tokens {r.generation_tps:.1f} tok/s; "
               f"peak memory {memory.peak_bytes(run.backend) / 2**20:.0f} MiB", file=sys.stderr)
         if mon:
             print(residency_line(run.residency, mon.summary()), file=sys.stderr)
     return tokens
 
 
-def residency_line(runtime, measured: dict) -> str:
-    """What a run under --max-resident held and read, on one line."""
-    mib = lambda n: f"{n / 2**20:.1f} MiB"
-    st = runtime.stats()
-    return (f"[residency {runtime.plan.mode}] budget {mib(runtime.plan.budget)}; resident while generating: "
-            f"peak {mib(measured['resident_peak_bytes'])}, median {mib(measured['resident_median_bytes'])} "
-            f"({measured['resident_kind']}); read {mib(st['fetched_bytes_per_token'])} per token, "
-            f"hit rate {100 * st['hit_rate']:.0f}%")
-
-
 def _main(argv) -> int:
-    from dn.runtime import loader, residency
-
     args = setup_arg_parser().parse_args(argv)
     check_cache_args(args)
     prompt = read_prompt(args.prompt)

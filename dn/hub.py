@@ -13,7 +13,14 @@ import math
 import os
 from pathlib import Path
 
+from dn import footprint
+from dn.core import __version__
 from dn.core.errors import DnError
+from dn.evaluate import perplexity
+from dn.model import store
+from dn.model.sources import REPO_ID
+from dn.model.spec import load_spec
+from dn.runtime import loader
 
 CARD = "README.md"
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default model's GGUF: its organization and name
@@ -27,7 +34,7 @@ PROMPT = "What is the capital of France?"
 # ---- before any work --------------------------------------------------------------------------------------
 
 def _offline() -> bool:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # late: only an upload needs the Hub client
 
     env = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     return env or bool(constants.HF_HUB_OFFLINE)
@@ -36,9 +43,7 @@ def _offline() -> bool:
 def preflight(repo_id: str) -> None:
     """Refuse an upload that cannot happen, before dn converts anything: a malformed repo id, HF_HUB_OFFLINE,
     no token."""
-    from huggingface_hub import get_token
-
-    from dn.model.sources import REPO_ID
+    from huggingface_hub import get_token  # late: only an upload needs the Hub client
 
     if not REPO_ID.match(repo_id):
         raise DnError(f"--upload-repo {repo_id!r} is not a Hub repo id (USER/NAME)")
@@ -54,8 +59,6 @@ def preflight(repo_id: str) -> None:
 
 def base_model(model: str | None) -> str | None:
     """The Hub id of what was converted, when dn knows it: the default model's, or --model given as a repo id."""
-    from dn.model.sources import REPO_ID
-
     if model is None:
         return DEFAULT_BASE
     text = str(model)
@@ -70,9 +73,6 @@ def measure(folder: Path, source: Path, text: str, text_name: str, backend: str 
             max_tokens: int = CARD_EVAL_TOKENS) -> dict:
     """Perplexity of the converted folder and of its source on the same first max_tokens tokens of text (float32,
     non-overlapping windows of CARD_EVAL_CTX), one model loaded at a time."""
-    from dn.evaluate import perplexity
-    from dn.runtime import loader
-
     out = {"text": text_name, "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "ctx": CARD_EVAL_CTX,
            "dtype": CARD_EVAL_DTYPE}
     for key, path in (("ppl", folder), ("source_ppl", source)):
@@ -101,8 +101,6 @@ def _q_text(p: dict) -> str:
 
 
 def _format_lines(spec) -> list[str]:
-    from dn.model import store
-
     entries = store.entries(spec)
     quantized = sum(e.format == "affine" for e in entries)
     if spec.quant:
@@ -134,8 +132,6 @@ def _format_lines(spec) -> list[str]:
 
 
 def _footprint_lines(spec, folder: Path, repo_id: str) -> list[str]:
-    from dn import footprint
-
     dense_bf16 = footprint.accounted(spec, "bfloat16", 1)["dense_weight_bytes"]
     rows = []
     for dtype in ("bfloat16", "float32"):
@@ -180,9 +176,6 @@ def _yaml_list(key: str, values: list[str]) -> list[str]:
 
 def model_card(folder: Path, repo_id: str, base: str | None = None, quality: dict | None = None) -> str:
     """The README.md of a converted folder: YAML front matter, then what dn did, footprint, quality, how to run."""
-    from dn import __version__
-    from dn.model.spec import load_spec
-
     spec = load_spec(Path(folder))
     mlx = plain_quantized(spec)
     tags = ["dreamnova"] + [t for t, on in (("mlx", mlx), ("quantized", spec.quant), ("sparse", spec.sparse),
@@ -229,7 +222,7 @@ def _short(e: BaseException) -> str:
 def upload(folder: Path, repo_id: str, private: bool = False) -> str:
     """create_repo (exist_ok) then upload_folder; returns the repo's URL. Any failure (no token, no network,
     refused) is one DnError line that says where the converted folder is kept and how to retry."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # late: only an upload needs the Hub client
 
     api = HfApi()
     try:

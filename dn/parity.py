@@ -1,7 +1,9 @@
-"""`dn parity` / `nox -s parity`: logits, hidden states and greedy tokens of two backends, compared.
+"""`dn parity` (also `python -m parity.run`, `nox -s parity`): logits, hidden states and greedy tokens of two
+backends, compared.
 
 Relative error at a position = max|dlogit| / max|logit| over the vocabulary, first backend as reference.
-Thresholds come from dn.core.tolerances.PARITY; a breach exits 1.
+Thresholds come from dn.core.tolerances.PARITY; a breach exits 3 (BREACH), apart from a crash (1) and a usage
+error (2), so CI can report bf16 without gating on it and still fail on a traceback.
 
 A sparse model (dn convert --sparsity) routes each token by comparing router scores to thresholds, a
 discontinuous decision: a near-tie that float32 rounding flips swaps a neuron and the difference compounds
@@ -13,14 +15,19 @@ greedy tokens must meet the dense thresholds.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import numpy as np
 
 from dn import cli
+from dn.core.errors import DnError
 from dn.core.tolerances import PARITY, ROUTE_AGREEMENT
-from dn.runtime import memory
+from dn.footprint import accounted, write_json
+from dn.runtime import loader, memory, sparse_mlp
+from dn.runtime.generation import generate_tokens
 
+BREACH = 3  # exit code of a run that breached a threshold
 MEMORY = ("measured_resident_bytes", "measured_kind", "load_peak_bytes", "load_peak_kind")  # of dn.runtime.memory
 
 PROMPTS = [
@@ -35,7 +42,9 @@ PROMPTS = [
 
 
 def setup_arg_parser():
-    p = cli.ArgumentParser(prog="dn parity", description="Compare two backends on the same model.")
+    p = cli.ArgumentParser(prog="dn parity", description="Compare two backends on the same model.",
+                           epilog=f"exit codes: 0 passed, {BREACH} a threshold breached (the comparison ran), "
+                                  "1 a crash, 2 a usage error")
     p.add_argument("--model", default=None, help="model folder, .gguf or Hub repo id (default: embedded)")
     p.add_argument("--backends", default="mlx,torch", help="two backends, the first is the reference")
     p.add_argument("--dtype", default="float32", choices=sorted(PARITY))
@@ -58,10 +67,6 @@ def steps(tokens: int) -> int:
 def observe(run, tokens: int, replay: list | None = None, bar=None) -> dict:
     """Everything parity compares, computed on one backend (a sparse model: taping its router decisions,
     or executing `replay`, the reference's); bar: a progress bar to advance (steps())."""
-    from dn.footprint import accounted
-    from dn.generate import generate_tokens
-    from dn.runtime import sparse_mlp
-
     def tick(value):
         if bar is not None:
             bar.update(1)
@@ -116,10 +121,6 @@ def compare(a: dict, b: dict, dtype: str) -> dict:
 
 
 def run_parity(model: str | None, backends: list[str], dtype: str, tokens: int) -> dict:
-    import gc
-
-    from dn.runtime import loader
-
     seen = {}
     with cli.progress(len(backends) * steps(tokens), "dn parity", "step") as bar:
         for name in backends:  # one model in memory at a time; the second replays the first's routing
@@ -139,8 +140,6 @@ def run_parity(model: str | None, backends: list[str], dtype: str, tokens: int) 
 
 
 def _main(argv) -> int:
-    from dn.core.errors import DnError
-
     args = setup_arg_parser().parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if len(backends) != 2 or backends[0] == backends[1]:
@@ -159,10 +158,8 @@ def _main(argv) -> int:
               f"load peak {m['load_peak_bytes'] / 2**20:8.1f} MiB, peak {m['peak_memory_bytes'] / 2**20:8.1f} MiB")
     print("PASSED" if r["passed"] else "FAILED")
     if args.json:
-        from dn.footprint import write_json
-
         write_json(r, args.json)
-    return 0 if r["passed"] else 1
+    return 0 if r["passed"] else BREACH
 
 
 def main(argv=None) -> int:

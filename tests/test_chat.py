@@ -11,8 +11,8 @@ from helpers import run_dn
 from dn import cli
 from dn.core.errors import DnError
 from dn.core.tolerances import PARITY
-from dn.generate import generate_tokens, prompt_ids
 from dn.runtime import sampling
+from dn.runtime.generation import generate_tokens, prompt_ids
 
 
 def dn_main(capsys, *args):

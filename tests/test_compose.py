@@ -16,8 +16,8 @@ from test_families import H, tiny_model
 
 from dn.core import tensors as safetensors_io
 from dn.formats import sparse
-from dn.generate import generate_tokens
 from dn.model.spec import load_spec
+from dn.runtime.generation import generate_tokens
 
 INTER = 128  # a multiple of sparse.GROUP: the sketch prior quantizes the down matrix along n
 TOKENS = np.random.default_rng(1).integers(0, 128, size=(1, 12))

@@ -15,7 +15,8 @@ import pytest
 from helpers import run_dn
 from test_families import VOCAB, tiny_model
 
-from dn import convert, hub
+from dn import hub
+from dn.convert import main as convert_main  # dn.convert itself is the Python API's function
 
 REPO = "someone/tiny-q4"
 REV = "0123456789abcdef0123456789abcdef01234567"
@@ -80,7 +81,7 @@ def uploaded(tmp_path_factory):
     src, out, fake = tiny_source(root / "src"), root / "q", FakeHub(root / "cache")
     with pytest.MonkeyPatch.context() as mp:
         fake.install(mp)
-        rc = convert.main(["--model", str(src), "--out", str(out), "-q", "--q-group-size", "32",
+        rc = convert_main(["--model", str(src), "--out", str(out), "-q", "--q-group-size", "32",
                            "--upload-repo", REPO])
     assert rc == 0
     return fake, out, root / "cache"
@@ -138,7 +139,7 @@ def test_mlx_lm_generates_by_repo_id_offline(uploaded):
 def test_upload_failure_keeps_folder(tmp_path, monkeypatch, capsys):
     src, out, fake = tiny_source(tmp_path / "src"), tmp_path / "out", FakeHub(tmp_path / "cache")
     fake.install(monkeypatch, fail=OSError("Network is unreachable\nsecond line"))
-    rc = convert.main(["--model", str(src), "--out", str(out), "--upload-repo", REPO, "--private"])
+    rc = convert_main(["--model", str(src), "--out", str(out), "--upload-repo", REPO, "--private"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"dn: error: upload to {REPO} failed")
     assert "Network is unreachable" in err[0] and str(out) in err[0]
@@ -158,7 +159,7 @@ def test_refused_before_any_work(tmp_path, monkeypatch, capsys, args, env, needl
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     out = tmp_path / "out"
-    rc = convert.main(["--model", str(tmp_path / "no-such-model"), "--out", str(out), *args])
+    rc = convert_main(["--model", str(tmp_path / "no-such-model"), "--out", str(out), *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and needle in err[0], err
     assert not out.exists()
@@ -167,7 +168,7 @@ def test_refused_before_any_work(tmp_path, monkeypatch, capsys, args, env, needl
 def test_no_token_refused_before_any_work(tmp_path, monkeypatch, capsys):
     FakeHub(tmp_path / "cache").install(monkeypatch)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
-    rc = convert.main(["--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out"),
+    rc = convert_main(["--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out"),
                        "--upload-repo", REPO])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "needs a Hugging Face token" in err[0]
@@ -182,7 +183,7 @@ def test_card_eval_text_measures_both(tmp_path, monkeypatch):
     text = tmp_path / "eval.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     fake.install(monkeypatch)
-    rc = convert.main(["--model", str(src), "--out", str(out), "--codec", "lossless", "--backend", "torch",
+    rc = convert_main(["--model", str(src), "--out", str(out), "--codec", "lossless", "--backend", "torch",
                        "--upload-repo", REPO, "--card-eval-text", str(text), "--card-eval-tokens", "600"])
     assert rc == 0
     card = (out / "README.md").read_text()
