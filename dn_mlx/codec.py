@@ -20,14 +20,15 @@ import numpy as np
 from mlx import nn
 
 from dn.core.errors import DnError
-from dn.formats import fixed4 as codec_runtime
+from dn.formats import fixed4
 from dn.formats import lossless as codec
+from dn_mlx import _cuda_fixed4 as cuda_fixed4
+from dn_mlx.ops import DTYPES
 
 _MAX_BATCH = 16  # matvec's fused kernel keeps B accumulators per thread
 _MAX_KERNEL_MAXLEN = 13  # the LUT is staged in threadgroup memory (2 << MAXLEN bytes of 32 KiB)
 _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-_MX_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 class _Packed(nn.Module):
@@ -204,7 +205,7 @@ def decode_reference(enc: codec.EncodedTensor, device=None) -> mx.array:
 
 
 def _weight(bits: mx.array, stored: str, dtype) -> mx.array:
-    return bits.view(_MX_DTYPES[stored]).astype(dtype)
+    return bits.view(DTYPES[stored]).astype(dtype)
 
 
 def matvec(enc: codec.EncodedTensor, x: mx.array) -> mx.array:
@@ -230,7 +231,7 @@ class Fixed4(nn.Module):
     int32 [e], esc_symbol uint8 [e]. With `fused`, also each escape's row, column and float32 weight for the
     fused kernel's second pass (12 bytes per escape, about 0.03% of weights)."""
 
-    def __init__(self, rt: codec_runtime.RuntimeTensor, fused: bool = False):
+    def __init__(self, rt: fixed4.Lossless, fused: bool = False):
         super().__init__()
         if len(rt.shape) != 2:
             raise DnError(f"codec: the fixed4 runtime needs a 2-D weight, got shape {rt.shape}")
@@ -243,7 +244,7 @@ class Fixed4(nn.Module):
             rows, cols = np.divmod(rt.esc_index, rt.shape[1])
             bits = codec.join(rt.esc_symbol, rt.raw[rt.esc_index], rt.dtype).astype(np.uint16)
             self.esc_rows, self.esc_cols = mx.array(rows.astype(np.int32)), mx.array(cols.astype(np.int32))
-            self.esc_weight = mx.array(codec_runtime.to_float32(bits, rt.dtype))
+            self.esc_weight = mx.array(fixed4.to_float32(bits, rt.dtype))
         object.__setattr__(self, "_meta", (rt.dtype, tuple(rt.shape), rt.n, int(rt.esc_index.size)))
 
 
@@ -258,7 +259,7 @@ def from_encoded(enc: codec.EncodedTensor, fused: bool = False) -> Fixed4:
     if not isinstance(enc, codec.EncodedTensor):
         raise DnError(f"codec: expected an EncodedTensor, got {type(enc).__name__}")
     codec.verify(enc, "<argument>")
-    return Fixed4(codec_runtime.from_encoded(enc), fused)
+    return Fixed4(fixed4.from_encoded(enc), fused)
 
 
 @functools.cache
@@ -327,8 +328,6 @@ def _launch_fixed4(backend: str, inputs: list, params: dict, threads: int) -> mx
     if backend == "metal":
         kernel = _fixed4_metal()
     else:
-        from dn_mlx import _cuda_fixed4 as cuda_fixed4
-
         kernel = cuda_fixed4.kernel()
     return kernel(inputs=inputs, template=list(params.items()), grid=(threads, 1, 1),
                   threadgroup=(_FIXED4_TG, 1, 1), output_shapes=[(params["B"], params["ROWS"])],
@@ -382,7 +381,7 @@ class CodecLinear(nn.Module):
     def __init__(self, f: Fixed4, bias: mx.array | None, dtype=None):
         super().__init__()
         self.dn_codec = f
-        self.dtype_ref = mx.zeros((), dtype or _MX_DTYPES[f._meta[0]])
+        self.dtype_ref = mx.zeros((), dtype or DTYPES[f._meta[0]])
         if bias is not None:
             self.bias = bias
 
@@ -408,25 +407,23 @@ class CodecLinear(nn.Module):
 
 def attach(model, model_dir: Path, spec) -> None:
     """Replace every coded q/k/v/o/gate/up/down projection of model.model.layers by a CodecLinear over its
-    fixed4 layout, built at load (the file stays format v1). A layer's coded tensors are read and converted
-    before the next layer's are read."""
+    fixed4 layout, built at load (the file stays format v1). A layer's coded tensors are read (the codec file
+    opened once: dn.formats.fixed4.read_layers) and converted before the next layer's are read."""
     index = codec.load_index(Path(model_dir))
     fused, used = _gpu() is not None, set()  # the fused kernel's escape terms: 12 bytes per escape
-    for i, layer in enumerate(model.model.layers):
-        names = [(f"model.layers.{i}.{path}.weight", path) for path in _PROJ]
-        names = [(name, path) for name, path in names if name in index]
-        if not names:
-            continue
-        encs = codec.load_model_codec(Path(model_dir), [name for name, _ in names])
-        for name, path in names:
-            enc = encs.pop(name)
+    for i, coded in enumerate(fixed4.read_layers(model_dir, len(model.model.layers))):
+        layer = model.model.layers[i]
+        for path in _PROJ:
+            name = f"model.layers.{i}.{path}.weight"
+            if name not in coded:
+                continue
             parent_name, attr = path.split(".")
             parent = getattr(layer, parent_name)
             old = getattr(parent, attr)
-            if tuple(old.weight.shape) != tuple(enc.shape):
-                raise DnError(f"codec: {name} has shape {tuple(enc.shape)}, the model expects "
+            if tuple(old.weight.shape) != tuple(coded[name].shape):
+                raise DnError(f"codec: {name} has shape {tuple(coded[name].shape)}, the model expects "
                               f"{tuple(old.weight.shape)}")
-            f = Fixed4(codec_runtime.from_encoded(enc), fused)
+            f = Fixed4(coded.pop(name), fused)
             mx.eval(f.parameters())
             # the dense weight it replaces has the compute dtype already (attach may run after set_dtype)
             setattr(parent, attr, CodecLinear(f, old.get("bias"), old.weight.dtype))

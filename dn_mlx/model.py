@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-import math
+import contextlib
 import os
 from pathlib import Path
 
@@ -11,13 +10,17 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
+from dn.core import tensors
+from dn.core.errors import DnError
+from dn.formats.quant import layout, scale_dtype
 from dn.model.spec import ModelSpec, weight_files
+from dn_mlx import codec, quant, resident, sparse
+from dn_mlx.ops import DTYPES
 
 NAME = "mlx"
 # DN_MLX_DEVICE=cpu|gpu pins the device (CI runs the suite on the CPU of hosted macOS runners).
 if os.environ.get("DN_MLX_DEVICE") in ("cpu", "gpu"):
     mx.set_default_device(mx.cpu if os.environ["DN_MLX_DEVICE"] == "cpu" else mx.gpu)
-_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 def is_available() -> bool:
@@ -38,7 +41,7 @@ def device_name() -> str:
 
 
 def _skeleton(spec: ModelSpec):
-    from mlx_lm.utils import _get_classes
+    from mlx_lm.utils import _get_classes  # mlx-lm: imported on first use
 
     config = spec.architecture.to_mlx_config()
     model_class, args_class = _get_classes(config)
@@ -46,44 +49,31 @@ def _skeleton(spec: ModelSpec):
 
 
 def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=None):
-    """residency: a dn.runtime.residency.Runtime: the MLPs are not read from the folder but held under its plan."""
+    """mlx-lm's model for spec, each stored tensor read once from its file (dn.core.tensors) at the dtype it is
+    held in. residency: a dn.runtime.residency.Runtime: the MLPs are not read but held under its plan."""
     model = _skeleton(spec)
-    weights = {}
-    for f in weight_files(model_dir):
-        weights.update(mx.load(str(f)))
-    weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
+    with contextlib.ExitStack() as files:
+        stored = {}  # name -> its file, opened once (dn.core.tensors): each tensor is read from it in its turn
+        for path in weight_files(model_dir):
+            f = files.enter_context(tensors.File(path))
+            stored |= dict.fromkeys(f.header, f)
+        stored = model.sanitize(stored) if hasattr(model, "sanitize") else stored  # the families' only drop keys
+        if residency is not None:
+            for layer in model.model.layers:
+                layer.mlp = resident.ResidentModule()
+            stored = {k: f for k, f in stored.items() if ".mlp." not in k}
+        if spec.quant is not None:  # quantized layers swapped in before loading: no dense weight is ever built
+            quant.quantize_model(model, spec.quant | layout(spec.quant, stored))
+            model.load_weights([(k, _read(f, k, _held(f, k, dtype))) for k, f in stored.items()], strict=True)
+            quant.compute_at(model, DTYPES[dtype])
+        else:
+            _load_plain(model, model_dir, spec, stored, dtype)
     if residency is not None:
-        from dn_mlx import resident
-
-        for layer in model.model.layers:
-            layer.mlp = resident.Placeholder()
-        for k in [k for k in weights if ".mlp." in k]:
-            del weights[k]
-    if spec.quant is not None:  # quantized layers swapped in before loading: no dense weight is ever built
-        from dn.formats.quant import layout
-        from dn_mlx import quant
-
-        quant.quantize_model(model, spec.quant | layout(spec.quant, weights))
-        model.load_weights(list(weights.items()), strict=True)
-        model.set_dtype(_DTYPES[dtype])
-    else:
-        _load_plain(model, model_dir, spec, weights, _DTYPES[dtype])
-    if spec.quant is not None:
-        from dn_mlx import quant
-
-        quant._keep_stored_scales(model, weights, _DTYPES[dtype])
-    if residency is not None:
-        from dn_mlx import resident
-
         sparse_layers = None
         if residency.plan.mode == "sparse":
-            from dn_mlx import sparse
-
-            sparse_layers = sparse.routers(model_dir, spec, _DTYPES[dtype])
-        resident.install(model, residency, sparse_layers)
+            sparse_layers = sparse.routers(model_dir, spec, DTYPES[dtype])
+        residency.install(model, sparse_layers)
     elif spec.sparse is not None:
-        from dn_mlx import sparse
-
         sparse.attach(model, model_dir, spec)
     mx.eval(model.parameters())
     model.eval()
@@ -91,83 +81,62 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=Non
     return model
 
 
-def _placeholder():
-    from dn_mlx import resident
-
-    return resident.Placeholder
-
-
-_CHUNK_BYTES = 2 << 20  # of a stored tensor read at a time when it changes dtype
-_STORED = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}  # floating dtypes read by _read_as
+def _held(f: tensors.File, name: str, dtype: str) -> str | None:
+    """The dtype a stored tensor is held in: floats at the compute dtype, quantized modules' scales and biases
+    as dn.formats.quant.scale_dtype says, the rest (packed codes) as stored (None)."""
+    stored = f.dtype(name)
+    if stored in tensors.NUMPY:
+        return scale_dtype(stored, dtype) if name.endswith((".scales", ".biases")) else dtype
 
 
-def _load_plain(model, model_dir: Path, spec: ModelSpec, weights: dict, dtype) -> None:
+def _load_plain(model, model_dir: Path, spec: ModelSpec, stored: dict, dtype: str) -> None:
     """A dense or lossless folder, straight into its final form: the peak is the model plus about one layer.
-    mx.load's (lazy) arrays only check names and shapes against the skeleton; each stored tensor is then read
-    from its file in its turn (plain reads: outside the decoder layers first, then layer by layer), cast to
-    dtype and evaluated, a chunk of rows at a time when it changes dtype (_read_as), so no stored copy of more
-    than a chunk exists beside the model. A sparse folder's dense MLPs are built as their bundles (dn_mlx.sparse.
-    lay_out_bundled); coded projections are swapped in before anything is read (dn_mlx.codec.attach)."""
-    from dn.core import tensors as safetensors_io
-
+    Lazy placeholders (never evaluated) check names and shapes against the skeleton; each stored tensor is then
+    read from its file (stored: name -> dn.core.tensors.File) in its turn, outside the decoder layers first,
+    then layer by layer, at dtype and evaluated (_read), so no stored copy of more than a chunk exists beside the
+    model. A sparse folder's dense MLPs are built as their bundles (dn_mlx.sparse.lay_out_bundled); coded
+    projections are swapped in before anything is read (dn_mlx.codec.attach)."""
     if spec.codec is not None:  # the coded projections are stored elsewhere: load what the model has a place for
         known = dict(nn.utils.tree_flatten(model.parameters()))
-        for k in [k for k in weights if k not in known]:
-            del weights[k]
-    stored = {}  # name -> (file, header entry, data offset) of the tensors read by _read_as
-    for f in weight_files(model_dir):
-        header, offset = safetensors_io.read_header(f)
-        for name, info in header.items():
-            a = weights.get(name)  # as stored: the families' sanitize only drops keys
-            if (a is not None and info["dtype"] in _STORED and a.dtype == _STORED[info["dtype"]]
-                    and list(a.shape) == info["shape"]):
-                stored[name] = (f, info, offset)
-    model.load_weights(list(weights.items()), strict=spec.codec is None)  # names and shapes checked; nothing read
-    weights.clear()
-    model.set_dtype(dtype)
+        stored = {k: f for k, f in stored.items() if k in known}
+    model.load_weights([(k, mx.zeros(f.shape(k), DTYPES[f.dtype(k)])) for k, f in stored.items()],
+                       strict=spec.codec is None)  # names and shapes checked; nothing read
+    model.set_dtype(DTYPES[dtype])
     if spec.codec is not None:  # before reading: the skeleton's own (lazy) projections are never built
-        from dn_mlx import codec
-
         codec.attach(model, model_dir, spec)
+    read = lambda k: _read(stored[k], k, _held(stored[k], k, dtype))
     outside = [k for k in stored if not k.startswith("model.layers.")]  # the embedding, norm, an untied head
-    model.load_weights([(k, _read_as(*stored.pop(k), dtype)) for k in outside], strict=False)
+    model.load_weights([(k, read(k)) for k in outside], strict=False)
     bundle = spec.sparse is not None and spec.codec is None and not isinstance(model.model.layers[0].mlp,
-                                                                                 _placeholder())
+                                                                                 resident.ResidentModule)
     for i, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{i}."
-        layer.load_weights([(k.removeprefix(prefix), _read_as(*stored.pop(k), dtype)) for k in list(stored)
-                            if k.startswith(prefix)], strict=False)
+        layer.load_weights([(k.removeprefix(prefix), read(k)) for k in stored if k.startswith(prefix)], strict=False)
         if bundle:
-            from dn_mlx import sparse
-
-            sparse.lay_out_bundled(layer.mlp, dtype)
-        mx.clear_cache()  # as in _read_as
+            sparse.lay_out_bundled(layer.mlp, DTYPES[dtype])
+        mx.clear_cache()  # as in _read
         mx.eval(layer.parameters())
     mx.eval(model.parameters())
 
 
-def _read_as(path: Path, info: dict, offset: int, dtype) -> mx.array:
-    """A stored floating tensor at dtype, evaluated, from plain reads of its file (dn.core.tensors.read_rows).
-    One that changes dtype and is larger than _CHUNK_BYTES is filled a chunk of rows at a time: each slice
-    update is evaluated before the next read and reuses the array's buffer. Same values as astype of the whole
-    array."""
-    from dn.core import tensors as safetensors_io
+def _array(a: np.ndarray, dtype: str) -> mx.array:
+    return mx.array(a).view(DTYPES[dtype])  # bf16 arrives as its uint16 bits
 
-    stored, shape = _STORED[info["dtype"]], info["shape"]
 
-    def rows(r0: int = 0, r1: int | None = None) -> mx.array:
-        return mx.array(safetensors_io.read_rows(path, info, offset, r0, r1)).view(stored).astype(dtype)
-
+def _read(f: tensors.File, name: str, dtype: str | None = None) -> mx.array:
+    """A stored tensor as stored or at dtype, evaluated, from plain reads of its file. One that changes dtype is
+    converted (dn.core.tensors, as astype converts) a chunk of rows at a time into the array it ends in: each
+    slice update is evaluated before the next read and reuses the array's buffer."""
     # Freed buffers (stored copies) are released, not handed out again to a smaller array that would then hold,
     # and be counted for, more than its bytes.
     mx.clear_cache()
-    row = math.prod(shape[1:]) * stored.size
-    if stored == dtype or not shape or shape[0] * row <= _CHUNK_BYTES:
-        out = rows()
+    held, shape = dtype or f.dtype(name), f.shape(name)
+    if held == f.dtype(name) or not shape:
+        out = _array(f.read(name, held), held)
     else:
-        out, step = mx.zeros(shape, dtype), max(1, _CHUNK_BYTES // row)
-        for r0 in range(0, shape[0], step):
-            out[r0:r0 + step] = rows(r0, r0 + step)
+        out = mx.zeros(shape, DTYPES[held])
+        for r0, a in f.chunks(name, held):
+            out[r0:r0 + len(a)] = _array(a, held)
             mx.eval(out)
     mx.eval(out)
     return out
@@ -176,9 +145,7 @@ def _read_as(path: Path, info: dict, offset: int, dtype) -> mx.array:
 def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None):
     """mlx-lm's cache for the model; under max_kv_size each layer a RotatingKVCache (as mlx-lm's generate: the
     first 4 tokens and the last ones, max_kv_size in all); under kv_bits a QuantizedKVCache (groups of 64)."""
-    from mlx_lm.models import cache as c
-
-    from dn.core.errors import DnError
+    from mlx_lm.models import cache as c  # mlx-lm: imported on first use
 
     own = c.make_prompt_cache(model)  # a model's own make_cache ignores mlx-lm's max_kv_size: bounded here
     if max_kv_size is None and kv_bits is None:
@@ -245,14 +212,11 @@ def hidden_states(model, tokens: np.ndarray) -> list[np.ndarray]:
 
 
 def import_model_code(spec: ModelSpec) -> None:
-    """Import what load() runs for spec (mlx-lm's model module, dn's codec and sparse modules), so that a
-    measured load counts weights, not code."""
-    from mlx_lm.utils import _get_classes
+    """Import mlx-lm's model module for spec (dn_mlx's own come with the package), so that a measured load counts
+    weights, not code."""
+    from mlx_lm.utils import _get_classes  # mlx-lm: imported on first use
 
     _get_classes(spec.architecture.to_mlx_config())
-    for name, section in (("codec", spec.codec), ("sparse", spec.sparse), ("quant", spec.quant)):
-        if section is not None:
-            importlib.import_module(f"dn_mlx.{name}")
 
 
 def memory_stats(reset_peak: bool = False) -> dict:

@@ -1,6 +1,6 @@
 """Affine group-wise quantized weights (mlx-lm's format, dn/formats/quant.py) on MLX: mlx's own quantized layers.
 
-dn_torch/quant.py has the same public functions; a test checks the two modules match, name for name."""
+affine_matmul, quantize_model and rows as dn_torch/quant.py has them; compute_at for the loader (dn_mlx/model.py)."""
 
 from __future__ import annotations
 
@@ -49,13 +49,12 @@ class _Embedding(nn.QuantizedEmbedding):
         return mx.dequantize(self["weight"][x], s, b, group_size=self.group_size, bits=self.bits, mode=self.mode)
 
 
-def _keep_stored_scales(model: nn.Module, weights: dict, dtype) -> None:
-    """After set_dtype to a 32-bit compute dtype: hold the stored 16-bit scales and biases again (exact in 32-bit
-    arithmetic, half the bytes), as torch does; quantized embeddings still return rows at the compute dtype."""
+def compute_at(model: nn.Module, dtype) -> None:
+    """Under a 32-bit compute dtype the loader holds 16-bit stored scales and biases as stored
+    (dn.formats.quant.scale_dtype: exact in 32-bit arithmetic, half the bytes), as torch does: quantized modules
+    then dequantize rows, and quantized embeddings look them up, at the compute dtype."""
     if dtype.size <= 2:
         return
-    model.load_weights([(k, v) for k, v in weights.items()
-                        if k.endswith((".scales", ".biases")) and v.dtype.size == 2], strict=False)
     for _, module in model.named_modules():
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             object.__setattr__(module, "_compute", dtype)  # a plain attribute, not a parameter

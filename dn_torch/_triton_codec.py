@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from dn_torch._codec_tables import tables as _tables
+from dn_torch.ops import DTYPES
 
 
 @triton.jit
@@ -323,9 +324,6 @@ def _f4_matvec_kernel(table, nib, raw, raw16, x, y, esc_index, esc_symbol, row_p
         tl.atomic_add(yp, acc, mask=ym)
 
 
-_CODED = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
     """Triton wants a real pointer even where nothing is read."""
     return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
@@ -339,14 +337,14 @@ def _pairs(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def coded_dtype(t) -> str:
-    """The 16-bit format of a fixed4 holder: `coded` (dn_torch.codec.CodecLinear) or `dtype` (RuntimeTensor)."""
+    """The 16-bit format of a fixed4 holder: `coded` (dn_torch.codec.CodecLinear) or `dtype` (fixed4.Lossless)."""
     return getattr(t, "coded", None) or t.dtype
 
 
 def fixed4_decode(t, out: torch.Tensor | None = None) -> torch.Tensor:
     """A fixed4 tensor on the device -> its weights, bit-exact with dn.formats.fixed4.decode: int16 bits [n], or
     into out[:n] when given as int16, the coded dtype (the same bits) or float32 (the exact upcast). t: anything
-    holding the RuntimeTensor fields as torch tensors (table, nibbles, raw, esc_index, esc_symbol) and
+    holding the fixed4.Lossless fields as torch tensors (table, nibbles, raw, esc_index, esc_symbol) and
     `coded` or `dtype` naming the format."""
     n = t.raw.numel()
     out = torch.empty(n, dtype=torch.int16, device=t.raw.device) if out is None else out[:n]
@@ -401,7 +399,7 @@ def fixed4_matvec(t, x: torch.Tensor, config: dict | None = None) -> torch.Tenso
                                                     device=x.device)
     raw16 = _pairs(t.raw, torch.int16) if n_in % 2 == 0 else None
     # tensor cores (tf32, exact for 16-bit x) in the paired layout; elsewhere DOT falls back to fp32 FMAs
-    dot = bool(cfg.get("DOT")) and raw16 is not None and x.dtype == _CODED[coded_dtype(t)]
+    dot = bool(cfg.get("DOT")) and raw16 is not None and x.dtype == DTYPES[coded_dtype(t)]
     if dot and (cfg["BLOCK_N"] < 16 or cfg["BLOCK_K"] < 32):
         raise ValueError(f"fixed4_matvec: DOT needs BLOCK_N >= 16 and BLOCK_K >= 32, got {cfg}")
     bp = max(16 if dot else 1, triton.next_power_of_2(x.shape[0]))

@@ -13,8 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from dn.formats import fixed4 as codec_runtime
+from dn.formats import fixed4
 from dn.formats import lossless as codec
+from dn_torch.ops import DTYPES
+
+try:
+    from dn_torch import _triton_codec
+except ImportError:  # Triton only where a GPU backend is installed
+    _triton_codec = None
 
 _MASK32 = 0xFFFFFFFF
 
@@ -48,7 +54,7 @@ class PackedLayer(nn.Module):
     def decode(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """-> int16 bits [n] (into out[:n] when given)."""
         out = torch.empty(self.n, dtype=torch.int16, device=self.words.device) if out is None else out[:self.n]
-        if self.words.is_cuda and _triton_ok():
+        if self.words.is_cuda and _triton_codec is not None:
             _decode_triton(self, out)
         else:
             _decode_torch(self, out)
@@ -86,17 +92,7 @@ def _decode_torch(p: PackedLayer, out: torch.Tensor) -> None:
     out.copy_(_join(torch.cat(parts), p.raw, p.dtype))
 
 
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _decode_triton(p: PackedLayer, out: torch.Tensor) -> None:
-    from dn_torch import _triton_codec
-
     pos, lut_base, out_base, count = p.stream_meta()
     _triton_codec.decode(p.words, p.luts, p.raw, pos, lut_base, out_base, count, out,
                          p.lanes, p.steps, p.maxlen, p.dtype == "bfloat16")
@@ -115,9 +111,6 @@ def decode_reference(enc: codec.EncodedTensor, device=None) -> torch.Tensor:
     return out.reshape(enc.shape)
 
 
-_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class CodecLinear(nn.Module):
     """nn.Linear whose weight is held in the runtime layout fixed4 (dn.formats.fixed4, converted at load from the
     stored Huffman code) and decoded on access into one scratch buffer shared by every projection (the largest
@@ -127,10 +120,10 @@ class CodecLinear(nn.Module):
     DN_CODEC_FUSED=1 (off by default) sends CPU inputs of at most 4 rows (decode steps) through the C fused
     decode+GEMV instead: no decoded copy, but float32 sums in another order, so logits differ in the last bits."""
 
-    def __init__(self, rt: codec_runtime.RuntimeTensor, scratch: list, start: int, bias):
+    def __init__(self, rt: fixed4.Lossless, scratch: list, start: int, bias):
         super().__init__()
         self.coded, self.shape, self.n, self._scratch, self.start = rt.dtype, tuple(rt.shape), rt.n, scratch, start
-        for name, a in zip(_FIXED4, codec_runtime.buffers(rt)):
+        for name, a in zip(_FIXED4, fixed4.buffers(rt)):
             t = torch.from_numpy(np.require(a, requirements=["C", "W"]))
             self.register_buffer(name, t.to(scratch[0].device))
         self.bias, self.fused = bias, False
@@ -163,21 +156,21 @@ def from_encoded(enc: codec.EncodedTensor, fused: bool = False) -> CodecLinear:
     """A stored tensor -> a CodecLinear holding it in fixed4 with its own scratch (tests, benchmarks); fused:
     route decode steps through the fused kernel, as DN_CODEC_FUSED=1 does."""
     codec.verify(enc, "<argument>")
-    rt = codec_runtime.convert(enc, torch.get_num_threads())
-    lin = CodecLinear(rt, [torch.empty(rt.n, dtype=_TORCH_DTYPES[rt.dtype])], 0, None)
+    rt = fixed4.convert(enc, torch.get_num_threads())
+    lin = CodecLinear(rt, [torch.empty(rt.n, dtype=DTYPES[rt.dtype])], 0, None)
     lin.fused = fused
     return lin
 
 
 def _decode_into(f, out: torch.Tensor) -> torch.Tensor:
     """f: a module holding a fixed4 tensor's buffers (CodecLinear); out: [n] int16 bits, or values at the coded
-    dtype or float32 (exact upcast). CPU: the C kernel (dn/formats/csrc/codec_runtime.c), else the pure-torch path."""
+    dtype or float32 (exact upcast). CPU: the C kernel (dn/formats/csrc/fixed4.c), else the pure-torch path."""
     if out.is_cuda:
         return _decode_fixed4_cuda(f, out)
-    lib = codec_runtime.native() if out.device.type == "cpu" else None
-    coded = _TORCH_DTYPES[f.coded]
+    lib = fixed4.native() if out.device.type == "cpu" else None
+    coded = DTYPES[f.coded]
     if lib is not None and out.dtype in (torch.int16, coded, torch.float32) and out.is_contiguous():
-        codec_runtime.decode_native(lib, f, out.dtype == torch.float32, torch.get_num_threads(), out, f.coded)
+        fixed4.decode_native(lib, f, out.dtype == torch.float32, torch.get_num_threads(), out, f.coded)
         return out
     return _plain_into(f, out)
 
@@ -185,17 +178,15 @@ def _decode_into(f, out: torch.Tensor) -> torch.Tensor:
 def _plain_into(f, out: torch.Tensor) -> torch.Tensor:
     """_decode_plain's bits into out: as bits, or at out's dtype (an exact upcast, as the dense loader makes)."""
     bits = _decode_plain(f)
-    return out.copy_(bits if out.dtype == torch.int16 else bits.view(_TORCH_DTYPES[f.coded]))
+    return out.copy_(bits if out.dtype == torch.int16 else bits.view(DTYPES[f.coded]))
 
 
 def _decode_fixed4_cuda(f, out: torch.Tensor) -> torch.Tensor:
     """CUDA: the Triton fixed4 decode (dn_torch/_triton_codec.py, bit-exact) straight into out when out holds bits,
     the coded dtype or float32, else through int16 bits; the pure-torch path where Triton is missing."""
-    coded = _TORCH_DTYPES[f.coded]
-    if not _triton_ok():
+    coded = DTYPES[f.coded]
+    if _triton_codec is None:
         return _plain_into(f, out)
-    from dn_torch import _triton_codec
-
     if out.dtype in (torch.int16, coded, torch.float32) and out.is_contiguous():
         return _triton_codec.fixed4_decode(f, out)
     return out.copy_(_triton_codec.fixed4_decode(f).view(coded))  # the other 16-bit float: converted as Tensor.to
@@ -217,19 +208,15 @@ def _decode_plain(f) -> torch.Tensor:
 
 
 def attach(model, model_dir: Path, spec) -> None:
-    """Replace the coded projections of every decoder layer by CodecLinear. A layer's coded tensors are read,
-    converted to fixed4 and moved to the device before the next layer's are read, so the stored Huffman code
-    is never resident."""
+    """Replace the coded projections of every decoder layer by CodecLinear. A layer's coded tensors are read
+    (dn.formats.fixed4.read_layers: the codec file opened once), converted to fixed4 and moved to the device
+    before the next layer's are read, so the stored Huffman code is never resident."""
     index = codec.load_index(model_dir)
     ref = next(p for p in model.parameters() if not p.is_meta and p.is_floating_point())  # device, dtype
-    layers = model.model.layers
-    names = [[k for k in index if k.startswith(f"model.layers.{i}.")] for i in range(len(layers))]
-    n_max = max(index[k]["n"] for ks in names for k in ks)
-    scratch = [torch.empty(n_max, dtype=ref.dtype, device=ref.device)]  # shared by every CodecLinear
+    scratch = [torch.empty(max(h["n"] for h in index.values()), dtype=ref.dtype, device=ref.device)]  # shared
     model.register_buffer("dn_codec_scratch_weights", scratch[0], persistent=False)
-    for ks in names:
-        for name, enc in codec.load_model_codec(model_dir, ks).items() if ks else ():
-            rt = codec_runtime.convert(enc, torch.get_num_threads())
+    for coded in fixed4.read_layers(model_dir, len(model.model.layers), torch.get_num_threads()):
+        for name, rt in coded.items():
             # "model.layers.3.self_attn.q_proj.weight" -> parent "layers.3.self_attn", attribute "q_proj"
             parent, attr = name.removeprefix("model.").removesuffix(".weight").rsplit(".", 1)
             module = model.model.get_submodule(parent)
@@ -238,9 +225,7 @@ def attach(model, model_dir: Path, spec) -> None:
 
 def matvec(enc: codec.EncodedTensor, x: torch.Tensor) -> torch.Tensor:
     """y = x @ W.T for x [B, in]: decode then matmul (the fused Triton kernel is in _triton_codec)."""
-    if x.is_cuda and _triton_ok():
-        from dn_torch import _triton_codec
-
+    if x.is_cuda and _triton_codec is not None:
         return _triton_codec.matvec(PackedLayer(codec.pack({"": enc})).to(x.device), x, enc.shape)
     w = decode(enc, x.device).view(torch.bfloat16 if enc.dtype == "bfloat16" else torch.float16)
     return x @ w.to(x.dtype).T
@@ -250,12 +235,12 @@ def matvec_fixed4(f, x: torch.Tensor) -> torch.Tensor:
     """y = x @ W.T for a CodecLinear's fixed4 weight and x [B, in]: the C fused decode+GEMV on CPU for B <= 4
     (float32 accumulation, escapes as a second pass: close to F.linear, not bit-identical, so the runtime does
     not use it), else decode then matmul. Returns float32 from the fused kernel, x's dtype otherwise."""
-    lib = codec_runtime.native() if x.device.type == "cpu" else None
+    lib = fixed4.native() if x.device.type == "cpu" else None
     if lib is None or not 1 <= x.shape[0] <= 4:
         return nn.functional.linear(x, f.weight.to(x.dtype))
     threads, y = torch.get_num_threads(), torch.empty(x.shape[0], f.shape[0], dtype=torch.float32)
     bf16 = x.dtype == torch.bfloat16 and f.coded == "bfloat16"  # exact bf16 products, no float32 copy of W or x
-    if bf16 and codec_runtime.matvec_native_bf16(lib, f, x.contiguous().view(torch.int16), threads, f.coded, y) \
+    if bf16 and fixed4.matvec_native_bf16(lib, f, x.contiguous().view(torch.int16), threads, f.coded, y) \
             is not None:
         return y
-    return codec_runtime.matvec_native(lib, f, x.float().contiguous(), threads, f.coded, y)
+    return fixed4.matvec_native(lib, f, x.float().contiguous(), threads, f.coded, y)

@@ -2,37 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import importlib
 import inspect
-import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dn.core import tensors as safetensors_io
+from dn.core import tensors
 from dn.core.errors import DnError
+from dn.formats.quant import layout
 from dn.model.spec import ModelSpec, weight_files
+from dn_torch import codec, quant, resident, sparse
+from dn_torch.ops import DTYPES
+from dn_torch.ops import device as _device
 
 NAME = "torch"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def is_available() -> bool:
     return True
-
-
-def _device() -> torch.device:
-    name = os.environ.get("DN_TORCH_DEVICE")
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():  # also true on ROCm builds
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def device_name() -> str:
@@ -43,14 +33,14 @@ def device_name() -> str:
 
 
 def _config(spec: ModelSpec):
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: imported on first use
 
     cfg = spec.architecture.to_hf_config()
     return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
 def _model_class(spec: ModelSpec):
-    import transformers
+    import transformers  # heavy: imported on first use
 
     return getattr(transformers, _config(spec).architectures[0])
 
@@ -65,21 +55,17 @@ def _meta_model(spec: ModelSpec):
 
 def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=None):
     """residency: a dn.runtime.residency.Runtime: the MLPs are not read from the folder but held under its plan."""
-    from transformers.utils import logging
+    from transformers.utils import logging  # heavy: imported on first use
 
     logging.disable_progress_bar()
-    torch_dtype = _DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
     if spec.quant is not None:
-        model = _load_quantized(model_dir, spec, torch_dtype, residency is not None)
+        model = _load_quantized(model_dir, spec, dtype, residency is not None)
     else:
-        model = _load_plain(model_dir, spec, torch_dtype, residency is not None)
+        model = _load_plain(model_dir, spec, dtype, residency is not None)
     if residency is not None:
-        from dn_torch import resident
-
-        resident.install(model, residency, _sparse_layers(model_dir, spec, residency, torch_dtype))
+        residency.install(model, _sparse_layers(model_dir, spec, residency, torch_dtype))
     elif spec.sparse is not None:
-        from dn_torch import sparse
-
         sparse.attach(model, model_dir, spec)
     model.eval()
     model.dn_dtype = dtype
@@ -87,53 +73,47 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=Non
 
 
 def _sparse_layers(model_dir: Path, spec: ModelSpec, runtime, dtype: torch.dtype):
-    """Sparse residency: each layer's router and prior, without its neurons (dn_torch.sparse.RouterOnly)."""
+    """Sparse residency: each layer's router and prior, without its neurons (a SparseMLP with no neurons)."""
     if runtime.plan.mode != "sparse":
         return None
-    from dn_torch import sparse
-
     return sparse.routers(model_dir, spec, dtype)
 
 
 def _without_mlps(model) -> None:
     """Residency: the MLPs are held by dn.runtime.residency, not read from the folder (their tensors find no slot)."""
-    from dn_torch import resident
-
     for layer in model.model.layers:
-        layer.mlp = resident.Placeholder()
+        layer.mlp = resident.ResidentModule()
 
 
-def _load_plain(model_dir: Path, spec: ModelSpec, dtype: torch.dtype, resident: bool = False):
+def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = False):
     """A dense or lossless folder, straight into its final form: the skeleton stays on meta and each stored
-    tensor is read from the file into its own parameter at dtype, a chunk of rows at a time (no copy of the
-    checkpoint, mapped or read, exists beside the model); a sparse folder's dense MLPs are read straight into
-    their bundles (dn_torch.sparse.lay_out_bundled); coded projections are swapped in after, one layer at a
-    time (dn_torch.codec.attach). Same values as from_pretrained: each tensor converted as Tensor.to does."""
+    tensor is read from the file (dn.core.tensors, each file once) into its own parameter at dtype, converted a
+    chunk of rows at a time (no copy of the checkpoint, mapped or read, exists beside the model); a sparse
+    folder's dense MLPs are read straight into their bundles (dn_torch.sparse.lay_out_bundled); coded
+    projections are swapped in after, one layer at a time (dn_torch.codec.attach). Same values as
+    from_pretrained: each tensor converted as Tensor.to does."""
     model, config = _meta_model(spec)
     if resident:
         _without_mlps(model)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()  # tie_weights sets it
     into = {}  # stored name -> the tensor it is read into, laid out before reading
     if spec.sparse is not None and spec.codec is None and not resident:
-        from dn_torch import sparse
-
         for i, layer in enumerate(model.model.layers):
-            views = sparse.lay_out_bundled(layer.mlp, dtype, _device())
+            views = sparse.lay_out_bundled(layer.mlp, DTYPES[dtype], _device())
             into |= {f"model.layers.{i}.mlp.{k}": v for k, v in views.items()}
-    for f in weight_files(model_dir):
-        for stored in _stored_tensors(f):
-            if stored.name in into:
-                _fill(into.pop(stored.name), stored)
-                continue
-            module, want = (None, None) if stored.name in tied else _slot(model, stored)
-            if want is not None:
-                _place(module, stored, dtype)
+    for path in weight_files(model_dir):
+        with tensors.File(path) as f:
+            for name in f.header:
+                if name in into:
+                    _fill(into.pop(name), f, name, dtype)
+                    continue
+                module, want = (None, None) if name in tied else _slot(model, f, name)
+                if want is not None:
+                    _place(module, f, name, dtype)
     if into:
         raise DnError(f"{model_dir}: weights lack tensor {min(into)}")
     _rotary(model, config)
     if spec.codec is not None:
-        from dn_torch import codec
-
         codec.attach(model, model_dir, spec)
     if tied:
         model.tie_weights()
@@ -175,33 +155,33 @@ def _embed_scale(hidden: int) -> float:
     return float(torch.tensor(hidden ** 0.5, dtype=torch.bfloat16))
 
 
-def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: torch.dtype, resident: bool = False):
+def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = False):
     """An mlx-lm quantized folder: the skeleton stays on meta, its quantized modules are swapped in, and each
-    stored tensor is read from the file straight into its final tensor; packed weights last, a chunk of rows
-    at a time into the layout they compute in (no dense, nor second packed, copy of a matrix ever exists)."""
-    from dn.formats import quant as q
-    from dn_torch import quant
-
+    stored tensor is read from the file (dn.core.tensors, each file once) straight into its final tensor; packed
+    weights last, a chunk of rows at a time into the layout they compute in (no dense, nor second packed, copy
+    of a matrix ever exists)."""
     model, config = _meta_model(spec)
     if resident:
         _without_mlps(model)
     scale = _plain_scaled_embedding(model)
     # mlx-lm's loader rule: a module is quantized iff its scales are stored
-    quant.quantize_model(model, {**spec.quant, **q.layout(spec.quant, [t.name for t in spec.tensors])})
+    quant.quantize_model(model, {**spec.quant, **layout(spec.quant, [t.name for t in spec.tensors])})
     packed = []
-    for f in weight_files(model_dir):
-        for stored in _stored_tensors(f):
-            module, want = _slot(model, stored)
-            if isinstance(module, (quant.QuantizedLinear, quant.QuantizedEmbedding)) and want is module.weight:
-                packed.append((module, stored))
-            elif want is not None:
-                _place(module, stored, dtype)
-    _rotary(model, config)
-    if scale is not None:
-        _scale_output(model.model.embed_tokens, scale)
-    _check_loaded(model, model_dir, skip={id(m.weight) for m, _ in packed})
-    for module, stored in packed:
-        module.fill(stored.read, dtype)
+    with contextlib.ExitStack() as files:
+        for path in weight_files(model_dir):
+            f = files.enter_context(tensors.File(path))
+            for name in f.header:
+                module, want = _slot(model, f, name)
+                if isinstance(module, (quant.QuantizedLinear, quant.QuantizedEmbedding)) and want is module.weight:
+                    packed.append((module, f, name))
+                elif want is not None:
+                    _place(module, f, name, dtype)
+        _rotary(model, config)
+        if scale is not None:
+            _scale_output(model.model.embed_tokens, scale)
+        _check_loaded(model, model_dir, skip={id(m.weight) for m, _, _ in packed})
+        for module, f, name in packed:
+            module.fill(functools.partial(_read, f, name, None), DTYPES[dtype])
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     _check_loaded(model, model_dir)
@@ -214,92 +194,61 @@ def _check_loaded(model, model_dir: Path, skip=frozenset()) -> None:
             raise DnError(f"{model_dir}: weights lack tensor {name}")
 
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U32": torch.uint32,
-              "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8}
-
-
-class _Stored:
-    """One tensor of a safetensors file, read on demand (whole, or rows [r0, r1)) into fresh memory on the
-    device. Plain reads (dn.core.tensors.read_rows), not a mapping: mapped pages would count as resident
-    until the file is closed."""
-
-    def __init__(self, path: Path, name: str, info: dict, offset: int):
-        if info["dtype"] not in _ST_DTYPES:
-            raise DnError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        self.path, self.name, self.shape, self.dtype = path, name, list(info["shape"]), _ST_DTYPES[info["dtype"]]
-        self.info, self.offset = info, offset
-
-    def read(self, r0: int = 0, r1: int | None = None) -> torch.Tensor:
-        t = torch.from_numpy(safetensors_io.read_rows(self.path, self.info, self.offset, r0, r1))
-        return t.view(self.dtype).to(_device())  # BF16 is read as its uint16 bits
-
-
-def _stored_tensors(path: Path) -> list[_Stored]:
-    header, offset = safetensors_io.read_header(path)
-    return [_Stored(path, name, info, offset) for name, info in header.items()]
-
-
-def _slot(model, stored: _Stored):
+def _slot(model, f: tensors.File, name: str):
     """(module, the parameter or buffer the skeleton holds for a stored tensor), checked against it; (None,
     None) for a tensor the model has no place for."""
-    path, _, attr = stored.name.rpartition(".")
+    if f.dtype(name) not in DTYPES:
+        raise DnError(f"{f.path}: tensor {name} has unsupported dtype {f.header[name]['dtype']}")
+    path, _, attr = name.rpartition(".")
     try:
         module = model.get_submodule(path)
     except AttributeError:
         return None, None
     want = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
-    if want is not None and (list(want.shape) != stored.shape
-                             or (not want.is_floating_point() and want.dtype != stored.dtype)):
-        raise DnError(f"tensor {stored.name} is {stored.dtype} {stored.shape}, the model expects "
-                      f"{want.dtype} {list(want.shape)}")
+    stored = DTYPES[f.dtype(name)]
+    if want is not None and (list(want.shape) != f.shape(name)
+                             or (not want.is_floating_point() and want.dtype != stored)):
+        raise DnError(f"tensor {name} is {stored} {f.shape(name)}, the model expects {want.dtype} {list(want.shape)}")
     return module, want
 
 
-def _place(module, stored: _Stored, dtype: torch.dtype) -> None:
+def _place(module, f: tensors.File, name: str, dtype: str) -> None:
     """Read a stored tensor into its place: quantized modules' scales, biases and bias as stored (fill
     converts them), float parameters at dtype."""
-    from dn_torch import quant
-
-    attr = stored.name.rpartition(".")[2]
+    attr = name.rpartition(".")[2]
     if attr in module._parameters:
-        module._parameters[attr] = torch.nn.Parameter(_read_as(stored, dtype), requires_grad=False)
-    elif isinstance(module, (quant.QuantizedLinear, quant.QuantizedEmbedding)) or not stored.dtype.is_floating_point:
-        module._buffers[attr] = stored.read()
+        module._parameters[attr] = torch.nn.Parameter(_read(f, name, dtype), requires_grad=False)
+    elif (isinstance(module, (quant.QuantizedLinear, quant.QuantizedEmbedding))
+          or not DTYPES[f.dtype(name)].is_floating_point):
+        module._buffers[attr] = _read(f, name)
     else:
-        module._buffers[attr] = _read_as(stored, dtype)
+        module._buffers[attr] = _read(f, name, dtype)
 
 
-_CHUNK_BYTES = 2 << 20  # of a tensor read at a time when it changes dtype: all a load holds beside the model
+def _tensor(a: np.ndarray, dtype: str) -> torch.Tensor:
+    return torch.from_numpy(a).view(DTYPES[dtype])  # bf16 arrives as its uint16 bits
 
 
-def _read_as(stored: _Stored, dtype: torch.dtype) -> torch.Tensor:
-    """A stored tensor at dtype. One that changes dtype is read a chunk of rows at a time into the tensor it
-    ends in, so no whole copy at the stored dtype exists (Tensor.copy_ converts as Tensor.to does)."""
-    if stored.dtype == dtype or len(stored.shape) < 2:
-        return stored.read().to(dtype)
-    out = torch.empty(stored.shape, dtype=dtype, device=_device())
-    _fill(out, stored)
-    return out
+def _read(f: tensors.File, name: str, dtype: str | None = None, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    """Rows [r0, r1) of a stored tensor (all of it by default) on the device, as stored or at dtype (converted by
+    dn.core.tensors into the memory the tensor keeps, a chunk of rows at a time, as Tensor.to converts)."""
+    return _tensor(f.read(name, dtype, r0, r1), dtype or f.dtype(name)).to(_device())
 
 
-def _fill(out: torch.Tensor, stored: _Stored) -> None:
-    """Read a stored tensor into out (any dtype, any strides: a view of a bundle), a chunk of rows at a time."""
-    if list(out.shape) != stored.shape:
-        raise DnError(f"tensor {stored.name} is {stored.dtype} {stored.shape}, the model expects "
+def _fill(out: torch.Tensor, f: tensors.File, name: str, dtype: str) -> None:
+    """Read a stored tensor at dtype into out (any strides: a view of a bundle), a chunk of rows at a time."""
+    if list(out.shape) != f.shape(name):
+        raise DnError(f"tensor {name} is {DTYPES[f.dtype(name)]} {f.shape(name)}, the model expects "
                       f"{out.dtype} {list(out.shape)}")
-    if len(stored.shape) < 2:
-        out.copy_(stored.read())
-        return
-    step = max(1, _CHUNK_BYTES // (math.prod(stored.shape[1:]) * stored.dtype.itemsize))
-    for r0 in range(0, stored.shape[0], step):
-        out[r0:r0 + step].copy_(stored.read(r0, r0 + step))
+    for r0, a in f.chunks(name, dtype):
+        out[r0:r0 + len(a)].copy_(_tensor(a, dtype))
 
 
 def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None):
     """transformers' DynamicCache; under max_kv_size each layer keeps max_kv_size tokens as mlx-lm's rotating
     cache does (the first 4 and the latest); under kv_bits, transformers' QuantizedCache (needs optimum-quanto
     or hqq)."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # heavy: imported on first use
 
     if kv_bits is not None:
         if max_kv_size is not None:
@@ -307,7 +256,7 @@ def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None
         return _quantized_cache(model, kv_bits)
     cache = DynamicCache(config=model.config)
     if max_kv_size is not None:
-        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # heavy: imported on first use
 
         layers = []
         for layer in cache.layers:
@@ -324,7 +273,7 @@ def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None
 
 @functools.cache
 def _rotating_layer_class():
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer  # heavy: imported on first use
 
     class RotatingLayer(DynamicLayer):
         """mlx-lm's RotatingKVCache on a transformers cache layer: after each update it keeps the first `keep`
@@ -360,7 +309,7 @@ def _rotating_layer_class():
 
 
 def _quantized_cache(model, kv_bits: int):
-    from transformers import QuantizedCache
+    from transformers import QuantizedCache  # heavy: imported on first use
     from transformers.utils import is_hqq_available, is_optimum_quanto_available
 
     if is_optimum_quanto_available() and kv_bits in (2, 4):
@@ -416,12 +365,9 @@ def hidden_states(model, tokens: np.ndarray) -> list[np.ndarray]:
 
 
 def import_model_code(spec: ModelSpec) -> None:
-    """Import what load() runs for spec (transformers imports a modeling module on first use), so that a
-    measured load counts weights, not code."""
+    """Import what load() runs for spec, so that a measured load counts weights, not code: transformers imports
+    a modeling module on first use (dn_torch's own modules are imported with the package)."""
     _model_class(spec)
-    for name, section in (("codec", spec.codec), ("sparse", spec.sparse), ("quant", spec.quant)):
-        if section is not None:
-            importlib.import_module(f"dn_torch.{name}")
 
 
 def memory_stats(reset_peak: bool = False) -> dict | None:

@@ -153,7 +153,7 @@ def test_fixed4_decode_into_every_scratch(runtime_path, dtype, scratch):
     from dn.formats import fixed4 as codec_runtime
 
     bits = weights_like(3 * 4099, 3)  # odd n, escapes (the specials), several vector steps
-    coded = tc._TORCH_DTYPES[dtype]
+    coded = tc.DTYPES[dtype]
     sdt = {"int16": torch.int16, "coded": coded, "float32": torch.float32,
            "other16": torch.float16 if dtype == "bfloat16" else torch.bfloat16}[scratch]
     lin, rt = codec_linear(bits.reshape(3, 4099), dtype, sdt)

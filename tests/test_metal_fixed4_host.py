@@ -41,7 +41,7 @@ def _bits(rng, shape, dtype: str, spread: float = 6.0) -> np.ndarray:
     return vals.astype(np.float16).view(np.uint16)
 
 
-def _inputs(rt: codec_runtime.RuntimeTensor, x: np.ndarray) -> list:
+def _inputs(rt: codec_runtime.Lossless, x: np.ndarray) -> list:
     """(name, dtype, array) as dn_mlx.codec.Fixed4 holds them: whole uint32 words, zero-padded."""
     words = -(-rt.n // 8)
     nib, raw = np.zeros(4 * words, np.uint8), np.zeros(8 * words, np.uint8)
@@ -50,7 +50,7 @@ def _inputs(rt: codec_runtime.RuntimeTensor, x: np.ndarray) -> list:
             ("table", "uint8", rt.table), ("x", "float32", x.astype(np.float32))]
 
 
-def _escapes(rt: codec_runtime.RuntimeTensor, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _escapes(rt: codec_runtime.Lossless, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The reference's second pass on the kernel's main pass."""
     y = y.copy()
     w = codec_runtime.to_float32(codec.join(rt.esc_symbol, rt.raw[rt.esc_index], rt.dtype).astype(np.uint16),

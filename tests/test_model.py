@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from dn.core.tolerances import PARITY
-from dn.generate import generate_tokens, prompt_ids
 from dn.model import reference
+from dn.runtime.generation import generate_tokens, prompt_ids
 
 
 @pytest.mark.parametrize("layer", [0, 29])

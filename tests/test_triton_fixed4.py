@@ -21,7 +21,7 @@ SPECIAL = [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0x0001, 0x807F, 0x7C0
 TDT = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def on_device(rt: codec_runtime.RuntimeTensor, device: str, misalign: bool = False):
+def on_device(rt: codec_runtime.Lossless, device: str, misalign: bool = False):
     """The layout's arrays as torch tensors; misalign: raw starts at an odd byte (the kernels' unpaired path)."""
     t = types.SimpleNamespace(dtype=rt.dtype, shape=rt.shape)
     for name in ("table", "nibbles", "raw", "esc_index", "esc_symbol"):

@@ -16,24 +16,35 @@ Fused matvec kernels take a simpler route for escapes: the main pass decodes an 
 correction adds esc_weight * x[col] to y[row] afterwards (row, col = divmod(index, in_features)). So
 `matvec` below is that two-pass reference.
 
-Resident bytes: n/2 + n + 5e + 16, about 12 bits per weight (16 for bf16).
+Resident bytes (Lossless.nbytes): n/2 + n + 5e + 16, about 12 bits per weight (16 for bf16).
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
+from dn.core import tensors
 from dn.core.errors import DnError
+from dn.core.tensors import File
 from dn.formats import lossless as codec
+from dn.formats import native as nat
+from dn.formats.native import ptr
 
 ESCAPE = 15
 RANKS = 15  # table entries a nibble can name
 
 
 @dataclass
-class RuntimeTensor:
+class Lossless:
+    """A lossless-coded weight (stored: dn/formats/lossless.py) as held: the layout above."""
+    name: ClassVar[str] = "lossless"
+    scratch: ClassVar[bool] = True  # decoded at use into one buffer, the largest coded weight's, shared by all
     dtype: str
     shape: tuple[int, ...]
     n: int
@@ -43,14 +54,44 @@ class RuntimeTensor:
     esc_index: np.ndarray  # int32 [e]
     esc_symbol: np.ndarray  # uint8 [e]
 
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.table, self.nibbles, self.raw, self.esc_index, self.esc_symbol))
+    @classmethod
+    def nbytes(cls, shape, dtype_bytes: int, escapes: int = 0) -> int:
+        """Bytes a weight of that shape holds in this layout (its decode scratch aside: `scratch`); accounting
+        from a spec alone does not know the escapes (5 bytes each; 0.03% of the default model's weights, 0.002
+        bits/weight) and omits them."""
+        n = math.prod(shape)
+        return 16 + (n + 1) // 2 + n + 5 * escapes
+
+    @classmethod
+    def from_stored(cls, f: File, name: str, header: dict, threads: int = 1) -> Lossless:
+        """A coded tensor of a folder's dn_codec file (header: its dn_codec.json entry), checked and converted."""
+        tensors = {k: f.read(k) for k in (f"{name}.{b}" for b in codec.BUFFERS) if k in f.header}
+        return convert(codec.from_tensors(name, header, tensors), threads)
+
+    def dequantize(self) -> np.ndarray:
+        return to_float32(decode(self), self.dtype)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        return matvec(self, x)
+
+    def rows(self, idx) -> np.ndarray:
+        return self.dequantize()[idx]
 
     def bits_per_weight(self) -> float:
-        return 8 * self.nbytes() / self.n
+        return 8 * sum(a.nbytes for a in buffers(self)) / self.n
 
 
-def from_bits(bits: np.ndarray, dtype: str) -> RuntimeTensor:
+def read_layers(model_dir: Path, layers: int, threads: int = 1):
+    """Per decoder layer, {name: Lossless} of its coded tensors, read from the folder's dn_codec file (opened
+    once) and converted before the next layer's are read: the stored Huffman code is never resident."""
+    index = codec.load_index(model_dir)
+    with File(Path(model_dir) / codec.DATA_FILE) as f:
+        for i in range(layers):
+            prefix = f"model.layers.{i}."
+            yield {k: Lossless.from_stored(f, k, index[k], threads) for k in index if k.startswith(prefix)}
+
+
+def from_bits(bits: np.ndarray, dtype: str) -> Lossless:
     """uint16 bits (any shape) -> the runtime layout."""
     if dtype not in codec.DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}")
@@ -58,7 +99,7 @@ def from_bits(bits: np.ndarray, dtype: str) -> RuntimeTensor:
     return from_symbols(*codec.split(flat, dtype), dtype, tuple(np.shape(bits)))
 
 
-def from_symbols(sym: np.ndarray, raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> RuntimeTensor:
+def from_symbols(sym: np.ndarray, raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> Lossless:
     """The layout from a tensor's symbol and raw bytes (dn.formats.lossless.split of its bits), flat uint8 [n] each."""
     if sym.size >= 2**31:
         raise ValueError("tensor too large for int32 escape indices")
@@ -74,22 +115,22 @@ def from_symbols(sym: np.ndarray, raw: np.ndarray, dtype: str, shape: tuple[int,
     padded = np.zeros(2 * ((sym.size + 1) // 2), np.uint8)
     padded[:sym.size] = rank
     nibbles = (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8)
-    return RuntimeTensor(dtype, shape, sym.size, table, nibbles, raw, esc, sym[esc].copy())
+    return Lossless(dtype, shape, sym.size, table, nibbles, raw, esc, sym[esc].copy())
 
 
-def from_encoded(enc: codec.EncodedTensor) -> RuntimeTensor:
+def from_encoded(enc: codec.EncodedTensor) -> Lossless:
     """A stored (Huffman) tensor -> the runtime layout; done once at load."""
     return from_bits(codec.decode(enc), enc.dtype)
 
 
-def ranks(rt: RuntimeTensor) -> np.ndarray:
+def ranks(rt: Lossless) -> np.ndarray:
     """uint8 [n]: each element's nibble."""
     r = np.empty(2 * rt.nibbles.size, np.uint8)
     r[0::2], r[1::2] = rt.nibbles & 0xF, rt.nibbles >> 4
     return r[:rt.n]
 
 
-def decode(rt: RuntimeTensor) -> np.ndarray:
+def decode(rt: Lossless) -> np.ndarray:
     """-> uint16 bits [shape], bit-exact."""
     sym = rt.table[ranks(rt)]
     sym[rt.esc_index] = rt.esc_symbol
@@ -98,12 +139,10 @@ def decode(rt: RuntimeTensor) -> np.ndarray:
 
 def to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
     """uint16 bits of bfloat16/float16 -> float32 values."""
-    if dtype == "bfloat16":
-        return (bits.astype(np.uint32) << 16).view(np.float32)
-    return bits.view(np.float16).astype(np.float32)
+    return tensors.convert(bits.view(tensors.NUMPY[dtype]), dtype, "float32")
 
 
-def matvec(rt: RuntimeTensor, x: np.ndarray) -> np.ndarray:
+def matvec(rt: Lossless, x: np.ndarray) -> np.ndarray:
     """y = x @ W.T for W [out, in] in this layout and x [B, in], float32; the fused kernels' two passes."""
     out, k = rt.shape
     r = ranks(rt)
@@ -122,16 +161,12 @@ def matvec(rt: RuntimeTensor, x: np.ndarray) -> np.ndarray:
 
 def native():
     """The C library with its signatures set, or None (DN_NATIVE=0, no compiler): then the plain paths run."""
-    from dn.formats import native as nat
-
     lib = nat.library("codec_runtime")
     return lib if lib is None or hasattr(lib, "dn_ready") else declare(lib)
 
 
 def declare(lib):
     """Set the kernels' ctypes signatures on a loaded library (64-bit sizes must not pass as C ints)."""
-    import ctypes
-
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.dn_fixed4_decode.argtypes = [p, p, p, i64, p, p, i64, i32, i32, p, i32]
     lib.dn_fixed4_decode.restype = None
@@ -145,17 +180,15 @@ def declare(lib):
     return lib
 
 
-def buffers(rt: RuntimeTensor) -> tuple:
+def buffers(rt: Lossless) -> tuple:
     """The layout's arrays in the kernels' argument order (table, nibbles, raw, ..., esc_index, esc_symbol)."""
     return rt.table, rt.nibbles, rt.raw, rt.esc_index, rt.esc_symbol
 
 
 def decode_native(lib, rt, out_f32: bool = False, threads: int = 1, out=None, dtype: str | None = None):
     """The C decode -> uint16 bits [shape] (or float32 values); equal to decode() / to_float32(decode()).
-    rt: a RuntimeTensor, or any holder of its five buffers (numpy arrays or CPU tensors) with n and shape (a
+    rt: a Lossless, or any holder of its five buffers (numpy arrays or CPU tensors) with n and shape (a
     backend's module; dtype then given); out: where to write (n elements, contiguous; default a new numpy array)."""
-    from dn.formats.native import ptr
-
     out = np.empty(rt.n, np.float32 if out_f32 else np.uint16) if out is None else out
     lib.dn_fixed4_decode(*_heads(rt), rt.n, *_escapes(rt), (dtype or rt.dtype) == "bfloat16", out_f32, ptr(out),
                          threads)
@@ -166,8 +199,6 @@ def matvec_native_bf16(lib, rt, x_bits, threads: int = 1, dtype: str | None = No
     """The C fused GEMV for bfloat16 weights and bfloat16 inputs (x_bits: 16-bit bits [1..4, in], contiguous):
     float32 sums of exact products (vdpbf16ps) [B, out] into y (float32, contiguous; default a new numpy array);
     None where this CPU's build lacks it. rt as in decode_native."""
-    from dn.formats.native import ptr
-
     out, k = rt.shape
     x_bits = np.ascontiguousarray(x_bits, np.uint16) if isinstance(x_bits, np.ndarray) else x_bits
     y = np.empty((x_bits.shape[0], out), np.float32) if y is None else y
@@ -182,8 +213,6 @@ def matvec_native_bf16(lib, rt, x_bits, threads: int = 1, dtype: str | None = No
 def matvec_native(lib, rt, x, threads: int = 1, dtype: str | None = None, y=None):
     """The C fused decode+GEMV (batch 1..4), float32 x (contiguous) and accumulation, into y as in
     matvec_native_bf16: within tolerance of matvec(). rt as in decode_native."""
-    from dn.formats.native import ptr
-
     out, k = rt.shape
     x = np.ascontiguousarray(x, np.float32) if isinstance(x, np.ndarray) else x
     y = np.empty((x.shape[0], out), np.float32) if y is None else y
@@ -194,30 +223,18 @@ def matvec_native(lib, rt, x, threads: int = 1, dtype: str | None = None, y=None
 
 
 def _heads(rt) -> tuple:
-    from dn.formats.native import ptr
-
     return ptr(rt.table), ptr(rt.nibbles), ptr(rt.raw)
 
 
 def _escapes(rt) -> tuple:
-    from dn.formats.native import ptr
-
     return ptr(rt.esc_index), ptr(rt.esc_symbol), rt.esc_index.shape[0]
 
 
-def resident_bytes(n: int, escapes: int = 0) -> int:
-    """Bytes a tensor of n weights holds in this layout (RuntimeTensor.nbytes); accounting from a spec alone does
-    not know the escapes (5 bytes each; 0.03% of the default model's weights, 0.002 bits/weight) and omits them."""
-    return 16 + (n + 1) // 2 + n + 5 * escapes
-
-
-def convert(enc: codec.EncodedTensor, threads: int = 1) -> RuntimeTensor:
+def convert(enc: codec.EncodedTensor, threads: int = 1) -> Lossless:
     """from_encoded, with the Huffman decode in C when the kernels are built (about 20x faster at load)."""
     lib = native()
     if lib is None or not (1 <= enc.lanes <= 4096 and enc.steps >= 1 and 1 <= enc.maxlen <= 24):
         return from_encoded(enc)  # the kernel's limits (its per-tile lane state lives on the stack)
-    from dn.formats.native import ptr
-
     words, offsets = np.ascontiguousarray(enc.words, np.uint32), np.ascontiguousarray(enc.offsets, np.uint32)
     lut, sym = codec.build_lut(enc.lengths, enc.maxlen), np.zeros(enc.n, np.uint8)
     if offsets.size < enc.n_tiles * enc.lanes or lib.dn_huffman_symbols(

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dn.core import tensors as safetensors_io
+from dn.core import tensors
 from dn.core.errors import DnError
-from dn.model.spec import weight_files
 
 VERSION = 1
 LANES, STEPS, MAXLEN = 128, 512, 12
@@ -223,40 +222,6 @@ def from_tensors(name: str, header: dict, tensors: dict) -> EncodedTensor:
     return enc
 
 
-def compress_model(src: Path, dst: Path, progress: bool = True) -> dict:
-    """Write dst: coded layer weights in codec.safetensors + dn_codec.json, the rest dense in
-    model.safetensors, plus config/tokenizer files. Returns the spec's `codec` section."""
-    from dn.convert import COPY
-
-    plain, coded, index = {}, {}, {}
-    tensors = {}
-    for f in weight_files(src):
-        tensors.update(safetensors_io.load(f))
-    names = sorted(tensors)
-    bar = _bar(len(names)) if progress else None
-    for name in names:
-        bits, dt = tensors[name]
-        if codable(name, bits.shape, dt):
-            enc = encode(np.asarray(bits), "bfloat16" if dt == "BF16" else "float16")
-            coded.update(to_tensors(name, enc))
-            index[name] = enc.header()
-        else:
-            plain[name] = (np.asarray(bits), dt)
-        if bar:
-            bar.update(1)
-    if bar:
-        bar.close()
-    safetensors_io.save(plain, dst / "model.safetensors", metadata={"format": "pt"})
-    safetensors_io.save(coded, dst / DATA_FILE, metadata={"format": "dn-codec"})
-    (dst / INDEX_FILE).write_text(json.dumps({"version": VERSION, "tensors": index}, indent=1))
-    for name in COPY:
-        if (Path(src) / name).is_file() and name != "model.safetensors":
-            (dst / name).write_bytes((Path(src) / name).read_bytes())
-    return {"kind": "lossless", "version": VERSION, "file": DATA_FILE, "index": INDEX_FILE,
-            "coded_tensors": sorted(index), "coded_bytes": sum(a.nbytes for a in coded.values()),
-            "stored_bytes": sum(a.nbytes for a, _ in plain.values()) + sum(a.nbytes for a in coded.values())}
-
-
 def load_index(model_dir: Path) -> dict[str, dict]:
     """The coded tensors of a compressed folder, name -> header (dn_codec.json), format version checked."""
     try:
@@ -266,28 +231,6 @@ def load_index(model_dir: Path) -> dict[str, dict]:
     if index.get("version") != VERSION:
         raise DnError(f"codec: format version {index.get('version')!r} is not supported (this dn reads {VERSION})")
     return index["tensors"]
-
-
-def load_model_codec(model_dir: Path, names=None) -> dict[str, EncodedTensor]:
-    """Every coded tensor of a compressed folder (mapped), or the named ones read into fresh memory (a loader
-    taking one layer at a time then holds one layer's), checksums verified."""
-    index = load_index(model_dir)
-    path = Path(model_dir) / DATA_FILE
-    missing = [n for n in names or () if n not in index]
-    if missing:
-        raise DnError(f"codec: tensor {missing[0]} is not in {INDEX_FILE}")
-    if names is None:
-        names, stored = list(index), safetensors_io.load(path)
-    else:
-        stored = safetensors_io.load(path, mmap=False, names=[f"{n}.{b}" for n in names for b in BUFFERS])
-    data = {k: v for k, (v, _) in stored.items()}
-    return {name: from_tensors(name, index[name], data) for name in names}
-
-
-def _bar(total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="compressing", unit="tensor", leave=False)
 
 
 # ---- stats ---------------------------------------------------------------------------------------
@@ -301,11 +244,11 @@ def stats(path: Path) -> dict:
         raise DnError(f"{path}: no safetensors file")
     out, total_w, total_b, converted = {}, 0, 0, False
     for f in files:
-        for name, (bits, dt) in safetensors_io.load(f).items():
+        for name, (bits, dt) in tensors.load(f).items():
             if dt not in ("BF16", "F16", "F32") or np.size(bits) < 2:
                 continue
             if dt == "F32":
-                bits, converted = safetensors_io.f32_to_bf16(np.asarray(bits)), True
+                bits, converted = tensors.f32_to_bf16(np.asarray(bits)), True
             enc = encode(np.asarray(bits), "float16" if dt == "F16" else "bfloat16")
             entropy = _entropy(split(np.asarray(bits).reshape(-1), enc.dtype)[0])
             out[name] = {"weights": enc.n, "bytes": enc.nbytes(), "bits_per_weight": enc.bits_per_weight(),

@@ -18,10 +18,13 @@ overrides {path: {"group_size", "bits", "mode"}} (mlx-lm's layout, which mlx_lm.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from dn.core.errors import DnError
+from dn.core.tensors import NUMPY, File
 
 BITS = (2, 3, 4, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -96,9 +99,48 @@ def dense_tensors(quantization: dict | None, tensors) -> list[tuple]:
     return out
 
 
-def quantized_bytes(rows: int, cols: int, bits: int, group_size: int, scale_bytes: int) -> int:
-    """Resident bytes of one quantized [rows, cols] matrix: packed codes + one scale and one bias per group."""
-    return rows * cols * bits // 8 + 2 * rows * (cols // group_size) * scale_bytes
+def scale_dtype(stored: str, dtype: str) -> str:
+    """The dtype scales and biases are held in at the compute dtype: as stored when that is smaller (16-bit
+    scales are exact in float32 arithmetic, at half the bytes), else the compute dtype (Affine.nbytes counts so)."""
+    return stored if np.dtype(NUMPY[stored]).itemsize < np.dtype(NUMPY[dtype]).itemsize else dtype
+
+
+@dataclass
+class Affine:
+    """A weight in mlx-lm's affine layout, as stored and as held: packed codes and a scale and a bias per group
+    (numpy: scales and biases as float32 values)."""
+    name: ClassVar[str] = "affine"
+    scratch: ClassVar[bool] = False
+    weight: np.ndarray  # uint32 [m, k * bits / 32]
+    scales: np.ndarray  # float32 [m, k / group_size]
+    biases: np.ndarray
+    bits: int
+    group_size: int
+
+    @classmethod
+    def nbytes(cls, shape, dtype_bytes: int, bits: int, group_size: int, scale_bytes: int | None = None) -> int:
+        """Bytes held for a weight of dense shape [m, k] at a compute dtype of dtype_bytes: packed codes, and a
+        scale and a bias per group at the compute dtype, or as stored (scale_bytes) when smaller."""
+        m, k = shape[0], math.prod(shape[1:])
+        scale = dtype_bytes if scale_bytes is None else min(dtype_bytes, scale_bytes)
+        return m * k * bits // 8 + 2 * m * (k // group_size) * scale
+
+    @classmethod
+    def from_stored(cls, f: File, name: str, bits: int, group_size: int) -> Affine:
+        """`<path>.weight` (name), `<path>.scales` and `<path>.biases` of a quantized module."""
+        path = name.removesuffix(".weight")
+        return cls(f.read(name), f.read(f"{path}.scales", "float32"), f.read(f"{path}.biases", "float32"), bits,
+                   group_size)
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize(self.weight, self.scales, self.biases, self.bits, self.group_size)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, np.float32) @ self.dequantize().T
+
+    def rows(self, idx) -> np.ndarray:
+        """Rows idx, dequantizing only them."""
+        return dequantize(self.weight[idx], self.scales[idx], self.biases[idx], self.bits, self.group_size)
 
 
 # ---- packing ---------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dn.core import tensors as safetensors_io
+from dn.core import tensors
+from dn.core.activations import gelu_tanh, silu
 from dn.core.errors import DnError
-from dn.formats.sparse import gelu_tanh
 from dn.model.spec import Architecture, ModelSpec, weight_files
 
 
@@ -33,10 +33,6 @@ def rope(x: np.ndarray, theta: float) -> np.ndarray:
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
 
 
 def linear(x: np.ndarray, w: dict, name: str) -> np.ndarray:
@@ -103,9 +99,7 @@ def layer_weights(model_dir: Path, spec: ModelSpec, i: int) -> dict[str, np.ndar
     """float32 weights of layer i, keyed without the `model.layers.{i}.` prefix."""
     prefix = f"model.layers.{i}."
     out = {}
-    for f in weight_files(model_dir):
-        for name, (bits, dt) in safetensors_io.load(f).items():
-            if name.startswith(prefix):
-                x = safetensors_io.bf16_to_f32(bits) if dt == "BF16" else np.asarray(bits, dtype=np.float32)
-                out[name[len(prefix):]] = x
+    for path in weight_files(model_dir):
+        with tensors.File(path) as f:
+            out |= {name[len(prefix):]: f.read(name, "float32") for name in f.header if name.startswith(prefix)}
     return out

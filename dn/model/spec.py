@@ -12,17 +12,19 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from dn.core import activations
 from dn.core import tensors as safetensors_io
 from dn.core.errors import DnError
+from dn.core.files import atomic_file
 from dn.formats import quant
 
 SPEC_VERSION = 1
 SPEC_FILE = "dn_spec.json"
+# a model folder's files besides its weights, copied as they are into every folder dn writes from it
+COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+        "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
 # HF model_type -> family dn knows; both backends run these with the field's model code.
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
-# config.json's MLP activation -> dn's name for it (transformers' ACT2FN keys)
-ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-        "gelu_tanh": "gelu_tanh"}
 ROLES = ("embeddings", "attention", "mlp", "norms", "lm_head", "other")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "F32": 4, "BF16": 2, "F16": 2,
                "I64": 8, "I32": 4, "U32": 4, "I8": 1, "U8": 1, "I16": 2, "U16": 2}
@@ -60,9 +62,7 @@ class Architecture:
     @property
     def mlp_act(self) -> str:
         """The gated MLP's activation as dn names it ("silu" or "gelu_tanh")."""
-        if self.hidden_act not in ACTS:
-            raise DnError(f"unsupported MLP activation {self.hidden_act!r} (dn runs: {', '.join(sorted(ACTS))})")
-        return ACTS[self.hidden_act]
+        return activations.of_hf(self.hidden_act)
 
     @property
     def gemma(self) -> bool:
@@ -243,9 +243,8 @@ class ModelSpec:
 
     def save(self, model_dir: Path) -> None:
         path = Path(model_dir) / SPEC_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(self.to_json(), indent=1))
 
     def layer_tensors(self, i: int) -> list[TensorInfo]:
         return [t for t in self.tensors if f".layers.{i}." in t.name]
