@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from dn.core import activations
 from dn.core.errors import DnError
 from dn.core.tolerances import KERNEL, PARITY
 from dn.formats import sparse
@@ -51,7 +52,7 @@ def test_reference_drops_exactly_the_unrouted_neurons(select):
         w = sparse.scores(x, layer) * np.linalg.norm(dn, axis=0)   # kept iff weighted score > one tau
         for t in range(len(x)):
             assert w[t][mask[t]].min() >= w[t][~mask[t]].max() * (1 - 1e-5)
-    h = sparse.silu(x.astype(np.float64) @ g.T) * (x.astype(np.float64) @ u.T)
+    h = activations.silu(x.astype(np.float64) @ g.T) * (x.astype(np.float64) @ u.T)
     np.testing.assert_allclose(sparse.sparse_mlp_step(x, sparse.bundle(g, u, dn), layer), (h * mask) @ dn.T,
                                rtol=1e-9, atol=1e-12)
 
@@ -63,7 +64,7 @@ def test_median_prior_adds_c_for_skipped_neurons_only():
     np.testing.assert_allclose(layer.prior_y0, dn.astype(np.float64) @ layer.prior_c, rtol=1e-5, atol=1e-6)
     x = rng.standard_normal((2, D)).astype(np.float32)
     kept = sparse.route_mask(x, layer)
-    h = sparse.silu(x.astype(np.float64) @ g.T) * (x.astype(np.float64) @ u.T)
+    h = activations.silu(x.astype(np.float64) @ g.T) * (x.astype(np.float64) @ u.T)
     want = np.where(kept, h, layer.prior_c) @ dn.T
     np.testing.assert_allclose(sparse.sparse_mlp_step(x, sparse.bundle(g, u, dn), layer), want, rtol=1e-5,
                                atol=1e-6)
@@ -77,9 +78,9 @@ def test_sketch_prior_adds_the_router_estimate_for_skipped_neurons_only():
     assert np.abs(dq - dn).max() <= np.abs(dn).max() / 7 / 2 + 1e-6            # half an int4 step at worst
     x = rng.standard_normal((3, D)).astype(np.float32)
     kept = sparse.route_mask(x, layer)
-    h = sparse.silu(x.astype(np.float64) @ g.T) * (x.astype(np.float64) @ u.T)
+    h = activations.silu(x.astype(np.float64) @ g.T) * (x.astype(np.float64) @ u.T)
     p = x.astype(np.float64) @ sparse.dequantize_int4(layer.router_a, layer.router_b).astype(np.float64).T
-    est = sparse.silu(p[:, :N]) * p[:, N:]
+    est = activations.silu(p[:, :N]) * p[:, N:]
     want = np.where(kept, h, 0) @ dn.T + np.where(kept, 0, est) @ dq.T
     np.testing.assert_allclose(sparse.sparse_mlp_step(x, sparse.bundle(g, u, dn), layer), want, rtol=1e-4,
                                atol=1e-5)
@@ -108,7 +109,7 @@ def test_int4gate_scores_the_gate_and_weighs_up_into_thresholds():
     assert layer.router_a.shape == (N, D // 2)
     x = rng.standard_normal((64, D)).astype(np.float32)
     gq = sparse.dequantize_int4(layer.router_a, layer.router_b)
-    np.testing.assert_allclose(sparse.scores(x, layer), np.abs(sparse.silu(x @ gq.T)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sparse.scores(x, layer), np.abs(activations.silu(x @ gq.T)), rtol=1e-5, atol=1e-6)
     weight = np.linalg.norm(dn, axis=0) * np.sqrt(np.mean(np.square(x @ u.T), axis=0))
     ratio = layer.thresh * weight    # one tau for every neuron, up to the calibration vs these inputs' rms
     assert ratio.std() / ratio.mean() < 0.2
@@ -176,20 +177,50 @@ def test_gelu_tanh_is_torchs_tanh_gelu():
     torch = pytest.importorskip("torch")
     x = np.linspace(-8, 8, 1001)
     want = torch.nn.functional.gelu(torch.as_tensor(x), approximate="tanh").numpy()
-    np.testing.assert_allclose(sparse.act("gelu_tanh", x), want, rtol=1e-12, atol=1e-12)
-    assert np.abs(sparse.act("gelu_tanh", x) - sparse.act("silu", x)).max() > 0.1   # not silu by another name
+    np.testing.assert_allclose(activations.apply("gelu_tanh", x), want, rtol=1e-12, atol=1e-12)
+    assert np.abs(activations.apply("gelu_tanh", x) - activations.apply("silu", x)).max() > 0.1  # not silu renamed
 
 
 @pytest.mark.parametrize("cfg,want", [({}, "silu"), ({"hidden_act": "silu"}, "silu"),
                                       ({"hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu"}, "gelu_tanh"),
                                       ({"text_config": {"hidden_activation": "gelu_pytorch_tanh"}}, "gelu_tanh")])
 def test_act_from_config(cfg, want):
-    assert sparse.act_of_config(cfg) == want
+    assert activations.of_config(cfg) == want
 
 
 def test_act_from_config_unsupported():
     with pytest.raises(DnError, match="relu"):
-        sparse.act_of_config({"hidden_act": "relu"})
+        activations.of_config({"hidden_act": "relu"})
+
+
+def test_c_kernels_number_the_activations_as_the_table():
+    """dn/formats/csrc/dn_kernels.h's ACT_* defines (read as text) are dn.core.activations' numbers, name for name."""
+    import re
+    from pathlib import Path
+
+    header = (Path(sparse.__file__).parent / "csrc" / "dn_kernels.h").read_text()
+    defines = {m[1].lower(): int(m[2]) for m in re.finditer(r"^#define ACT_(\w+) (\d+)$", header, re.M)}
+    assert defines == {name: activations.kind(name) for name in activations.NAMES}
+
+
+def test_one_activation_check():
+    for bad in (lambda: activations.check("relu"), lambda: activations.apply("relu", np.zeros(2)),
+                lambda: sparse.fit_layer(np.zeros((8, D), np.float32), *_weights(np.random.default_rng(0)), 4, 16,
+                                         "none", "int4", name="relu")):
+        with pytest.raises(DnError, match="unknown activation 'relu'"):
+            bad()
+
+
+def test_backend_acts_are_the_table(backend_name):
+    """Each backend's ops.act, by dn's name, computes the table's numpy function."""
+    rng = np.random.default_rng(4)
+    layer, (g, u, dn) = _layer(rng, 40)
+    mlp = backends.get(backend_name).make_sparse_mlp(sparse.bundle(g, u, dn), layer, "float32")
+    o, x = mlp.ops, np.linspace(-8, 8, 401, dtype=np.float32)
+    for name in activations.NAMES:
+        got = o.to_numpy(o.act(name, o.from_numpy(x, mlp.prior_c)))
+        np.testing.assert_allclose(got, activations.apply(name, x.astype(np.float64)), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
 
 
 def test_act_roundtrip_and_old_files_are_silu(tmp_path):
@@ -289,7 +320,7 @@ def _native_paths(mlp, x) -> dict:
             return {}
         return {"planes-4": np.concatenate([sparse_mlp.step(x[t:t + 4], mlp, "native") for t in range(0, len(x), 4)]),
                 "planes-1": np.concatenate([sparse_mlp.step(x[t:t + 1], mlp, "native") for t in range(len(x))])}
-    if not mlp.ops.native_available(mlp.prior_c, mlp.bundled):
+    if not (sparse_mlp.can(mlp.ops, "native_sparse") and mlp.ops.native_available(mlp.prior_c, mlp.bundled)):
         return {}
     return {"native": sparse_mlp.step(x, mlp, "native"),
             "native-1": np.concatenate([sparse_mlp.step(x[t:t + 1], mlp, "native") for t in range(len(x))])}
@@ -333,19 +364,19 @@ def test_native_kernel_threads_match_reference(monkeypatch, dtype):
     """The C kernel's OpenMP split (a y per thread, summed) against the reference: forced on this small layer."""
     torch = pytest.importorskip("torch")
     from dn.core.tensors import bf16_to_f32, f32_to_bf16
-    from dn_torch import ops
+    from dn_torch import kernels
 
     rng = np.random.default_rng(14)
     layer, (g, u, dn) = _layer(rng, 40, "int4", "median")
     mlp = backends.get("torch").make_sparse_mlp(sparse.bundle(g, u, dn), layer, dtype)
-    if not ops.native_available(mlp.prior_c, mlp.bundled):
+    if not kernels.native_available(mlp.prior_c, mlp.bundled):
         pytest.skip("no C compiler or DN_NATIVE=0")
     x, bq = rng.standard_normal((3, D)).astype(np.float32), sparse.bundle(g, u, dn)
     if dtype == "bfloat16":
         bq, x = bf16_to_f32(f32_to_bf16(bq)), bf16_to_f32(f32_to_bf16(x))
         layer.prior_c = bf16_to_f32(f32_to_bf16(layer.prior_c))
         layer.prior_y0 = bf16_to_f32(f32_to_bf16(layer.prior_y0))
-    monkeypatch.setattr(ops, "_PER_THREAD", 1)
+    monkeypatch.setattr(kernels, "_PER_THREAD", 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -378,7 +409,7 @@ def test_backend_step_with_no_neuron_kept(backend_name, prior):
 
 def _hardware_path(mlp) -> str | None:
     """The fused kernel path this machine can run for real: Metal on an Apple GPU, Triton on CUDA."""
-    return "fused" if mlp.ops.fused_available(mlp.prior_c) else None
+    return "fused" if sparse_mlp.can(mlp.ops, "fused_sparse") and mlp.ops.fused_available(mlp.prior_c) else None
 
 
 @pytest.mark.parametrize("prior", ["median", "sketch"])
@@ -426,16 +457,16 @@ def test_triton_kernel_in_interpreter():
     """The fused Triton kernel against the reference on CPU (TRITON_INTERPRET=1); CUDA runs it for real."""
     pytest.importorskip("triton")
     code = (
-        "import numpy as np, torch\nfrom dn.formats import sparse as ref\nfrom dn_torch import sparse as ts\n"
+        "import numpy as np, torch\nfrom dn.formats import sparse as ref\nfrom dn_torch import kernels, sparse as ts\n"
         "rng = np.random.default_rng(0)\nd, n = 128, 200\n"
         "g, u, dn = (rng.standard_normal(s).astype(np.float32) * 0.05 for s in ((n, d), (n, d), (d, n)))\n"
         "x = rng.standard_normal((256, d)).astype(np.float32)\n"
         "layer = ref.fit_layer(x, g, u, dn, 70, 8, 'median', 'lowrank')\n"
-        "mlp = ts.make_mlp(ref.bundle(g, u, dn), layer, 'float32', 'cpu')\n"
+        "mlp = ts.make_sparse_mlp(ref.bundle(g, u, dn), layer, 'float32', 'cpu')\n"
         "from dn.runtime import sparse_mlp\nx1 = x[:1]\nm = sparse_mlp.route(x1, mlp)\n"
         "want = ref.sparse_mlp_step(x1, ref.bundle(g, u, dn), layer, m)\n"
         "idx = np.flatnonzero(m[0])\n"
-        "got = ts._fused_step(torch.as_tensor(x1), mlp.bundled, torch.as_tensor(idx), mlp.prior_c,"
+        "got = kernels.triton_step(torch.as_tensor(x1), mlp.bundled, torch.as_tensor(idx), mlp.prior_c,"
         " mlp.prior_y0, block_k=16, block_d=64).numpy()\n"
         "assert np.allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max()), np.abs(got - want).max()\n"
         "print('ok')\n")
@@ -448,8 +479,8 @@ def test_triton_kernel_in_interpreter():
 
 @pytest.fixture(scope="module")
 def sparse_model(tmp_path_factory, default_model_dir, default_spec, calib_text):
-    from dn.convert import copy_dense
     from dn.runtime import calibrate
+    from dn.runtime.writer import copy_dense
 
     out = tmp_path_factory.mktemp("sparse")
     copy_dense(default_model_dir, out)
@@ -462,12 +493,21 @@ def sparse_model(tmp_path_factory, default_model_dir, default_spec, calib_text):
 
 
 def test_calibrate_is_deterministic(sparse_model, default_model_dir, calib_text, tmp_path):
+    """The same bytes again, and at another torch thread count than the fixture's: float32 reductions that split by
+    thread would show here (none do: 1, 2, 3, 4 and 8 torch threads, 1, 2 and 4 OpenBLAS threads gave one file)."""
+    import torch
+
     from dn.runtime import calibrate
 
     out, _, section = sparse_model
     text = calib_text.read_text(encoding="utf-8")[:6000]
-    again = calibrate.calibrate(default_model_dir, tmp_path, 0.5, text, seed=0, backend="torch", max_tokens=512,
-                                progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        again = calibrate.calibrate(default_model_dir, tmp_path, 0.5, text, seed=0, backend="torch", max_tokens=512,
+                                    progress=False)
+    finally:
+        torch.set_num_threads(threads)
     assert again == section
     assert (tmp_path / sparse.FILE).read_bytes() == (out / sparse.FILE).read_bytes()
 
