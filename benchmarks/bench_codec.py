@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dn.convert import convert
 from dn.footprint import accounted
 from dn.formats import fixed4, lossless
 from dn.model.sources import resolve_model
 from dn.model.spec import load_spec
 from dn.runtime import backend as backends
 from dn.runtime import memory, timing
+from dn.runtime.writer import convert
 from dn_torch import codec as tc
 
 GPU_SHAPES = "4096x4096,14336x4096,4096x14336"

@@ -20,11 +20,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from dn.convert import convert
 from dn.formats import fixed4
 from dn.model.sources import resolve_model
 from dn.model.spec import load_spec
 from dn.runtime import timing
+from dn.runtime.writer import convert
 from dn_mlx import codec as mc
 from dn_mlx import model as m
 

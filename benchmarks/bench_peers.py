@@ -31,9 +31,10 @@ import numpy as np
 from dn.bench import configs, runner
 from dn.core import tensors
 from dn.core.errors import DnError
+from dn.core.files import cache_dir
 from dn.formats import lossless
 from dn.model import store
-from dn.model.sources import cache_dir, resolve_model
+from dn.model.sources import resolve_model
 from dn.model.spec import load_spec, weight_files
 from dn.runtime import timing
 

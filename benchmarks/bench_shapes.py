@@ -35,10 +35,10 @@ from dn.bench import configs as bench_configs  # noqa: E402
 from dn.bench import runner  # noqa: E402
 from dn.core import tensors  # noqa: E402
 from dn.core.errors import DnError  # noqa: E402
-from dn.core.files import atomic_dir  # noqa: E402
+from dn.core.files import atomic_dir, cache_dir  # noqa: E402
 from dn.core.text import read_text, text_path  # noqa: E402
 from dn.model import spec  # noqa: E402
-from dn.model.sources import cache_dir, resolve_model  # noqa: E402
+from dn.model.sources import resolve_model  # noqa: E402
 from dn.model.tokenizer import Tokenizer  # noqa: E402
 from dn.runtime import loader, timing  # noqa: E402
 

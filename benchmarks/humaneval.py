@@ -24,8 +24,9 @@ def evaluate(model: str | None, backend: str, dtype: str, probs: list[dict], max
     return {"tokens": tokens, "passed": passed}
 
 
-def agreement(a: list[int], b: list[int]) -> float:
-    """Fraction of the baseline's greedy tokens that the model reproduces at the same position."""
+def reproduced(a: list[int], b: list[int]) -> float:
+    """Fraction of the baseline's greedy tokens b that the model's a reproduces at the same position, over all of
+    b (a shorter completion misses the rest; dn.bench.runner.agreement counts over the shorter of the two)."""
     n = len(b)
     return sum(x == y for x, y in zip(a, b)) / n if n else 1.0
 
@@ -48,7 +49,7 @@ def main():
         base = evaluate(args.baseline, args.backend, args.dtype, probs, args.max_tokens)
         record["baseline"] = args.baseline or "default"
         record["baseline_pass_at_1"] = float(np.mean(base["passed"]))
-        record["greedy_agreement"] = float(np.mean([agreement(a, b) for a, b in zip(res["tokens"], base["tokens"])]))
+        record["greedy_agreement"] = float(np.mean([reproduced(a, b) for a, b in zip(res["tokens"], base["tokens"])]))
         record["identical_completions"] = float(np.mean([a == b for a, b in zip(res["tokens"], base["tokens"])]))
     print(json.dumps(record, indent=1))
     if args.json:

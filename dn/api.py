@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dn.cli import default_dtype
-from dn.core.errors import DnError
-from dn.core.text import read_text, text_path
 from dn.model.sources import resolve_model
 from dn.runtime import generation, loader, writer
 from dn.runtime.generation import GenerationResponse, check_cache, prompt_ids
@@ -57,18 +55,7 @@ def convert(model: str | None, out: str | Path, *, quantize: bool = False, q_bit
     """Write a new folder `out` from model (None: the default), as `dn convert` does with the same flags:
     quantize (mlx-lm's affine layout, q_bits 4 and q_group_size 64 by default), codec="lossless", and/or
     sparsity with its calibration text (a path; default $DN_CALIB_TEXT). Returns the folder."""
-    out = Path(out).expanduser()
-    if out.exists():
-        raise DnError(f"{out} already exists (dn convert writes a new folder)")
-    if not out.parent.is_dir():
-        raise DnError(f"parent folder {out.parent} does not exist")
-    if quantize and codec:
-        raise DnError("lossless coding of quantized weights is not supported (choose quantize or codec)")
-    q = writer.quantization(q_bits, q_group_size, q_embedding_bits, q_embedding_group_size) if quantize else None
-    sparse_args = None
-    if sparsity is not None:
-        sparse_args = {"sparsity": sparsity, "calib_text": read_text(text_path(calib_text, "DN_CALIB_TEXT")),
-                       "prior": prior, "seed": seed, "backend": backend, "dense_mlp": q is None and codec is None,
-                       **{k: v for k, v in (("router", router), ("select", select)) if v}}
+    q = (q_bits, q_group_size, q_embedding_bits, q_embedding_group_size) if quantize else None
+    out, q, sparse_args = writer.checked(out, codec, q, sparsity, calib_text, prior, seed, backend, router, select)
     writer.convert(resolve_model(model), out, codec, sparse_args, q)
     return out

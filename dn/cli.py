@@ -8,6 +8,7 @@ import sys
 
 from dn.core import __version__
 from dn.core.errors import DnError
+from dn.core.progress import progress  # noqa: F401  (cli.progress: the verbs' bar)
 from dn.runtime import backend as backends
 
 VERBS = {
@@ -76,13 +77,6 @@ def fraction(text: str) -> float:
 
 def non_negative_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 0, "an integer >= 0")
-
-
-def progress(total: int, desc: str, unit: str):
-    """A tqdm bar on stderr for a long run; off when stderr is not a terminal (logs, pipes, tests)."""
-    from tqdm import tqdm  # only the long verbs draw a bar
-
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
 
 
 def default_dtype(backend: str) -> str:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from dn import cli, hub
 from dn.core.errors import DnError
-from dn.core.text import read_text, text_path
+from dn.core.text import read_text
 from dn.formats import quant, sparse
 from dn.model.sources import resolve_model
-from dn.runtime.writer import convert, quantization
+from dn.runtime.writer import checked, convert
 
 Q_FLAGS = ("q_bits", "q_group_size", "q_embedding_bits", "q_embedding_group_size")
 
@@ -70,33 +70,20 @@ def setup_arg_parser():
     return p
 
 
-def quantize_args(args) -> dict | None:
-    """The -q flags as a "quantization" dict (None without -q), checked before any work."""
+def quantize_args(args) -> tuple | None:
+    """The -q flags, in writer.quantization's order (None without -q)."""
     if not args.quantize:
         if any(getattr(args, f) is not None for f in Q_FLAGS):
             raise DnError(f"{', '.join('--' + f.replace('_', '-') for f in Q_FLAGS)} need -q")
         return None
-    if args.codec:
-        raise DnError("lossless coding of quantized weights is not supported (choose -q or --codec lossless)")
-    return quantization(*(getattr(args, f) for f in Q_FLAGS))
+    return tuple(getattr(args, f) for f in Q_FLAGS)
 
 
 def _main(argv) -> int:
     args = setup_arg_parser().parse_args(argv)
-    quantize = quantize_args(args)
-    out = Path(args.out).expanduser()
-    if out.exists():
-        raise DnError(f"{out} already exists (dn convert writes a new folder)")
-    if not out.parent.is_dir():
-        raise DnError(f"parent folder {out.parent} does not exist")
-    sparse_args = None
-    if args.sparsity is not None:
-        text = read_text(text_path(args.calib_text, "DN_CALIB_TEXT"))  # fail before any work
-        sparse_args = {"sparsity": args.sparsity, "calib_text": text, "prior": args.prior,
-                       "seed": args.seed, "backend": args.backend,
-                       "dense_mlp": quantize is None and args.codec is None}  # the MLP written dense
-        sparse_args |= {k: v for k, v in (("router", args.router), ("select", args.select)) if v}
-    elif args.prior or args.calib_text or args.router or args.select:
+    out, quantize, sparse_args = checked(args.out, args.codec, quantize_args(args), args.sparsity, args.calib_text,
+                                         args.prior, args.seed, args.backend, args.router, args.select)
+    if args.sparsity is None and (args.prior or args.calib_text or args.router or args.select):
         raise DnError("--prior, --router, --select and --calib-text need --sparsity")
     card_text = upload_args(args)
     src = resolve_model(args.model)

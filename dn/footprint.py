@@ -13,6 +13,7 @@ from dn.model import store
 from dn.model.sources import resolve_model
 from dn.model.spec import DTYPE_BYTES, ROLES, ModelSpec, load_spec
 from dn.runtime import loader, residency
+from dn.runtime.budget import parse_budget
 
 
 def kv_cache_bytes(spec: ModelSpec, ctx: int, dtype: str, batch: int = 1) -> int:
@@ -86,7 +87,7 @@ def _main(argv) -> int:
     report = {"model": str(args.model or model_dir), "accounted": accounted(spec, args.dtype, args.ctx)}
     plan = None
     if args.max_resident is not None and args.no_measure:  # planned from the accounting alone, in the format
-        budget = residency.parse_budget(args.max_resident, residency.dense_bf16(spec))  # the loader would pick
+        budget = parse_budget(args.max_resident, residency.dense_bf16(spec))  # the loader would pick
         _, held = loader.store_for(model_dir, spec, args.dtype, budget, args.residency_mode)
         plan = residency.make_plan(held, args.dtype, budget, args.residency_mode,
                                    residency.block_bytes(held, args.dtype))

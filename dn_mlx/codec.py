@@ -20,8 +20,7 @@ import numpy as np
 from mlx import nn
 
 from dn.core.errors import DnError
-from dn.formats import fixed4
-from dn.formats import lossless as codec
+from dn.formats import fixed4, lossless
 from dn_mlx import _cuda_fixed4 as cuda_fixed4
 from dn_mlx.ops import DTYPES
 
@@ -34,7 +33,7 @@ _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.
 class _Packed(nn.Module):
     """A dn.formats.lossless.Pack as MLX arrays: only the coded buffers (and the tiny per-tensor table)."""
 
-    def __init__(self, p: codec.Pack):
+    def __init__(self, p: lossless.Pack):
         super().__init__()
         self.words, self.offsets = mx.array(p.words), mx.array(p.offsets)
         self.luts, self.raw = mx.array(p.luts), mx.array(p.raw)
@@ -48,11 +47,11 @@ class _Packed(nn.Module):
         return self._meta[0]
 
 
-def _pack(enc: codec.EncodedTensor) -> _Packed:
-    if not isinstance(enc, codec.EncodedTensor):
+def _pack(enc: lossless.EncodedTensor) -> _Packed:
+    if not isinstance(enc, lossless.EncodedTensor):
         raise DnError(f"codec: expected an EncodedTensor, got {type(enc).__name__}")
-    codec.verify(enc, "<argument>")
-    return _Packed(codec.pack({"": enc}))
+    lossless.verify(enc, "<argument>")
+    return _Packed(lossless.pack({"": enc}))
 
 
 def _on_metal() -> bool:
@@ -190,14 +189,14 @@ def _matvec_metal(p: _Packed, shape: tuple[int, int], x: mx.array) -> mx.array:
 
 # ---- public API (dn_torch.codec has the same functions) --------------------------------------------
 
-def decode(enc: codec.EncodedTensor, device=None) -> mx.array:
+def decode(enc: lossless.EncodedTensor, device=None) -> mx.array:
     """Bits (uint16, original shape) of one coded tensor: the Metal kernel on Metal, pure MLX elsewhere."""
     p = _pack(enc)
     with mx.stream(device or mx.default_device()):
         return _decode_packed(p).reshape(enc.shape)
 
 
-def decode_reference(enc: codec.EncodedTensor, device=None) -> mx.array:
+def decode_reference(enc: lossless.EncodedTensor, device=None) -> mx.array:
     """The pure-MLX path, on any device."""
     p = _pack(enc)
     with mx.stream(device or mx.default_device()):
@@ -208,7 +207,7 @@ def _weight(bits: mx.array, stored: str, dtype) -> mx.array:
     return bits.view(DTYPES[stored]).astype(dtype)
 
 
-def matvec(enc: codec.EncodedTensor, x: mx.array) -> mx.array:
+def matvec(enc: lossless.EncodedTensor, x: mx.array) -> mx.array:
     """y = x @ W.T for x [B, in], B <= 16: the fused decode+GEMV kernel on Metal, else decode then matmul."""
     if len(enc.shape) != 2:
         raise DnError(f"codec: matvec needs a 2-D weight, got shape {tuple(enc.shape)}")
@@ -242,7 +241,7 @@ class Fixed4(nn.Module):
         self.esc_index, self.esc_symbol = mx.array(rt.esc_index), mx.array(rt.esc_symbol)
         if fused and rt.esc_index.size:
             rows, cols = np.divmod(rt.esc_index, rt.shape[1])
-            bits = codec.join(rt.esc_symbol, rt.raw[rt.esc_index], rt.dtype).astype(np.uint16)
+            bits = lossless.join(rt.esc_symbol, rt.raw[rt.esc_index], rt.dtype).astype(np.uint16)
             self.esc_rows, self.esc_cols = mx.array(rows.astype(np.int32)), mx.array(cols.astype(np.int32))
             self.esc_weight = mx.array(fixed4.to_float32(bits, rt.dtype))
         object.__setattr__(self, "_meta", (rt.dtype, tuple(rt.shape), rt.n, int(rt.esc_index.size)))
@@ -254,11 +253,11 @@ def _padded(a: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def from_encoded(enc: codec.EncodedTensor, fused: bool = False) -> Fixed4:
+def from_encoded(enc: lossless.EncodedTensor, fused: bool = False) -> Fixed4:
     """A stored tensor -> its runtime layout on MLX (decoded with numpy once, at load)."""
-    if not isinstance(enc, codec.EncodedTensor):
+    if not isinstance(enc, lossless.EncodedTensor):
         raise DnError(f"codec: expected an EncodedTensor, got {type(enc).__name__}")
-    codec.verify(enc, "<argument>")
+    lossless.verify(enc, "<argument>")
     return Fixed4(fixed4.from_encoded(enc), fused)
 
 
@@ -409,7 +408,7 @@ def attach(model, model_dir: Path, spec) -> None:
     """Replace every coded q/k/v/o/gate/up/down projection of model.model.layers by a CodecLinear over its
     fixed4 layout, built at load (the file stays format v1). A layer's coded tensors are read (the codec file
     opened once: dn.formats.fixed4.read_layers) and converted before the next layer's are read."""
-    index = codec.load_index(Path(model_dir))
+    index = lossless.load_index(Path(model_dir))
     fused, used = _gpu() is not None, set()  # the fused kernel's escape terms: 12 bytes per escape
     for i, coded in enumerate(fixed4.read_layers(model_dir, len(model.model.layers))):
         layer = model.model.layers[i]

@@ -14,7 +14,7 @@ from dn.core import tensors
 from dn.core.errors import DnError
 from dn.formats.quant import layout, scale_dtype
 from dn.model.spec import ModelSpec, weight_files
-from dn_mlx import codec, quant, resident, sparse
+from dn_mlx import codec, ops, quant, resident, sparse
 from dn_mlx.ops import DTYPES
 
 NAME = "mlx"
@@ -58,6 +58,9 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=Non
             f = files.enter_context(tensors.File(path))
             stored |= dict.fromkeys(f.header, f)
         stored = model.sanitize(stored) if hasattr(model, "sanitize") else stored  # the families' only drop keys
+        bad = next((k for k, f in stored.items() if f.dtype(k) not in DTYPES), None)  # each tensor checked once
+        if bad is not None:
+            raise DnError(f"{stored[bad].path}: tensor {bad} has unsupported dtype {stored[bad].header[bad]['dtype']}")
         if residency is not None:
             for layer in model.model.layers:
                 layer.mlp = resident.ResidentModule()
@@ -65,7 +68,7 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=Non
         if spec.quant is not None:  # quantized layers swapped in before loading: no dense weight is ever built
             quant.quantize_model(model, spec.quant | layout(spec.quant, stored))
             model.load_weights([(k, _read(f, k, _held(f, k, dtype))) for k, f in stored.items()], strict=True)
-            quant.compute_at(model, DTYPES[dtype])
+            quant._compute_at(model, DTYPES[dtype])
         else:
             _load_plain(model, model_dir, spec, stored, dtype)
     if residency is not None:
@@ -119,10 +122,6 @@ def _load_plain(model, model_dir: Path, spec: ModelSpec, stored: dict, dtype: st
     mx.eval(model.parameters())
 
 
-def _array(a: np.ndarray, dtype: str) -> mx.array:
-    return mx.array(a).view(DTYPES[dtype])  # bf16 arrives as its uint16 bits
-
-
 def _read(f: tensors.File, name: str, dtype: str | None = None) -> mx.array:
     """A stored tensor as stored or at dtype, evaluated, from plain reads of its file. One that changes dtype is
     converted (dn.core.tensors, as astype converts) a chunk of rows at a time into the array it ends in: each
@@ -132,11 +131,11 @@ def _read(f: tensors.File, name: str, dtype: str | None = None) -> mx.array:
     mx.clear_cache()
     held, shape = dtype or f.dtype(name), f.shape(name)
     if held == f.dtype(name) or not shape:
-        out = _array(f.read(name, held), held)
+        out = ops._array(f.read(name, held))
     else:
         out = mx.zeros(shape, DTYPES[held])
         for r0, a in f.chunks(name, held):
-            out[r0:r0 + len(a)] = _array(a, held)
+            out[r0:r0 + len(a)] = ops._array(a)
             mx.eval(out)
     mx.eval(out)
     return out

@@ -125,6 +125,17 @@ def bits16(x: mx.array) -> np.ndarray:
     return np.array(x.view(mx.uint16))
 
 
+def _numpy(a: mx.array) -> np.ndarray:
+    """dn.core.tensors' convention: bf16, which numpy lacks, as its uint16 bits. _array undoes it."""
+    return bits16(a) if a.dtype == mx.bfloat16 else np.array(a)
+
+
+def _array(a: np.ndarray) -> mx.array:
+    """uint16 arrives as bf16's bits (no dtype in DTYPES is stored as uint16 but bf16)."""
+    out = mx.array(a)
+    return out.view(mx.bfloat16) if out.dtype == mx.uint16 else out
+
+
 def _codes(plane: mx.array, k: int) -> mx.array:
     """A split plane uint8 [m, 3k/4] -> its 6-bit fields, uint32 [m, k] (dn.formats.planes' packing)."""
     m = plane.shape[0]
@@ -153,6 +164,10 @@ def scratch(rows: int, cols: int) -> None:
 
 def stack(arrays: list, axis: int) -> mx.array:
     return mx.stack(arrays, axis)
+
+
+def contiguous(x: mx.array) -> mx.array:
+    return mx.contiguous(x)
 
 
 def is_bfloat16(x: mx.array) -> bool:

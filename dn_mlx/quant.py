@@ -1,6 +1,6 @@
 """Affine group-wise quantized weights (mlx-lm's format, dn/formats/quant.py) on MLX: mlx's own quantized layers.
 
-affine_matmul, quantize_model and rows as dn_torch/quant.py has them; compute_at for the loader (dn_mlx/model.py)."""
+affine_matmul, quantize_model and rows as dn_torch/quant.py has them; _compute_at for the loader (dn_mlx/model.py)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class _Embedding(nn.QuantizedEmbedding):
         return mx.dequantize(self["weight"][x], s, b, group_size=self.group_size, bits=self.bits, mode=self.mode)
 
 
-def compute_at(model: nn.Module, dtype) -> None:
+def _compute_at(model: nn.Module, dtype) -> None:
     """Under a 32-bit compute dtype the loader holds 16-bit stored scales and biases as stored
     (dn.formats.quant.scale_dtype: exact in 32-bit arithmetic, half the bytes), as torch does: quantized modules
     then dequantize rows, and quantized embeddings look them up, at the compute dtype."""

@@ -22,28 +22,19 @@ def layout(spec: ModelSpec, dtype: str) -> tuple[str, str]:
     return "mlx", f"mlx-q{spec.quant['bits']}g{spec.quant['group_size']}"
 
 
-def _np(a: mx.array) -> np.ndarray:
-    return np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a)
-
-
-def _mx(a: np.ndarray) -> mx.array:
-    """numpy -> mx; uint16 arrays are bf16 bits."""
-    return mx.array(a).view(mx.bfloat16) if a.dtype == np.uint16 else mx.array(a)
-
-
 def block_arrays(slices: dict, proj: str, spec: ModelSpec, dtype: str) -> list[tuple[np.ndarray, int]]:
     """Projection proj of one affine block's stored slices (dn.runtime.residency.block_slices) -> weight, scales,
     biases as mx.quantized_matmul takes them, as numpy (bf16 as uint16 bits), with the axis blocks join along."""
     dt, ax = ops.DTYPES[dtype], 1 if proj == "down_proj" else 0
     w = mx.array(slices[f"{proj}.weight"][0]).view(mx.uint32)
-    sides = [_mx(slices[f"{proj}.{k}"][0]) for k in ("scales", "biases")]  # BF16 is stored as uint16
-    return [(np.array(w).view(np.int32), ax)] + [(_np(a.astype(dt) if dt.size <= 2 else a), ax) for a in sides]
+    sides = [ops._array(slices[f"{proj}.{k}"][0]) for k in ("scales", "biases")]  # BF16 is stored as uint16
+    return [(np.array(w).view(np.int32), ax)] + [(ops._numpy(a.astype(dt) if dt.size <= 2 else a), ax) for a in sides]
 
 
 def join(arrays: list[np.ndarray], info: dict):
     """k blocks read together (numpy, joined) -> arrays: a bundle [k*BLOCK, 3, d], or (weight, scales, biases)
     per projection."""
-    held = [_mx(a) for a in arrays]
+    held = [ops._array(a) for a in arrays]
     if info["kind"] == "dense":
         return held[0]
     return [(held[i].view(mx.uint32), held[i + 1], held[i + 2]) for i in (0, 3, 6)]

@@ -60,5 +60,6 @@ def make_sparse_mlp(bundled: np.ndarray, layer, dtype: str = "float32", device: 
     return SparseMLP(mx.array(np.asarray(bundled, np.float32)).astype(ops.DTYPES[dtype]), layer)
 
 
-attach, install_sparse, mlp_weights, collect_mlp_inputs = sparse_mlp.bind(
-    SparseMLP, _tap, lambda model, tokens: mx.eval(model(mx.array(tokens))))
+_bound = sparse_mlp.bind(SparseMLP, _tap, lambda model, tokens: mx.eval(model(mx.array(tokens))))
+attach, install_sparse = _bound.attach, _bound.install_sparse
+mlp_weights, collect_mlp_inputs = _bound.mlp_weights, _bound.collect_mlp_inputs

@@ -1,11 +1,12 @@
-"""Lossless codec on torch. Stored format (dn.formats.lossless, Huffman): a pure-torch decoder (any device) and a Triton
-kernel (CUDA/ROCm), both bit-exact against dn.formats.lossless. Runtime (dn.formats.fixed4, fixed4): attach()
-converts each
-coded projection at load and decodes it, just before its matmul, into a reused scratch buffer: the C kernel on
-CPU, a pure-torch path elsewhere or when DN_NATIVE=0; all bit-exact."""
+"""Lossless codec on torch. Stored format (dn.formats.lossless, Huffman): a pure-torch decoder (any device) and a
+Triton kernel (CUDA/ROCm), both bit-exact against dn.formats.lossless. Runtime (dn.formats.fixed4): attach()
+converts each coded projection at load and decodes it, just before its matmul, into a reused scratch buffer: the C
+kernel on CPU, a pure-torch path elsewhere or when DN_NATIVE=0; all bit-exact."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 from pathlib import Path
 
@@ -13,14 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dn.formats import fixed4
-from dn.formats import lossless as codec
+from dn.formats import fixed4, lossless
 from dn_torch.ops import DTYPES
-
-try:
-    from dn_torch import _triton_codec
-except ImportError:  # Triton only where a GPU backend is installed
-    _triton_codec = None
 
 _MASK32 = 0xFFFFFFFF
 
@@ -28,13 +23,12 @@ _MASK32 = 0xFFFFFFFF
 class PackedLayer(nn.Module):
     """A dn.formats.lossless.Pack held on a device: only the coded buffers are resident."""
 
-    def __init__(self, p: codec.Pack):
+    def __init__(self, p: lossless.Pack):
         super().__init__()
         self.lanes, self.steps, self.maxlen, self.dtype, self.n = p.lanes, p.steps, p.maxlen, p.dtype, p.n
         self.slices = p.slices
-        # The pack's own arrays (fresh from dn.formats.lossless.pack), shared rather than copied: a loader holds one
-        # copy
-        # of a layer's coded data beside the model, not two.
+        # The pack's own arrays (fresh from dn.formats.lossless.pack), shared rather than copied: a loader holds
+        # one copy of a layer's coded data beside the model, not two.
         for name, a in (("words", p.words.view("int32")), ("offsets", p.offsets.view("int32")),
                         ("luts", p.luts.view("int16")), ("raw", p.raw), ("table", p.table)):
             self.register_buffer(name, torch.from_numpy(np.require(a, requirements=["C", "W"])))
@@ -54,7 +48,7 @@ class PackedLayer(nn.Module):
     def decode(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """-> int16 bits [n] (into out[:n] when given)."""
         out = torch.empty(self.n, dtype=torch.int16, device=self.words.device) if out is None else out[:self.n]
-        if self.words.is_cuda and _triton_codec is not None:
+        if self.words.is_cuda and _triton_codec() is not None:
             _decode_triton(self, out)
         else:
             _decode_torch(self, out)
@@ -65,6 +59,16 @@ def _join(sym: torch.Tensor, raw: torch.Tensor, dtype: str) -> torch.Tensor:
     s, r = sym.to(torch.int32), raw.to(torch.int32)
     bits = ((r & 0x80) << 8) | (s << 7) | (r & 0x7F) if dtype == "bfloat16" else (s << 8) | r
     return bits.to(torch.int16)  # wraps like a C cast: the 16 bits are kept
+
+
+@functools.cache
+def _triton_codec():
+    """dn_torch._triton_codec, or None without Triton. Loaded on first use on CUDA, not with dn_torch: importing it
+    imports Triton (optional, heavy) and defines every @triton.jit kernel."""
+    try:
+        return importlib.import_module("dn_torch._triton_codec")
+    except ImportError:  # Triton only where a GPU backend is installed
+        return None
 
 
 def _decode_torch(p: PackedLayer, out: torch.Tensor) -> None:
@@ -94,18 +98,18 @@ def _decode_torch(p: PackedLayer, out: torch.Tensor) -> None:
 
 def _decode_triton(p: PackedLayer, out: torch.Tensor) -> None:
     pos, lut_base, out_base, count = p.stream_meta()
-    _triton_codec.decode(p.words, p.luts, p.raw, pos, lut_base, out_base, count, out,
+    _triton_codec().decode(p.words, p.luts, p.raw, pos, lut_base, out_base, count, out,
                          p.lanes, p.steps, p.maxlen, p.dtype == "bfloat16")
 
 
-def decode(enc: codec.EncodedTensor, device=None) -> torch.Tensor:
+def decode(enc: lossless.EncodedTensor, device=None) -> torch.Tensor:
     """Bits (int16, original shape) of one coded tensor; Triton on CUDA, pure torch elsewhere."""
-    return PackedLayer(codec.pack({"": enc})).to(device or "cpu").decode().reshape(enc.shape)
+    return PackedLayer(lossless.pack({"": enc})).to(device or "cpu").decode().reshape(enc.shape)
 
 
-def decode_reference(enc: codec.EncodedTensor, device=None) -> torch.Tensor:
+def decode_reference(enc: lossless.EncodedTensor, device=None) -> torch.Tensor:
     """The pure-torch path, on any device."""
-    p = PackedLayer(codec.pack({"": enc})).to(device or "cpu")
+    p = PackedLayer(lossless.pack({"": enc})).to(device or "cpu")
     out = torch.empty(p.n, dtype=torch.int16, device=p.words.device)
     _decode_torch(p, out)
     return out.reshape(enc.shape)
@@ -152,10 +156,10 @@ def decode_fixed4(f) -> torch.Tensor:
     return _decode_into(f, torch.empty(f.n, dtype=torch.int16, device=f.raw.device)).view(f.shape)
 
 
-def from_encoded(enc: codec.EncodedTensor, fused: bool = False) -> CodecLinear:
+def from_encoded(enc: lossless.EncodedTensor, fused: bool = False) -> CodecLinear:
     """A stored tensor -> a CodecLinear holding it in fixed4 with its own scratch (tests, benchmarks); fused:
     route decode steps through the fused kernel, as DN_CODEC_FUSED=1 does."""
-    codec.verify(enc, "<argument>")
+    lossless.verify(enc, "<argument>")
     rt = fixed4.convert(enc, torch.get_num_threads())
     lin = CodecLinear(rt, [torch.empty(rt.n, dtype=DTYPES[rt.dtype])], 0, None)
     lin.fused = fused
@@ -164,7 +168,7 @@ def from_encoded(enc: codec.EncodedTensor, fused: bool = False) -> CodecLinear:
 
 def _decode_into(f, out: torch.Tensor) -> torch.Tensor:
     """f: a module holding a fixed4 tensor's buffers (CodecLinear); out: [n] int16 bits, or values at the coded
-    dtype or float32 (exact upcast). CPU: the C kernel (dn/formats/csrc/fixed4.c), else the pure-torch path."""
+    dtype or float32 (exact upcast). CPU: the C kernel (dn/formats/csrc/codec_runtime.c), else the pure-torch path."""
     if out.is_cuda:
         return _decode_fixed4_cuda(f, out)
     lib = fixed4.native() if out.device.type == "cpu" else None
@@ -184,12 +188,12 @@ def _plain_into(f, out: torch.Tensor) -> torch.Tensor:
 def _decode_fixed4_cuda(f, out: torch.Tensor) -> torch.Tensor:
     """CUDA: the Triton fixed4 decode (dn_torch/_triton_codec.py, bit-exact) straight into out when out holds bits,
     the coded dtype or float32, else through int16 bits; the pure-torch path where Triton is missing."""
-    coded = DTYPES[f.coded]
-    if _triton_codec is None:
+    coded, triton_codec = DTYPES[f.coded], _triton_codec()
+    if triton_codec is None:
         return _plain_into(f, out)
     if out.dtype in (torch.int16, coded, torch.float32) and out.is_contiguous():
-        return _triton_codec.fixed4_decode(f, out)
-    return out.copy_(_triton_codec.fixed4_decode(f).view(coded))  # the other 16-bit float: converted as Tensor.to
+        return triton_codec.fixed4_decode(f, out)
+    return out.copy_(triton_codec.fixed4_decode(f).view(coded))  # the other 16-bit float: converted as Tensor.to
 
 
 def _decode_plain(f) -> torch.Tensor:
@@ -211,7 +215,7 @@ def attach(model, model_dir: Path, spec) -> None:
     """Replace the coded projections of every decoder layer by CodecLinear. A layer's coded tensors are read
     (dn.formats.fixed4.read_layers: the codec file opened once), converted to fixed4 and moved to the device
     before the next layer's are read, so the stored Huffman code is never resident."""
-    index = codec.load_index(model_dir)
+    index = lossless.load_index(model_dir)
     ref = next(p for p in model.parameters() if not p.is_meta and p.is_floating_point())  # device, dtype
     scratch = [torch.empty(max(h["n"] for h in index.values()), dtype=ref.dtype, device=ref.device)]  # shared
     model.register_buffer("dn_codec_scratch_weights", scratch[0], persistent=False)
@@ -223,10 +227,10 @@ def attach(model, model_dir: Path, spec) -> None:
             setattr(module, attr, CodecLinear(rt, scratch, 0, getattr(module, attr).bias))
 
 
-def matvec(enc: codec.EncodedTensor, x: torch.Tensor) -> torch.Tensor:
+def matvec(enc: lossless.EncodedTensor, x: torch.Tensor) -> torch.Tensor:
     """y = x @ W.T for x [B, in]: decode then matmul (the fused Triton kernel is in _triton_codec)."""
-    if x.is_cuda and _triton_codec is not None:
-        return _triton_codec.matvec(PackedLayer(codec.pack({"": enc})).to(x.device), x, enc.shape)
+    if x.is_cuda and _triton_codec() is not None:
+        return _triton_codec().matvec(PackedLayer(lossless.pack({"": enc})).to(x.device), x, enc.shape)
     w = decode(enc, x.device).view(torch.bfloat16 if enc.dtype == "bfloat16" else torch.float16)
     return x @ w.to(x.dtype).T
 

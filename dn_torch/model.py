@@ -14,7 +14,7 @@ from dn.core import tensors
 from dn.core.errors import DnError
 from dn.formats.quant import layout
 from dn.model.spec import ModelSpec, weight_files
-from dn_torch import codec, quant, resident, sparse
+from dn_torch import codec, ops, quant, resident, sparse
 from dn_torch.ops import DTYPES
 from dn_torch.ops import device as _device
 
@@ -103,9 +103,10 @@ def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = F
             into |= {f"model.layers.{i}.mlp.{k}": v for k, v in views.items()}
     for path in weight_files(model_dir):
         with tensors.File(path) as f:
+            _check_dtypes(f)
             for name in f.header:
                 if name in into:
-                    _fill(into.pop(name), f, name, dtype)
+                    _copy_into(into.pop(name), f, name, dtype)
                     continue
                 module, want = (None, None) if name in tied else _slot(model, f, name)
                 if want is not None:
@@ -170,6 +171,7 @@ def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool
     with contextlib.ExitStack() as files:
         for path in weight_files(model_dir):
             f = files.enter_context(tensors.File(path))
+            _check_dtypes(f)
             for name in f.header:
                 module, want = _slot(model, f, name)
                 if isinstance(module, (quant.QuantizedLinear, quant.QuantizedEmbedding)) and want is module.weight:
@@ -194,11 +196,16 @@ def _check_loaded(model, model_dir: Path, skip=frozenset()) -> None:
             raise DnError(f"{model_dir}: weights lack tensor {name}")
 
 
+def _check_dtypes(f: tensors.File) -> None:
+    """Every tensor of a file is in DTYPES, whether or not the model has a place for it, checked as it opens."""
+    for name in f.header:
+        if f.dtype(name) not in DTYPES:
+            raise DnError(f"{f.path}: tensor {name} has unsupported dtype {f.header[name]['dtype']}")
+
+
 def _slot(model, f: tensors.File, name: str):
     """(module, the parameter or buffer the skeleton holds for a stored tensor), checked against it; (None,
     None) for a tensor the model has no place for."""
-    if f.dtype(name) not in DTYPES:
-        raise DnError(f"{f.path}: tensor {name} has unsupported dtype {f.header[name]['dtype']}")
     path, _, attr = name.rpartition(".")
     try:
         module = model.get_submodule(path)
@@ -225,23 +232,20 @@ def _place(module, f: tensors.File, name: str, dtype: str) -> None:
         module._buffers[attr] = _read(f, name, dtype)
 
 
-def _tensor(a: np.ndarray, dtype: str) -> torch.Tensor:
-    return torch.from_numpy(a).view(DTYPES[dtype])  # bf16 arrives as its uint16 bits
-
-
 def _read(f: tensors.File, name: str, dtype: str | None = None, r0: int = 0, r1: int | None = None) -> torch.Tensor:
     """Rows [r0, r1) of a stored tensor (all of it by default) on the device, as stored or at dtype (converted by
     dn.core.tensors into the memory the tensor keeps, a chunk of rows at a time, as Tensor.to converts)."""
-    return _tensor(f.read(name, dtype, r0, r1), dtype or f.dtype(name)).to(_device())
+    return ops._tensor(f.read(name, dtype, r0, r1)).to(_device())
 
 
-def _fill(out: torch.Tensor, f: tensors.File, name: str, dtype: str) -> None:
-    """Read a stored tensor at dtype into out (any strides: a view of a bundle), a chunk of rows at a time."""
+def _copy_into(out: torch.Tensor, f: tensors.File, name: str, dtype: str) -> None:
+    """Copy a stored tensor into out (any strides: a view of a bundle) as dn.core.tensors hands it over at dtype,
+    a chunk of rows at a time."""
     if list(out.shape) != f.shape(name):
         raise DnError(f"tensor {name} is {DTYPES[f.dtype(name)]} {f.shape(name)}, the model expects "
                       f"{out.dtype} {list(out.shape)}")
     for r0, a in f.chunks(name, dtype):
-        out[r0:r0 + len(a)].copy_(_tensor(a, dtype))
+        out[r0:r0 + len(a)].copy_(ops._tensor(a))
 
 
 def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None):

@@ -144,6 +144,22 @@ def bits16(x: torch.Tensor) -> np.ndarray:
     return x.detach().contiguous().view(torch.int16).cpu().numpy().view(np.uint16)  # a copy off the device
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor on the host as numpy, in dn.core.tensors' convention: bf16, which numpy lacks, as its uint16 bits
+    (and uint32 as int32); _tensor reads bf16 back from its bits."""
+    if t.dtype == torch.bfloat16:
+        return bits16(t)
+    t = t.detach().contiguous().cpu()
+    return t.view(torch.int32).numpy() if t.dtype == torch.uint32 else t.numpy()
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """numpy -> a host tensor sharing its memory; uint16 arrives as bf16's bits (dn.core.tensors: no dtype in
+    DTYPES is stored as uint16 but bf16)."""
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if t.dtype == torch.uint16 else t
+
+
 def _codes(plane: torch.Tensor, k: int) -> torch.Tensor:
     """A split plane uint8 [m, 3k/4] -> its 6-bit fields, int64 [m, k] (dn.formats.planes' packing)."""
     m = plane.shape[0]
@@ -179,6 +195,10 @@ def scratch(rows: int, cols: int) -> torch.Tensor:
 
 def stack(arrays: list, axis: int) -> torch.Tensor:
     return torch.stack([a.detach() for a in arrays], axis)
+
+
+def contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous()
 
 
 def is_bfloat16(x: torch.Tensor) -> bool:

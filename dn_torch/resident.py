@@ -28,29 +28,14 @@ def layout(spec: ModelSpec, dtype: str) -> tuple[str, str]:
     return kind, f"int4r{quant._int4_block_rows()}" if kind == "int4" else f"{kind}-q{q['bits']}g{q['group_size']}"
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().contiguous().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.view(torch.int32).numpy() if t.dtype == torch.uint32 else t.numpy()
-
-
-def _torch(a: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
-    t = torch.from_numpy(a)
-    return t.view(dtype) if dtype is not None else t
-
-
 def _quantized(slices: dict, proj: str, spec: ModelSpec, dtype: torch.dtype) -> quant.QuantizedLinear:
     w = slices[f"{proj}.weight"][0]
-    s, sd = slices[f"{proj}.scales"]
-    b, _ = slices[f"{proj}.biases"]
+    s, b = slices[f"{proj}.scales"][0], slices[f"{proj}.biases"][0]
     q = spec.quant
     rows, cols = w.shape[0], w.shape[1] * 32 // q["bits"]
     m = quant.QuantizedLinear(cols, rows, False, q["bits"], q["group_size"], dtype)
-    st = torch.bfloat16 if sd == "BF16" else None
-    m.weight = _torch(w.view(np.int32)).view(torch.uint32)
-    m.scales = _torch(s, st) if st else _torch(s)
-    m.biases = _torch(b, st) if st else _torch(b)
+    m.weight = ops._tensor(w.view(np.int32)).view(torch.uint32)
+    m.scales, m.biases = ops._tensor(s), ops._tensor(b)  # BF16 is stored as its uint16 bits
     m.prepare(dtype)
     return m
 
@@ -71,14 +56,13 @@ def block_arrays(slices: dict, proj: str, spec: ModelSpec, dtype: str) -> list[t
     ts = [m.weight, m.scales] + ([m.biases] if m.biases is not None else [])
     if kind == "int4" and proj == "down_proj":  # [d, k/2] in blocks of B rows, column-major inside a block
         ts[0] = ts[0].view(-1, residency.BLOCK, quant._int4_block_rows() // 2)
-    return [(_np(t), ax) for t, ax in zip(ts, _axes(kind, "cols" if proj == "down_proj" else "rows"))]
+    return [(ops._numpy(t), ax) for t, ax in zip(ts, _axes(kind, "cols" if proj == "down_proj" else "rows"))]
 
 
 def join(arrays: list[np.ndarray], info: dict):
     """k blocks read together (numpy views of the cold file, joined) -> tensors: a bundle [k*BLOCK, 3, d], or the
     three projections' (weight, scales, biases) as dn_torch.quant.affine_matmul takes them (int4: no biases)."""
-    ts = [_torch(a).contiguous() for a in arrays]  # joined along a later axis: strided views of the file
-    ts = [t.view(torch.bfloat16) if t.dtype == torch.uint16 else t for t in ts]  # bf16 travels as its bits
+    ts = [ops._tensor(a).contiguous() for a in arrays]  # joined along a later axis: strided views of the file
     kind = info["kind"]
     if kind == "dense":
         return ts[0]
@@ -98,8 +82,8 @@ def settle(y: torch.Tensor) -> torch.Tensor:
     return y  # eager: the blocks read for a layer are freed when it returns
 
 
-def concat(ts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(ts)
+def concat(ys: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(ys)
 
 
 class ResidentModule(nn.Module):

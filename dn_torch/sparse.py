@@ -54,5 +54,7 @@ def make_sparse_mlp(bundled: np.ndarray, layer, dtype: str = "float32", device: 
 
 
 # calibration taps an MLP's input with a forward pre-hook
-attach, install_sparse, mlp_weights, collect_mlp_inputs = sparse_mlp.bind(
+_bound = sparse_mlp.bind(
     SparseMLP, lambda layer, record: layer.mlp.register_forward_pre_hook(lambda _m, a: record(a[0])).remove, _run)
+attach, install_sparse = _bound.attach, _bound.install_sparse
+mlp_weights, collect_mlp_inputs = _bound.mlp_weights, _bound.collect_mlp_inputs

@@ -15,6 +15,10 @@ require_native_in_ci()  # under CI=true a C kernel that fails to build fails the
 BACKENDS = ["mlx", "torch"]
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
+# The verbs read $DN_EVAL_TEXT and $DN_CALIB_TEXT themselves (subprocess tests too): without ../shared they name the
+# repository's small texts, so no test depends on where the clone sits.
+for _var, _name in (("DN_EVAL_TEXT", "eval-small.txt"), ("DN_CALIB_TEXT", "calib-small.txt")):
+    os.environ.setdefault(_var, str(DATA / _name))
 
 
 def _installed(name: str) -> bool:

@@ -132,7 +132,7 @@ def test_bad_version_and_dtype():
 def compressed_tiny(tmp_path):
     from test_families import tiny_model
 
-    from dn.convert import convert
+    from dn.runtime.writer import convert
 
     src = tiny_model(tmp_path / "dense", "llama")
     out = tmp_path / "coded"
@@ -171,11 +171,11 @@ def test_corrupt_compressed_folder_fails_on_load(backend, tmp_path):
 def test_default_model_compressed_eval_is_bit_identical(tmp_path, default_model_dir, tokenizer, eval_text):
     """dn eval perplexity of the compressed default model equals dense exactly (torch; MLX runs the
     same check on the tiny model above, its CPU decode being slow)."""
-    from dn.convert import convert
     from dn.evaluate import perplexity
     from dn.model.spec import load_spec
     from dn.runtime import backend as backends
     from dn.runtime import memory
+    from dn.runtime.writer import convert
 
     out = tmp_path / "coded"
     convert(default_model_dir, out, "lossless", None)

@@ -162,7 +162,7 @@ def tiny_pair(request, tmp_path_factory):
     pytest.importorskip("mlx_lm")
     from test_families import tiny_model
 
-    from dn.convert import convert
+    from dn.runtime.writer import convert
 
     root = tmp_path_factory.mktemp(request.param)
     dense = tiny_model(root / "dense", request.param)

@@ -54,8 +54,8 @@ def _fit(dense_dir) -> list[sparse.LayerSparse]:
 
 def _quantized(dense_dir, out):
     """A -q folder (4 bits, groups of 32) and its twin: a dense folder holding the dequantized weights."""
-    from dn.convert import convert
     from dn.formats import quant
+    from dn.runtime.writer import convert
 
     convert(dense_dir, out, None, None, quant={"bits": 4, "group_size": 32})
     twin = out.with_name(out.name + "-dequantized")
@@ -80,7 +80,7 @@ def _quantized(dense_dir, out):
 def folders(tmp_path_factory):
     """{(format, sparse?): (folder, the folder it must match)}."""
     pytest.importorskip("mlx_lm")
-    from dn.convert import convert
+    from dn.runtime.writer import convert
 
     root = tmp_path_factory.mktemp("compose")
     dense = tiny_model(root / "dense", "llama", inter=INTER)

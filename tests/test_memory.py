@@ -276,7 +276,7 @@ def _sparse_folder(src, out):
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """fmt -> a folder of the synthetic model in that format."""
-    from dn.convert import convert
+    from dn.runtime.writer import convert
 
     root = tmp_path_factory.mktemp("synthetic")
     dense = synthetic_model(root / "dense")

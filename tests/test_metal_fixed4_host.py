@@ -340,8 +340,8 @@ def test_gpu_glue_attach_through_host_kernels(host_gpu, tmp_path, fused, monkeyp
     pytest.importorskip("mlx_lm")
     from test_families import tiny_model
 
-    from dn.convert import convert
     from dn.model.spec import load_spec
+    from dn.runtime.writer import convert
     from dn_mlx import model as mlx_model
 
     _, calls = host_gpu

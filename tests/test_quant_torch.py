@@ -8,12 +8,12 @@ import pytest
 import torch
 from test_families import VOCAB, H, tiny_model
 
-from dn.convert import convert, quantization
 from dn.core import tensors as safetensors_io
 from dn.core.errors import DnError
 from dn.core.tolerances import KERNEL, QUANT
 from dn.formats import quant as ref
 from dn.model.spec import load_spec
+from dn.runtime.writer import convert, quantization
 from dn_torch import model as tmodel
 from dn_torch import quant as tq
 

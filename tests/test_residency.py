@@ -18,6 +18,7 @@ from test_families import tiny_model
 from dn.core.errors import DnError
 from dn.model.spec import load_spec
 from dn.runtime import residency
+from dn.runtime.budget import parse_budget
 
 INTER = 256  # 4 blocks of residency.BLOCK neurons; a multiple of sparse.GROUP too
 TOKENS = np.random.default_rng(3).integers(0, 128, size=(1, 10))
@@ -56,13 +57,13 @@ def _budget_between(be, folder, hot_share, mode="exact"):
 # ---- the budget and the plan ---------------------------------------------------------------------------
 
 def test_parse_budget():
-    assert residency.parse_budget("25%", 1000) == 250
-    assert residency.parse_budget("300MB", 1) == 300 * 10**6
-    assert residency.parse_budget("1.5GiB", 1) == int(1.5 * 2**30)
-    assert residency.parse_budget("4096", 1) == 4096
+    assert parse_budget("25%", 1000) == 250
+    assert parse_budget("300MB", 1) == 300 * 10**6
+    assert parse_budget("1.5GiB", 1) == int(1.5 * 2**30)
+    assert parse_budget("4096", 1) == 4096
     for bad in ("", "abc", "-5%", "0", "12 parsecs"):
         with pytest.raises(DnError):
-            residency.parse_budget(bad, 1000)
+            parse_budget(bad, 1000)
 
 
 def test_plan_fills_the_budget_and_refuses_below_the_minimum(default_spec):

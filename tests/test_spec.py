@@ -42,6 +42,18 @@ def test_unsupported_architecture_is_an_error():
         Architecture.from_hf_config({**HF5, "model_type": "gpt2"})
 
 
+@pytest.mark.parametrize("cfg,want", [({}, "silu"), ({"hidden_act": "silu"}, "silu"), ({"hidden_act": "swish"}, "silu"),
+                                      ({"hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu"}, "gelu_tanh")])
+def test_mlp_act_from_config(cfg, want):
+    """config.json's activation (hidden_activation first, as Gemma names it) as dn names it."""
+    assert Architecture.from_hf_config({**HF5, **cfg}).mlp_act == want
+
+
+def test_unsupported_mlp_act_is_an_error():
+    with pytest.raises(DnError, match="unsupported MLP activation 'relu'"):
+        Architecture.from_hf_config({**HF5, "hidden_act": "relu"}).mlp_act  # noqa: B018 (the property raises)
+
+
 def test_missing_config_key_is_an_error():
     cfg = dict(HF5)
     del cfg["hidden_size"]

@@ -1,9 +1,13 @@
 """One tensor path and the format objects.
 
-Loading a model reads each stored file once, on both backends: dn.core.tensors.File is the one reader (each file
-opened once, each stored tensor read once, converted there a chunk of rows at a time); a second path (mx.load, a
-header read again, a tensor read twice) shows as a second open or more bytes read. The weight formats share one
-small interface (dn/formats/__init__.py): their numpy paths agree with each other."""
+A backend's load reads each stored file once (dense, affine, lossless and sparse folders, on both backends):
+dn.core.tensors.File is the one reader (each file opened once, each stored tensor read once, converted there a chunk
+of rows at a time); a second path (mx.load, a header read again, a tensor read twice) shows as a second open or more
+bytes read. Not counted here: dn.runtime.loader.load first checks every file's header (tensors.check_folder), one
+more open and header read per file before the backend's load. The weight formats share one small interface
+(dn/formats/__init__.py): their numpy paths agree with each other."""
+
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ from test_families import tiny_model
 
 from dn import formats
 from dn.core import tensors
-from dn.formats import fixed4, planes, quant
+from dn.formats import fixed4, planes, quant, sparse
 from dn.model.spec import load_spec
 from dn.runtime.writer import convert
 
@@ -22,10 +26,26 @@ def folders(tmp_path_factory):
     dense = tiny_model(root / "dense", "llama")
     convert(dense, root / "affine", None, None, quant={"bits": 4, "group_size": 32})
     convert(dense, root / "lossless", "lossless", None)
+    _sparse_folder(dense, root / "sparse")
     return root
 
 
-@pytest.mark.parametrize("fmt", ["dense", "affine", "lossless"])
+def _sparse_folder(dense, out):
+    """dense plus a sparse spec fitted on random inputs (routers and priors in sparse.FILE)."""
+    shutil.copytree(dense, out)
+    spec, rng = load_spec(dense), np.random.default_rng(0)
+    with tensors.File(dense / "model.safetensors") as f:
+        mlp = [[tensors.bf16_to_f32(f.read(f"model.layers.{i}.mlp.{p}_proj.weight")) for p in ("gate", "up", "down")]
+               for i in range(spec.architecture.num_hidden_layers)]
+    x = rng.standard_normal((256, spec.architecture.hidden_size)).astype(np.float32)
+    fitted = [sparse.fit_layer(x, *w, 48, 16, "median", "int4") for w in mlp]
+    spec.sparse = sparse.save(sparse.SparseSpec(0.5, spec.architecture.hidden_size,
+                                                spec.architecture.intermediate_size, router="int4", rank=16,
+                                                prior="median", keep=[48] * len(fitted), layers=fitted), out)
+    spec.save(out)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "affine", "lossless", "sparse"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_loading_reads_each_stored_file_once(backend, folders, monkeypatch, fmt, dtype):
     folder = folders / fmt

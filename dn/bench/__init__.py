@@ -24,8 +24,9 @@ from tqdm import tqdm
 from dn import cli
 from dn.bench import configs, humaneval, report, runner
 from dn.core.errors import DnError
+from dn.core.files import cache_dir
 from dn.core.text import read_text, text_path
-from dn.model.sources import cache_dir, resolve_model
+from dn.model.sources import resolve_model
 from dn.runtime import backend as backends
 from dn.runtime import timing
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from dn.core.errors import DnError
 from dn.formats import quant
 from dn.runtime import budget as residency_budget
+from dn.runtime.backend import DTYPES
 
 DEFAULT_CONFIGS = "dense,q8,q4g32e8,q4g32,q4g64,q3g32,lossless,sparse50,q4g32+sparse50"
-DTYPES = ("float32", "bfloat16")
 TASKS = ("humaneval",)
 SKIPS = ("ppl", "agreement")  # --skip: phases a random-weight model (benchmarks/bench_shapes.py) has no use for
 

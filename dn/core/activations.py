@@ -31,10 +31,10 @@ HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_n
       "gelu_tanh": "gelu_tanh"}
 
 
-def check(name: str) -> str:
-    """name, when dn runs it; DnError otherwise."""
+def check(name: str, where: str = "") -> str:
+    """name, when dn runs it; DnError otherwise, its message prefixed by where (say, the file it came from)."""
     if name not in ACTS:
-        raise DnError(f"unknown activation {name!r} (choose from {', '.join(NAMES)})")
+        raise DnError(f"{where}unknown activation {name!r} (choose from {', '.join(NAMES)})")
     return name
 
 
@@ -54,9 +54,3 @@ def of_hf(name: str) -> str:
         raise DnError(f"unsupported MLP activation {name!r} (dn runs: {', '.join(sorted(HF))})")
     return HF[name]
 
-
-def of_config(cfg: dict) -> str:
-    """A Hugging Face config's MLP activation (hidden_activation, else hidden_act; a nested text_config for
-    multimodal ones) as dn names it; silu when it names none."""
-    cfg = cfg.get("text_config") or cfg
-    return of_hf(cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu")

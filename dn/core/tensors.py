@@ -117,6 +117,9 @@ class File:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
         self._f.close()
 
     def dtype(self, name: str) -> str:

@@ -10,7 +10,7 @@ registers inside a matvec (the idea of binade's R4 layout). Per tensor of n 16-b
   raw      uint8 [n]     as in dn/formats/lossless.py (bfloat16: sign|mantissa; float16: low byte)
   esc_index int32 [e]    ascending element indices of the escapes
   esc_symbol uint8 [e]   their symbols
-bits[i] = codec.join(table[rank[i]], raw[i]), except at escapes: codec.join(esc_symbol, raw[i]).
+bits[i] = lossless.join(table[rank[i]], raw[i]), except at escapes: lossless.join(esc_symbol, raw[i]).
 
 Fused matvec kernels take a simpler route for escapes: the main pass decodes an escape as a weight of 0 and a
 correction adds esc_weight * x[col] to y[row] afterwards (row, col = divmod(index, in_features)). So
@@ -32,7 +32,7 @@ import numpy as np
 from dn.core import tensors
 from dn.core.errors import DnError
 from dn.core.tensors import File
-from dn.formats import lossless as codec
+from dn.formats import lossless
 from dn.formats import native as nat
 from dn.formats.native import ptr
 
@@ -65,8 +65,8 @@ class Lossless:
     @classmethod
     def from_stored(cls, f: File, name: str, header: dict, threads: int = 1) -> Lossless:
         """A coded tensor of a folder's dn_codec file (header: its dn_codec.json entry), checked and converted."""
-        tensors = {k: f.read(k) for k in (f"{name}.{b}" for b in codec.BUFFERS) if k in f.header}
-        return convert(codec.from_tensors(name, header, tensors), threads)
+        buffers = {k: f.read(k) for k in (f"{name}.{b}" for b in lossless.BUFFERS) if k in f.header}
+        return convert(lossless.from_tensors(name, header, buffers), threads)
 
     def dequantize(self) -> np.ndarray:
         return to_float32(decode(self), self.dtype)
@@ -84,8 +84,8 @@ class Lossless:
 def read_layers(model_dir: Path, layers: int, threads: int = 1):
     """Per decoder layer, {name: Lossless} of its coded tensors, read from the folder's dn_codec file (opened
     once) and converted before the next layer's are read: the stored Huffman code is never resident."""
-    index = codec.load_index(model_dir)
-    with File(Path(model_dir) / codec.DATA_FILE) as f:
+    index = lossless.load_index(model_dir)
+    with File(Path(model_dir) / lossless.DATA_FILE) as f:
         for i in range(layers):
             prefix = f"model.layers.{i}."
             yield {k: Lossless.from_stored(f, k, index[k], threads) for k in index if k.startswith(prefix)}
@@ -93,10 +93,10 @@ def read_layers(model_dir: Path, layers: int, threads: int = 1):
 
 def from_bits(bits: np.ndarray, dtype: str) -> Lossless:
     """uint16 bits (any shape) -> the runtime layout."""
-    if dtype not in codec.DTYPES:
+    if dtype not in lossless.DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}")
     flat = np.ascontiguousarray(bits).reshape(-1).view(np.uint16)
-    return from_symbols(*codec.split(flat, dtype), dtype, tuple(np.shape(bits)))
+    return from_symbols(*lossless.split(flat, dtype), dtype, tuple(np.shape(bits)))
 
 
 def from_symbols(sym: np.ndarray, raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> Lossless:
@@ -118,9 +118,9 @@ def from_symbols(sym: np.ndarray, raw: np.ndarray, dtype: str, shape: tuple[int,
     return Lossless(dtype, shape, sym.size, table, nibbles, raw, esc, sym[esc].copy())
 
 
-def from_encoded(enc: codec.EncodedTensor) -> Lossless:
+def from_encoded(enc: lossless.EncodedTensor) -> Lossless:
     """A stored (Huffman) tensor -> the runtime layout; done once at load."""
-    return from_bits(codec.decode(enc), enc.dtype)
+    return from_bits(lossless.decode(enc), enc.dtype)
 
 
 def ranks(rt: Lossless) -> np.ndarray:
@@ -134,12 +134,12 @@ def decode(rt: Lossless) -> np.ndarray:
     """-> uint16 bits [shape], bit-exact."""
     sym = rt.table[ranks(rt)]
     sym[rt.esc_index] = rt.esc_symbol
-    return codec.join(sym, rt.raw, rt.dtype).astype(np.uint16).reshape(rt.shape)
+    return lossless.join(sym, rt.raw, rt.dtype).astype(np.uint16).reshape(rt.shape)
 
 
 def to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
     """uint16 bits of bfloat16/float16 -> float32 values."""
-    return tensors.convert(bits.view(tensors.NUMPY[dtype]), dtype, "float32")
+    return tensors.to_float32(bits.view(tensors.NUMPY[dtype]), dtype)
 
 
 def matvec(rt: Lossless, x: np.ndarray) -> np.ndarray:
@@ -147,17 +147,16 @@ def matvec(rt: Lossless, x: np.ndarray) -> np.ndarray:
     out, k = rt.shape
     r = ranks(rt)
     sym = rt.table[r]
-    w = to_float32(codec.join(sym, rt.raw, rt.dtype).astype(np.uint16), rt.dtype)
+    w = to_float32(lossless.join(sym, rt.raw, rt.dtype).astype(np.uint16), rt.dtype)
     w[r == ESCAPE] = 0.0  # pass 1: escapes count as 0
     y = np.asarray(x, np.float32) @ w.reshape(out, k).T
-    ew = to_float32(codec.join(rt.esc_symbol, rt.raw[rt.esc_index], rt.dtype).astype(np.uint16), rt.dtype)
+    ew = to_float32(lossless.join(rt.esc_symbol, rt.raw[rt.esc_index], rt.dtype).astype(np.uint16), rt.dtype)
     rows, cols = np.divmod(rt.esc_index.astype(np.int64), k)
     np.add.at(y.T, rows, (x[:, cols] * ew).T)  # pass 2: the escapes' corrections
     return y
 
 
-# ---- the C kernels (dn/formats/csrc/codec_runtime.c), on numpy arrays; backends call the same functions on their
-# memory --
+# ---- the C kernels (dn/formats/csrc/codec_runtime.c), on numpy arrays; backends call them on their own memory ---
 
 def native():
     """The C library with its signatures set, or None (DN_NATIVE=0, no compiler): then the plain paths run."""
@@ -230,13 +229,13 @@ def _escapes(rt) -> tuple:
     return ptr(rt.esc_index), ptr(rt.esc_symbol), rt.esc_index.shape[0]
 
 
-def convert(enc: codec.EncodedTensor, threads: int = 1) -> Lossless:
+def convert(enc: lossless.EncodedTensor, threads: int = 1) -> Lossless:
     """from_encoded, with the Huffman decode in C when the kernels are built (about 20x faster at load)."""
     lib = native()
     if lib is None or not (1 <= enc.lanes <= 4096 and enc.steps >= 1 and 1 <= enc.maxlen <= 24):
         return from_encoded(enc)  # the kernel's limits (its per-tile lane state lives on the stack)
     words, offsets = np.ascontiguousarray(enc.words, np.uint32), np.ascontiguousarray(enc.offsets, np.uint32)
-    lut, sym = codec.build_lut(enc.lengths, enc.maxlen), np.zeros(enc.n, np.uint8)
+    lut, sym = lossless.build_lut(enc.lengths, enc.maxlen), np.zeros(enc.n, np.uint8)
     if offsets.size < enc.n_tiles * enc.lanes or lib.dn_huffman_symbols(
             ptr(words), words.size, ptr(offsets), ptr(lut), enc.n, enc.lanes, enc.steps, enc.maxlen, ptr(sym), threads):
         raise DnError("codec: a lane stream runs past its tensor's words (corrupt data)")

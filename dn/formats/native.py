@@ -110,8 +110,7 @@ def _build(name: str) -> ctypes.CDLL | None:
 
 
 def library(name: str) -> ctypes.CDLL | None:
-    """The built kernel library `name`, or None when DN_NATIVE=0 or there is no usable C compiler (see
-    build())."""
+    """The built kernel library `name`, or None when DN_NATIVE=0 or there is no usable C compiler (see build())."""
     return _build(name) if enabled() else None
 
 

@@ -164,8 +164,7 @@ def stacked_values(sketch: np.ndarray, metas: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([sketch_values(s, meta, k) for s, meta in zip(blocks, metas)])
 
 
-# ---- the C kernels (dn/formats/csrc/planes.c), on numpy arrays or CPU tensors: backends pass their own memory
-# ------------
+# ---- the C kernels (dn/formats/csrc/planes.c), on numpy arrays or CPU tensors: backends pass their own memory ---
 
 # a matrix as the kernels take it; lut_w, lut_hi: luts() as uint8 [128], the 64 low bytes then the 64 high bytes
 FIELDS = ("sketch", "rest", "esc_ptr", "esc_col", "esc_bits", "lut_w", "lut_hi")
@@ -221,8 +220,8 @@ def _check(rc: int, what: str, t: int) -> None:
 def step_native(lib, x_bits, mats: tuple, thresh, c, y, mask, act: int, sketch: bool, route: bool,
                 threads: int = 1) -> None:
     """The fused step in C: x_bits bf16 bits [T <= 4, d]; mats (gate, up, down) from mat(); y float32 [T, d] holds
-    y0 and is accumulated into; mask uint8 [T, n] written (route) or read; act: dn.core.activations.kind. Any contiguous
-    CPU memory."""
+    y0 and is accumulated into; mask uint8 [T, n] written (route) or read; act: dn.core.activations.kind. Any
+    contiguous CPU memory."""
     t, d = x_bits.shape
     _check(lib.dn_planes_step(ptr(x_bits), t, thresh.shape[0], d, *[ctypes.byref(m) for m in mats], ptr(thresh),
                               ptr(c), int(sketch), int(route), ptr(mask), ptr(y), act, threads), "step", t)

@@ -28,11 +28,10 @@ Scores:
                     int4 router, an int4 copy of the whole MLP answers for the skipped neurons while the
                     kept ones run in full precision. Costs d (n/2 + 4 n/GROUP) bytes per layer.
   router "planes":  scores s = |silu(g^)| * |u^| with g^, u^ from the gate and up weights' own split planes
-                    (dn/formats/planes.py: each weight to within its exponent and top mantissa bit, 6 of its 12 bits);
-                    the
-                    rest of a kept neuron's bits is read only when it is kept. With the sketch prior, D~ is the
-                    same split of the down matrix. Weights are split as bfloat16 (rounded); the fused C kernel runs
-                    on a bfloat16 model, whose weights it checks are the ones split.
+                    (dn/formats/planes.py: each weight to within its exponent and top mantissa bit, 6 of its 12
+                    bits); the rest of a kept neuron's bits is read only when it is kept. With the sketch prior, D~
+                    is the same split of the down matrix. Weights are split as bfloat16 (rounded); the fused C
+                    kernel runs on a bfloat16 model, whose weights it checks are the ones split.
   prior "none":     plain dropping.
 The neurons' weights are bundled per neuron, bundle[j] = [G[j], U[j], D[:, j]] ([n, 3, d]), so one
 contiguous gather fetches everything a kept neuron needs.
@@ -45,7 +44,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +105,8 @@ class SparseSpec:
 
     def section(self) -> dict:
         """The `sparse` section of dn_spec.json (arrays live in FILE)."""
-        d = {k: v for k, v in asdict(self).items() if k != "layers"}
+        d = asdict(replace(self, layers=[]))  # lazy layers hold their open file: not deep-copied
+        del d["layers"]
         return d | {"file": FILE, "num_layers": len(self.layers)}
 
 
@@ -314,8 +314,8 @@ def recall(mask: np.ndarray, ref: np.ndarray) -> float:
 # ---- the C kernel over bundles (dn/formats/csrc/sparse.c); backends pass their own memory ------------------
 
 def native():
-    """dn/formats/csrc/sparse.c with its signatures set, or None (DN_NATIVE=0, no compiler): then the plain paths
-    run."""
+    """dn/formats/csrc/sparse.c with its signatures set, or None (DN_NATIVE=0, no compiler): then the plain
+    paths run."""
     lib = nat.library("sparse")  # built and loaded once
     if lib is not None and not hasattr(lib, "dn_ready"):
         i64, p, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -361,7 +361,7 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
             raise DnError(f"sparse spec {key} is {section.get(key)!r}, the model has {want}")
     if section.get("router") not in ROUTERS or section.get("prior") not in PRIORS:
         raise DnError(f"sparse spec: unknown router/prior {section.get('router')!r}/{section.get('prior')!r}")
-    act_name = activations.check(section.get("act", DEFAULT_ACT))
+    act_name = activations.check(section.get("act", DEFAULT_ACT), "sparse spec: ")
     keep = section.get("keep")
     if not isinstance(keep, list) or len(keep) != num_layers or not all(
             isinstance(k, int) and 0 < k <= intermediate for k in keep):
@@ -369,7 +369,23 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
     path = Path(model_dir) / section.get("file", FILE)
     if not path.is_file():
         raise DnError(f"sparse spec file {path} is missing")
-    header, _ = tensors.read_header(path)
+    f = tensors.File(path)  # the file's one open: its header here, every layer read through it
+    try:
+        layers = _layers(f, section, num_layers, hidden, intermediate, select, keep, act_name)
+    except BaseException:
+        f.close()
+        raise
+    fields = {k: section[k] for k in ("sparsity", "hidden", "intermediate", "router", "rank", "prior",
+                                      "keep", "calibration") if k in section}
+    if not lazy:
+        with f:
+            layers = list(layers)
+    return SparseSpec(**fields, select=select, act=act_name, layers=layers, version=version)
+
+
+def _layers(f: tensors.File, section: dict, num_layers: int, hidden: int, intermediate: int, select: str,
+            keep: list[int], act_name: str) -> _Layers:
+    """The layers of an open sparse file, once its header holds every tensor the section needs at its shape."""
     r, kind = section.get("rank"), section["router"]
     shapes = {"router.a": (hidden, r), "router.b": (r, 2 * intermediate), "prior.c": (intermediate,),
               "prior.y0": (hidden,)}
@@ -388,21 +404,22 @@ def load(model_dir: Path, section: dict, num_layers: int, hidden: int, intermedi
         shapes |= {"prior.a": (hidden, intermediate // 2), "prior.b": (hidden, intermediate // GROUP)}
     for i in range(num_layers):
         for name, shape in shapes.items():
-            info = header.get(f"layers.{i}.{name}")
+            info = f.header.get(f"layers.{i}.{name}")
             if info is None or tuple(info["shape"]) != shape:
-                raise DnError(f"{path.name}: layers.{i}.{name} is "
+                raise DnError(f"{f.path.name}: layers.{i}.{name} is "
                               f"{'missing' if info is None else tuple(info['shape'])}, expected {shape}")
-    layers = _Layers(path, list(shapes), keep, kind, select, act_name)
-    fields = {k: section[k] for k in ("sparsity", "hidden", "intermediate", "router", "rank", "prior",
-                                      "keep", "calibration") if k in section}
-    return SparseSpec(**fields, select=select, act=act_name, layers=layers if lazy else list(layers), version=version)
+    return _Layers(f, list(shapes), keep, kind, select, act_name)
 
 
 class _Layers(Sequence):
-    """The layers of a sparse file, layer i read from it (plain reads, not a mapping) each time it is asked for."""
+    """The layers of a sparse file, layer i read from it (plain reads, not a mapping) each time it is asked for,
+    through the one File that read its header; the file closes with this object."""
 
-    def __init__(self, path: Path, names: list[str], keep: list[int], kind: str, select: str, name: str):
-        self.path, self.names, self.keep, self.kind, self.select, self.act = path, names, keep, kind, select, name
+    def __init__(self, f: tensors.File, names: list[str], keep: list[int], kind: str, select: str, name: str):
+        self.file, self.names, self.keep, self.kind, self.select, self.act = f, names, keep, kind, select, name
+
+    def __del__(self):
+        self.file.close()
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -413,8 +430,7 @@ class _Layers(Sequence):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)
-        stored = tensors.load(self.path, mmap=False, names=[f"layers.{i}.{n}" for n in self.names])
-        got = {n: stored[f"layers.{i}.{n}"][0] for n in self.names}
+        got = {n: self.file.read(f"layers.{i}.{n}") for n in self.names}
         got = {n: a if a.dtype == np.uint8 else a.astype(np.float32, copy=False) for n, a in got.items()}
         return LayerSparse(self.keep[i], got["router.a"], got["router.b"], got["prior.c"], got["prior.y0"],
                            self.kind, self.select, got.get("router.t"), got.get("prior.a"), got.get("prior.b"),

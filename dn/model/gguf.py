@@ -18,6 +18,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 
 from dn.core import tensors
 from dn.core.errors import DnError
+from dn.core.progress import progress as progress_bar  # convert's `progress` is its on/off flag
 from dn.model.spec import Architecture
 
 # gguf architecture -> HF model_type
@@ -222,7 +223,7 @@ def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     cfg = hf_config(reader)
     arch = Architecture.from_hf_config(cfg)
     files = tokenizer_files(reader)
-    bar = _bar(len(reader.tensors), f"converting {gguf_path.name}") if progress else None
+    bar = progress_bar(len(reader.tensors), f"converting {gguf_path.name}", "tensor") if progress else None
     weights = {name: (bits, "BF16") for name, bits in hf_tensors(reader, cfg, bar)}
     if bar:
         bar.close()
@@ -234,8 +235,3 @@ def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     for name, text in files.items():
         (out_dir / name).write_text(text)
 
-
-def _bar(total: int, desc: str):
-    from tqdm import tqdm  # late: ~100 ms of imports, for a progress bar on a terminal only
-
-    return tqdm(total=total, desc=desc, unit="tensor", leave=False)

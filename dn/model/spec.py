@@ -12,8 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from dn.core import activations
-from dn.core import tensors as safetensors_io
+from dn.core import activations, tensors
 from dn.core.errors import DnError
 from dn.core.files import atomic_file
 from dn.formats import quant
@@ -235,11 +234,11 @@ class ModelSpec:
         try:
             arch = Architecture(**{f.name: d["architecture"][f.name] for f in fields(Architecture)
                                    if f.name in d["architecture"]})
-            tensors = [TensorInfo(**t) for t in d["tensors"]]
+            infos = [TensorInfo(**t) for t in d["tensors"]]
         except (KeyError, TypeError) as e:
             raise DnError(f"malformed {SPEC_FILE}: {e}") from None
         known = {f.name for f in fields(cls)} - {"architecture", "tensors"}
-        return cls(arch, tensors, **{k: v for k, v in d.items() if k in known})
+        return cls(arch, infos, **{k: v for k, v in d.items() if k in known})
 
     def save(self, model_dir: Path) -> None:
         path = Path(model_dir) / SPEC_FILE
@@ -272,24 +271,24 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def inventory(model_dir: Path) -> list[TensorInfo]:
-    tensors = []
+    found = []
     for f in weight_files(model_dir):
-        header, _ = safetensors_io.read_header(f)
-        tensors += [TensorInfo(n, list(h["shape"]), h["dtype"], role_of(n)) for n, h in header.items()]
-    return sorted(tensors, key=lambda t: t.name)
+        header, _ = tensors.read_header(f)
+        found += [TensorInfo(n, list(h["shape"]), h["dtype"], role_of(n)) for n, h in header.items()]
+    return sorted(found, key=lambda t: t.name)
 
 
 def stored_tensors(model_dir: Path, spec: ModelSpec) -> list[TensorInfo]:
     """What a folder holds: its safetensors headers, plus the lossless-coded tensors its codec index lists."""
-    tensors = inventory(model_dir)
+    found = inventory(model_dir)
     if spec.codec:
         path = Path(model_dir) / spec.codec.get("index", "dn_codec.json")
         try:
             index = json.loads(path.read_text())["tensors"]
-            tensors += [TensorInfo(n, list(h["shape"]), h["dtype"], role_of(n)) for n, h in index.items()]
+            found += [TensorInfo(n, list(h["shape"]), h["dtype"], role_of(n)) for n, h in index.items()]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise DnError(f"{path}: unreadable codec index ({e.__class__.__name__})") from None
-    return tensors
+    return found
 
 
 def load_spec(model_dir: Path) -> ModelSpec:

@@ -164,6 +164,9 @@ class Ops(Protocol):
     def stack(self, arrays: list, axis: int) -> Any:
         """A new array (no autograd history)."""
 
+    def contiguous(self, x: Any) -> Any:
+        """x row-contiguous (a copy only where it is not): the C kernels take raw pointers."""
+
     def is_bfloat16(self, x: Any) -> bool: ...
 
 

@@ -67,7 +67,7 @@ class GenerationResponse:
     prompt_tps: float
     generation_tokens: int
     generation_tps: float
-    peak_memory: float  # GB, as mlx-lm (dn.runtime.memory.peak_bytes)
+    peak_memory: float  # GB, as mlx-lm (dn.runtime.memory.peak_bytes); on the last token only, 0.0 before
     finish_reason: str | None = None  # "stop" (end of sequence) or "length" on the last token, else None
 
 
@@ -84,10 +84,11 @@ def stream_generate(run, ids: list[int], max_tokens: int, temp: float = 0.0, see
         if n == 1 and run.residency is not None:
             run.residency.reset_counters()
         stop = token in eos
+        finish = "stop" if stop else "length" if n == max_tokens else None
+        # the peak is read once, on the last token, not every step (on CPU it reads /proc)
         yield GenerationResponse("" if stop else decoder.add(token), token, len(ids), len(ids) / (first - start),
                                  n, (n - 1) / (now - first) if n > 1 else 0.0,
-                                 memory.peak_bytes(run.backend) / 1e9,
-                                 "stop" if stop else "length" if n == max_tokens else None)
+                                 memory.peak_bytes(run.backend) / 1e9 if finish else 0.0, finish)
 
 
 def residency_line(runtime, measured: dict) -> str:

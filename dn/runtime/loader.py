@@ -13,8 +13,9 @@ import numpy as np
 
 from dn.core import tensors
 from dn.core.errors import DnError
+from dn.core.files import cache_dir
 from dn.formats import quant
-from dn.model.sources import cache_dir, resolve_model
+from dn.model.sources import resolve_model
 from dn.model.spec import ModelSpec, load_spec, weight_files
 from dn.model.tokenizer import Tokenizer
 from dn.runtime import backend as backends

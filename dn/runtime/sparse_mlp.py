@@ -15,8 +15,9 @@ The neurons' weights come from the weight store in one of two forms:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -55,8 +56,8 @@ class SparseMLP:
         if isinstance(mlp, SparseMLP):  # a split layer's bundle is decoded (its next spec splits it again)
             return (mlp.bundle(), None) if mlp.bundled is not None or mlp.split else (
                 None, (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-        if not hasattr(mlp, "gate_proj"):  # a bundle [n, 3, d]
-            return mlp, None
+        if not hasattr(mlp, "gate_proj"):  # a bundle [n, 3, d], held row-contiguous for the kernels
+            return self.ops.contiguous(mlp), None
         proj = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if not all(self.ops.is_dense(p) for p in proj):
             return None, proj
@@ -107,10 +108,10 @@ class SparseMLP:
 
     def _hold_planes(self, layer, like, bits) -> None:
         """Router "planes": self.planes holds per matrix (gate, up, down's columns as rows) its arrays by
-        dn.formats.planes.FIELDS name, and "mat", the C kernels' struct, where those run. The sketches are the spec's
-        (the
-        down's: with the sketch prior); with bits (the bundled bf16 weights [n, 3, d]) the rests too, checked to
-        complete the spec's sketches into these very weights: the layer is then held split, with no bundle."""
+        dn.formats.planes.FIELDS name, and "mat", the C kernels' struct, where those run. The sketches are the
+        spec's (the down's: with the sketch prior); with bits (the bundled bf16 weights [n, 3, d]) the rests too,
+        checked to complete the spec's sketches into these very weights: the layer is then held split, with no
+        bundle."""
         o, n = self.ops, self.n
         sks = [layer.router_a[:n], layer.router_a[n:], layer.prior_a if self.sketch else None]
         metas = [layer.router_b[0], layer.router_b[1], layer.prior_b[0] if self.sketch else None]
@@ -352,12 +353,21 @@ def collect_mlp_inputs(ops, tap, run, model, token_batches: list[np.ndarray]) ->
     return [np.concatenate(g) for g in got]
 
 
-def bind(cls, tap, run) -> tuple:
+class Bound(NamedTuple):
+    """A backend's sparse functions (bind): attach for its loader, and dn.runtime.backend.Backend's others."""
+
+    attach: Callable
+    install_sparse: Callable
+    mlp_weights: Callable
+    collect_mlp_inputs: Callable
+
+
+def bind(cls, tap, run) -> Bound:
     """A backend's sparse functions over its SparseMLP class cls (cls.ops its ops), tap(layer, record) (the layer's
-    MLP calls record(x) on its input; returns what undoes that) and run(model, tokens [B, L] numpy): attach (for its
-    loader), and dn.runtime.backend.Backend's install_sparse, mlp_weights and collect_mlp_inputs."""
-    return (functools.partial(attach, cls), functools.partial(install, cls), functools.partial(mlp_weights, cls.ops),
-            functools.partial(collect_mlp_inputs, cls.ops, tap, run))
+    MLP calls record(x) on its input; returns what undoes that) and run(model, tokens [B, L] numpy)."""
+    return Bound(attach=functools.partial(attach, cls), install_sparse=functools.partial(install, cls),
+                 mlp_weights=functools.partial(mlp_weights, cls.ops),
+                 collect_mlp_inputs=functools.partial(collect_mlp_inputs, cls.ops, tap, run))
 
 
 def mlp_weights(ops, model, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ import numpy as np
 
 from dn.core.files import atomic_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repo: dn/runtime/timing.py
 
 
 def timer(fn: Callable[[], object], reps: int = 20, warmup: int = 3, sync: Callable[[], None] | None = None) -> dict:

@@ -14,6 +14,8 @@ import numpy as np
 from dn.core import tensors
 from dn.core.errors import DnError
 from dn.core.files import atomic_dir
+from dn.core.progress import progress as progress_bar  # write_lossless's `progress` is its on/off flag
+from dn.core.text import read_text, text_path
 from dn.formats import lossless, quant
 from dn.model.spec import COPY, inventory, load_spec, read_config, weight_files
 from dn.runtime import calibrate
@@ -43,6 +45,29 @@ def quantization(bits, group_size, embedding_bits=None, embedding_group_size=Non
     quant.check(*emb)
     q = quant.params(bits, group_size)
     return q if emb == (bits, group_size) else q | {EMBEDDING: quant.params(*emb)}
+
+
+def checked(out: str | Path, codec: str | None, q: tuple | None, sparsity: float | None, calib_text: str | None,
+            prior: str | None, seed: int, backend: str, router: str | None, select: str | None
+            ) -> tuple[Path, dict | None, dict | None]:
+    """What dn convert and dn.convert check before any work: codec and quantization don't combine, q (bits,
+    group size, embedding bits, embedding group size; None: not quantized) is valid, out is a new folder in an
+    existing one, the calibration text (a path; default $DN_CALIB_TEXT) is read.
+    -> (out, the "quantization" dict, convert's sparse_args)."""
+    if q is not None and codec:
+        raise DnError("lossless coding of quantized weights is not supported (choose -q or --codec lossless)")
+    q = quantization(*q) if q is not None else None
+    out = Path(out).expanduser()
+    if out.exists():
+        raise DnError(f"{out} already exists (dn convert writes a new folder)")
+    if not out.parent.is_dir():
+        raise DnError(f"parent folder {out.parent} does not exist")
+    if sparsity is None:
+        return out, q, None
+    sparse_args = {"sparsity": sparsity, "calib_text": read_text(text_path(calib_text, "DN_CALIB_TEXT")),
+                   "prior": prior, "seed": seed, "backend": backend,
+                   "dense_mlp": q is None and codec is None}  # the MLP written dense
+    return out, q, sparse_args | {k: v for k, v in (("router", router), ("select", select)) if v}
 
 
 def _stored(x: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
@@ -112,7 +137,7 @@ def write_lossless(src: Path, dst: Path, progress: bool = True) -> dict:
     for f in weight_files(src):
         stored.update(tensors.load(f))
     names = sorted(stored)
-    bar = _bar(len(names)) if progress else None
+    bar = progress_bar(len(names), "compressing", "tensor") if progress else None
     for name in names:
         bits, dt = stored[name]
         if lossless.codable(name, bits.shape, dt):
@@ -134,9 +159,3 @@ def write_lossless(src: Path, dst: Path, progress: bool = True) -> dict:
     return {"kind": "lossless", "version": lossless.VERSION, "file": lossless.DATA_FILE, "index": lossless.INDEX_FILE,
             "coded_tensors": sorted(index), "coded_bytes": sum(a.nbytes for a in coded.values()),
             "stored_bytes": sum(a.nbytes for a, _ in plain.values()) + sum(a.nbytes for a in coded.values())}
-
-
-def _bar(total: int):
-    from tqdm import tqdm  # optional: only a long write draws a bar
-
-    return tqdm(total=total, desc="compressing", unit="tensor", leave=False)

@@ -345,10 +345,11 @@ int dn_fixed4_matvec_bf16(const uint8_t *table, const uint8_t *nibbles, const ui
 #endif
 }
 
-/* Load-time conversion: the stored Huffman code (dn/formats/lossless.py, format 1) of one tensor -> its symbol bytes [n],
- * the same as the numpy reference decoder's; the layout is then built from them (codec_runtime.from_symbols).
- * lut: uint16 [2**maxlen], entry = symbol | length << 8. Streams are independent: OpenMP over tiles. Returns the
- * number of tiles with a stream that ran past the n_words words (corrupt offsets: the caller raises), else 0. */
+/* Load-time conversion: the stored Huffman code (dn/formats/lossless.py, format 1) of one tensor -> its symbol
+ * bytes [n], the same as the numpy reference decoder's; the layout is then built from them
+ * (dn.formats.fixed4.from_symbols). lut: uint16 [2**maxlen], entry = symbol | length << 8. Streams are independent:
+ * OpenMP over tiles. Returns the number of tiles with a stream that ran past the n_words words (corrupt offsets: the
+ * caller raises), else 0. */
 int64_t dn_huffman_symbols(const uint32_t *words, int64_t n_words, const uint32_t *offsets, const uint16_t *lut,
                            int64_t n, int lanes, int steps, int maxlen, uint8_t *sym, int threads) {
     if (lanes < 1 || lanes > 4096 || steps < 1 || maxlen < 1 || maxlen > 24) return -1; /* the caller uses numpy */

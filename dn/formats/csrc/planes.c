@@ -1,5 +1,5 @@
-/* The sparse MLP on split planes (dn/formats/planes.py, the numpy reference) for a few tokens (decode), in one pass over the
- * neurons. For neuron j and token t:
+/* The sparse MLP on split planes (dn/formats/planes.py, the numpy reference) for a few tokens (decode), in one pass
+ * over the neurons. For neuron j and token t:
  *   g^, u^ = the gate and up rows' sketches (6 bits a weight) . x_t;  est = act(g^) u^;  kept iff |est| > thresh[j]
  *   kept:    the rows' rest planes complete the exact bf16 weights: h = act(g . x_t) (u . x_t) - c[j];  y_t += h down_j
  *   skipped: y_t += est down~_j (the down row's sketch), with the sketch prior

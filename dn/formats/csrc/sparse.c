@@ -1,9 +1,10 @@
 /* The sparse MLP's kept neurons for a few tokens (decode), read straight from their bundles (dn/formats/sparse.py:
  * bundle[j] = [gate row | up row | down column], [n, 3, d]): no gathered copy. For each token t and kept j:
  *   h = act(gate_j . x_t) * (up_j . x_t) - c[j];  y_t += h * down_j
- * each bundle read once for all the tokens that keep it. y (float32 [T, d]) comes in holding the prior's y0. Weights, x and c are bf16 (raw uint16) or float32; every
- * dot and the accumulation run in float32. AVX-512 (with AVX512_BF16's pair dots where the CPU has them) behind
- * #ifdef, a portable loop otherwise; OpenMP over neurons with one y per thread when threads > 1. */
+ * each bundle read once for all the tokens that keep it. y (float32 [T, d]) comes in holding the prior's y0. Weights,
+ * x and c are bf16 (raw uint16) or float32; every dot and the accumulation run in float32. AVX-512 (with
+ * AVX512_BF16's pair dots where the CPU has them) behind #ifdef, a portable loop otherwise; OpenMP over neurons with
+ * one y per thread when threads > 1. */
 #include "dn_kernels.h"
 #include <math.h>
 #include <stdint.h>

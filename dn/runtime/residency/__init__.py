@@ -23,6 +23,7 @@ the process's own (as in LLM in a Flash); `drop_cache` evicts the file for flash
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -30,12 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dn import formats
 from dn.core import tensors
 from dn.core.errors import DnError
-from dn.formats import quant
 from dn.model.spec import ModelSpec, weight_files
 from dn.runtime import calibrate
-from dn.runtime.budget import parse_budget
 from dn.runtime.residency.cold import COLD, FOLDER, INDEX, VERSION, ColdTier, fingerprint, folder, split, write_cold
 from dn.runtime.residency.mlp import ResidentMLP, part_info
 from dn.runtime.residency.plan import (
@@ -56,7 +56,7 @@ PROMPT_SHARE = 4    # per-sequence eval: the first ctx / PROMPT_SHARE tokens of 
 __all__ = ["BLOCK", "COLD", "FOLDER", "INDEX", "MODES", "PROMPT_SHARE", "VERSION", "ColdTier", "Plan", "ResidentMLP",
            "Runtime", "activation_hotness", "add_args", "block_bytes", "block_order", "block_slices", "build",
            "dense_bf16", "fields", "fingerprint", "fixed_bytes", "folder", "load_args", "make_plan", "mlp_names",
-           "open_runtime", "parse_budget", "weight_hotness", "write_cold"]
+           "open_runtime", "weight_hotness", "write_cold"]
 
 
 def mlp_names(i: int) -> tuple[str, str, str]:
@@ -123,24 +123,31 @@ class Runtime:
 
 # ---- building and opening --------------------------------------------------------------------------------
 
-def _store_layer(model_dir: Path, spec: ModelSpec, i: int) -> dict[str, np.ndarray]:
+class _Shards(dict):
+    """Stored tensor name -> its weight file (dn.core.tensors.File), each file opened once for a whole build; read
+    by name like one File, so the formats' from_stored read through it (a module's tensors may sit in two shards)."""
+
+    def read(self, name: str, dtype: str | None = None) -> np.ndarray:
+        return self[name].read(name, dtype)
+
+    def shape(self, name: str) -> list[int]:
+        return self[name].shape(name)
+
+
+def _store_layer(stored: _Shards, i: int) -> dict[str, np.ndarray]:
     """Layer i's stored MLP tensors as numpy (bf16 as uint16 bits), by suffix ('gate_proj.weight', ...)."""
-    want = {f"{p}.{k}" for p in mlp_names(i) for k in ("weight", "scales", "biases")}
-    out = {}
-    for f in weight_files(model_dir):
-        for name, (a, dt) in tensors.load(f, mmap=False, names=want).items():
-            out[name.split(".mlp.")[1]] = (a, dt)
-    return out
+    want = [f"{p}.{k}" for p in mlp_names(i) for k in ("weight", "scales", "biases")]
+    return {n.split(".mlp.")[1]: (stored.read(n), stored[n].header[n]["dtype"]) for n in want if n in stored}
 
 
-def _dense_float(arrays: dict, spec: ModelSpec, proj: str) -> np.ndarray:
-    """A stored projection as float32 numpy (dequantized when affine)."""
-    w, dt = arrays[f"{proj}.weight"]
-    if f"{proj}.scales" not in arrays:
-        return tensors.to_float32(w, dt)
-    s, b = (tensors.to_float32(*arrays[f"{proj}.{k}"]) for k in ("scales", "biases"))
+def _dense_float(stored: _Shards, spec: ModelSpec, proj: str) -> np.ndarray:
+    """A stored projection as float32 numpy, through its format: affine when its scales are stored (mlx-lm's
+    rule), its group size from the stored shapes."""
+    if f"{proj}.scales" not in stored:
+        return formats.get("dense").from_stored(stored, f"{proj}.weight").dequantize()
     bits = spec.quant["bits"]
-    return quant.dequantize(w, s, b, bits, w.shape[1] * 32 // bits // s.shape[1])
+    group = stored.shape(f"{proj}.weight")[1] * 32 // bits // stored.shape(f"{proj}.scales")[1]
+    return formats.get("affine").from_stored(stored, f"{proj}.weight", bits, group).dequantize()
 
 
 def block_slices(arrays: dict, b: int) -> dict:
@@ -183,8 +190,8 @@ def build(backend, model_dir: Path, spec: ModelSpec, dtype: str, calib_text: str
 
     def layers():
         for i in range(a.num_hidden_layers):
-            arrays = _store_layer(model_dir, spec, i)
-            g, u, d = (_dense_float(arrays, spec, p) for p in ("gate_proj", "up_proj", "down_proj"))
+            arrays = _store_layer(stored, i) if spec.quant is not None else None  # dense: the floats are enough
+            g, u, d = (_dense_float(stored, spec, p) for p in mlp_names(i))
             hot = weight_hotness(g, u, d) if inputs is None else activation_hotness(inputs[i], g, u, d, a.mlp_act)
             order = block_order(hot)
             blocks = _blocks(R, arrays, (g, u, d), order, spec, dtype)
@@ -202,9 +209,14 @@ def build(backend, model_dir: Path, spec: ModelSpec, dtype: str, calib_text: str
             print(file=sys.stderr)
 
     info = part_info(spec, dtype, kind)
-    write_cold(out, layers(), layout, {"fingerprint": fp, "backend": backend.NAME, "dtype": dtype,
-                                       "blocks": a.intermediate_size // BLOCK, "part": info,
-                                       "hotness": "calibration" if calib_text else "weights"})
+    with contextlib.ExitStack() as files:
+        stored = _Shards()
+        for path in weight_files(model_dir):
+            f = files.enter_context(tensors.File(path))
+            stored |= dict.fromkeys(f.header, f)
+        write_cold(out, layers(), layout, {"fingerprint": fp, "backend": backend.NAME, "dtype": dtype,
+                                           "blocks": a.intermediate_size // BLOCK, "part": info,
+                                           "hotness": "calibration" if calib_text else "weights"})
     return out
 
 
