@@ -165,7 +165,7 @@ def bench_fixed4(path: str, quick: bool) -> None:
     import numpy as np
     import torch
 
-    from dn.formats import fixed4 as codec_runtime
+    from dn.formats import fixed4
     from dn.runtime import timing as benchmark
     from dn_torch import _triton_codec as tk
 
@@ -173,7 +173,7 @@ def bench_fixed4(path: str, quick: bool) -> None:
     for shape in FIXED4_SHAPES:
         w = (torch.randn(shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0)) * 0.02)
         w = w.to(torch.bfloat16)
-        rt = codec_runtime.from_bits(w.view(torch.int16).cpu().numpy().view(np.uint16), "bfloat16")
+        rt = fixed4.from_bits(w.view(torch.int16).cpu().numpy().view(np.uint16), "bfloat16")
         fields = ("table", "nibbles", "raw", "esc_index", "esc_symbol")
         t = types.SimpleNamespace(dtype="bfloat16", shape=shape,
                                   **{k: torch.from_numpy(getattr(rt, k)).to(DEVICE) for k in fields})

@@ -16,10 +16,11 @@ from __future__ import annotations
 from dn.core.errors import DnError
 from dn.formats.dense import Dense
 from dn.formats.fixed4 import Lossless
+from dn.formats.gguf_blocks import GGUFBlocks
 from dn.formats.planes import Planes
 from dn.formats.quant import Affine
 
-FORMATS = {f.name: f for f in (Dense, Affine, Lossless, Planes)}
+FORMATS = {f.name: f for f in (Dense, Affine, Lossless, Planes, GGUFBlocks)}
 
 
 def get(name: str):
