@@ -140,14 +140,19 @@ def _store_layer(stored: _Shards, i: int) -> dict[str, np.ndarray]:
     return {n.split(".mlp.")[1]: (stored.read(n), stored[n].header[n]["dtype"]) for n in want if n in stored}
 
 
-def _dense_float(stored: _Shards, spec: ModelSpec, proj: str) -> np.ndarray:
-    """A stored projection as float32 numpy, through its format: affine when its scales are stored (mlx-lm's
-    rule), its group size from the stored shapes."""
-    if f"{proj}.scales" not in stored:
+def _dense_float(arrays: dict | None, stored: _Shards, spec: ModelSpec, proj: str) -> np.ndarray:
+    """A stored projection as float32 numpy, through its format. arrays: the layer's stored tensors when the
+    folder is quantized (_store_layer, already read: affine when its scales are stored, mlx-lm's rule, its group
+    size from the stored shapes); None for a dense folder, whose floats are read here."""
+    if arrays is None:
         return formats.get("dense").from_stored(stored, f"{proj}.weight").dequantize()
+    key = proj.split(".mlp.")[1]
+    w, dt = arrays[f"{key}.weight"]
+    if f"{key}.scales" not in arrays:
+        return tensors.to_float32(w, dt)
+    s, b = (tensors.to_float32(*arrays[f"{key}.{k}"]) for k in ("scales", "biases"))
     bits = spec.quant["bits"]
-    group = stored.shape(f"{proj}.weight")[1] * 32 // bits // stored.shape(f"{proj}.scales")[1]
-    return formats.get("affine").from_stored(stored, f"{proj}.weight", bits, group).dequantize()
+    return formats.get("affine")(w, s, b, bits, w.shape[1] * 32 // bits // s.shape[1]).dequantize()
 
 
 def block_slices(arrays: dict, b: int) -> dict:
@@ -191,7 +196,7 @@ def build(backend, model_dir: Path, spec: ModelSpec, dtype: str, calib_text: str
     def layers():
         for i in range(a.num_hidden_layers):
             arrays = _store_layer(stored, i) if spec.quant is not None else None  # dense: the floats are enough
-            g, u, d = (_dense_float(stored, spec, p) for p in mlp_names(i))
+            g, u, d = (_dense_float(arrays, stored, spec, p) for p in mlp_names(i))
             hot = weight_hotness(g, u, d) if inputs is None else activation_hotness(inputs[i], g, u, d, a.mlp_act)
             order = block_order(hot)
             blocks = _blocks(R, arrays, (g, u, d), order, spec, dtype)
