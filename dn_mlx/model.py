@@ -53,10 +53,7 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=Non
     held in. residency: a dn.runtime.residency.Runtime: the MLPs are not read but held under its plan."""
     model = _skeleton(spec)
     with contextlib.ExitStack() as files:
-        stored = {}  # name -> its file, opened once (dn.core.tensors): each tensor is read from it in its turn
-        for path in weight_files(model_dir):
-            f = files.enter_context(tensors.File(path))
-            stored |= dict.fromkeys(f.header, f)
+        stored = tensors.Shards.open(files, weight_files(model_dir))  # each tensor read from its file in its turn
         stored = model.sanitize(stored) if hasattr(model, "sanitize") else stored  # the families' only drop keys
         bad = next((k for k, f in stored.items() if f.dtype(k) not in DTYPES), None)  # each tensor checked once
         if bad is not None:

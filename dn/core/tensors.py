@@ -167,6 +167,25 @@ class File:
         return a.reshape([r1 - r0, *shape[1:]] if shape else [])
 
 
+class Shards(dict):
+    """Stored tensor name -> the File holding it, over a folder's weight files, each opened once (in `stack`) for
+    a whole load or build; read by name like one File (a module's tensors may sit in two shards)."""
+
+    @classmethod
+    def open(cls, stack, paths) -> Shards:
+        shards = cls()
+        for path in paths:
+            f = stack.enter_context(File(path))
+            shards |= dict.fromkeys(f.header, f)
+        return shards
+
+    def read(self, name: str, dtype: str | None = None) -> np.ndarray:
+        return self[name].read(name, dtype)
+
+    def shape(self, name: str) -> list[int]:
+        return self[name].shape(name)
+
+
 def save(tensors: dict[str, tuple[np.ndarray, str] | np.ndarray], path: str | Path,
          metadata: dict[str, str] | None = None) -> None:
     """Write atomically (temporary file, then rename). Values: array or (bits, dtype string)."""

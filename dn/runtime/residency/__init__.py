@@ -123,24 +123,13 @@ class Runtime:
 
 # ---- building and opening --------------------------------------------------------------------------------
 
-class _Shards(dict):
-    """Stored tensor name -> its weight file (dn.core.tensors.File), each file opened once for a whole build; read
-    by name like one File, so the formats' from_stored read through it (a module's tensors may sit in two shards)."""
-
-    def read(self, name: str, dtype: str | None = None) -> np.ndarray:
-        return self[name].read(name, dtype)
-
-    def shape(self, name: str) -> list[int]:
-        return self[name].shape(name)
-
-
-def _store_layer(stored: _Shards, i: int) -> dict[str, np.ndarray]:
+def _store_layer(stored: tensors.Shards, i: int) -> dict[str, np.ndarray]:
     """Layer i's stored MLP tensors as numpy (bf16 as uint16 bits), by suffix ('gate_proj.weight', ...)."""
     want = [f"{p}.{k}" for p in mlp_names(i) for k in ("weight", "scales", "biases")]
     return {n.split(".mlp.")[1]: (stored.read(n), stored[n].header[n]["dtype"]) for n in want if n in stored}
 
 
-def _dense_float(arrays: dict | None, stored: _Shards, spec: ModelSpec, proj: str) -> np.ndarray:
+def _dense_float(arrays: dict | None, stored: tensors.Shards, spec: ModelSpec, proj: str) -> np.ndarray:
     """A stored projection as float32 numpy, through its format. arrays: the layer's stored tensors when the
     folder is quantized (_store_layer, already read: affine when its scales are stored, mlx-lm's rule, its group
     size from the stored shapes); None for a dense folder, whose floats are read here."""
@@ -215,10 +204,7 @@ def build(backend, model_dir: Path, spec: ModelSpec, dtype: str, calib_text: str
 
     info = part_info(spec, dtype, kind)
     with contextlib.ExitStack() as files:
-        stored = _Shards()
-        for path in weight_files(model_dir):
-            f = files.enter_context(tensors.File(path))
-            stored |= dict.fromkeys(f.header, f)
+        stored = tensors.Shards.open(files, weight_files(model_dir))
         write_cold(out, layers(), layout, {"fingerprint": fp, "backend": backend.NAME, "dtype": dtype,
                                            "blocks": a.intermediate_size // BLOCK, "part": info,
                                            "hotness": "calibration" if calib_text else "weights"})
