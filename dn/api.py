@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from dn.cli import default_dtype
 from dn.model.sources import resolve_model
 from dn.runtime import generation, loader, writer
 from dn.runtime.generation import GenerationResponse, check_cache, prompt_ids
@@ -22,12 +21,12 @@ __all__ = ["GenerationResponse", "Loaded", "convert", "generate", "load", "strea
 
 
 def load(model: str | None = None, backend: str = "auto", dtype: str = "auto", max_resident: str | None = None,
-         mode: str = "exact", calib_text: str | None = None, prefetch: bool = False) -> Loaded:
-    """A model ready to generate (.model, .tokenizer, .backend, .spec, .memory): what `dn generate` loads for
-    the same --model, --backend, --dtype and residency flags (max_resident: '300MB', '25%' of dense bf16)."""
-    dtype = default_dtype(backend) if dtype == "auto" else dtype
+         mode: str = "exact", calib_text: str | None = None, prefetch: bool = False, dense: bool = False) -> Loaded:
+    """A model ready to generate (.model, .tokenizer, .backend, .spec, .memory, .dtype): what `dn generate` loads
+    for the same --model, --backend, --dtype, --dense and residency flags (max_resident: '300MB', '25%' of dense
+    bf16)."""
     return loader.load(model, backend, dtype, max_resident=max_resident, mode=mode, calib_text=calib_text,
-                       prefetch=prefetch)
+                       prefetch=prefetch, dense=dense)
 
 
 def stream_generate(loaded: Loaded, prompt: str | list[int], max_tokens: int = 128, *, temp: float = 0.0,

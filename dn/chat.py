@@ -35,7 +35,7 @@ def _read_line(interactive: bool) -> str | None:
 def _main(argv) -> int:
     args = setup_arg_parser().parse_args(argv)
     check_cache_args(args)
-    run = loader.load(args.model, args.backend, args.dtype, **residency.load_args(args))
+    run = loader.load(args.model, args.backend, args.dtype, dense=args.dense, **residency.load_args(args))
     tok = run.tokenizer
     if not tok.chat_template:
         raise DnError("dn chat needs a model with a chat template (use dn generate --raw)")

@@ -9,7 +9,6 @@ import sys
 from dn.core import __version__
 from dn.core.errors import DnError
 from dn.core.progress import progress  # noqa: F401  (cli.progress: the verbs' bar)
-from dn.runtime import backend as backends
 
 VERBS = {
     "generate": ("dn.generate", "stream text from a model"),
@@ -35,8 +34,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line, not usage plus error, shows defaults in --help, and
-    resolves `--dtype auto` (add_model_args) once the backend is known."""
+    """argparse that reports a bad flag as one line, not usage plus error, and shows defaults in --help. `--dtype
+    auto` stays "auto" here: the loader resolves it once the store's formats are known (loader.compute_dtype)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
@@ -44,12 +43,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-    def parse_args(self, args=None, namespace=None):
-        ns = super().parse_args(args, namespace)
-        if getattr(ns, "dtype", None) == "auto":
-            ns.dtype = default_dtype(getattr(ns, "backend", "auto"))
-        return ns
 
 
 def _number(text: str, cast, ok, want: str):
@@ -79,23 +72,16 @@ def non_negative_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
-def default_dtype(backend: str) -> str:
-    """`--dtype auto`: the model's own bfloat16 where the device computes it natively (Metal, CUDA/ROCm,
-    MLX's GPU), float32 on a CPU."""
-    try:
-        device = backends.resolve(backend).device_name()
-    except DnError:  # no usable backend: the load says so in its own words
-        return "float32"
-    return "bfloat16" if device.split(":")[0] in ("metal", "cuda", "gpu") else "float32"
-
-
 def add_model_args(parser, dtype_default="auto"):
     parser.add_argument("--model", default=None,
                         help="model folder, .gguf file or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--backend", default="auto", choices=["auto", "mlx", "torch"],
                         help="auto: MLX on Apple silicon, torch elsewhere")
     parser.add_argument("--dtype", default=dtype_default, choices=["auto", "float32", "bfloat16"],
-                        help="compute dtype; auto: bfloat16 on Metal and CUDA, float32 on a CPU")
+                        help="compute dtype; auto: bfloat16 on Metal and CUDA; on a CPU the dtype the store's "
+                             "formats have fast kernels for (bfloat16 for affine folders on torch), else float32")
+    parser.add_argument("--dense", action="store_true",
+                        help="widen a GGUF to bf16 first (default: run its quantized blocks as they are)")
 
 
 def run(main, argv=None) -> int:

@@ -71,7 +71,8 @@ def _main(argv) -> int:
     if len(tokens) < args.ctx:
         raise DnError(f"{path} has {len(tokens)} tokens, fewer than one window of --ctx {args.ctx}: "
                       "pass a smaller --ctx or a longer text")
-    run = loader.load(args.model, args.backend, args.dtype, **residency.load_args(args))
+    run = loader.load(args.model, args.backend, args.dtype, dense=args.dense, **residency.load_args(args))
+    args.dtype = run.dtype  # `auto` resolved by the loader
     if args.max_tokens:
         tokens = tokens[:args.max_tokens]
     mon = memory.Monitor(run.backend, run.memory)

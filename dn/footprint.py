@@ -12,6 +12,7 @@ from dn.core.files import atomic_file
 from dn.model import store
 from dn.model.sources import resolve_model
 from dn.model.spec import DTYPE_BYTES, ROLES, ModelSpec, load_spec
+from dn.runtime import backend as backends
 from dn.runtime import loader, residency
 from dn.runtime.budget import parse_budget
 
@@ -82,8 +83,10 @@ def measured_lines(m: dict) -> list[str]:
 
 def _main(argv) -> int:
     args = setup_arg_parser().parse_args(argv)
-    model_dir = resolve_model(args.model)
+    model_dir = resolve_model(args.model, dense=args.dense)
     spec = load_spec(model_dir)
+    if args.dtype == "auto":
+        args.dtype = loader.compute_dtype(backends.resolve(args.backend), spec)
     report = {"model": str(args.model or model_dir), "accounted": accounted(spec, args.dtype, args.ctx)}
     plan = None
     if args.max_resident is not None and args.no_measure:  # planned from the accounting alone, in the format
@@ -92,7 +95,7 @@ def _main(argv) -> int:
         plan = residency.make_plan(held, args.dtype, budget, args.residency_mode,
                                    residency.block_bytes(held, args.dtype))
     if not args.no_measure:
-        run = loader.load(str(model_dir), args.backend, args.dtype, **residency.load_args(args))
+        run = loader.load(args.model, args.backend, args.dtype, dense=args.dense, **residency.load_args(args))
         report["measured"] = measured(run)
         plan = run.residency.plan if run.residency else None
     if plan is not None:

@@ -99,7 +99,8 @@ def _main(argv) -> int:
     args = setup_arg_parser().parse_args(argv)
     check_cache_args(args)
     prompt = read_prompt(args.prompt)
-    run = loader.load(args.model, args.backend, args.dtype, **residency.load_args(args))
+    run = loader.load(args.model, args.backend, args.dtype, dense=args.dense, **residency.load_args(args))
+    args.dtype = run.dtype  # `auto` resolved by the loader
     stream(run, prompt_ids(run.tokenizer, prompt, args.raw, args.system_prompt), args)
     return 0
 

@@ -1,6 +1,7 @@
 """dn's MLX backend: mlx-lm models, Metal kernels on Apple silicon. The package is a dn.runtime.backend.Backend;
 its names come from the modules that define them."""
 
+from dn_mlx import ops as ops
 from dn_mlx import resident as resident
 from dn_mlx.model import NAME as NAME
 from dn_mlx.model import device_name as device_name

@@ -14,6 +14,7 @@ from dn_mlx.kernels import fused_available as fused_available
 from dn_mlx.kernels import fused_step as fused_step
 
 CAPABILITIES = frozenset({"fused_sparse"})
+CPU_DTYPES: dict = {}  # MLX's CPU kernels run every format at float32 as fast as at bfloat16
 # dtype names (dn.core.tensors.File.dtype: floats by dn's name, the rest by safetensors') -> MLX's: the one table
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16, "U32": mx.uint32, "I32": mx.int32,
           "I64": mx.int64, "U8": mx.uint8, "I8": mx.int8}

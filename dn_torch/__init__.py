@@ -1,6 +1,7 @@
 """dn's PyTorch backend: transformers models, Triton kernels on CUDA/ROCm, C kernels on the CPU. The package is a
 dn.runtime.backend.Backend; its names come from the modules that define them."""
 
+from dn_torch import ops as ops
 from dn_torch import resident as resident
 from dn_torch.model import NAME as NAME
 from dn_torch.model import device_name as device_name

@@ -43,7 +43,7 @@ def backend(backend_name):
 def default_model_dir() -> Path:
     from dn.model.sources import resolve_model
 
-    return resolve_model(None, progress=False)
+    return resolve_model(None, progress=False, dense=True)  # the widening: what the format tests convert from
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import dn
 from dn import cli
 from dn.core.errors import DnError
 from dn.model.spec import load_spec
+from dn.runtime import loader
 
 PROMPT = "What is the capital of France?"
 
@@ -45,7 +46,7 @@ def test_import_dn_is_cheap_and_the_api_names_win():
 
 def test_tiny_generate_matches_the_cli_and_the_stream(tiny, backend_name, capsys):
     loaded = dn.load(str(tiny), backend=backend_name)
-    assert loaded.dtype == cli.default_dtype(backend_name)
+    assert loaded.dtype == loader.compute_dtype(loaded.backend, loaded.spec)
     text = dn.generate(loaded, PROMPT, max_tokens=12)
     assert text == _cli_text(capsys, "--model", str(tiny), "--backend", backend_name, "--prompt", PROMPT,
                              "--max-tokens", "12")

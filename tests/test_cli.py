@@ -83,31 +83,47 @@ def test_help_lists_version_and_shows_defaults(capsys):
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
     for shown in ("(default: 128)", "(default: auto)", "(default: 1.0)", "--top-k", "--max-kv-size", "--kv-bits",
-                  "--system-prompt", "bfloat16 on Metal and CUDA, float32 on a CPU"):
+                  "--system-prompt", "bfloat16 on Metal and CUDA; on a CPU the dtype", "--dense"):
         assert shown in text, shown
 
 
-def test_dtype_auto_is_bfloat16_where_native(monkeypatch):
-    from dn import cli
-    from dn.core.errors import DnError
+def test_dtype_auto_is_bfloat16_where_native_and_where_the_cpu_kernels_need_it(tiny_spec_pair):
+    from types import SimpleNamespace
+
+    from dn.runtime import loader
+
+    dense, affine = tiny_spec_pair
+
+    def backend(device, cpu_dtypes):
+        return SimpleNamespace(device_name=lambda: device, ops=SimpleNamespace(CPU_DTYPES=cpu_dtypes))
+
+    for device, dtype in (("cuda:NVIDIA H200", "bfloat16"), ("metal:Apple M3", "bfloat16"), ("gpu", "bfloat16")):
+        assert loader.compute_dtype(backend(device, {}), dense) == dtype
+    for device in ("cpu", "mps"):
+        assert loader.compute_dtype(backend(device, {"affine": "bfloat16"}), dense) == "float32"
+        assert loader.compute_dtype(backend(device, {"affine": "bfloat16"}), affine) == "bfloat16"  # torch's int4
+        assert loader.compute_dtype(backend(device, {}), affine) == "float32"  # MLX's CPU kernels
+
+
+def test_dtype_auto_on_a_quantized_folder_is_what_the_backend_declares(tiny_spec_pair):
     from dn.runtime import backend as backends
+    from dn.runtime import loader
 
-    class Device:
-        def __init__(self, name):
-            self.name = name
+    _, affine = tiny_spec_pair
+    assert loader.compute_dtype(backends.get("torch"), affine) == "bfloat16"
 
-        def device_name(self):
-            return self.name
 
-    for device, dtype in (("cpu", "float32"), ("cuda:NVIDIA H200", "bfloat16"), ("metal:Apple M3", "bfloat16"),
-                          ("gpu", "bfloat16"), ("mps", "float32")):
-        monkeypatch.setattr(backends, "resolve", lambda name, d=device: Device(d))
-        assert cli.default_dtype("auto") == dtype
-    def missing(name):
-        raise DnError(f"backend {name} is not installed")
+@pytest.fixture
+def tiny_spec_pair(tmp_path):
+    """A dense and an affine spec of the same tiny random model."""
+    from test_hub import tiny_source
 
-    monkeypatch.setattr(backends, "resolve", missing)
-    assert cli.default_dtype("mlx") == "float32"  # the load then reports the missing backend
+    from dn.model.spec import load_spec
+    from dn.runtime import writer
+
+    src = tiny_source(tmp_path / "dense")
+    writer.convert(src, tmp_path / "q", None, None, quant=writer.quantization(4, 32))
+    return load_spec(src), load_spec(tmp_path / "q")
 
 
 def test_eval_text_shorter_than_ctx(capsys, tmp_path):
@@ -184,7 +200,7 @@ def test_converted_folders_get_mkdirs_mode(tmp_path, monkeypatch):
     from dn.model import gguf
     from dn.model.sources import convert_gguf
 
-    def fake_convert(path, out, progress=True):
+    def fake_convert(path, out, progress=True, dense=False):
         (out / "config.json").write_text("{}")
 
     monkeypatch.setattr(gguf, "convert", fake_convert)

@@ -58,7 +58,7 @@ def test_corrupt_gguf_is_an_error_and_leaves_no_cache(tmp_path, monkeypatch):
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("DN_CACHE", str(tmp_path))
 
-    def half_written(path, out, progress=True):
+    def half_written(path, out, progress=True, dense=False):
         (out / "model.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 

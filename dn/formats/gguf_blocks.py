@@ -41,6 +41,22 @@ def type_name(t) -> str:
     return name
 
 
+def stored_shape(shape, t) -> list[int]:
+    """Dense [rows, cols] -> the blocks' uint8 [rows, row_bytes]; cols must be whole blocks."""
+    name = type_name(t)
+    _, bw, bb = TYPES[name]
+    rows, cols = shape
+    if cols % bw:
+        raise DnError(f"a row of {cols} weights is not whole {name} blocks of {bw}")
+    return [rows, cols // bw * bb]
+
+
+def dense_shape(stored, t) -> list[int]:
+    """The blocks' uint8 [rows, row_bytes] -> the dense [rows, cols]."""
+    _, bw, bb = TYPES[type_name(t)]
+    return [stored[0], stored[1] // bb * bw]
+
+
 def _f16(b: np.ndarray) -> np.ndarray:
     """uint8 [n, 2] -> float32 [n, 1]."""
     return np.ascontiguousarray(b).view("<f2").astype(np.float32)
@@ -138,7 +154,7 @@ class GGUFBlocks:
     """A weight held as its GGUF blocks (uint8 [rows, row_bytes]), decoded at use: the format of the types that
     have no exact affine form (Q2_K, Q3_K, Q6_K), and of any type held as the file has it."""
     name: ClassVar[str] = "gguf"
-    scratch: ClassVar[bool] = True
+    scratch: ClassVar[bool] = False  # decoded a block (or a few rows) at a time, never a whole matrix
     raw: np.ndarray
     type: str
 

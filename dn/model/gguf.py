@@ -1,6 +1,8 @@
-"""Convert a .gguf file into a Hugging Face folder (config.json, bf16 model.safetensors, tokenizer).
+"""Convert a .gguf file into a Hugging Face folder (config.json, model.safetensors, tokenizer).
 
-Tensors are dequantised with the `gguf` package (F32, F16, Q4_0/1, Q4_K, Q5_0, Q6_K, Q8_0, ...). What
+The native folder (the default) keeps every quantized tensor as the file's GGUF blocks (dn/formats/gguf_blocks.py:
+Q4_0/1, Q5_0/1, Q8_0, Q2_K..Q6_K), uint8 [rows, row_bytes], its type in config.json's "gguf_quantization"; float
+tensors as stored. The dense folder (on request) dequantises them with the `gguf` package into bf16. What
 llama.cpp's converter changed is undone here: for llama it stores q/k rows permuted for its rope layout
 (permuted back); for Gemma it stores every RMSNorm weight as 1 + w, since Gemma's norm computes
 x * (1 + w) (1 is subtracted; q/k norms included). Gemma's rope is the HF layout already (no permutation).
@@ -19,6 +21,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from dn.core import tensors
 from dn.core.errors import DnError
 from dn.core.progress import progress as progress_bar  # convert's `progress` is its on/off flag
+from dn.formats import gguf_blocks
 from dn.model.spec import Architecture
 
 # gguf architecture -> HF model_type
@@ -119,27 +122,77 @@ def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_tensors(reader, cfg: dict, progress=None):
-    """Yield (hf_name, bf16 bits) for every tensor, dequantised."""
-    from gguf.quants import dequantize  # late: as in open_gguf
+FLOATS = {"F32": "F32", "F16": "F16", "BF16": "BF16"}  # GGUF float types -> safetensors dtype, kept as they are
 
+
+def _named(reader, cfg: dict):
+    """(hf name, gguf tensor) for every tensor; one line for a tensor with no counterpart."""
     for t in reader.tensors:
         name = hf_name(t.name, cfg["model_type"])
         if name is None:
             raise DnError(f"GGUF tensor {t.name!r} has no Hugging Face counterpart")
+        yield name, t
+
+
+def _undo(name: str, w: np.ndarray, cfg: dict) -> np.ndarray:
+    """What llama.cpp's converter changed, undone on rows (dense values or whole rows of blocks alike): llama's q/k
+    row permutation and Gemma's 1 + w norms (norms are always float)."""
+    if cfg["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        w = unpermute(w, cfg["num_attention_heads"] if "q_proj" in name else cfg["num_key_value_heads"])
+    if cfg["model_type"] == "gemma3_text" and name.endswith("norm.weight"):
+        w = np.asarray(w, np.float32) - np.float32(1)  # llama.cpp stored 1 + w
+    return w
+
+
+def _checked_data(t):
+    """The tensor's data, its size checked against the file (a truncated GGUF gives one line, not a crash later)."""
+    try:
+        data = t.data
+        if data.nbytes != int(t.n_bytes):
+            raise ValueError("short read")
+        return data
+    except (ValueError, OSError) as e:
+        raise DnError(f"GGUF tensor {t.name!r} cannot be read ({e.__class__.__name__}: the file may be truncated)") \
+            from None
+
+
+def hf_tensors(reader, cfg: dict, progress=None):
+    """Yield (hf_name, bf16 bits) for every tensor, dequantised (the dense widening)."""
+    from gguf.quants import dequantize  # late: as in open_gguf
+
+    for name, t in _named(reader, cfg):
         try:
-            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            w = np.asarray(dequantize(_checked_data(t), t.tensor_type), dtype=np.float32)
+        except DnError:
+            raise
         except Exception as e:
             raise DnError(f"GGUF tensor {t.name!r} cannot be dequantised ({e.__class__.__name__})") from None
         w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim == 1 and len(t.shape) > 1 else w
-        if cfg["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = cfg["num_attention_heads"] if "q_proj" in name else cfg["num_key_value_heads"]
-            w = unpermute(w, heads)
-        if cfg["model_type"] == "gemma3_text" and name.endswith("norm.weight"):
-            w = w - np.float32(1)  # llama.cpp stored 1 + w
         if progress:
             progress.update(1)
-        yield name, tensors.f32_to_bf16(w)
+        yield name, tensors.f32_to_bf16(_undo(name, w, cfg))
+
+
+def native_tensors(reader, cfg: dict, progress=None):
+    """Yield (hf_name, (array, safetensors dtype), block type or None) with every quantized tensor kept as its
+    GGUF blocks, uint8 [rows, row_bytes] (the file's bytes, rows in HF order), and float tensors as stored."""
+    for name, t in _named(reader, cfg):
+        kind = t.tensor_type.name
+        if kind in FLOATS:
+            w = _undo(name, _checked_data(t), cfg)
+            yield name, (np.asarray(w), "F32" if w.dtype == np.float32 else FLOATS[kind]), None
+        else:
+            try:
+                kind = gguf_blocks.type_name(kind)
+            except DnError:
+                raise DnError(f"GGUF tensor {t.name!r} has block type {kind}, which dn does not read "
+                              f"(dn reads {', '.join([*FLOATS, *gguf_blocks.TYPES])})") from None
+            raw = _checked_data(t)
+            if len(t.shape) != 2 or raw.ndim != 2:
+                raise DnError(f"GGUF tensor {t.name!r}: a {kind} tensor of {len(t.shape)} dimensions")
+            yield name, (np.ascontiguousarray(_undo(name, raw, cfg)), "U8"), kind
+        if progress:
+            progress.update(1)
 
 
 def byte_level_tokenizer(reader, tokens: list[str], types: list[int]):
@@ -217,21 +270,32 @@ def tokenizer_files(reader) -> dict[str, str]:
     return {"tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=1)}
 
 
-def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
-    """Write the HF folder into out_dir (which the caller renames into place)."""
+def convert(gguf_path: Path, out_dir: Path, progress: bool = True, dense: bool = False) -> None:
+    """Write the HF folder into out_dir (which the caller renames into place): by default the native folder (every
+    quantized tensor kept as its GGUF blocks, config.json's "gguf_quantization" naming each one's type); dense=True
+    the bf16 widening."""
     reader = open_gguf(gguf_path)
     cfg = hf_config(reader)
     arch = Architecture.from_hf_config(cfg)
     files = tokenizer_files(reader)
-    bar = progress_bar(len(reader.tensors), f"converting {gguf_path.name}", "tensor") if progress else None
-    weights = {name: (bits, "BF16") for name, bits in hf_tensors(reader, cfg, bar)}
+    bar = progress_bar(len(reader.tensors), f"{'widening' if dense else 'reading'} {gguf_path.name}", "tensor") \
+        if progress else None
+    config = arch.to_hf_config()
+    if dense:
+        weights = {name: (bits, "BF16") for name, bits in hf_tensors(reader, cfg, bar)}
+    else:
+        weights, types = {}, {}
+        for name, stored, kind in native_tensors(reader, cfg, bar):
+            weights[name] = stored
+            if kind:
+                types[name.removesuffix(".weight")] = kind
+        config["gguf_quantization"] = types
     if bar:
         bar.close()
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors.save(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=1))
+    (out_dir / "config.json").write_text(json.dumps(config, indent=1))
     gen = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=1))
     for name, text in files.items():
         (out_dir / name).write_text(text)
-

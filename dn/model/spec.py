@@ -15,7 +15,7 @@ from pathlib import Path
 from dn.core import activations, tensors
 from dn.core.errors import DnError
 from dn.core.files import atomic_file
-from dn.formats import quant
+from dn.formats import gguf_blocks, quant
 
 SPEC_VERSION = 1
 SPEC_FILE = "dn_spec.json"
@@ -218,6 +218,7 @@ class ModelSpec:
     codec: dict | None = None
     sparse: dict | None = None
     quant: dict | None = None     # config.json's "quantization" (mlx-lm's affine layout), see dn/formats/quant.py
+    gguf: dict | None = None      # config.json's "gguf_quantization": module path -> GGUF block type, its blocks as is
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -306,7 +307,8 @@ def load_spec(model_dir: Path) -> ModelSpec:
         return spec
     cfg = read_config(model_dir)
     arch = Architecture.from_hf_config(cfg)
-    spec = ModelSpec(arch, inventory(model_dir), source=str(model_dir), quant=_quantization(cfg))
+    spec = ModelSpec(arch, inventory(model_dir), source=str(model_dir), quant=_quantization(cfg),
+                     gguf=_gguf_types(cfg))
     validate(spec, spec.tensors)
     return spec
 
@@ -320,6 +322,19 @@ def _quantization(cfg: dict) -> dict | None:
         raise DnError(f"unsupported quantization method {q['quant_method']!r} (dn reads mlx-lm's affine layout)")
     quant.check_config(q)
     return q
+
+
+def _gguf_types(cfg: dict) -> dict | None:
+    """A native GGUF folder's module path -> block type, each type checked (one line for an unsupported one)."""
+    types = cfg.get("gguf_quantization")
+    if types is None:
+        return None
+    if not isinstance(types, dict):
+        raise DnError("gguf_quantization in config.json is not an object")
+    for path, t in types.items():
+        if gguf_blocks.type_name(t) != t:
+            raise DnError(f"{path}: GGUF block type {t!r} must be written by its name")
+    return types
 
 
 def tensor_shapes(a: Architecture, norms: bool = False) -> dict[str, list[int]]:
@@ -347,9 +362,12 @@ def validate(spec: ModelSpec, tensors: list[TensorInfo]) -> None:
     """Check that the weights match the architecture (shapes of the projections per layer)."""
     by_name = {t.name: t for t in tensors}
     mods = quant.layout(spec.quant, by_name) if spec.quant else {}
+    blocks = spec.gguf or {}
     for name, shape in tensor_shapes(spec.architecture).items():
-        q = mods.get(name[:-len(".weight")])
+        q, path = mods.get(name[:-len(".weight")]), name[:-len(".weight")]
         stored = quant.packed_shapes(shape, q["bits"], q["group_size"]) if q else {"weight": shape}
+        if path in blocks:
+            stored = {"weight": gguf_blocks.stored_shape(shape, blocks[path])}
         for kind, want in stored.items():
             _check_shape(by_name, name[:-len("weight")] + kind, want)
 

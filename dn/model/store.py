@@ -3,8 +3,9 @@ accounting of the bytes a backend holds resident for it (each format object's nb
 
 Formats: `dense` (the compute dtype), `lossless` (dn/formats/lossless.py: entropy-coded; held as
 dn/formats/fixed4.py, decoded into one scratch buffer), `affine` (dn/formats/quant.py: mlx-lm's group quantization,
-kept packed). A sparse section (dn/formats/sparse.py) adds side data per layer: the router, its thresholds and the
-prior, and with router "planes" holds the MLPs as split planes (dn/formats/planes.py). Backends build each weight
+kept packed), `gguf` (dn/formats/gguf_blocks.py: a GGUF's blocks as the file has them). A sparse section
+(dn/formats/sparse.py) adds side data per layer: the router, its thresholds and the prior, and with router "planes"
+holds the MLPs as split planes (dn/formats/planes.py). Backends build each weight
 in its format (dn_<backend>.quant, dn_<backend>.codec) and run them through their ops; the sparse MLP asks them
 for whole matrices or for kept neurons' rows (dn/runtime/sparse_mlp.py).
 """
@@ -15,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from dn import formats
-from dn.formats import quant, sparse
+from dn.formats import gguf_blocks, quant, sparse
 from dn.formats.dense import Dense
 from dn.formats.planes import Planes
 from dn.formats.quant import Affine
@@ -44,8 +45,12 @@ def entries(spec: ModelSpec) -> list[Entry]:
     coded = set(spec.codec["coded_tensors"]) if spec.codec else set()
     stored = {t.name: DTYPE_BYTES[t.dtype] for t in spec.tensors}
     out = []
+    blocks = spec.gguf or {}
     for t, shape, q in quant.dense_tensors(spec.quant, spec.tensors):
-        if q:
+        kind = blocks.get(t.name.removesuffix(".weight")) if t.name.endswith(".weight") else None
+        if kind:
+            out.append(Entry(t.name, tuple(gguf_blocks.dense_shape(shape, kind)), t.role, "gguf", {"type": kind}))
+        elif q:
             scale = stored.get(t.name.removesuffix(".weight") + ".scales", 4)
             params = {"bits": q["bits"], "group_size": q["group_size"], "scale_bytes": scale}
             out.append(Entry(t.name, tuple(shape), t.role, "affine", params))
@@ -76,7 +81,7 @@ def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:
     - sparse: each layer's router, thresholds and prior (sparse_side); with router "planes" at bf16, the MLPs
       held as split planes in place of their dense bytes (split_mlp_bytes)."""
     b = DTYPE_BYTES[dtype]
-    parts = dict.fromkeys(("dense", "affine", "lossless", "sparse"), 0)
+    parts = dict.fromkeys(("dense", "affine", "gguf", "lossless", "sparse"), 0)
     scratch = {}
     for e in entries(spec):
         parts[e.format] += e.nbytes(b)

@@ -26,6 +26,7 @@ DTYPES = ("float32", "bfloat16")
 
 class Backend(Protocol):
     NAME: str
+    ops: Any  # the backend's Ops module
 
     def is_available(self) -> bool: ...
 
@@ -85,6 +86,7 @@ class Ops(Protocol):
 
     CAPABILITIES: frozenset[str]  # the optional kernel groups this backend has (keys of CAPABILITIES below)
     DTYPES: dict  # dtype names (dn's for floats, safetensors' for the rest) -> the framework's: the backend's one table
+    CPU_DTYPES: dict  # format name -> the compute dtype its fast CPU kernels need (`--dtype auto` on a CPU)
 
     def device(self) -> Any:
         """The device a model is placed on by default."""

@@ -15,6 +15,7 @@ from dn.core import tensors
 from dn.core.errors import DnError
 from dn.core.files import cache_dir
 from dn.formats import quant
+from dn.model import store
 from dn.model.sources import resolve_model
 from dn.model.spec import ModelSpec, load_spec, weight_files
 from dn.model.tokenizer import Tokenizer
@@ -37,12 +38,32 @@ class Loaded:
     residency: Any = None  # dn.runtime.residency.Runtime when loaded under --max-resident
 
 
-def load(model: str | None, backend: str = "auto", dtype: str = "float32", max_resident: str | None = None,
-         mode: str = "exact", calib_text: str | None = None, prefetch: bool = False) -> Loaded:
-    """max_resident: a budget ('300MB', '25%' of dense bf16): the MLPs are held by dn.runtime.residency under it."""
+def compute_dtype(be, spec: ModelSpec) -> str:
+    """`--dtype auto`: the model's own bfloat16 where the device computes it natively (Metal, CUDA/ROCm, MLX's GPU);
+    on a CPU the dtype the fast kernels of the store's formats need (torch's affine int4/int8: bfloat16), else
+    float32: the slow path is never the default."""
+    if be.device_name().split(":")[0] in ("metal", "cuda", "gpu"):
+        return "bfloat16"
+    want = {be.ops.CPU_DTYPES.get(e.format) for e in store.entries(spec)} - {None}
+    return want.pop() if len(want) == 1 else "float32"
+
+
+def load(model: str | None, backend: str = "auto", dtype: str = "auto", max_resident: str | None = None,
+         mode: str = "exact", calib_text: str | None = None, prefetch: bool = False, dense: bool = False) -> Loaded:
+    """max_resident: a budget ('300MB', '25%' of dense bf16): the MLPs are held by dn.runtime.residency under it.
+    dtype "auto": compute_dtype. dense: a GGUF widened to bf16 rather than its blocks as they are."""
     be = backends.resolve(backend)  # first, so a missing backend fails before any conversion
-    model_dir = resolve_model(model)
+    model_dir = resolve_model(model, dense=dense)
     spec = load_spec(model_dir)
+    if spec.gguf and max_resident is not None:  # residency plans over dense or affine stores (not GGUF blocks yet)
+        print("dn: --max-resident plans over dense or affine weights, not GGUF blocks yet: using the file's bf16 "
+              "widening", file=sys.stderr)
+        model_dir = resolve_model(model, dense=True)
+        spec = load_spec(model_dir)
+        if spec.gguf:
+            raise DnError(f"{model_dir}: --max-resident needs the .gguf file (or a dense folder), not its native "
+                          "folder")
+    dtype = compute_dtype(be, spec) if dtype == "auto" else dtype
     tensors.check_folder(model_dir)
     tokenizer = Tokenizer(model_dir, spec.architecture.eos_token_id)
     runtime = None

@@ -1,0 +1,74 @@
+"""The native GGUF folder (dn/model/gguf.py): every quantized tensor kept as the file's blocks, the same values as the
+bf16 widening, the same bytes as the file; bad files give one line."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import assert_one_line_error, run_dn
+
+from dn.core import tensors
+from dn.core.errors import DnError
+from dn.formats import gguf_blocks
+from dn.model import store
+from dn.model.sources import default_gguf, resolve_model
+from dn.model.spec import load_spec
+
+
+@pytest.fixture(scope="module")
+def native_dir():
+    return resolve_model(None, progress=False)
+
+
+def test_native_folder_is_the_files_bytes(native_dir):
+    size = sum(f.stat().st_size for f in native_dir.iterdir())
+    assert size <= 1.1 * default_gguf().stat().st_size  # issue 20: the cached folder <= 1.1x the GGUF
+    spec = load_spec(native_dir)
+    assert set(spec.gguf.values()) == {"Q4_1", "Q8_0"} and spec.gguf["model.embed_tokens"] == "Q8_0"
+    held = store.resident_bytes(spec, "float32")
+    stored = sum(t.numel for t in spec.tensors if t.dtype == "U8")
+    assert held["gguf"] == stored and held["affine"] == held["lossless"] == 0
+    assert held["dense"] == sum(t.numel * 4 for t in spec.tensors if t.dtype == "F32")  # the norms
+
+
+def test_native_blocks_decode_to_the_widening(native_dir, default_model_dir):
+    """Each tensor's blocks decode to the dense widening's values (bf16 there), q/k rows unpermuted alike."""
+    spec = load_spec(native_dir)
+    names = ["model.embed_tokens.weight", "model.layers.3.self_attn.q_proj.weight",
+             "model.layers.3.self_attn.k_proj.weight", "model.layers.29.mlp.down_proj.weight",
+             "model.layers.0.input_layernorm.weight"]
+    native = tensors.load(native_dir / "model.safetensors", mmap=False, names=names)
+    dense = tensors.load(default_model_dir / "model.safetensors", mmap=False, names=names)
+    for name in names:
+        arr, dt = native[name]
+        kind = spec.gguf.get(name.removesuffix(".weight"))
+        values = gguf_blocks.decode(kind, arr) if kind else tensors.to_float32(arr, dt)
+        np.testing.assert_array_equal(tensors.f32_to_bf16(values), dense[name][0], err_msg=name)
+
+
+def test_truncated_gguf_gives_one_line(tmp_path):
+    cut = tmp_path / "cut.gguf"
+    data = default_gguf().read_bytes()
+    cut.write_bytes(data[:len(data) * 9 // 10])
+    proc = run_dn("generate", "--model", str(cut), "--prompt", "hi", "--max-tokens", "1",
+                  env={"DN_CACHE": str(tmp_path / "cache")})
+    assert_one_line_error(proc, "cut.gguf")
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
+
+def test_unsupported_block_type_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("DN_CACHE", str(tmp_path))
+    monkeypatch.delitem(gguf_blocks.TYPES, "Q4_1")  # as if the file used a type dn does not read
+    with pytest.raises(DnError, match=r"block type Q4_1, which dn does not read"):
+        resolve_model(str(default_gguf()))
+
+
+def test_unknown_type_in_a_folder_config_is_one_line(tmp_path, native_dir):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(native_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["gguf_quantization"]["model.embed_tokens"] = "IQ4_NL"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run_dn("generate", "--model", str(folder), "--prompt", "hi", "--max-tokens", "1"), "IQ4_NL")
