@@ -14,7 +14,7 @@ from dn.core import tensors
 from dn.core.errors import DnError
 from dn.formats.quant import layout, scale_dtype
 from dn.model.spec import ModelSpec, weight_files
-from dn_mlx import codec, ops, quant, resident, sparse
+from dn_mlx import codec, gguf, ops, quant, resident, sparse
 from dn_mlx.ops import DTYPES
 
 NAME = "mlx"
@@ -62,7 +62,11 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=Non
             for layer in model.model.layers:
                 layer.mlp = resident.ResidentModule()
             stored = {k: f for k, f in stored.items() if ".mlp." not in k}
-        if spec.quant is not None:  # quantized layers swapped in before loading: no dense weight is ever built
+        if spec.gguf is not None:  # a GGUF's blocks: quantized modules swapped in, or decoded one tensor at a time
+            gguf.quantize_model(model, spec.gguf)
+            model.load_weights([a for k, f in stored.items() for a in _gguf(f, k, spec.gguf, dtype)], strict=True)
+            quant._compute_at(model, DTYPES[dtype])
+        elif spec.quant is not None:  # quantized layers swapped in before loading: no dense weight is ever built
             quant.quantize_model(model, spec.quant | layout(spec.quant, stored))
             model.load_weights([(k, _read(f, k, _held(f, k, dtype))) for k, f in stored.items()], strict=True)
             quant._compute_at(model, DTYPES[dtype])
@@ -87,6 +91,12 @@ def _held(f: tensors.File, name: str, dtype: str) -> str | None:
     stored = f.dtype(name)
     if stored in tensors.NUMPY:
         return scale_dtype(stored, dtype) if name.endswith((".scales", ".biases")) else dtype
+
+
+def _gguf(f: tensors.File, name: str, types: dict, dtype: str) -> list[tuple[str, mx.array]]:
+    """A native GGUF folder's stored tensor -> the arrays its module holds (dn_mlx.gguf), a float one as _held says."""
+    kind = types.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+    return gguf.arrays(name, f.read(name), kind, dtype) if kind else [(name, _read(f, name, _held(f, name, dtype)))]
 
 
 def _load_plain(model, model_dir: Path, spec: ModelSpec, stored: dict, dtype: str) -> None:

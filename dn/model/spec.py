@@ -320,6 +320,9 @@ def _quantization(cfg: dict) -> dict | None:
         return None
     if isinstance(q, dict) and "quant_method" in q:  # transformers' AWQ, GPTQ, bitsandbytes, ...
         raise DnError(f"unsupported quantization method {q['quant_method']!r} (dn reads mlx-lm's affine layout)")
+    if isinstance(q, dict):  # mlx-lm's mixed recipes write null bits or group size: mlx's affine defaults
+        q = {k: {**v, "group_size": v.get("group_size") or 64, "bits": v.get("bits") or 4}
+             if isinstance(v, dict) else v for k, v in q.items()}
     quant.check_config(q)
     return q
 
@@ -366,6 +369,11 @@ def validate(spec: ModelSpec, tensors: list[TensorInfo]) -> None:
     for name, shape in tensor_shapes(spec.architecture).items():
         q, path = mods.get(name[:-len(".weight")]), name[:-len(".weight")]
         stored = quant.packed_shapes(shape, q["bits"], q["group_size"]) if q else {"weight": shape}
+        have = {k: list(by_name[f"{path}.{k}"].shape) for k in ("weight", "scales")} if q else {}
+        if q and path not in spec.quant and any(have[k] != stored[k] for k in have):  # mlx-lm's loader rule
+            w, g = have["weight"][-1] * 32 // shape[1], shape[1] // max(1, have["scales"][-1])
+            raise DnError(f"config.json's quantization has no entry for {path}, stored at {w} bits, groups of {g} "
+                          f"(the global entry says {q['bits']} bits, groups of {q['group_size']})")
         if path in blocks:
             stored = {"weight": gguf_blocks.stored_shape(shape, blocks[path])}
         for kind, want in stored.items():
