@@ -1,24 +1,127 @@
 """A native GGUF folder (spec.gguf: module path -> block type, dn.formats.gguf_blocks) on MLX.
 
 The types with an exact affine form (gguf_blocks.to_affine: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K) become mlx's
-quantized modules, groups of 32, their values exactly the file's; the others (Q2_K, Q3_K, Q6_K: 16-weight
-sub-blocks, no such form) are decoded at load, one tensor at a time, and held dense at the compute dtype."""
+quantized modules, groups of 32, their values exactly the file's. The others (Q2_K, Q3_K, Q6_K: 16-weight
+sub-blocks, no such form) are held as the file's own blocks (uint8 [rows, row_bytes]) and decoded at use with mlx
+ops, bit for bit as gguf_blocks.decode, a chunk of rows at a time (BlocksLinear, BlocksEmbedding).
+
+This decode is the pure-MLX twin of a Metal kernel that would later replace _Blocks.matmul and rows (decoding
+inside the matmul's tiles, as llama.cpp's do): the kernel goes beside it, tested against it."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
 from mlx import nn
+from mlx.utils import tree_map_with_path
 
 from dn.core import tensors
 from dn.formats import gguf_blocks
 from dn.formats.quant import MODE, scale_dtype
 from dn_mlx import ops
 
+BLOCKS = ("Q2_K", "Q3_K", "Q6_K")  # held as their blocks
+CHUNK = 1 << 20  # weights a matmul decodes at a time (4 MB of float32; its peak about 3x that): not the matrix
+F32 = mx.float32
 
-def quantize_model(model: nn.Module, types: dict) -> None:
-    """Swap in mlx's quantized module (lazy, replaced before anything evaluates it) for each module of an exact
-    type; every other module stays as built."""
+
+def _f16(b: mx.array) -> mx.array:
+    """uint8 [n, 2] (a little-endian float16's bytes) -> float32 [n, 1]."""
+    h = b[:, :1].astype(mx.uint16) | (b[:, 1:2].astype(mx.uint16) << 8)
+    return h.view(mx.float16).astype(F32)
+
+
+def _split(x: mx.array, width: int) -> mx.array:
+    """uint8 [..., m] -> its 8 / width fields of `width` bits, low bits first: [..., 8 / width, m]."""
+    return (x[..., None, :] >> mx.arange(0, 8, width, dtype=mx.uint8)[:, None]) & ((1 << width) - 1)
+
+
+def _grid(kind: str, b: mx.array) -> mx.array:
+    """Blocks uint8 [n, block_bytes] -> float32 [n, 256]: gguf_blocks._grid's fields and arithmetic. Every product
+    is exact in float32 (a float16 d times a scale of <= 8 bits times a code of <= 6: <= 24 significant bits), so
+    the values are decode()'s however a fused kernel orders them (Q2_K's one sum rounds once either way)."""
+    n = b.shape[0]
+    if kind == "Q2_K":  # scales[16], qs[64], d, dmin
+        sc = b[:, :16]
+        codes = _split(b[:, 16:80].reshape(n, 2, 32), 2).reshape(n, 16, 16).astype(F32)
+        scale, mn = _f16(b[:, 80:82]) * (sc & 15).astype(F32), -(_f16(b[:, 82:84]) * (sc >> 4).astype(F32))
+        return (scale[..., None] * codes + mn[..., None]).reshape(n, -1)
+    if kind == "Q3_K":  # hmask[32], qs[64], scales[12], d
+        low = _split(b[:, 32:96].reshape(n, 2, 32), 2).reshape(n, 16, 16)
+        codes, zero = low | (_split(b[:, :32], 1).reshape(n, 16, 16) << 2), 4
+        s = _split(b[:, 96:104], 4).reshape(n, 16) | (_split(b[:, 104:108], 2).reshape(n, 16) << 4)
+        scale = _f16(b[:, 108:110]) * (s.astype(F32) - 32)
+    else:  # Q6_K: ql[128], qh[64], scales[16] int8, d
+        codes = _split(b[:, :128].reshape(n, 2, 64), 4).reshape(n, 8, 32)
+        codes, zero = (codes | (_split(b[:, 128:192].reshape(n, 2, 32), 2).reshape(n, 8, 32) << 4)).reshape(
+            n, 16, 16), 32
+        scale = _f16(b[:, 208:210]) * b[:, 192:208].view(mx.int8).astype(F32)
+    return (scale[..., None] * (codes.astype(F32) - zero)).reshape(n, -1)
+
+
+def decode(kind: str, raw: mx.array) -> mx.array:
+    """Raw blocks uint8 [..., row_bytes] -> float32 [..., row_weights], as gguf_blocks.decode gives them. Not
+    mx.compile'd: on MLX's CPU the compiled decode was 10-30% slower at the same peak memory."""
+    return _grid(kind, raw.reshape(-1, gguf_blocks.TYPES[kind][2])).reshape(*raw.shape[:-1], -1)
+
+
+class _Blocks(nn.Module):
+    """A weight of dense shape [rows, cols] held as its GGUF blocks, `weight` uint8 [rows, row_bytes]."""
+
+    def __init__(self, like: nn.Module, kind: str, compute, head: bool):
+        super().__init__()
+        rows, self.cols = like.weight.shape
+        self.weight = mx.zeros(gguf_blocks.stored_shape((rows, self.cols), kind), mx.uint8)  # the file's replace it
+        if "bias" in like:
+            self.bias = like.bias
+        self.kind, self.compute, self.head = kind, compute, head
+
+    def rows(self, idx=None) -> mx.array:
+        """Rows idx (all: None) decoded, float32; only those rows are decoded."""
+        return decode(self.kind, self["weight"] if idx is None else self["weight"][idx])
+
+    def matmul(self, x: mx.array) -> mx.array:
+        """x [..., cols] @ W.T in float32 (x cast), W decoded CHUNK weights at a time; float32 [..., rows]. At a 16-bit
+        compute dtype the weights are thus not rounded: no worse than a dense bf16 model."""
+        w, step, x = self["weight"], max(1, CHUNK // self.cols), x.astype(F32)
+        out = []
+        for i in range(0, w.shape[0], step):  # each chunk's blocks wait on the last product: one chunk at a time
+            blocks = w[i:i + step] if not out else mx.depends(w[i:i + step], out[-1])
+            out.append(x @ decode(self.kind, blocks).T)
+        return out[0] if len(out) == 1 else mx.concatenate(out, -1)
+
+
+class BlocksLinear(_Blocks):
+    """A Linear held as blocks; as the head (lm_head), float32 logits as dn_mlx.quant's _Head gives."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.matmul(x)
+        y = y + self["bias"] if "bias" in self else y
+        return y if self.head else y.astype(x.dtype)
+
+
+class BlocksEmbedding(_Blocks):
+    """An Embedding held as blocks: the looked-up rows decoded, at the compute dtype; as a tied head, float32
+    logits."""
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.rows(ids).astype(self.compute)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.matmul(x)
+
+
+def quantize_model(model: nn.Module, types: dict, dtype: str) -> None:
+    """Swap in, for each module of a GGUF type (lazy, replaced by load_weights before anything evaluates them),
+    mlx's quantized module for an exact type, BlocksLinear or BlocksEmbedding for the others (computing at dtype)."""
+    def blocks(path: str, m: nn.Module) -> nn.Module:
+        if types.get(path) not in BLOCKS:
+            return m
+        held = BlocksEmbedding if isinstance(m, nn.Embedding) else BlocksLinear
+        return held(m, types[path], ops.DTYPES[dtype], path == "lm_head")
+
+    model.update_modules(tree_map_with_path(blocks, model.leaf_modules(), is_leaf=nn.Module.is_module))
+
     def predicate(path: str, _module) -> dict | bool:
         bits = gguf_blocks.AFFINE.get(types.get(path))
         return bits is not None and {"group_size": gguf_blocks.GROUP, "bits": bits, "mode": MODE}
@@ -29,9 +132,9 @@ def quantize_model(model: nn.Module, types: dict) -> None:
 def arrays(name: str, raw: np.ndarray, kind: str, dtype: str) -> list[tuple[str, mx.array]]:
     """One module's blocks (uint8 [rows, row_bytes]) -> the arrays it holds, evaluated: an exact type's packed codes,
     scales and biases (as to_affine gives them, 16-bit or 32-bit, held as dn.formats.quant.scale_dtype says: at a
-    32-bit compute dtype as given), or the decoded weight at dtype."""
+    32-bit compute dtype as given), or the blocks themselves."""
     if kind not in gguf_blocks.AFFINE:
-        return [(name, _evaluated(gguf_blocks.decode(kind, raw), dtype))]
+        return [(name, _evaluated(raw))]
     packed, scales, biases, _, _ = gguf_blocks.to_affine(kind, raw, gguf_blocks.dense_shape(raw.shape, kind))
     path = name.removesuffix(".weight")
     held = scale_dtype(scales.dtype.name, dtype)  # float16 or float32, as dn names them

@@ -62,8 +62,8 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=Non
             for layer in model.model.layers:
                 layer.mlp = resident.ResidentModule()
             stored = {k: f for k, f in stored.items() if ".mlp." not in k}
-        if spec.gguf is not None:  # a GGUF's blocks: quantized modules swapped in, or decoded one tensor at a time
-            gguf.quantize_model(model, spec.gguf)
+        if spec.gguf is not None:  # a GGUF's blocks: quantized modules or the blocks as they are (dn_mlx.gguf)
+            gguf.quantize_model(model, spec.gguf, dtype)
             model.load_weights([a for k, f in stored.items() for a in _gguf(f, k, spec.gguf, dtype)], strict=True)
             quant._compute_at(model, DTYPES[dtype])
         elif spec.quant is not None:  # quantized layers swapped in before loading: no dense weight is ever built

@@ -1,7 +1,8 @@
 """A native GGUF folder on MLX (dn_mlx/gguf.py): tiny llamas of random blocks of each type, then the default model.
 
 The exact types are held as mlx's quantized modules whose values are the blocks' own (bit for bit at float32), the
-others decoded at load and held dense; logits equal the numpy reference's on the decoded weights."""
+others (Q2_K, Q3_K, Q6_K) as the file's blocks, decoded at use by mlx ops bit for bit as gguf_blocks.decode, holding
+exactly the blocks' bytes; logits equal the numpy reference's on the decoded weights."""
 
 import json
 
@@ -17,8 +18,10 @@ from dn.model.spec import Architecture, load_spec, tensor_shapes
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 nn = pytest.importorskip("mlx.nn")
+from mlx.utils import tree_flatten  # noqa: E402
 
 from dn.runtime import backend as backends  # noqa: E402
+from dn_mlx import gguf  # noqa: E402
 
 H, INTER, LAYERS, HEADS, KV, HD, VOCAB = 256, 512, 2, 4, 2, 64, 256  # rows of whole 256-weight k-quant blocks
 FP16_AT = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
@@ -101,9 +104,55 @@ def _case(tmp_path, case):
 IDS = np.random.default_rng(1).integers(0, VOCAB, size=(1, 12))
 
 
+def _stored(folder, path):
+    with tensors.File(folder / "model.safetensors") as f:
+        return f.read(path + ".weight")
+
+
+@pytest.mark.parametrize("kind", gguf.BLOCKS)
+def test_blocks_decode_on_mlx(kind):
+    """The MLX decode of wholly random blocks (any float16 d, NaN and inf among them) is gguf_blocks.decode's, bit
+    for bit; rows decodes the rows asked for; the chunked matmul is x @ W.T."""
+    rng = np.random.default_rng(2)
+    bb = gb.TYPES[kind][2]
+    raw = rng.integers(0, 256, (96, 3 * bb), dtype=np.uint8)
+    for i, bits in enumerate((0x7C00, 0xFC00, 0x0001, 0x8000)):  # d = inf, -inf, the least subnormal, -0
+        raw[0, i % 3 * bb + FP16_AT[kind][0]:][:2] = np.array([bits], "<u2").view(np.uint8)
+    with np.errstate(invalid="ignore"):
+        want = gb.decode(kind, raw)
+    assert np.isnan(want).any() and np.isinf(want).any()  # the special values are exercised
+    np.testing.assert_array_equal(np.array(gguf.decode(kind, mx.array(raw))), want)
+    mod = gguf.BlocksEmbedding(nn.Embedding(96, 768), kind, mx.float32, False)
+    mod.weight = mx.array(raw)
+    ids = np.array([[5, 0, 95, 5]])
+    np.testing.assert_array_equal(np.array(mod(mx.array(ids))), want[ids])
+    mod.weight = mx.array(random_blocks(kind, (96, 768), rng))  # finite d
+    x = rng.standard_normal((2, 768)).astype(np.float32)
+    want = x @ gb.decode(kind, np.array(mod.weight)).T
+    assert _rel(np.array(mod.as_linear(mx.array(x))), want) <= PARITY["float32"].max_rel_err
+
+
+def test_blocks_matmul_decodes_a_chunk_at_a_time(monkeypatch):
+    """A 2048 x 4096 Q6_K matmul (32 MB decoded at float32) in chunks of 1 MB holds about one chunk's floats at a
+    time: its peak above what lived before stays under 4 chunks (all chunks at once, as a lazy graph would, 52 MB)."""
+    monkeypatch.setattr(gguf, "CHUNK", 1 << 18)
+    rng = np.random.default_rng(3)
+    mod = gguf.BlocksLinear(nn.Linear(4096, 2048, bias=False), "Q6_K", mx.float32, False)
+    mod.weight = mx.array(random_blocks("Q6_K", (2048, 4096), rng))
+    x = mx.array(rng.standard_normal((1, 1, 4096)).astype(np.float32))
+    mx.eval(mod.weight, x, mod(x))
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    mx.eval(mod(x))
+    assert mx.get_peak_memory() - before < 4 * gguf.CHUNK * 4 < 2048 * 4096 * 4 / 2
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_random_blocks_on_mlx(tmp_path, case):
-    """float32: every module holds the blocks' values bit for bit; the logits are the numpy reference's."""
+def test_random_blocks_on_mlx(tmp_path, monkeypatch, case):
+    """float32: every module holds the blocks' values bit for bit; the logits are the numpy reference's (the block
+    types' matmuls in chunks of 64 rows of 512, concatenated)."""
+    monkeypatch.setattr(gguf, "CHUNK", 1 << 15)
     folder, spec, types, dense = _case(tmp_path, case)
     be = backends.get("mlx")
     model = be.load(folder, spec, "float32")
@@ -115,8 +164,9 @@ def test_random_blocks_on_mlx(tmp_path, case):
             got = np.array(mx.dequantize(mod.weight, mod.scales.astype(mx.float32), mod.biases.astype(mx.float32),
                                          group_size=mod.group_size, bits=mod.bits))
         else:
-            assert type(mod) in (nn.Linear, nn.Embedding) and mod.weight.dtype == mx.float32
-            got = np.array(mod.weight)
+            assert type(mod) in (gguf.BlocksLinear, gguf.BlocksEmbedding) and mod.weight.dtype == mx.uint8
+            np.testing.assert_array_equal(np.array(mod.weight), _stored(folder, path))
+            got = np.array(mod.rows())
         np.testing.assert_array_equal(got, dense[path + ".weight"], err_msg=path)
     want = forward(dense, spec.architecture, IDS[0])
     assert _rel(be.logits(model, IDS)[0], want) <= PARITY["float32"].max_rel_err
@@ -125,7 +175,7 @@ def test_random_blocks_on_mlx(tmp_path, case):
 @pytest.mark.parametrize("case", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "mixed"])
 def test_random_blocks_on_mlx_bf16(tmp_path, case):
     """bfloat16: off the reference by no more than a dense bf16 folder of the same decoded weights is (issue 20
-    item 4: a quantized model at bf16 as good as the dense one); the decoded types held at bf16."""
+    item 4: a quantized model at bf16 as good as the dense one); the block types still held as their blocks."""
     folder, spec, types, dense = _case(tmp_path, case)
     plain = tmp_path / "dense"
     plain.mkdir()
@@ -134,10 +184,29 @@ def test_random_blocks_on_mlx_bf16(tmp_path, case):
     (plain / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "gguf_quantization"}))
     be = backends.get("mlx")
     model = be.load(folder, spec, "bfloat16")
-    assert all(_held(model, p).weight.dtype == mx.bfloat16 for p, t in types.items() if t not in gb.AFFINE)
+    assert all(_held(model, p).weight.dtype == mx.uint8 for p, t in types.items() if t not in gb.AFFINE)
     want = forward(dense, spec.architecture, IDS[0])
     floor = _rel(be.logits(be.load(plain, load_spec(plain), "bfloat16"), IDS)[0], want)
     assert _rel(be.logits(model, IDS)[0], want) <= 2 * floor  # before the bf16 fix: 4-16 times
+
+
+@pytest.mark.parametrize("case", [*gguf.BLOCKS, "mixed"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_blocks_hold_the_files_bytes(tmp_path, case, dtype):
+    """The block types' modules hold exactly their blocks' bytes (mx arrays' nbytes), at any compute dtype; a model
+    of only block types at float32 holds exactly what its file stores. Held dense at float32 they would be 4.9x
+    (Q6_K) to 12x (Q2_K)."""
+    folder, spec, types, _ = _case(tmp_path, case)
+    model = backends.get("mlx").load(folder, spec, dtype)
+    blocks = [p for p, t in types.items() if t in gguf.BLOCKS]
+    held = sum(a.nbytes for p in blocks for _, a in tree_flatten(_held(model, p).parameters()))
+    shapes = tensor_shapes(spec.architecture)
+    assert held == sum(gb.GGUFBlocks.nbytes(shapes[p + ".weight"], 4, types[p]) for p in blocks)
+    assert held == sum(_stored(folder, p).nbytes for p in blocks)
+    if case != "mixed" and dtype == "float32":
+        with tensors.File(folder / "model.safetensors") as f:
+            stored = sum(f.read(n).nbytes for n in f.header)
+        assert sum(a.nbytes for _, a in tree_flatten(model.parameters())) == stored
 
 
 def test_default_model_native_folder_on_mlx(tmp_path):
