@@ -56,5 +56,5 @@ def convert(model: str | None, out: str | Path, *, quantize: bool = False, q_bit
     sparsity with its calibration text (a path; default $DN_CALIB_TEXT). Returns the folder."""
     q = (q_bits, q_group_size, q_embedding_bits, q_embedding_group_size) if quantize else None
     out, q, sparse_args = writer.checked(out, codec, q, sparsity, calib_text, prior, seed, backend, router, select)
-    writer.convert(resolve_model(model), out, codec, sparse_args, q)
+    writer.convert(resolve_model(model, dense=True), out, codec, sparse_args, q)
     return out

@@ -25,7 +25,7 @@ def _main(argv) -> int:
     args = setup_arg_parser().parse_args(argv)
     path = Path(args.path).expanduser()
     if not (path.is_file() and path.suffix == ".safetensors"):
-        path = resolve_model(args.path)
+        path = resolve_model(args.path, dense=True)  # the codec measures dense weights
     if not path.exists():
         raise DnError(f"no such file or folder: {path}")
     report = lossless.stats(path)

@@ -86,7 +86,7 @@ def _main(argv) -> int:
     if args.sparsity is None and (args.prior or args.calib_text or args.router or args.select):
         raise DnError("--prior, --router, --select and --calib-text need --sparsity")
     card_text = upload_args(args)
-    src = resolve_model(args.model)
+    src = resolve_model(args.model, dense=True)  # formats are made from the dense values
     convert(src, out, args.codec, sparse_args, quantize)
     print(f"wrote {out}")
     if args.upload_repo:
