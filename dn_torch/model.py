@@ -14,7 +14,7 @@ from dn.core import tensors
 from dn.core.errors import DnError
 from dn.formats.quant import layout
 from dn.model.spec import ModelSpec, weight_files
-from dn_torch import codec, ops, quant, resident, sparse
+from dn_torch import codec, gguf, ops, quant, resident, sparse
 from dn_torch.ops import DTYPES
 from dn_torch.ops import device as _device
 
@@ -86,15 +86,20 @@ def _without_mlps(model) -> None:
 
 
 def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = False):
-    """A dense or lossless folder, straight into its final form: the skeleton stays on meta and each stored
-    tensor is read from the file (dn.core.tensors, each file once) into its own parameter at dtype, converted a
-    chunk of rows at a time (no copy of the checkpoint, mapped or read, exists beside the model); a sparse
+    """A dense, lossless or native GGUF folder, straight into its final form: the skeleton stays on meta and each
+    stored tensor is read from the file (dn.core.tensors, each file once) into its own parameter at dtype, converted
+    a chunk of rows at a time (no copy of the checkpoint, mapped or read, exists beside the model); a GGUF folder's
+    quantized modules hold their blocks as stored (dn_torch.gguf); a sparse
     folder's dense MLPs are read straight into their bundles (dn_torch.sparse.lay_out_bundled); coded
     projections are swapped in after, one layer at a time (dn_torch.codec.attach). Same values as
     from_pretrained: each tensor converted as Tensor.to does."""
     model, config = _meta_model(spec)
     if resident:
         _without_mlps(model)
+    scale = None
+    if spec.gguf is not None:  # a native GGUF folder: its quantized modules hold the blocks (dn_torch.gguf)
+        scale = _plain_scaled_embedding(model)
+        gguf.swap(model, spec.gguf, DTYPES[dtype])
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()  # tie_weights sets it
     into = {}  # stored name -> the tensor it is read into, laid out before reading
     if spec.sparse is not None and spec.codec is None and not resident:
@@ -114,6 +119,8 @@ def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = F
     if into:
         raise DnError(f"{model_dir}: weights lack tensor {min(into)}")
     _rotary(model, config)
+    if scale is not None:
+        _scale_output(model.model.embed_tokens, scale)
     if spec.codec is not None:
         codec.attach(model, model_dir, spec)
     if tied:

@@ -15,6 +15,7 @@ sub-blocks, which quant.GROUP_SIZES (32, 64, 128) cannot hold: they stay GGUFBlo
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -22,7 +23,9 @@ from typing import ClassVar
 import numpy as np
 
 from dn.core.errors import DnError
+from dn.formats import native as nat
 from dn.formats import quant
+from dn.formats.native import ptr
 
 TYPES = {  # name: (ggml type id, weights per block, bytes per block)
     "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22), "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34),
@@ -180,3 +183,34 @@ class GGUFBlocks:
     def rows(self, idx) -> np.ndarray:
         """Rows idx, decoding only them."""
         return decode(self.type, self.raw[idx])
+
+
+# ---- the C kernel (dn/formats/csrc/gguf.c); backends pass their own memory ----------------------------------
+
+def native():
+    """dn/formats/csrc/gguf.c with its signatures set, or None (DN_NATIVE=0, no compiler): the plain paths run."""
+    lib = nat.library("gguf")
+    if lib is not None and not hasattr(lib, "dn_ready"):
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.dn_gguf_matmul.argtypes, lib.dn_gguf_matmul.restype = [i32, p, i64, i64, p, i64, p, i32], i32
+        lib.dn_gguf_rows.argtypes, lib.dn_gguf_rows.restype = [i32, p, i64, p, i64, p, i32], i32
+        lib.dn_ready = True
+    return lib
+
+
+def check(rc: int) -> None:
+    """A kernel's return code: -1 an unknown type, -2 out of memory."""
+    if rc:
+        raise MemoryError("the GGUF kernel: out of memory") if rc == -2 else ValueError("the GGUF kernel: bad type")
+
+
+def matmul_native(lib, t: str, raw, x, y, threads: int = 1) -> None:
+    """y float32 [T, m] = x float32 [T, k] @ W.T, W held as raw blocks uint8 [m, row_bytes] (contiguous CPU memory,
+    numpy or torch)."""
+    check(lib.dn_gguf_matmul(TYPES[t][0], ptr(raw), raw.shape[0], x.shape[1], ptr(x), x.shape[0], ptr(y), threads))
+
+
+def rows_native(lib, t: str, raw, idx, out, threads: int = 1) -> None:
+    """out float32 [n, k] = rows idx (int64 [n]; None: all of raw's rows) of raw blocks, as decode() gives them."""
+    check(lib.dn_gguf_rows(TYPES[t][0], ptr(raw), out.shape[1], None if idx is None else ptr(idx), out.shape[0],
+                         ptr(out), threads))
