@@ -13,6 +13,7 @@ import torch
 from dn.core import tensors
 from dn.core.errors import DnError
 from dn.formats.quant import layout
+from dn.model import store
 from dn.model.spec import ModelSpec, weight_files
 from dn_torch import codec, gguf, ops, quant, resident, sparse
 from dn_torch.ops import DTYPES
@@ -101,6 +102,7 @@ def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = F
         scale = _plain_scaled_embedding(model)
         gguf.swap(model, spec.gguf, DTYPES[dtype])
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()  # tie_weights sets it
+    mapped = store.mapped(spec) if _device().type == "cpu" else set()  # a token reads one row: the rest stays on disk
     into = {}  # stored name -> the tensor it is read into, laid out before reading
     if spec.sparse is not None and spec.codec is None and not resident:
         for i, layer in enumerate(model.model.layers):
@@ -114,7 +116,9 @@ def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = F
                     _copy_into(into.pop(name), f, name, dtype)
                     continue
                 module, want = (None, None) if name in tied else _slot(model, f, name)
-                if want is not None:
+                if want is not None and name in mapped:
+                    module._buffers[name.rpartition(".")[2]] = torch.from_numpy(f.mapped(name))
+                elif want is not None:
                     _place(module, f, name, dtype)
     if into:
         raise DnError(f"{model_dir}: weights lack tensor {min(into)}")

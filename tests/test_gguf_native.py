@@ -2,6 +2,7 @@
 bf16 widening, the same bytes as the file; bad files give one line."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,3 +73,32 @@ def test_unknown_type_in_a_folder_config_is_one_line(tmp_path, native_dir):
     cfg["gguf_quantization"]["model.embed_tokens"] = "IQ4_NL"
     (folder / "config.json").write_text(json.dumps(cfg))
     assert_one_line_error(run_dn("generate", "--model", str(folder), "--prompt", "hi", "--max-tokens", "1"), "IQ4_NL")
+
+
+def _mapping_of(ptr: int) -> str | None:
+    """The file a process address is mapped from (/proc/self/maps), None for anonymous memory."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= ptr < hi:
+            return fields[5] if len(fields) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps (Linux)")
+@pytest.mark.parametrize("tied", [True, False])
+def test_untied_embedding_is_mapped_not_read_on_torch(tmp_path, tied):
+    """An untied embedding of a native folder stays in the file (a token reads one row): torch maps it; a tied one
+    is the lm_head too, and is read."""
+    pytest.importorskip("torch")
+    from test_gguf_kernel import _gguf_folder
+
+    from dn_torch import model as torch_model
+
+    native, _ = _gguf_folder(tmp_path, tied)
+    spec = load_spec(native)
+    assert store.mapped(spec) == (set() if tied else {"model.embed_tokens.weight"})
+    model = torch_model.load(native, spec, "float32")
+    where = _mapping_of(model.get_input_embeddings().weight.data_ptr())
+    assert (where == str(native / "model.safetensors")) is (not tied), where
+    assert _mapping_of(model.model.layers[0].mlp.up_proj.weight.data_ptr()) != str(native / "model.safetensors")

@@ -145,6 +145,13 @@ class File:
             out[r - r0:r - r0 + len(a)] = a
         return out
 
+    def mapped(self, name: str) -> np.ndarray:
+        """A tensor as stored, mapped from the file instead of read: only the pages a caller touches become
+        resident (an untied input embedding: a token reads one row). Copy-on-write, so a framework may wrap it."""
+        info = self.header[name]
+        return np.memmap(self.path, dtype=np.dtype(DTYPES[info["dtype"]]), mode="c",
+                         offset=self.offset + info["data_offsets"][0], shape=tuple(info["shape"]))
+
     def chunks(self, name: str, dtype: str | None = None, r0: int = 0, r1: int | None = None):
         """(first row, the rows from it) over rows [r0, r1), CHUNK_BYTES of stored rows at a time, as stored or
         converted to `dtype`: what a loader converting into memory of its own holds beside it."""

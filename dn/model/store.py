@@ -59,6 +59,15 @@ def entries(spec: ModelSpec) -> list[Entry]:
     return out
 
 
+def mapped(spec: ModelSpec) -> set[str]:
+    """Stored tensors a backend maps from the file instead of reading, where it can (torch on a CPU): a native GGUF
+    folder's untied input embedding. A token reads one row of it, so the rest need never be in memory; a tied one
+    is the lm_head too, read whole every token."""
+    if not spec.gguf or "model.embed_tokens" not in spec.gguf or spec.architecture.tie_word_embeddings:
+        return set()
+    return {"model.embed_tokens.weight"}
+
+
 def held_bytes(spec: ModelSpec, dtype: str, keep=None) -> int:
     """Bytes held at dtype for the weights keep(entry) selects (all by default), decode scratch aside."""
     b = DTYPE_BYTES[dtype]
