@@ -1,6 +1,10 @@
 """Affine group-wise quantized weights (mlx-lm's format, dn/formats/quant.py) on MLX: mlx's own quantized layers.
 
-affine_matmul, quantize_model and rows as dn_torch/quant.py has them; _compute_at for the loader (dn_mlx/model.py)."""
+affine_matmul, quantize_model and rows as dn_torch/quant.py has them; _compute_at for the loader (dn_mlx/model.py).
+
+MLX's CPU kernel sums a 16-bit x's products in that 16-bit type (bf16 has no SIMD path there): 3-5% error per
+matmul on SmolLM2's layers, +5.6% perplexity for a q4g32e8 folder (docs/results/bf16-mlx.json). So on a CPU a
+16-bit x is multiplied in float32 and the result cast back; Metal's and CUDA's kernels already sum in float32."""
 
 from __future__ import annotations
 
@@ -8,10 +12,22 @@ import mlx.core as mx
 from mlx import nn
 
 
+def _sums32(x: mx.array) -> bool:
+    """Whether mlx's kernel would sum x's products in 16 bits: a 16-bit x on the CPU."""
+    return x.dtype.size <= 2 and mx.default_device().type == mx.cpu
+
+
 def affine_matmul(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.array, bits: int,
-                  group_size: int) -> mx.array:
-    """x [..., k] @ W.T for W [n, k] stored quantized (packed uint32 [n, k*bits/32], scales/biases [n, k/gs])."""
-    return mx.quantized_matmul(x, packed, scales, biases, transpose=True, group_size=group_size, bits=bits)
+                  group_size: int, mode: str = "affine") -> mx.array:
+    """x [..., k] @ W.T for W [n, k] stored quantized (packed uint32 [n, k*bits/32], scales/biases [n, k/gs]), at
+    x's dtype, summed in float32 (in float32 throughout where the kernel would not, or the dtypes differ)."""
+    if x.dtype == scales.dtype and not _sums32(x):
+        return mx.quantized_matmul(x, packed, scales, biases, transpose=True, group_size=group_size, bits=bits,
+                                   mode=mode)
+    f = mx.float32
+    y = mx.quantized_matmul(x.astype(f), packed, scales.astype(f), biases.astype(f), transpose=True,
+                            group_size=group_size, bits=bits, mode=mode)
+    return y.astype(x.dtype)
 
 
 def quantize_model(model: nn.Module, quantization: dict) -> nn.Module:
@@ -31,32 +47,62 @@ def quantize_model(model: nn.Module, quantization: dict) -> nn.Module:
     return model
 
 
+def _dequantize(module: nn.Module, idx, dtype) -> mx.array:
+    """Rows idx of a quantized module, dequantized in float32 (16-bit arithmetic rounds scale * q, about half a
+    step of 8-bit codes) and cast to dtype."""
+    f = mx.float32
+    w = mx.dequantize(module["weight"][idx], module["scales"][idx].astype(f), module["biases"][idx].astype(f),
+                      group_size=module.group_size, bits=module.bits, mode=module.mode)
+    return w.astype(dtype)
+
+
 def rows(module: nn.Module, idx) -> mx.array:
     """Dense rows W[idx] of a (quantized) Linear or Embedding at its compute dtype, dequantizing only them."""
     idx = mx.array(idx)
     if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         return module.weight[idx]
-    dt = getattr(module, "_compute", module.scales.dtype)  # scales held 16-bit under a 32-bit compute dtype
-    return mx.dequantize(module.weight[idx], module.scales[idx].astype(dt), module.biases[idx].astype(dt),
-                         group_size=module.group_size, bits=module.bits, mode=module.mode)
+    return _dequantize(module, idx, getattr(module, "_compute", module.scales.dtype))  # scales may be held 16-bit
+
+
+class _Linear(nn.QuantizedLinear):
+    """Multiplies through affine_matmul."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = affine_matmul(x, self["weight"], self["scales"], self["biases"], self.bits, self.group_size, self.mode)
+        return y + self["bias"] if "bias" in self else y
+
+
+class _Head(_Linear):
+    """An output head: float32 logits. bf16's step is 0.125 at a logit of 25, so two candidates 0.11 apart in
+    float32 tie once rounded (SmolLM2's "The" and "L" after "What is the capital of France?")."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return super().__call__(x.astype(mx.float32))
 
 
 class _Embedding(nn.QuantizedEmbedding):
-    """Looks rows up at the compute dtype, whatever dtype its scales are held in."""
+    """Looks rows up at the compute dtype, whatever dtype its scales are held in; as a tied head, _Head's float32
+    logits."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        s, b = (self[k][x].astype(self._compute) for k in ("scales", "biases"))  # dequantized in that dtype
-        return mx.dequantize(self["weight"][x], s, b, group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return _dequantize(self, x, self._compute)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return affine_matmul(x.astype(mx.float32), self["weight"], self["scales"], self["biases"], self.bits,
+                             self.group_size, self.mode)
 
 
 def _compute_at(model: nn.Module, dtype) -> None:
-    """Under a 32-bit compute dtype the loader holds 16-bit stored scales and biases as stored
-    (dn.formats.quant.scale_dtype: exact in 32-bit arithmetic, half the bytes), as torch does: quantized modules
-    then dequantize rows, and quantized embeddings look them up, at the compute dtype."""
-    if dtype.size <= 2:
-        return
-    for _, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+    """Every quantized module computes through affine_matmul, looks rows up in float32 (cast to the compute
+    dtype) and, as the head, gives float32 logits. The loader holds 16-bit stored scales and biases as stored
+    (dn.formats.quant.scale_dtype: exact in 32-bit arithmetic, half the bytes, as torch does), except that a GPU's
+    kernel gets them at a 16-bit compute dtype (float16 ones rounded to bfloat16): it sums in float32 already,
+    and mixed dtypes would cast per call."""
+    gpu = dtype.size <= 2 and mx.default_device().type != mx.cpu
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and module.mode == "affine":
             object.__setattr__(module, "_compute", dtype)  # a plain attribute, not a parameter
-        if type(module) is nn.QuantizedEmbedding:
-            module.__class__ = _Embedding
+            module.__class__ = (_Embedding if isinstance(module, nn.QuantizedEmbedding) else
+                                _Head if path == "lm_head" else _Linear)
+            if gpu and module["scales"].dtype != dtype:
+                module.update({k: module[k].astype(dtype) for k in ("scales", "biases")})

@@ -15,6 +15,7 @@ from mlx import nn
 
 from dn.model.spec import ModelSpec
 from dn_mlx import ops as ops  # re-exported: the array ops the resident MLP computes with
+from dn_mlx.quant import affine_matmul
 
 
 def layout(spec: ModelSpec, dtype: str) -> tuple[str, str]:
@@ -41,7 +42,7 @@ def join(arrays: list[np.ndarray], info: dict):
 
 
 def matmul(x: mx.array, w: mx.array, s: mx.array, b: mx.array, info: dict) -> mx.array:
-    return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=info["group_size"], bits=info["bits"])
+    return affine_matmul(x, w, s, b, info["bits"], info["group_size"])  # float32 sums on a CPU
 
 
 def settle(y: mx.array) -> mx.array:

@@ -223,19 +223,24 @@ def test_convert_writes_mlx_lm_layout(tmp_path, default_model_dir, model_type, q
     ours = mx.load(str(tmp_path / "q" / "model.safetensors"))
     ref = dict(tree_flatten(ref_model.parameters()))
     assert sorted(ours) == sorted(ref)
-    for name, a in ref.items():
-        assert (ours[name].dtype, ours[name].shape) == (a.dtype, a.shape), name
+    for name, a in ref.items():  # dn's scales and biases of a bf16 weight: float16 (quant.side_dtype)
+        side = name.endswith((".scales", ".biases")) and a.dtype == mx.bfloat16
+        assert (ours[name].dtype, ours[name].shape) == (mx.float16 if side else a.dtype, a.shape), name
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization"] == config["quantization_config"] == ref_config["quantization"]
 
+    # at float32: at bf16 on a CPU mlx's kernel sums in bf16 and dn_mlx.quant in float32 (tests/test_bf16_quant.py)
     mlx = backends.get("mlx")
-    ours_logits = mlx.logits(mlx.load(tmp_path / "q", load_spec(tmp_path / "q"), "bfloat16"), TOKENS)
-    np.testing.assert_array_equal(_logits(mlx_lm.load(str(tmp_path / "q"))[0], TOKENS), ours_logits)
+    ours_logits = mlx.logits(mlx.load(tmp_path / "q", load_spec(tmp_path / "q"), "float32"), TOKENS)
+    theirs = mlx_lm.load(str(tmp_path / "q"))[0]
+    theirs.set_dtype(mx.float32)
+    np.testing.assert_array_equal(_logits(theirs, TOKENS), ours_logits)
     save_model(tmp_path / "mlx", ref_model)
     save_config(ref_config, tmp_path / "mlx" / "config.json")
     spec = load_spec(tmp_path / "mlx")
     assert spec.quant == ref_config["quantization"]
-    np.testing.assert_array_equal(mlx.logits(mlx.load(tmp_path / "mlx", spec, "bfloat16"), TOKENS),
+    ref_model.set_dtype(mx.float32)
+    np.testing.assert_array_equal(mlx.logits(mlx.load(tmp_path / "mlx", spec, "float32"), TOKENS),
                                   _logits(ref_model, TOKENS))
 
 
@@ -253,16 +258,17 @@ def _dequantized_copy(q_dir, out):
     one computes."""
     spec = load_spec(q_dir)
     mods = quant.layout(spec.quant, [t.name for t in spec.tensors])
-    stored = {k: v for k, (v, _) in tensors.load(q_dir / "model.safetensors").items()}
+    stored = tensors.load(q_dir / "model.safetensors")
+    stored = {k: tensors.to_float32(v, dt) if dt in tensors.FLOATS else v for k, (v, dt) in stored.items()}
     dense = {}
     for name, a in stored.items():
         path, _, kind = name.rpartition(".")
         q = mods.get(path)
         if q and kind == "weight":
-            s, b = (tensors.bf16_to_f32(stored[f"{path}.{k}"]) for k in ("scales", "biases"))
+            s, b = (stored[f"{path}.{k}"] for k in ("scales", "biases"))
             dense[name] = quant.dequantize(a, s, b, q["bits"], q["group_size"])
         elif not (q and kind in ("scales", "biases")):
-            dense[name] = tensors.bf16_to_f32(a)
+            dense[name] = a
     out.mkdir()
     tensors.save(dense, out / "model.safetensors")
     shutil.copy2(q_dir / "config.json", out / "config.json")

@@ -141,8 +141,9 @@ def test_quantize_model_follows_mlx_lm_rules():
         tq.quantize_model(other, {**ref.params(4, 64), "mode": "mxfp4"})
 
 
-def _dequantized_twin(qdir, out):
-    """A dense float32 folder holding exactly the weights a quantized folder stands for."""
+def _dequantized_twin(qdir, out, dtype="float32"):
+    """A dense float32 folder holding exactly the weights a quantized folder stands for at dtype (where a kernel
+    runs at a 16-bit dtype, float16 stored scales and biases rounded to it, as the kernel holds them)."""
     stored = {}
     for f in sorted(qdir.glob("*.safetensors")):
         stored |= safetensors_io.load(f)
@@ -153,8 +154,12 @@ def _dequantized_twin(qdir, out):
     dense = {n: a for n, a in f32.items() if not n.endswith((".scales", ".biases"))}
     for path, q in mods.items():
         if q:
-            dense[path + ".weight"] = ref.dequantize(np.asarray(stored[path + ".weight"][0]), f32[path + ".scales"],
-                                                     f32[path + ".biases"], q["bits"], q["group_size"])
+            s, b = f32[path + ".scales"], f32[path + ".biases"]
+            if tq._kernel_layout(len(s), q["bits"], q["group_size"], getattr(torch, dtype), torch.device("cpu")):
+                s, b = (safetensors_io.convert(safetensors_io.convert(a, "float32", dtype), dtype, "float32")
+                        for a in (s, b))
+            dense[path + ".weight"] = ref.dequantize(np.asarray(stored[path + ".weight"][0]), s, b, q["bits"],
+                                                     q["group_size"])
     out.mkdir()
     safetensors_io.save(dense, out / "model.safetensors")
     for k in ("quantization", "quantization_config"):
@@ -169,10 +174,10 @@ def test_quantized_folder_loads_and_matches_its_dequantized_twin(monkeypatch, tm
     dense = tiny_model(tmp_path / "dense", model_type)
     qdir = tmp_path / "q"
     convert(dense, qdir, None, None, quantization(bits, gs, 8, 32))  # embedding: its own entry
-    twin = _dequantized_twin(qdir, tmp_path / "twin")
     rng = np.random.default_rng(1)
     batches = [rng.integers(0, VOCAB, size=(1, MANY)), rng.integers(0, VOCAB, size=(1, 4))]  # plain, kernels
     for dtype in ("float32", "bfloat16"):
+        twin = _dequantized_twin(qdir, tmp_path / f"twin-{dtype}", dtype)
         model, dense = tmodel.load(qdir, load_spec(qdir), dtype), tmodel.load(twin, load_spec(twin), dtype)
         floats = [n for n, t in model.state_dict().items() if t.is_floating_point() and t.dim() == 2
                   and "layers" in n and not n.endswith(("scales", "biases"))]

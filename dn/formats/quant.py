@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 
 from dn.core.errors import DnError
-from dn.core.tensors import NUMPY, File
+from dn.core.tensors import NUMPY, File, convert
 
 BITS = (2, 3, 4, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -100,9 +100,24 @@ def dense_tensors(quantization: dict | None, tensors) -> list[tuple]:
 
 
 def scale_dtype(stored: str, dtype: str) -> str:
-    """The dtype scales and biases are held in at the compute dtype: as stored when that is smaller (16-bit
-    scales are exact in float32 arithmetic, at half the bytes), else the compute dtype (Affine.nbytes counts so)."""
-    return stored if np.dtype(NUMPY[stored]).itemsize < np.dtype(NUMPY[dtype]).itemsize else dtype
+    """The dtype scales and biases are held in at the compute dtype: as stored when that is no wider (16-bit
+    scales are exact in float32 arithmetic, at half the bytes; float16 ones lose 3 bits as bfloat16), else the
+    compute dtype (Affine.nbytes counts so)."""
+    return stored if np.dtype(NUMPY[stored]).itemsize <= np.dtype(NUMPY[dtype]).itemsize else dtype
+
+
+def side_dtype(scales: np.ndarray, biases: np.ndarray, dtype: str) -> str:
+    """The dtype quantize()'s scales and biases are stored in, for a weight stored in dtype: float16 for a
+    bfloat16 weight where it holds every value at least as closely as bfloat16 (always within float16's normal
+    range, where bfloat16's values are float16's too), else dtype. bfloat16's 8-bit mantissa moves each group's
+    grid by up to 2^-9 of its edges: 3x the weight error of float16 on SmolLM2's 4-bit layers, and a GGUF's own
+    scales are float16 (docs/results/bf16-mlx.json)."""
+    if dtype != "bfloat16":
+        return dtype
+    v = np.concatenate([np.ravel(scales), np.ravel(biases)]).astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float16's range: inf, farther than bfloat16
+        err = {d: np.abs(convert(convert(v, "float32", d), d, "float32") - v) for d in ("float16", "bfloat16")}
+    return "float16" if np.all(err["float16"] <= err["bfloat16"]) else dtype
 
 
 @dataclass

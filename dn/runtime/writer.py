@@ -71,20 +71,22 @@ def checked(out: str | Path, codec: str | None, q: tuple | None, sparsity: float
 
 
 def _stored(x: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
-    """float32 -> (bits as stored in safetensors dtype `dtype`, dtype)."""
-    return tensors.convert(x, "float32", tensors.FLOATS[dtype]), dtype
+    """float32 -> (bits as stored in dtype, dn's name, and its safetensors name)."""
+    return tensors.convert(x, "float32", dtype), next(k for k, v in tensors.FLOATS.items() if v == dtype)
 
 
 def _quantized(name: str, raw: np.ndarray, dtype: str, q: dict) -> dict:
-    """One stored tensor -> itself, or its packed weight, scales and biases (in the weight's dtype) when it
-    is a Linear or Embedding weight (2-D) whose input size the group size divides: what mlx-lm quantizes."""
+    """One stored tensor -> itself, or its packed weight, scales and biases (in the weight's dtype, a bf16 one's
+    in float16 where that holds them: dn.formats.quant.side_dtype) when it is a Linear or Embedding weight (2-D)
+    whose input size the group size divides: what mlx-lm quantizes."""
     path = name.removesuffix(".weight")
     q = q[path] if isinstance(q.get(path), dict) else q
     if path == name or raw.ndim != 2 or raw.shape[1] % q["group_size"]:
         return {name: (raw, dtype)}
     w = tensors.to_float32(raw, dtype)
     packed, scales, biases = quant.quantize(w, q["bits"], q["group_size"])
-    return {name: packed, f"{path}.scales": _stored(scales, dtype), f"{path}.biases": _stored(biases, dtype)}
+    side = quant.side_dtype(scales, biases, tensors.FLOATS[dtype])
+    return {name: packed, f"{path}.scales": _stored(scales, side), f"{path}.biases": _stored(biases, side)}
 
 
 def write_quantized(src: Path, dst: Path, q: dict, arch) -> dict:
