@@ -369,15 +369,29 @@ def validate(spec: ModelSpec, tensors: list[TensorInfo]) -> None:
     for name, shape in tensor_shapes(spec.architecture).items():
         q, path = mods.get(name[:-len(".weight")]), name[:-len(".weight")]
         stored = quant.packed_shapes(shape, q["bits"], q["group_size"]) if q else {"weight": shape}
-        have = {k: list(by_name[f"{path}.{k}"].shape) for k in ("weight", "scales")} if q else {}
-        if q and path not in spec.quant and any(have[k] != stored[k] for k in have):  # mlx-lm's loader rule
-            w, g = have["weight"][-1] * 32 // shape[1], shape[1] // max(1, have["scales"][-1])
-            raise DnError(f"config.json's quantization has no entry for {path}, stored at {w} bits, groups of {g} "
-                          f"(the global entry says {q['bits']} bits, groups of {q['group_size']})")
+        if q and path not in spec.quant:  # mlx-lm's loader rule: no entry of its own, the global one applies
+            _check_unlisted(by_name, path, shape, q)
         if path in blocks:
             stored = {"weight": gguf_blocks.stored_shape(shape, blocks[path])}
         for kind, want in stored.items():
             _check_shape(by_name, name[:-len("weight")] + kind, want)
+
+
+def _check_unlisted(by_name: dict, path: str, shape: list[int], q: dict) -> None:
+    """A quantized module with no entry of its own stored at other bits and group size than the global entry's (a
+    mixed folder that lost an entry): one line naming both. Shapes that fit no bits and group size are left to
+    _check_shape's message."""
+    w, s = by_name.get(f"{path}.weight"), by_name.get(f"{path}.scales")
+    if w is None or s is None or not s.shape or not w.shape:
+        return
+    cols = shape[1]
+    for bits in quant.BITS:
+        group = cols // max(1, s.shape[-1])
+        fits = group in quant.GROUP_SIZES and quant.packed_shapes(shape, bits, group) == {
+            "weight": list(w.shape), "scales": list(s.shape), "biases": list(s.shape)}
+        if fits and (bits, group) != (q["bits"], q["group_size"]):
+            raise DnError(f"config.json's quantization has no entry for {path}, stored at {bits} bits, groups of "
+                          f"{group} (the global entry says {q['bits']} bits, groups of {q['group_size']})")
 
 
 def _check_shape(by_name: dict, name: str, shape: list[int]) -> None:
