@@ -108,35 +108,36 @@ def _plain(x: torch.Tensor, packed, scales, biases, bits: int, group_size: int) 
 
 # ---- the kernels ------------------------------------------------------------------------------------
 
-def _int4_kernel(x, packed, scales, biases, group_size):
+def _int4_kernel(x, packed, scales, biases, group_size, out=None):
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales)
 
 
-def _int8_kernel(x, packed, scales, biases, group_size):
+def _int8_kernel(x, packed, scales, biases, group_size, out=None):
     """Per group g: x_g @ (scale_g * (q_g - 128)).T, plus the zeros times each group's input sum; float32 sum
     over groups, so the 16-bit partial products do not round once more per group."""
     xg = x.view(x.shape[0], -1, group_size)
     acc = (xg.sum(-1) @ biases).float()
     for g in range(packed.shape[0]):
         acc += torch.ops.aten._weight_int8pack_mm(xg[:, g].contiguous(), packed[g], scales[g])
-    return acc.to(x.dtype)
+    return acc.to(out or x.dtype)
 
 
 _KERNELS = {"int4": _int4_kernel, "int8": _int8_kernel}
 
 
 def affine_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None,
-                  bits: int, group_size: int) -> torch.Tensor:
+                  bits: int, group_size: int, out: torch.dtype | None = None) -> torch.Tensor:
     """x [..., k] @ W.T for W [m, k] held quantized, in the mlx layout (packed uint32 [m, k*bits/32],
-    scales/biases [m, k/gs]) or a kernel layout QuantizedLinear.prepare made of it -> [..., m], x's dtype."""
+    scales/biases [m, k/gs]) or a kernel layout QuantizedLinear.prepare made of it -> [..., m], x's dtype or
+    `out` (a head's float32 logits: the int8 kernel's float32 sums kept, the plain path run in float32)."""
     x2 = x.reshape(-1, x.shape[-1])
     kind = _kind(packed)
     if (kind != "mlx" and x2.device.type == "cpu" and x2.dtype == scales.dtype
             and x2.shape[0] <= _KERNEL_TOKENS[kind]):
-        y = _KERNELS[kind](x2.contiguous(), packed, scales, biases, group_size)
+        y = _KERNELS[kind](x2.contiguous(), packed, scales, biases, group_size, out)
     else:
-        y = _plain(x2, packed, scales, biases, bits, group_size)
-    return y.view(*x.shape[:-1], y.shape[-1])
+        y = _plain(x2 if out is None else x2.to(out), packed, scales, biases, bits, group_size)
+    return y.view(*x.shape[:-1], y.shape[-1]).to(out or y.dtype)
 
 
 # ---- torch's CPU int4 layout ------------------------------------------------------------------------
@@ -295,6 +296,7 @@ class _Quantized(nn.Module):
         super().__init__()
         ref.check(bits, group_size)
         self.bits, self.group_size, self.compute_dtype = bits, group_size, dtype
+        self.out = None  # the output dtype, when not x's (a head's float32 logits)
         meta = torch.device("meta")
         self.register_buffer("weight", torch.empty(rows, cols * bits // 32, dtype=torch.uint32, device=meta))
         self.register_buffer("scales", torch.empty(rows, cols // group_size, device=meta))
@@ -320,7 +322,7 @@ class _Quantized(nn.Module):
             self.fill(lambda r0, r1: w[r0:r1], dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return affine_matmul(x, self.weight, self.scales, self.biases, self.bits, self.group_size)
+        return affine_matmul(x, self.weight, self.scales, self.biases, self.bits, self.group_size, self.out)
 
     def rows(self, idx) -> torch.Tensor:
         return rows(self, idx)
@@ -365,7 +367,8 @@ class TiedHead(nn.Module):
         self._tied = (embedding,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._tied[0].as_linear(x)
+        e = self._tied[0]  # float32 logits, as on MLX: a bf16 logit near 25 moves in steps of 0.125 (ties)
+        return affine_matmul(x, e.weight, e.scales, e.biases, e.bits, e.group_size, torch.float32)
 
 
 def _params(quantization: dict, path: str, cols: int) -> dict | None:
@@ -405,6 +408,8 @@ def quantize_model(model: nn.Module, quantization: dict) -> nn.Module:
     embed = model.get_input_embeddings()
     if tied and isinstance(embed, QuantizedEmbedding):
         model.set_output_embeddings(TiedHead(embed))
+    elif isinstance(model.get_output_embeddings(), QuantizedLinear):
+        model.get_output_embeddings().out = torch.float32  # float32 logits, as TiedHead
     return model
 
 

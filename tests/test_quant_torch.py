@@ -188,6 +188,9 @@ def test_quantized_folder_loads_and_matches_its_dequantized_twin(monkeypatch, tm
             assert err < QUANT[dtype], (dtype, tokens.shape, err)
         model.tie_weights()  # transformers re-tying must not break the quantized head
         assert np.array_equal(tmodel.logits(model, tokens), got)
+        head = model.get_output_embeddings()  # float32 logits at any compute dtype: bf16 ones tie top tokens
+        hidden = torch.ones(1, 2, H, dtype=tmodel.DTYPES[dtype])
+        assert head(hidden).dtype == torch.float32 and head(hidden.repeat(1, MANY, 1)).dtype == torch.float32
 
 
 def test_quantized_folder_with_a_wrong_tensor_is_a_one_line_error(tmp_path):
