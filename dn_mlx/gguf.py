@@ -135,11 +135,22 @@ def arrays(name: str, raw: np.ndarray, kind: str, dtype: str) -> list[tuple[str,
     32-bit compute dtype as given), or the blocks themselves."""
     if kind not in gguf_blocks.AFFINE:
         return [(name, _evaluated(raw))]
-    packed, scales, biases, _, _ = gguf_blocks.to_affine(kind, raw, gguf_blocks.dense_shape(raw.shape, kind))
+    packed, scales, biases = _to_affine(kind, raw)
     path = name.removesuffix(".weight")
     held = scale_dtype(scales.dtype.name, dtype)  # float16 or float32, as dn names them
     return [(name, _evaluated(packed)), (f"{path}.scales", _evaluated(scales, held)),
             (f"{path}.biases", _evaluated(biases, held))]
+
+
+def _to_affine(kind: str, raw: np.ndarray, weights: int = 1 << 22) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """gguf_blocks.to_affine a chunk of `weights` at a time (its unpacked codes of a whole embedding would take
+    hundreds of MB at the load's peak); scales and biases float16 only where every chunk's are."""
+    cols = gguf_blocks.dense_shape(raw.shape, kind)[1]
+    step = max(1, weights // cols)
+    parts = [gguf_blocks.to_affine(kind, raw[r:r + step], (len(raw[r:r + step]), cols))[:3]
+             for r in range(0, len(raw), step)]
+    side = np.result_type(*[p[1].dtype for p in parts], *[p[2].dtype for p in parts])  # float16 -> float32: exact
+    return tuple(np.concatenate([p[i] if i == 0 else p[i].astype(side) for p in parts]) for i in range(3))
 
 
 def _evaluated(a: np.ndarray, dtype: str | None = None) -> mx.array:
