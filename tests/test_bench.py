@@ -23,6 +23,9 @@ H, N, LAYERS, HEADS, KV, HD, VOCAB = 128, 128, 2, 4, 2, 32, 128  # H 128: the sp
 
 @pytest.mark.parametrize(("name", "stored", "args"), [
     ("dense", "dense", None),
+    ("native", "native", None),
+    ("native+sparse50", "native+sparse50", ["--sparsity", "0.5"]),
+    ("native@25%", "native", None),
     ("q8", "q8g64", ["-q", "--q-bits", "8", "--q-group-size", "64"]),
     ("q4g32", "q4g32", ["-q", "--q-bits", "4", "--q-group-size", "32"]),
     ("q4g32e8", "q4g32e8", ["-q", "--q-bits", "4", "--q-group-size", "32", "--q-embedding-bits", "8"]),
@@ -35,10 +38,11 @@ def test_config_names(name, stored, args):
     c = configs.parse_config(name)
     assert (c.name, c.stored, c.convert_args()) == (name, stored, args)
     assert c.budget == ("25%" if "@" in name else None)
+    assert c.source == ("native" if name.startswith("native") else "dense")  # every other format: from dense
 
 
 @pytest.mark.parametrize("name", ["foo", "q5", "q4g48", "q4g32e5", "sparse0", "sparse100", "dense+", "q4g32@",
-                                  "lossless@0%", "dense@101%", "dense@12XB", "+sparse50"])
+                                  "native4", "nativeg32", "lossless@0%", "dense@101%", "dense@12XB", "+sparse50"])
 def test_unknown_configs_raise(name):
     with pytest.raises(DnError):
         configs.parse_config(name)
@@ -48,6 +52,38 @@ def test_config_list_dense_first_once_and_budgets():
     names = [c.name for c in configs.parse_configs("q4g32,dense,q4g32,lossless@50%", "25%,1GiB")]
     assert names == ["dense", "q4g32", "lossless@50%", "dense@25%", "q4g32@25%", "dense@1GiB", "q4g32@1GiB"]
     assert [c.name for c in configs.parse_configs("q8")] == ["dense", "q8"]
+
+
+def test_native_over_gguf_blocks_is_one_line_or_left_out():
+    """A GGUF's native folder cannot yet be sparse nor held under a budget: one line when named, left out when
+    --max-resident added the budget; native alone runs."""
+    cfgs = configs.parse_configs("native,native+sparse50,q4g32", "25%")
+    with pytest.raises(DnError, match=r"'native\+sparse50': the sparse MLP .* not over a GGUF's blocks yet "
+                                      r"\(try q4g32e8\+sparse50\)"):
+        configs.over_gguf(cfgs, {"native", "native+sparse50", "q4g32"})
+    with pytest.raises(DnError, match=r"'native@25%': residency plans .*\(try dense@25%\)"):
+        configs.over_gguf(configs.parse_configs("native@25%"), {"native@25%"})
+    kept, left = configs.over_gguf(configs.parse_configs("native,q4g32", "25%"), {"native", "q4g32"})
+    assert [c.name for c in kept] == ["dense", "native", "q4g32", "dense@25%", "q4g32@25%"] and left == ["native@25%"]
+
+
+def test_folders_come_from_their_source(tmp_path):
+    """dense and native run their source folders as they are; every other format is converted from dense, native's
+    compositions from native, each cached under its source's key."""
+    src = {k: tmp_path / k for k in ("dense", "native")}
+    for d in src.values():
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+    root = tmp_path / "cache"
+
+    def folder(name):
+        c = configs.parse_config(name)
+        return runner.folder_for(c, src[c.source], root, None, "torch")
+
+    assert folder("dense") == src["dense"] and folder("native@25%") == src["native"]
+    assert folder("q4g32") == root / runner.model_key(src["dense"]) / "q4g32"
+    assert folder("lossless") == root / runner.model_key(src["dense"]) / "lossless"
+    assert runner.model_key(src["native"]) != runner.model_key(src["dense"])
 
 
 def test_keyed_values():
@@ -129,6 +165,16 @@ def test_bad_paths_are_one_line(tmp_path):
                              "--json", str(tmp_path / "o.json")), "calibration text is the evaluation text")
 
 
+def test_native_gguf_composition_is_one_line(tmp_path):
+    """The default model is a GGUF: native+sparse50 stops at once, naming what is missing."""
+    text, calib = tmp_path / "t.txt", tmp_path / "c.txt"
+    text.write_text("some text")
+    calib.write_text("other text")
+    assert_one_line_error(dn("bench", "--text", str(text), "--calib-text", str(calib), "--configs", "native+sparse50",
+                             "--backends", "torch", "--json", str(tmp_path / "o.json")),
+                          "'native+sparse50': the sparse MLP is fitted over dense or affine weights")
+
+
 # ---- a whole run on a tiny model -----------------------------------------------------------------------------
 
 def tiny_model(root):
@@ -172,7 +218,7 @@ def test_bench_run(backend_name, tiny, tmp_path):
     root, cache = tiny.parent, tiny.parent / "cache"
     out = {k: tmp_path / f"bench.{k}" for k in ("json", "md", "png")}
     args = ["bench", "--model", str(tiny), "--text", str(root / "eval.txt"), "--calib-text", str(root / "calib.txt"),
-            "--configs", "q4g32,lossless,sparse50", "--backends", backend_name, "--dtypes", "float32",
+            "--configs", "native,q4g32,lossless,sparse50", "--backends", backend_name, "--dtypes", "float32",
             "--batch", "1,2", "--max-tokens", "200", "--ctx", "64", "--decode-tokens", "3,lossless:2",
             "--prefill-tokens", "16", "--prefill-reps", "2", "--threads", "1", "--cache", str(cache),
             "--json", str(out["json"]), "--markdown", str(out["md"]), "--plot", str(out["png"])]
@@ -182,7 +228,7 @@ def test_bench_run(backend_name, tiny, tmp_path):
     assert {"machine", "versions", "command", "commit", "records"} <= set(result) and result["complete"]
     assert result["command"].startswith("dn bench --model")
     recs = {(r["config"], r["batch"]): r for r in result["records"]}
-    assert set(recs) == {(c, b) for c in ("dense", "q4g32", "lossless", "sparse50") for b in (1, 2)}
+    assert set(recs) == {(c, b) for c in ("dense", "native", "q4g32", "lossless", "sparse50") for b in (1, 2)}
     for r in recs.values():
         assert r["backend"] == backend_name and r["dtype"] == "float32" and "error" not in r
         for key in ("resident_weight_bytes", "measured_resident_bytes", "resident_peak_bytes",
@@ -195,6 +241,8 @@ def test_bench_run(backend_name, tiny, tmp_path):
     dense, lossless, q4 = recs[("dense", 1)], recs[("lossless", 1)], recs[("q4g32", 1)]
     assert dense["resident_fraction"] == 2.0 and dense["ppl_delta_pct"] == 0 and dense["speed_vs_dense"] == 1
     assert lossless["ppl"] == dense["ppl"] and lossless["greedy_agreement"] == 1.0  # bit-exact
+    native = recs[("native", 1)]  # a safetensors folder's native form is the folder itself, as dense is
+    assert native["ppl"] == dense["ppl"] and native["resident_fraction"] == 2.0 and native["greedy_agreement"] == 1.0
     assert lossless["decode_reps"] == 2 and q4["decode_reps"] == 3
     assert q4["resident_fraction"] < 0.5 and recs[("q4g32", 2)]["tokens_per_s"] > 0
     assert q4["ppl_delta_pct"] == pytest.approx(100 * (q4["ppl"] / dense["ppl"] - 1))

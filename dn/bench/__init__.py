@@ -1,14 +1,16 @@
 """`dn bench`: weight configurations x backends on one model, against dense measured in the same run.
 
-    dn bench [--model M] --text FILE [--configs dense,q8,q4g32,lossless,sparse50] [--backends mlx,torch]
+    dn bench [--model M] --text FILE [--configs dense,native,q4g32,lossless,sparse50] [--backends mlx,torch]
              [--dtypes bfloat16] [--batch 1,4] [--max-resident 25%,50%] [--skip ppl,agreement] --json OUT
              [--markdown OUT.md] [--plot OUT.png]
 
 A configuration is `FORMAT[+sparseNN][@BUDGET]`, named the same on both backends (configs.py: `q4g32e8`,
-`lossless+sparse50@25%`); sparse configurations are fitted on --calib-text; `--max-resident LIST` adds every budget
-to every configuration. Each (configuration, backend, dtype) runs in a fresh process (runner.py: the figures of a
-record, the folders converted once into the dn cache); report.py relates each record to dense measured in the same
-run and writes the table and plot; humaneval.py is `--tasks humaneval`. JSON shape: dn.runtime.timing.report.
+`lossless+sparse50@25%`); dense is the model's dense form (a GGUF's bf16 widening), native the model as it loads by
+default (a GGUF's own blocks), every other format converted from dense; sparse configurations are fitted on
+--calib-text; `--max-resident LIST` adds every budget to every configuration. Each (configuration, backend,
+dtype) runs in a fresh process (runner.py: the figures of a record, the folders converted once into the dn cache);
+report.py relates each record to dense measured in the same run and writes the table and plot; humaneval.py is
+`--tasks humaneval`. JSON shape: dn.runtime.timing.report.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dn.core.errors import DnError
 from dn.core.files import cache_dir
 from dn.core.text import read_text, text_path
 from dn.model.sources import resolve_model
+from dn.model.spec import load_spec
 from dn.runtime import backend as backends
 from dn.runtime import timing
 
@@ -130,9 +133,17 @@ def _main(argv) -> int:
             raise DnError("--plot needs matplotlib (pip install matplotlib)") from None
 
     env = os.environ | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
-    model_dir = resolve_model(args.model)
+    sources = {}  # Config.source -> folder: the model as it loads by default, and its dense form
+    if any(c.source == "native" for c in cfgs):
+        sources["native"] = resolve_model(args.model)
+        if load_spec(sources["native"]).gguf:
+            cfgs, left = configs.over_gguf(cfgs, {t.strip() for t in args.configs.split(",")})
+            if left:
+                print(f"dn bench: --max-resident leaves out {', '.join(left)} (residency plans over dense or "
+                      "affine weights, not over a GGUF's blocks yet)", file=sys.stderr)
+    sources["dense"] = resolve_model(args.model, dense=True)
     root = Path(args.cache).expanduser() if args.cache else cache_dir() / "bench"
-    folders = {c.stored: runner.folder_for(c, model_dir, root, calib, args.calib_backend) for c in cfgs}
+    folders = {c.stored: runner.folder_for(c, sources[c.source], root, calib, args.calib_backend) for c in cfgs}
     jobs = []
     for be in names:
         for dtype in dict.fromkeys(d for c in cfgs for d in configs.pick(dtypes, c, be, "--dtypes")):
@@ -145,14 +156,14 @@ def _main(argv) -> int:
                                  "warmup": args.warmup, "skip": skip,
                                  "prefill_tokens": args.prefill_tokens, "prefill_reps": args.prefill_reps})
     command = ["dn", "bench", *argv]
-    extra = {"model": str(args.model or model_dir), "text": str(text), "threads": args.threads,
+    extra = {"model": str(args.model or sources["dense"]), "text": str(text), "threads": args.threads,
              "loadavg_start": os.getloadavg()}
     records, baseline = [], {}
     with cli.progress(len(jobs) + len(folders), "dn bench", "run") as bar:
         for c in cfgs:
-            if folders[c.stored] != model_dir:
+            if folders[c.stored] != sources[c.source]:
                 bar.set_postfix_str(f"convert {c.stored}")
-                runner.convert(c, model_dir, folders[c.stored], calib, args.calib_backend, env)
+                runner.convert(c, sources[c.source], folders[c.stored], calib, args.calib_backend, env)
             bar.update()
         for job in jobs:
             key = (job["backend"], job["dtype"])

@@ -1,7 +1,9 @@
 """dn bench's configuration grammar, `FORMAT[+sparseNN][@BUDGET]`, and its flags' value lists.
 
-- FORMAT: `dense`; `lossless` (dn's codec); `q<B>[g<G>][e<E>]`, mlx-lm's affine quantization with B bits in
-  groups of G (default 64), the embedding at E bits when given (`q4g32e8`), else at B;
+- FORMAT: `dense`, the model's dense form (a GGUF's bf16 widening: resolve_model(model, dense=True)), from which
+  every other format but native is converted; `native`, the model as it loads by default (a GGUF's own quantized
+  blocks: resolve_model(model)); `lossless` (dn's codec); `q<B>[g<G>][e<E>]`, mlx-lm's affine quantization with B
+  bits in groups of G (default 64), the embedding at E bits when given (`q4g32e8`), else at B;
 - `+sparseNN`: the per-token sparse MLP skipping NN% of the neurons (`sparse50` alone is dense+sparse50);
 - `@BUDGET`: a residency budget, dn.runtime.budget's strict grammar (`@25%` of dense bf16, or `@512MiB`).
 """
@@ -17,18 +19,18 @@ from dn.formats import quant
 from dn.runtime import budget as residency_budget
 from dn.runtime.backend import DTYPES
 
-DEFAULT_CONFIGS = "dense,q8,q4g32e8,q4g32,q4g64,q3g32,lossless,sparse50,q4g32+sparse50"
+DEFAULT_CONFIGS = "dense,native,q8,q4g32e8,q4g32,q4g64,q3g32,lossless,sparse50,q4g32+sparse50"
 TASKS = ("humaneval",)
 SKIPS = ("ppl", "agreement")  # --skip: phases a random-weight model (benchmarks/bench_shapes.py) has no use for
 
-_FORMAT = r"dense|lossless|q(?P<bits>\d+)(?:g(?P<group>\d+))?(?:e(?P<emb>\d+))?"
+_FORMAT = r"dense|native|lossless|q(?P<bits>\d+)(?:g(?P<group>\d+))?(?:e(?P<emb>\d+))?"
 _CONFIG = re.compile(rf"(?:(?P<fmt>{_FORMAT})(?:\+sparse(?P<sparse>\d+))?|sparse(?P<alone>\d+))(?:@(?P<budget>.*))?")
 
 
 @dataclass(frozen=True)
 class Config:
     name: str                      # as given: the record's "config"
-    fmt: str = "dense"             # dense | lossless | q<B>g<G>[e<E>] (canonical)
+    fmt: str = "dense"             # dense | native | lossless | q<B>g<G>[e<E>] (canonical)
     bits: int | None = None
     group: int | None = None
     emb_bits: int | None = None
@@ -42,9 +44,14 @@ class Config:
             return self.fmt
         return f"sparse{self.sparsity}" if self.fmt == "dense" else f"{self.fmt}+sparse{self.sparsity}"
 
+    @property
+    def source(self) -> str:
+        """The folder it is made from: native's own, or the dense form every other format is converted from."""
+        return "native" if self.fmt == "native" else "dense"
+
     def convert_args(self) -> list[str] | None:
-        """`dn convert` flags that make its folder (None: the model itself)."""
-        args = {"dense": [], "lossless": ["--codec", "lossless"]}.get(self.fmt)
+        """`dn convert` flags that make its folder from its source (None: the source itself)."""
+        args = {"dense": [], "native": [], "lossless": ["--codec", "lossless"]}.get(self.fmt)
         if args is None:
             args = ["-q", "--q-bits", str(self.bits), "--q-group-size", str(self.group)]
             args += ["--q-embedding-bits", str(self.emb_bits)] if self.emb_bits else []
@@ -54,7 +61,7 @@ class Config:
 
 
 def _unknown(text: str, why: str = "") -> DnError:
-    return DnError(f"unknown config {text!r}{why} (expected FORMAT[+sparseNN][@NN%]: FORMAT dense, lossless or "
+    return DnError(f"unknown config {text!r}{why} (expected FORMAT[+sparseNN][@NN%]: FORMAT dense, native, lossless or "
                    "q<bits>[g<group>][e<embedding bits>], e.g. q4g32+sparse50@25%)")
 
 
@@ -99,6 +106,19 @@ def parse_configs(text: str, max_resident: str | None = None) -> list[Config]:
             seen.add((c.stored, c.budget))
             out.append(c)
     return out + [parse_config(f"{c.name}@{b}") for b in budgets for c in out if c.budget is None]
+
+
+def over_gguf(configs: list[Config], named: set[str]) -> tuple[list[Config], list[str]]:
+    """(the configurations a GGUF's native folder can run today, those left out): native composed with a sparse MLP
+    or a budget cannot run over GGUF blocks yet: one line for one the user named (named: --configs' items), left
+    out when --max-resident added it."""
+    later = [c for c in configs if c.fmt == "native" and (c.sparsity or c.budget)]
+    for c in later:
+        if c.name in named:
+            what, other = ("the sparse MLP is fitted", "q4g32e8") if c.sparsity else ("residency plans", "dense")
+            raise DnError(f"config {c.name!r}: {what} over dense or affine weights, not over a GGUF's blocks yet "
+                          f"(try {c.name.replace('native', other, 1)})")
+    return [c for c in configs if c not in later], [c.name for c in later]
 
 
 def keyed(text: str, flag: str, cast) -> dict:

@@ -1,4 +1,6 @@
-"""dn bench's report: deltas and ratios against dense measured in the same run, the markdown table and the plot."""
+"""dn bench's report: deltas and ratios against dense measured in the same run, the markdown table and the plot.
+dense is the model's dense form (a GGUF's bf16 widening); native, the form it loads in by default, is a row like
+the others, so its cost and gain against the widening read off the table."""
 
 from __future__ import annotations
 

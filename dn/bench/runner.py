@@ -174,7 +174,7 @@ def measure(job: dict) -> dict:
         common |= {"ppl": None, "nll": None, "eval_tokens": 0, "ctx": job["ctx"]}
     else:
         phase("perplexity")
-        nll, count = perplexity(be, model, text_tokens[:job["max_tokens"]], job["ctx"])
+        nll, count = perplexity(be, model, text_tokens[:job["max_tokens"]], job["ctx"], bos=run.tokenizer.bos_id)
         common |= {"ppl": math.exp(nll), "nll": nll, "eval_tokens": count, "ctx": job["ctx"]}
 
     result = {"common": common, "batches": [b for b in batches if b["batch"] in job["batches"]], "tokens": tokens}
@@ -229,7 +229,8 @@ def model_key(model_dir: Path) -> str:
 
 
 def folder_for(config: Config, model_dir: Path, root: Path, calib: Path | None, calib_backend: str) -> Path:
-    """Where configuration's folder is cached (the model itself for dense)."""
+    """Where configuration's folder is cached, made from model_dir, its source (Config.source); model_dir itself
+    for dense and native."""
     if config.convert_args() is None:
         return model_dir
     name = config.stored
@@ -246,6 +247,7 @@ def sparse_router(calib_backend: str, fmt: str) -> str:
 
 
 def convert(config: Config, model_dir: Path, out: Path, calib: Path | None, calib_backend: str, env: dict) -> None:
+    """`dn convert` of model_dir (the configuration's source) into out, once."""
     if (out / "config.json").is_file():
         return
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ of rows at a time); backends only place the arrays it hands them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import numpy as np
 
 from dn.core.errors import DnError
 from dn.core.files import atomic_file
+from dn.core.progress import progress
 
 # safetensors dtype -> numpy dtype of the stored bits (BF16 stays uint16).
 DTYPES = {
@@ -28,6 +30,9 @@ NUMPY_TO_ST = {np.dtype(v): k for k, v in DTYPES.items() if k != "BF16"}
 FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors -> dn's names of the floats
 NUMPY = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}  # dn float -> numpy (bf16: its bits)
 CHUNK_BYTES = 2 << 20  # of stored rows converted at a time: all a loader holds beside the model while converting
+BAR_AT_ONCE_BYTES = 200 << 20  # a load this large shows its bar at once; a smaller one only after BAR_DELAY_S
+BAR_DELAY_S = 1.0
+_bar = None  # the bar of the load under way (reading): every File read advances it by the bytes read
 
 
 def _open(path: Path):
@@ -95,6 +100,21 @@ def load(path: str | Path, mmap: bool = True, names=None) -> dict[str, tuple[np.
     return out
 
 
+@contextlib.contextmanager
+def reading(folder: str | Path, desc: str = "loading"):
+    """A bar on a terminal over the bytes read from the folder's safetensors files while inside (both backends'
+    loaders read through File): a newcomer otherwise waits in front of a blank screen."""
+    global _bar
+    total = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    delay = 0.0 if total >= BAR_AT_ONCE_BYTES else BAR_DELAY_S
+    with progress(total, f"{desc} {Path(folder).name}", "B", delay, unit_scale=True, unit_divisor=1024) as bar:
+        outer, _bar = _bar, bar
+        try:
+            yield bar
+        finally:
+            _bar = outer
+
+
 class File:
     """One safetensors file, opened once: its header, and its tensors read by plain reads into fresh memory (not
     a mapping: mapped pages count as resident until the whole file is unmapped), whole or by rows, as stored or
@@ -149,8 +169,11 @@ class File:
         """A tensor as stored, mapped from the file instead of read: only the pages a caller touches become
         resident (an untied input embedding: a token reads one row). Copy-on-write, so a framework may wrap it."""
         info = self.header[name]
-        return np.memmap(self.path, dtype=np.dtype(DTYPES[info["dtype"]]), mode="c",
-                         offset=self.offset + info["data_offsets"][0], shape=tuple(info["shape"]))
+        a = np.memmap(self.path, dtype=np.dtype(DTYPES[info["dtype"]]), mode="c",
+                      offset=self.offset + info["data_offsets"][0], shape=tuple(info["shape"]))
+        if _bar is not None:  # in place at once: counted as loaded, so the loading bar ends full
+            _bar.update(a.nbytes)
+        return a
 
     def chunks(self, name: str, dtype: str | None = None, r0: int = 0, r1: int | None = None):
         """(first row, the rows from it) over rows [r0, r1), CHUNK_BYTES of stored rows at a time, as stored or
@@ -171,6 +194,8 @@ class File:
         r1 = rows if r1 is None else min(r1, rows)
         self._f.seek(self.offset + info["data_offsets"][0] + r0 * per * dt.itemsize)
         a = np.fromfile(self._f, dtype=dt, count=(r1 - r0) * per)
+        if _bar is not None:
+            _bar.update(a.nbytes)
         return a.reshape([r1 - r0, *shape[1:]] if shape else [])
 
 

@@ -35,6 +35,14 @@ class Tokenizer:
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.eos_ids = self._eos_ids(model_dir, eos_token_id)
+        self.bos_id = self._bos_id()
+
+    def _bos_id(self) -> int | None:
+        """The token encode() puts before every text (Gemma's <bos>), else None: read from what the post-processor
+        does, which is what encode() does whatever tokenizer_config says."""
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a").ids
+        return full[0] if len(full) == len(plain) + 1 and full[1:] == plain else None
 
     def _eos_ids(self, model_dir: Path, eos_token_id) -> set[int]:
         ids = set()

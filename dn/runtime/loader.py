@@ -71,7 +71,8 @@ def load(model: str | None, backend: str = "auto", dtype: str = "auto", max_resi
         budget = parse_budget(max_resident, residency.dense_bf16(spec))
         model_dir, spec = store_for(model_dir, spec, dtype, budget, mode)
         runtime = residency.open_runtime(be, model_dir, spec, dtype, budget, mode, calib_text, prefetch)
-    handle, measured = memory.measure_load(be, model_dir, spec, dtype, residency=runtime)
+    with tensors.reading(model_dir):  # a bar over the bytes read, on a terminal and for a long load only
+        handle, measured = memory.measure_load(be, model_dir, spec, dtype, residency=runtime)
     return Loaded(model_dir, spec, be, handle, dtype, tokenizer, measured, runtime)
 
 
