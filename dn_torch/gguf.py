@@ -1,8 +1,11 @@
 """GGUF block weights on torch (dn/formats/gguf_blocks.py): a Linear and an Embedding that hold the file's blocks as
 they are (uint8 [rows, row_bytes]) and compute on them; no float copy of a whole matrix ever exists.
-- Few tokens (decode): the C kernel (dn/formats/csrc/gguf.c) dots x with the blocks, decoding each block as it goes.
+- Few tokens (decode): the C kernel (dn/formats/csrc/gguf.c) dots x with the blocks, decoding each block as it goes:
+  at bfloat16 (lossy already) through x quantized to 8 bits and integer dots where the CPU has AVX512_VNNI
+  (gb.native().q8: llama.cpp's route, 1.7-3x the float kernel), else in float32 (exact: the float32 parity gate).
 - More tokens (prefill): a block of rows at a time decoded to x's dtype, then torch's matmul.
-- An embedding decodes only the rows it looks up; a tied lm_head is a quant.TiedHead over it (the blocks held once).
+- An embedding decodes only the rows it looks up; a tied lm_head is a TiedHead over it (the blocks held once).
+- Heads give float32 logits at any compute dtype, as dn_torch.quant's.
 Without the kernel (DN_NATIVE=0, no compiler, not a CPU tensor) rows decode through the numpy reference
 (gguf_blocks.decode), a chunk of rows at a time.
 """
@@ -15,13 +18,13 @@ from torch import nn
 from dn.core.errors import DnError
 from dn.formats import gguf_blocks as gb
 from dn_torch.kernels import threads
-from dn_torch.quant import TiedHead
 
 _BLOCK = 1 << 20  # dense elements of rows the prefill path decodes at once
 _KERNEL_TOKENS = 64  # above, decoded rows and torch's matmul win (benchmarks/bench_gguf.py, "crossover": ~64-96)
 
 
 _UNSET = object()
+_Q8_OUT = {torch.bfloat16: gb.BF16_X | gb.BF16_Y, torch.float32: gb.BF16_X}  # the integer path's y dtypes
 
 
 def _lib(raw: torch.Tensor):
@@ -48,26 +51,36 @@ def rows(raw: torch.Tensor, kind: str, idx, dtype: torch.dtype) -> torch.Tensor:
     return out.to(dtype)
 
 
-def matmul(x: torch.Tensor, raw: torch.Tensor, kind: str, lib=_UNSET) -> torch.Tensor:
-    """x [..., cols] @ W.T for W held as blocks raw [rows, row_bytes] -> [..., rows] at x's dtype. lib: the kernel
-    library as _lib(raw) gives it (modules keep it: this runs once per linear per token, so the kernel is called
-    straight through ctypes; gb.matmul_native checks more)."""
+def matmul(x: torch.Tensor, raw: torch.Tensor, kind: str, lib=_UNSET, bias: torch.Tensor | None = None,
+           out: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., cols] @ W.T (+ bias) for W held as blocks raw [rows, row_bytes] -> [..., rows] at x's dtype, or `out`
+    (a head's float32 logits). lib: the kernel library as _lib(raw) gives it (modules keep it: this runs once per
+    linear per token, so the kernel is called straight through ctypes; gb.matmul_q8_native checks more)."""
     tid, bw, bb = gb.TYPES[kind]
     m, k = raw.shape[0], raw.shape[1] // bb * bw
-    n = x.numel() // k
+    n, out = x.numel() // k, out or x.dtype
     lib = _lib(raw) if lib is _UNSET else lib
+    if (lib is not None and n <= _KERNEL_TOKENS and x.dtype == torch.bfloat16 and kind in lib.q8
+            and out in _Q8_OUT):
+        xb, y = x.contiguous(), torch.empty(*x.shape[:-1], m, dtype=out)
+        fused = bias is not None and bias.dtype == out  # added in float before y's one rounding
+        gb.check(lib.dn_gguf_matmul_q8(tid, raw.data_ptr(), m, k, xb.data_ptr(), n, y.data_ptr(),
+                                       bias.data_ptr() if fused else None, _Q8_OUT[out], threads(m * k)))
+        return y if bias is None or fused else y + bias
     if lib is not None and n <= _KERNEL_TOKENS:
         xf = x.float().contiguous()  # no copy where x is float32 and contiguous
         y = torch.empty(*x.shape[:-1], m)
         gb.check(lib.dn_gguf_matmul(tid, raw.data_ptr(), m, k, xf.data_ptr(), n, y.data_ptr(), threads(m * k)))
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
-    x2 = x.reshape(-1, k)
+        y = y.to(out)
+        return y if bias is None else y + bias
+    x2 = x.reshape(-1, k).to(out)  # a float32 head: rows and products in float32
     y = x2.new_empty(n, m)
     step = max(1, _BLOCK // k)
     for r0 in range(0, m, step):
-        w = rows(raw, kind, slice(r0, r0 + step), x.dtype)
+        w = rows(raw, kind, slice(r0, r0 + step), out)
         y[:, r0:r0 + w.shape[0]] = x2 @ w.T
-    return y.view(*x.shape[:-1], m)
+    y = y.view(*x.shape[:-1], m)
+    return y if bias is None else y + bias
 
 
 class _Blocks(nn.Module):
@@ -76,13 +89,14 @@ class _Blocks(nn.Module):
     def __init__(self, rows: int, cols: int, kind: str, dtype: torch.dtype):
         super().__init__()
         self.kind, self.compute_dtype, self._lib = gb.type_name(kind), dtype, _UNSET
+        self.out = None  # the output dtype, when not x's (a head's float32 logits, as dn_torch.quant's)
         self.register_buffer("weight", torch.empty(gb.stored_shape((rows, cols), kind), dtype=torch.uint8,
                                                    device="meta"))
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self._lib is _UNSET:  # resolved at the first call, once the loader has placed the weight
             self._lib = _lib(self.weight)
-        return matmul(x, self.weight, self.kind, self._lib)
+        return matmul(x, self.weight, self.kind, self._lib, bias, self.out)
 
     def rows(self, idx) -> torch.Tensor:
         return rows(self.weight, self.kind, torch.as_tensor(idx), self.compute_dtype)
@@ -95,8 +109,7 @@ class GGUFLinear(_Blocks):
         self.register_buffer("bias", torch.empty(out_features, device="meta") if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x)
-        return y if self.bias is None else y + self.bias
+        return self.matmul(x, self.bias)
 
 
 class GGUFEmbedding(_Blocks):
@@ -109,6 +122,21 @@ class GGUFEmbedding(_Blocks):
 
     def as_linear(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)
+
+
+class TiedHead(nn.Module):
+    """A tied lm_head over a GGUFEmbedding, giving float32 logits (as dn_torch.quant's heads): the embedding is held
+    outside the module tree (it belongs to model.model), so it is neither listed twice nor re-tied by transformers."""
+
+    def __init__(self, embedding: GGUFEmbedding):
+        super().__init__()
+        self._tied = (embedding,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self._tied[0]
+        if e._lib is _UNSET:
+            e._lib = _lib(e.weight)
+        return matmul(x, e.weight, e.kind, e._lib, None, torch.float32)
 
 
 def swap(model: nn.Module, types: dict, dtype: torch.dtype) -> None:
@@ -127,6 +155,8 @@ def swap(model: nn.Module, types: dict, dtype: torch.dtype) -> None:
                                                  kind, dtype))
         else:
             raise DnError(f"gguf_quantization names {path}, a {type(module).__name__}, not a Linear or Embedding")
-    embed = model.get_input_embeddings()
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if tied and isinstance(embed, GGUFEmbedding):
         model.set_output_embeddings(TiedHead(embed))
+    elif isinstance(head, GGUFLinear):
+        head.out = torch.float32  # float32 logits, as TiedHead

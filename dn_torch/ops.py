@@ -24,8 +24,9 @@ from dn_torch.kernels import planes_sketch as planes_sketch
 from dn_torch.kernels import planes_step as planes_step
 
 CAPABILITIES = frozenset({"native_sparse", "native_planes", "fused_sparse"})
-# formats whose fast CPU kernels compute at a given dtype (dn_torch.quant: torch's int4/int8 packs take 16-bit x only)
-CPU_DTYPES = {"affine": "bfloat16"}
+# formats whose fast CPU kernels compute at a given dtype (dn_torch.quant: torch's int4/int8 packs take 16-bit x only;
+# dn_torch.gguf: 8-bit x and integer dots at bfloat16, the exact float kernel at float32)
+CPU_DTYPES = {"affine": "bfloat16", "gguf": "bfloat16"}
 # dtype names (dn.core.tensors.File.dtype: floats by dn's name, the rest by safetensors') -> torch's: the one table
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "U32": torch.uint32,
           "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8}

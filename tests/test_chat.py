@@ -187,7 +187,7 @@ def test_chat_keeps_the_conversation(capsys, monkeypatch, tokenizer):
     import re
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("My name is Ada.\n\nWhat is my name?\n/exit\nnever read\n"))
-    rc, out, err = dn_main(capsys, "chat", "--backend", "torch", "--max-tokens", "12",
+    rc, out, err = dn_main(capsys, "chat", "--backend", "torch", "--dtype", "float32", "--max-tokens", "12",
                            "--system-prompt", "Answer briefly.")
     assert rc == 0
     replies, prefilled = out.splitlines(), [int(n) for n in re.findall(r"prompt (\d+) tokens", err)]

@@ -12,7 +12,7 @@ from helpers import native_or_skip
 
 from dn import api
 from dn.core import tensors
-from dn.core.tolerances import KERNEL, QUANT
+from dn.core.tolerances import GGUF_Q8, KERNEL, QUANT
 from dn.formats import gguf_blocks as gb
 from dn.formats import native
 from dn.model import store
@@ -22,6 +22,7 @@ from dn.model.spec import load_spec
 torch = pytest.importorskip("torch")
 tg = pytest.importorskip("dn_torch.gguf")
 from dn_torch import model as torch_model  # noqa: E402  (after the skip: torch is optional)
+from dn_torch.ops import DTYPES  # noqa: E402
 
 FP16_AT = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
            "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # byte offsets of d (and dmin / m)
@@ -95,7 +96,7 @@ def test_plain_c_beside_avx512(lib, tmp_path):
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     plain.dn_gguf_matmul.argtypes, plain.dn_gguf_rows.argtypes = [i32, p, i64, i64, p, i64, p, i32], [i32, p, i64, p,
                                                                                                       i64, p, i32]
-    assert plain.dn_gguf_isa() == 0
+    assert plain.dn_gguf_isa() == 0 and plain.dn_gguf_q8_types() == 0
     rng = np.random.default_rng(5)
     for name, blocks in _cases():
         k = blocks * gb.TYPES[name][1]
@@ -120,6 +121,149 @@ def test_fast_path_is_what_runs_here(lib):
 def test_kernel_rejects_unknown_type(lib):
     raw, x, y = np.zeros((2, 18), np.uint8), np.zeros((1, 32), np.float32), np.zeros((1, 2), np.float32)
     assert lib.dn_gguf_matmul(99, gb.ptr(raw), 2, 32, gb.ptr(x), 1, gb.ptr(y), 1) == -1
+
+
+# ---- the integer path: x in 8 bits per 32 values, VNNI dots (llama.cpp's route) ------------------------------
+
+Q8 = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]  # Q2_K, Q3_K: the float kernel
+
+
+@pytest.fixture(scope="module")
+def q8(lib):
+    if not lib.q8:
+        pytest.skip("no AVX512_VNNI here: bfloat16 takes the float kernel (test_q8_dispatch covers that)")
+    return lib
+
+
+def _bits(x):  # float32 -> bfloat16 bits (truncated: the reference reads the same bits back)
+    return (x.view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _widen(b):
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def test_q8_present_where_cpuid_says(lib):
+    vnni = {"avx512_vnni", "avx512bw", "avx512vl"} <= set(native._cpu_flags().split())
+    assert lib.q8 == (frozenset(Q8) if vnni else frozenset())
+
+
+def test_q8_quantize_is_numpy(q8):
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((9, 32)) * 10.0 ** rng.uniform(-3, 3, (9, 1))).astype(np.float32)
+    x[1] = 0  # amax 0: codes 0, scale 0
+    x[2] = rng.integers(-60, 60, 32) + 0.5  # amax 127: x * 127 / amax = x, halves: ties to even
+    x[2, 0] = 127
+    x = x.ravel()
+    for bf16 in (False, True):
+        xin = _bits(x) if bf16 else x
+        q, dx = np.empty(x.size, np.int8), np.empty(x.size // 32, np.float32)
+        assert q8.dn_gguf_quantize_q8(gb.ptr(xin), bf16, x.size, gb.ptr(q), gb.ptr(dx)) == 0
+        wq, wdx = gb.quantize_q8(_widen(xin) if bf16 else x)
+        assert np.array_equal(q, wq) and np.array_equal(dx.view(np.uint32), wdx.view(np.uint32))
+    assert wq[64] == 127 and (wq[65:96] % 2 == 0).all()
+
+
+@pytest.mark.parametrize("name", Q8)
+@pytest.mark.parametrize("tokens", [1, 3, 6])
+def test_q8_matmul(q8, name, tokens):
+    """The numpy reference of the same arithmetic (x's 8-bit copy @ decode(W).T) to float rounding, and float32's
+    x @ decode(W).T within GGUF_Q8. 19 32-weight blocks: a pair and a 16-block group left part-full."""
+    rng = np.random.default_rng(200 + Q8.index(name))
+    k = 3 * 256 if name.endswith("_K") else 19 * 32
+    raw = random_blocks(name, 37, k, rng, scale=0.05)
+    x = rng.standard_normal((tokens, k), np.float32) * rng.uniform(0.1, 10, (tokens, 1)).astype(np.float32)
+    x[0, :32] = 0
+    want, full = gb.matmul_q8(name, raw, x), x @ gb.decode(name, raw).T
+    tol = KERNEL["float32"]
+    for threads in (1, 3):
+        y = np.full((tokens, 37), np.nan, np.float32)
+        gb.matmul_q8_native(q8, name, raw, x, y, threads)
+        np.testing.assert_allclose(y, want, rtol=tol.rtol, atol=tol.atol * np.abs(want).max(), err_msg=name)
+    assert _rel(y, full) <= GGUF_Q8, name
+    assert _rel(want, full) > 10 * tol.rtol  # the reference is x in 8 bits, not x
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q6_K"])
+def test_q8_bf16_and_bias(q8, name):
+    """bfloat16 x; y and its bias bfloat16 (one rounding of the float sum) or float32 (a head's logits)."""
+    rng = np.random.default_rng(9)
+    k, m = 512, 45
+    raw = random_blocks(name, m, k, rng, scale=0.05)
+    xb, bias = _bits(rng.standard_normal((2, k), np.float32)), _bits(rng.standard_normal(m, np.float32))
+    want = gb.matmul_q8(name, raw, _widen(xb)) + _widen(bias)
+    y = np.zeros((2, m), np.uint16)
+    gb.matmul_q8_native(q8, name, raw, xb, y, bf16=gb.BF16_X | gb.BF16_Y, bias=bias)
+    rounded = torch.from_numpy(want).bfloat16().float().numpy()
+    np.testing.assert_allclose(_widen(y), rounded, rtol=2 ** -8, atol=1e-6)  # one rounding apart at most
+    y32 = np.zeros((2, m), np.float32)
+    gb.matmul_q8_native(q8, name, raw, xb, y32, bf16=gb.BF16_X, bias=_widen(bias))
+    np.testing.assert_allclose(y32, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_q8_dispatch(lib, monkeypatch):
+    """bfloat16 x takes the integer path where lib.q8 has the type, else the float kernel (no VNNI, or Q2_K/Q3_K);
+    float32 x always the float kernel (exact: the float32 parity gate)."""
+    calls = []
+
+    class Spy:
+        q8 = frozenset(lib.q8)
+
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(lib, name)
+
+    rng = np.random.default_rng(4)
+    for name in ("Q4_K", "Q3_K"):
+        raw = torch.from_numpy(random_blocks(name, 16, 256, rng, scale=0.05))
+        x = torch.from_numpy(rng.standard_normal((1, 256), np.float32))
+        for dtype, cpu_has in ((torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)):
+            Spy.q8 = frozenset(lib.q8) if cpu_has else frozenset()
+            calls.clear()
+            y = tg.matmul(x.to(dtype), raw, name, Spy())
+            int_path = dtype == torch.bfloat16 and name in Spy.q8
+            assert calls == ["dn_gguf_matmul_q8" if int_path else "dn_gguf_matmul"], (name, dtype, cpu_has)
+            assert y.dtype == dtype
+            if not int_path:  # the float kernel's own result, rounded once
+                want = np.empty((1, 16), np.float32)
+                gb.matmul_native(lib, name, raw.numpy(), x.to(dtype).float().numpy(), want)
+                assert torch.equal(y, torch.from_numpy(want).to(dtype))
+    if lib.q8:
+        raw = np.zeros((2, 144), np.uint8)
+        assert lib.dn_gguf_matmul_q8(11, gb.ptr(raw), 2, 256, gb.ptr(np.zeros((1, 256), np.float32)), 1,
+                                     gb.ptr(np.zeros((1, 2), np.float32)), None, 0, 1) == -3  # Q3_K
+
+
+def test_kernel_threads_share_one_pool(lib):
+    """Two callers at once (ctypes lets go of the GIL): one gets the pool, the other runs alone; both exact."""
+    import threading
+
+    rng = np.random.default_rng(8)
+    raw = random_blocks("Q4_K", 300, 512, rng, scale=0.05)
+    xs = [rng.standard_normal((2, 512), np.float32) for _ in range(4)]
+    ys = [np.empty((2, 300), np.float32) for _ in xs]
+    work = [threading.Thread(target=gb.matmul_native, args=(lib, "Q4_K", raw, x, y, 2)) for x, y in zip(xs, ys)]
+    for w in work:
+        w.start()
+    for w in work:
+        w.join()
+    for x, y in zip(xs, ys):
+        np.testing.assert_allclose(y, x @ gb.decode("Q4_K", raw).T, rtol=1e-5, atol=1e-5 * np.abs(y).max())
+
+
+def test_q8_compiled_out_without_vnni(lib, tmp_path):
+    """Built for a CPU without AVX512_VNNI, the library reports no integer types and refuses the call."""
+    out = tmp_path / "gguf_novnni.so"
+    r = subprocess.run([native._compiler(), *native.FLAGS, "-mno-avx512vnni", str(native.SRC / "gguf.c"), "-o",
+                        str(out), "-lm"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    plain = ctypes.CDLL(str(out))
+    plain.dn_gguf_matmul_q8.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                        ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    assert plain.dn_gguf_q8_types() == 0
+    raw, x, y = np.zeros((2, 144), np.uint8), np.zeros((1, 256), np.float32), np.zeros((1, 2), np.float32)
+    assert plain.dn_gguf_matmul_q8(12, gb.ptr(raw), 2, 256, gb.ptr(x), 1, gb.ptr(y), None, 0, 1) == -3
 
 
 # ---- torch's block modules ----------------------------------------------------------------------------------
@@ -222,6 +366,8 @@ def test_native_folder_logits(tmp_path, path, tied, monkeypatch):
         assert _rel(got, want) <= QUANT[dtype], dtype  # prefill: 12 tokens, decoded rows and torch's matmul
         step = torch_model.logits(model, tokens[:, :4])  # few tokens: the kernel
         assert _rel(step, want[:, :4]) <= QUANT[dtype], dtype
+        head = model.get_output_embeddings()(torch.ones(1, 1, H, dtype=DTYPES[dtype]))
+        assert head.dtype == torch.float32  # logits in float32 at any compute dtype, as dn_torch.quant's heads
     held = {name: b for name, b in model.named_buffers() if b.dtype == torch.uint8}
     assert all(isinstance(model.get_submodule(n.rpartition(".")[0]), tg._Blocks) for n in held)
     blocks = [e for e in store.entries(spec) if e.format == "gguf"]

@@ -32,3 +32,9 @@ ROUTE_AGREEMENT = 0.999
 # (16-bit zero points, kernel accumulation order), i.e. bf16 noise, which on the tiny random test models
 # reaches 0.04 between the dense model in bfloat16 and in float32.
 QUANT = {"float32": 1e-4, "bfloat16": 5e-2}
+
+# GGUF blocks through 8-bit activations (dn/formats/csrc/gguf.c's integer path, llama.cpp's route) against float32
+# x @ decode(W).T: max|dy| / max|y|. x rounded to 8 bits per 32 values errs by up to amax / 254 a value (0.4-0.7%
+# of max|y| measured on Gaussian x); llama.cpp's own test of the same route (tests/test-quantize-fns.cpp) allows
+# MAX_DOT_PRODUCT_ERROR = 0.02 per element against the float dot.
+GGUF_Q8 = 2e-2

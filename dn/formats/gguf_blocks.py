@@ -185,6 +185,24 @@ class GGUFBlocks:
         return decode(self.type, self.raw[idx])
 
 
+def quantize_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x float32 [..., k] -> its 8-bit copy as the integer path makes it (llama.cpp's Q8_0): per 32 values dx =
+    amax / 127 and q = rint(x * (127 / amax)) (0 where amax is 0): (q int8 [..., k], dx float32 [..., k / 32])."""
+    x = np.asarray(x, np.float32)
+    b = x.reshape(*x.shape[:-1], -1, 32)
+    amax = np.abs(b).max(-1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0))
+    return np.rint(b * inv[..., None]).astype(np.int8).reshape(x.shape), amax / np.float32(127)
+
+
+def matmul_q8(t, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """What the integer path computes: x's 8-bit copy (quantize_q8) @ decode(W).T, exactly (float64) -> float32."""
+    q, dx = quantize_q8(x)
+    xq = q.reshape(*q.shape[:-1], -1, 32) * dx[..., None].astype(np.float64)
+    return (xq.reshape(q.shape) @ decode(t, raw).astype(np.float64).T).astype(np.float32)
+
+
 # ---- the C kernel (dn/formats/csrc/gguf.c); backends pass their own memory ----------------------------------
 
 def native():
@@ -194,12 +212,18 @@ def native():
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.dn_gguf_matmul.argtypes, lib.dn_gguf_matmul.restype = [i32, p, i64, i64, p, i64, p, i32], i32
         lib.dn_gguf_rows.argtypes, lib.dn_gguf_rows.restype = [i32, p, i64, p, i64, p, i32], i32
+        lib.dn_gguf_matmul_q8.argtypes, lib.dn_gguf_matmul_q8.restype = [i32, p, i64, i64, p, i64, p, p, i32, i32], i32
+        lib.dn_gguf_quantize_q8.argtypes, lib.dn_gguf_quantize_q8.restype = [p, i32, i64, p, p], i32
+        lib.dn_gguf_q8_types.restype = ctypes.c_uint
+        lib.q8 = frozenset(n for n, (t, _, _) in TYPES.items() if lib.dn_gguf_q8_types() >> t & 1)
         lib.dn_ready = True
     return lib
 
 
 def check(rc: int) -> None:
-    """A kernel's return code: -1 an unknown type, -2 out of memory."""
+    """A kernel's return code: -1 an unknown type, -2 out of memory, -3 a type or CPU the integer path lacks."""
+    if rc == -3:
+        raise ValueError("the GGUF kernel: no integer path for this type on this CPU (see native().q8)")
     if rc:
         raise MemoryError("the GGUF kernel: out of memory") if rc == -2 else ValueError("the GGUF kernel: bad type")
 
@@ -208,6 +232,17 @@ def matmul_native(lib, t: str, raw, x, y, threads: int = 1) -> None:
     """y float32 [T, m] = x float32 [T, k] @ W.T, W held as raw blocks uint8 [m, row_bytes] (contiguous CPU memory,
     numpy or torch)."""
     check(lib.dn_gguf_matmul(TYPES[t][0], ptr(raw), raw.shape[0], x.shape[1], ptr(x), x.shape[0], ptr(y), threads))
+
+
+BF16_X, BF16_Y = 1, 2  # matmul_q8_native's bf16 flags: x, and y with its bias, as bfloat16
+
+
+def matmul_q8_native(lib, t: str, raw, x, y, threads: int = 1, bf16: int = 0, bias=None) -> None:
+    """y [T, m] = x [T, k] @ W.T (+ bias [m]) through x's 8-bit copy (quantize_q8) and integer dots; float32, or
+    bfloat16 where bf16 says (BF16_X | BF16_Y; torch's bf16, or its bits as uint16). For the types in lib.q8 only
+    (none without AVX512_VNNI)."""
+    check(lib.dn_gguf_matmul_q8(TYPES[t][0], ptr(raw), raw.shape[0], x.shape[1], ptr(x), x.shape[0], ptr(y),
+                                None if bias is None else ptr(bias), bf16, threads))
 
 
 def rows_native(lib, t: str, raw, idx, out, threads: int = 1) -> None:

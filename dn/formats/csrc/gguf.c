@@ -1,18 +1,24 @@
 /* GGUF block weights (dn/formats/gguf_blocks.py) computed on as the file holds them: W [m, k] as uint8 [m, row_bytes],
  * each row a run of blocks. Each block is decoded into int8 codes c (the type's zero folded in) and per sub-block a
  * scale s and, for the types with a min, m: w = s * c (+ m).
- *   dn_gguf_rows:   rows idx -> float32 [n, k], bit for bit gguf_blocks.decode (s * c, then + m: no fused multiply-add,
- *                   hence FP_CONTRACT OFF; gcc's -std=c11, native.FLAGS, does not contract either).
- *   dn_gguf_matmul: y[T, m] = x[T, k] @ W.T in float32, a block decoded once for up to 8 tokens. AVX-512: the block's
- *                   exact weights in registers (block_w), one fma each per token, for all types but Q2_K/Q3_K. Those,
- *                   and every type in the plain loops (GNU C vectors, SIMD on any target): per sub-block g and token
- *                   t, s_g * (c . x_g) + m_g * sum(x_g), the sums of x taken once per call. OpenMP over rows with the
- *                   caller's thread count.
- * Floats throughout (x is not quantized, so the result is float32's x @ decode(W).T up to summation order); the
- * 8-bit-activation integer route (llama.cpp's, VNNI) would be faster still. Types by their ggml ids. Returns 0, -1
- * for an unknown type, -2 when out of memory. */
+ *   dn_gguf_rows:      rows idx -> float32 [n, k], bit for bit gguf_blocks.decode (s * c, then + m: no fused
+ *                      multiply-add, hence FP_CONTRACT OFF; gcc's -std=c11, native.FLAGS, does not contract either).
+ *   dn_gguf_matmul:    y[T, m] = x[T, k] @ W.T in float32, a block decoded once for up to 8 tokens. AVX-512: the
+ *                      block's exact weights in registers (block_w), one fma each per token, for all types but
+ *                      Q2_K/Q3_K. Those, and every type in the plain loops (GNU C vectors, SIMD on any target): per
+ *                      sub-block g and token t, s_g * (c . x_g) + m_g * sum(x_g), the sums of x taken once per call.
+ *                      x is not quantized: float32's x @ decode(W).T up to summation order (the float32 parity gate).
+ *   dn_gguf_matmul_q8: the same through x quantized to 8 bits per 32 values and VPDPBUSD integer dots
+ *                      (llama.cpp's route; AVX512_VNNI, checked by cpuid): ~2.5x the float kernel, lossy as
+ *                      bfloat16 compute is anyway (section "8-bit activations" below).
+ * Threads: a pool of this file's own, chunks of rows claimed as they come (section "threads"). Types by their ggml
+ * ids. Returns 0, -1 for an unknown type, -2 when out of memory, -3 (integer path) not on this CPU or type. */
 #pragma STDC FP_CONTRACT OFF
+#define _POSIX_C_SOURCE 200809L
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -260,6 +266,91 @@ INLINE void block_w(int t, const uint8_t *b, const float *dm, __m512 *w) {
 #endif
 
 
+/* ---- threads: a pool of its own, not OpenMP's ------------------------------------------------------------------
+ * OpenMP's team ends at a barrier that waits for every thread, and its idle threads spin: on shared cores (2 here,
+ * 5 processes) Qwen2.5-1.5B's MLP matmuls ran 7x slower at 2 threads than at one. Here a run is cut into chunks
+ * that threads claim as they come (one 64-bit word: the run's generation, the next chunk), the caller among them;
+ * the caller waits only for chunks already claimed, and idle workers sleep on a condition variable. A worker woken
+ * late finds the generation moved on and goes back to sleep. One run at a time: a second caller runs alone. */
+typedef void (*chunk_fn)(const void *job, int64_t c);
+enum { MAX_WORKERS = 63 };
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake;
+    uint32_t gen;  /* the run: gen, fn, job, nc and want under mu */
+    int workers, want;
+    chunk_fn fn;
+    const void *job;
+    int64_t nc;
+    _Atomic uint64_t claim;  /* gen << 32 | the next chunk */
+    _Atomic int64_t done;
+    atomic_flag busy;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, NULL, 0, 0, 0, ATOMIC_FLAG_INIT};
+
+static void work(uint32_t g, chunk_fn fn, const void *job, int64_t nc) {
+    uint64_t s = atomic_load(&pool.claim);
+    while ((uint32_t)(s >> 32) == g && (int64_t)(s & 0xffffffffu) < nc)
+        if (atomic_compare_exchange_weak(&pool.claim, &s, s + 1)) {
+            fn(job, (int64_t)(s & 0xffffffffu));
+            atomic_fetch_add(&pool.done, 1);
+            s = atomic_load(&pool.claim);
+        }
+}
+
+static void *worker(void *arg) {
+    const int id = (int)(intptr_t)arg;
+    pthread_mutex_lock(&pool.mu);
+    for (uint32_t seen = pool.gen;;) {
+        while (pool.gen == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+        seen = pool.gen;
+        if (id >= pool.want) continue;
+        chunk_fn fn = pool.fn;
+        const void *job = pool.job;
+        int64_t nc = pool.nc;
+        pthread_mutex_unlock(&pool.mu);
+        work(seen, fn, job, nc);
+        pthread_mutex_lock(&pool.mu);
+    }
+    return NULL;
+}
+
+static void forked(void) {  /* a fork's child has none of the workers, and may hold a copy of a taken lock */
+    pthread_mutex_init(&pool.mu, NULL), pthread_cond_init(&pool.wake, NULL);
+    pool.workers = 0;
+    atomic_flag_clear(&pool.busy);
+}
+static void at_fork(void) { pthread_atfork(NULL, NULL, forked); }
+
+static void run(chunk_fn fn, const void *job, int64_t nc, int threads) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, at_fork);
+    if (threads > nc) threads = (int)nc;
+    if (threads > MAX_WORKERS + 1) threads = MAX_WORKERS + 1;
+    if (threads <= 1 || atomic_flag_test_and_set(&pool.busy)) {
+        for (int64_t c = 0; c < nc; c++) fn(job, c);
+        return;
+    }
+    pthread_mutex_lock(&pool.mu);
+    for (pthread_t th; pool.workers < threads - 1; pool.workers++)
+        if (pthread_create(&th, NULL, worker, (void *)(intptr_t)pool.workers) || pthread_detach(th)) break;
+    const uint32_t g = ++pool.gen;
+    pool.fn = fn, pool.job = job, pool.nc = nc, pool.want = threads - 1;
+    atomic_store(&pool.done, 0);
+    atomic_store(&pool.claim, (uint64_t)g << 32);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+    work(g, fn, job, nc);
+    for (int spin = 0; atomic_load(&pool.done) < nc; spin++)  /* chunks a worker still holds */
+        if (spin > 1000) sched_yield();
+    atomic_flag_clear(&pool.busy);
+}
+
+/* Rows a chunk holds: 32 KiB of blocks (an L1's worth, kept over the tokens of a matmul). */
+static int64_t chunk_rows(int64_t m, int64_t row_bytes) {
+    int64_t r = (32 << 10) / (row_bytes ? row_bytes : 1);
+    return r < 1 ? 1 : r > m ? (m ? m : 1) : r;
+}
+
 /* ---- rows ------------------------------------------------------------------------------------------------ */
 
 INLINE void row_t(int t, const uint8_t *w, int64_t k, float *out) {
@@ -300,14 +391,23 @@ INLINE void row_t(int t, const uint8_t *w, int64_t k, float *out) {
     case Q5_K: F(Q5_K, __VA_ARGS__); break; case Q6_K: F(Q6_K, __VA_ARGS__); break; \
     }
 
+typedef struct { int t; const uint8_t *w; int64_t k, rb, n, rows; const int64_t *idx; float *out; } rows_job;
+
+static void rows_chunk(const void *job, int64_t c) {
+    const rows_job *j = job;
+    const int t = j->t;
+    for (int64_t r = c * j->rows; r < j->n && r < (c + 1) * j->rows; r++) {
+        const uint8_t *row = j->w + (j->idx ? j->idx[r] : r) * j->rb;
+#define ROW(T, _) row_t(T, row, j->k, j->out + r * j->k)
+        EACH_TYPE(ROW, 0)
+    }
+}
+
 /* idx NULL: the n rows from w on. */
 int dn_gguf_rows(int t, const uint8_t *w, int64_t k, const int64_t *idx, int64_t n, float *out, int threads) {
     if (!known(t)) return -1;
-    const int64_t rb = k / bw(t) * block_bytes(t);
-#define ROWS(T, _) \
-    _Pragma("omp parallel for num_threads(threads) schedule(static) if (threads > 1)") \
-    for (int64_t r = 0; r < n; r++) row_t(T, w + (idx ? idx[r] : r) * rb, k, out + r * k)
-    EACH_TYPE(ROWS, 0)
+    const rows_job j = {t, w, k, k / bw(t) * block_bytes(t), n, 16, idx, out};
+    run(rows_chunk, &j, (n + j.rows - 1) / j.rows, threads);
     return 0;
 }
 
@@ -440,6 +540,17 @@ static void matmul_part(int t, int nt, const uint8_t *w, int64_t r0, int64_t r1,
     EACH_TYPE(NTS, w, r0, r1, m, k, x, xs, t0, y)
 }
 
+typedef struct { int t; const uint8_t *w; int64_t m, k; const float *x, *xs; int64_t T; float *y; int64_t rows; } matmul_job;
+
+static void matmul_chunk(const void *job, int64_t c) {
+    const matmul_job *j = job;
+    const int64_t r0 = c * j->rows, r1 = r0 + j->rows < j->m ? r0 + j->rows : j->m;
+    for (int64_t t0 = 0, nt; t0 < j->T; t0 += nt) {  /* a chunk's rows stay in cache over the tokens */
+        nt = j->T - t0 >= 8 ? 8 : j->T - t0 >= 4 ? 4 : j->T - t0 >= 2 ? 2 : 1;
+        matmul_part(j->t, (int)nt, j->w, r0, r1, j->m, j->k, j->x, j->xs, t0, j->y);
+    }
+}
+
 int dn_gguf_matmul(int t, const uint8_t *w, int64_t m, int64_t k, const float *x, int64_t T, float *y, int threads) {
     if (!known(t)) return -1;
     const int S = sub(t);
@@ -457,13 +568,8 @@ int dn_gguf_matmul(int t, const uint8_t *w, int64_t m, int64_t k, const float *x
             xs[i] = v;
         }
     }
-    if (threads < 1) threads = 1;
-    for (int64_t t0 = 0, nt; t0 < T; t0 += nt) {
-        nt = T - t0 >= 8 ? 8 : T - t0 >= 4 ? 4 : T - t0 >= 2 ? 2 : 1;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-        for (int p = 0; p < threads; p++)
-            matmul_part(t, (int)nt, w, m * p / threads, m * (p + 1) / threads, m, k, x, xs, t0, y);
-    }
+    const matmul_job j = {t, w, m, k, x, xs, T, y, chunk_rows(m, k / bw(t) * block_bytes(t))};
+    run(matmul_chunk, &j, (m + j.rows - 1) / j.rows, threads);
     free(xs);
     return 0;
 }
@@ -474,4 +580,323 @@ int dn_gguf_isa(void) {
 #else
     return 0;
 #endif
+}
+
+/* ---- 8-bit activations, integer dots (llama.cpp's route for decode; AVX512_VNNI) ------------------------------
+ * x is quantized once a call, per 32 values as llama.cpp's Q8_0: dx = amax / 127, q = rint(x * (127 / amax)) in
+ * int8 (0 where amax is 0). A block's codes as unsigned bytes c (0..63; Q8_0's int8 + 128) dot q by VPDPBUSD into
+ * int32 lanes of 4 weights, each lane started at -zero * (its 4 q's sum): a lane holds sum (c - zero) q exactly. A
+ * sub-block's lanes then scale by s * dx in float; the types with a min add m * (dx * sum q) per sub-block. So y is
+ * x's 8-bit copy (q * dx) dotted with decode(W), up to float rounding. Built where the compiler targets VNNI (-march=
+ * native: this CPU), run where cpuid says so (dn_gguf_q8_types); elsewhere callers take the float path.
+ * Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K; Q2_K and Q3_K take the float path. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define Q8_TYPES (1u << Q4_0 | 1u << Q4_1 | 1u << Q5_0 | 1u << Q5_1 | 1u << Q8_0 | 1u << Q4_K | 1u << Q5_K | 1u << Q6_K)
+INLINE int q8_zero(int t) { return t == Q4_0 ? 8 : t == Q5_0 ? 16 : t == Q8_0 ? 128 : t == Q6_K ? 32 : 0; }
+
+typedef struct { const int8_t *q; const float *dx, *xs; const int32_t *z; } xq_t;  /* one token's 8-bit x */
+
+INLINE __m512 load_x16(const void *x, int bf16, int64_t i) {  /* 16 values of x (float32 or bfloat16) as floats */
+    if (!bf16) return _mm512_loadu_ps((const float *)x + i);
+    __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)((const uint16_t *)x + i)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+
+/* x [k] -> q [kp], dx [kp / 32], and per type t's needs z [kp / 4] = -zero * (sum of each 4 q) and xs [kp / 32] = dx *
+ * (sum of 32 q); the buffers zero from k to kp (kp: k up to 512, so a 16-block step reads zeros past a row). Q4_K and
+ * Q5_K (k4): within each 256, q's 32-value chunks in the order 0 2 1 3 4 6 5 7 (the blocks' 64 bytes of nibbles
+ * unpack so), and dx, xs interleaved in dx [kp / 16]. t 0: plain. */
+static void quantize_x(const void *x, int bf16, int64_t k, int t, int8_t *q, float *dx, int32_t *z, float *xs) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    const int zero = q8_zero(t), k4 = t == Q4_K || t == Q5_K, mins = has_min(t);
+    for (int64_t b = 0; b < k / 32; b++) {
+        __m512 v0 = load_x16(x, bf16, 32 * b), v1 = load_x16(x, bf16, 32 * b + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1)));
+        float id = amax != 0.0f ? 127.0f / amax : 0.0f, d = amax / 127.0f;
+        __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));  /* nearest, ties to even */
+        __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+        __m256i c = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(i0)), _mm512_cvtepi32_epi8(i1), 1);
+        const int64_t at = k4 ? (b & ~3) | (b & 1) << 1 | (b >> 1 & 1) : b;
+        _mm256_storeu_si256((void *)(q + 32 * at), c);
+        float sum = mins ? d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)) : 0.0f;
+        if (k4)
+            dx[2 * b] = d, dx[2 * b + 1] = sum;
+        else
+            dx[b] = d, xs[b] = sum;
+        if (zero) {  /* sums of 4 q: VPDPBUSD of ones and q */
+            __m256i s4 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), c);
+            _mm256_storeu_si256((void *)(z + 8 * b), _mm256_mullo_epi32(s4, _mm256_set1_epi32(-zero)));
+        }
+    }
+}
+
+INLINE __m512 dot_q(__m512i c, __m512i init, const int8_t *q, __m512 s, __m512 acc) {
+    __m512i p = _mm512_dpbusd_epi32(init, c, _mm512_loadu_si512((const void *)q));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc);
+}
+INLINE __m512i z_at(const xq_t *x, int zero, int64_t i) {  /* the lanes' start for weights i..i+63 */
+    return zero ? _mm512_loadu_si512((const void *)(x->z + i / 4)) : _mm512_setzero_si512();
+}
+INLINE __m512i runs(int a, int n) {  /* lane l: a + l / n (the index of lane l's sub-block, n lanes each) */
+    return _mm512_add_epi32(_mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              n == 8 ? 3 : n == 4 ? 2 : 1),
+                            _mm512_set1_epi32(a));
+}
+
+/* Two 32-weight blocks' codes (b1: the second, or b0 again past a row's end, then dotted with x's zero padding), in
+ * x's order: Q8_0's bytes + 128; Q4_x/Q5_x [lo nibbles, hi nibbles] of each, the fifth bits added (as 16). */
+INLINE __m512i codes32(int t, const uint8_t *b0, const uint8_t *b1) {
+    if (t == Q8_0)
+        return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const void *)(b0 + 2))),
+                                                   _mm256_loadu_si256((const void *)(b1 + 2)), 1), _mm512_set1_epi8(-128));
+    const int o = t == Q4_1 || t == Q5_1 ? 4 : 2, five = t == Q5_0 || t == Q5_1;
+    __m512i v = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const void *)(b0 + o + 4 * five)))),
+        _mm256_broadcastsi128_si256(_mm_loadu_si128((const void *)(b1 + o + 4 * five))), 1);
+    const long long s4 = 0x0004000400040004LL;  /* 16-bit lanes shifted by 4 in the hi nibbles' quarters */
+    v = _mm512_and_si512(_mm512_srlv_epi16(v, _mm512_set_epi64(s4, s4, 0, 0, s4, s4, 0, 0)), _mm512_set1_epi8(15));
+    if (five) {
+        uint32_t h0, h1;
+        memcpy(&h0, b0 + o, 4), memcpy(&h1, b1 + o, 4);
+        v = _mm512_mask_add_epi8(v, (__mmask64)h0 | (__mmask64)h1 << 32, v, _mm512_set1_epi8(16));
+    }
+    return v;
+}
+
+/* Where y goes: float32, or bfloat16 (rounded to nearest even, as torch) where bf16; plus bias [m] of y's dtype. */
+typedef struct { void *y; const void *bias; int bf16; } out_t;
+INLINE void put(const out_t *o, int64_t i, int64_t r, float v) {
+    if (!o->bf16) {
+        ((float *)o->y)[i] = o->bias ? v + ((const float *)o->bias)[r] : v;
+        return;
+    }
+    uint32_t u = o->bias ? (uint32_t)((const uint16_t *)o->bias)[r] << 16 : 0;
+    float add;
+    memcpy(&add, &u, 4);
+    v += add;  /* + 0.0f where there is no bias: v unchanged (a -0 sum comes out +0) */
+    memcpy(&u, &v, 4);
+    ((uint16_t *)o->y)[i] = (uint16_t)(isnan(v) ? u >> 16 | 64 : (u + 0x7FFF + (u >> 16 & 1)) >> 16);
+}
+
+/* Blocks read 2 KiB ahead: from DRAM (a model's weights, streamed once a token) one thread reads ~1.7x faster so
+ * (benchmarks/bench_gguf.py, the lm_head shape); prefetches past the end are harmless. */
+#define Q8_PREFETCH(b, n) for (int l = 0; l < (n); l += 64) _mm_prefetch((const char *)(b) + 2048 + l, _MM_HINT_T0)
+#define Q8_INIT(NT) /* arrays of 4 (NT at most), not [NT]: a variable-length array would live in memory */ \
+    __m512 acc[4][2], accm[4]; \
+    for (int u = 0; u < NT; u++) acc[u][0] = acc[u][1] = accm[u] = _mm512_setzero_ps();
+#define Q8_PUT(NT) \
+    for (int u = 0; u < NT; u++) \
+        put(o, (t0 + u) * m + r, r, _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[u][0], acc[u][1]), accm[u])));
+
+/* Rows [r0, r1) of y for tokens t0.. t0 + NT (a constant, so the accumulators stay in registers). 32-weight blocks:
+ * two to a vector, their d (and m) converted 16 blocks at a time (dm16). */
+INLINE void q8_rows32(int t, int NT, const uint8_t *w, int64_t r0, int64_t r1, int64_t m, int64_t k, const xq_t *x,
+                      int64_t t0, const out_t *o) {
+    const int bb = block_bytes(t), zero = q8_zero(t), mins = has_min(t);
+    const int64_t nb = k / 32, rb = nb * bb;
+    float dm[32];
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = w + r * rb;
+        Q8_INIT(NT)
+        for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+            const int n = nb - b0 < 16 ? (int)(nb - b0) : 16;
+            dm16(t, row, b0, nb, dm);
+            __m512 sd[4], d = _mm512_loadu_ps(dm);
+            for (int u = 0; u < NT; u++) {
+                sd[u] = _mm512_mul_ps(d, _mm512_loadu_ps(x[u].dx + b0));
+                if (mins) accm[u] = _mm512_fmadd_ps(_mm512_loadu_ps(dm + 16), _mm512_loadu_ps(x[u].xs + b0), accm[u]);
+            }
+#define PAIR(h) \
+    do { \
+        const int jj = j + 2 * h; \
+        const uint8_t *b = row + (b0 + jj) * bb; \
+        Q8_PREFETCH(b, 2 * bb); \
+        __m512i c = codes32(t, b, jj + 1 < n ? b + bb : b); \
+        const int64_t i = (b0 + jj) * 32; \
+        for (int u = 0; u < NT; u++) \
+            acc[u][h] = dot_q(c, z_at(x + u, zero, i), x[u].q + i, _mm512_permutexvar_ps(runs(jj, 8), sd[u]), \
+                              acc[u][h]); \
+    } while (0)
+            for (int j = 0; j < n; j += 4) {  /* two pairs a turn, each into accumulators known when compiled */
+                PAIR(0);
+                if (j + 2 < n) PAIR(1);
+            }
+#undef PAIR
+        }
+        Q8_PUT(NT)
+    }
+}
+
+/* Q4_K, Q5_K: 64 bytes of qs hold sub-blocks 4i, 4i + 2 in their low nibbles and 4i + 1, 4i + 3 in their high ones
+ * (x's chunks ordered to match). Scales and mins: 16 lanes s0 m0 s1 m1 .. (6-bit, from the 12 bytes as k4_scales)
+ * times d dmin d dmin .., times x's dx xs dx xs ..: the even lanes scale sub-blocks, the odd ones are the min terms,
+ * summed apart and subtracted at the end (m = -dmin * mn). */
+INLINE __m512 k4_w(const uint8_t *b) {
+    uint32_t u[3], sc[2], mn[2], dd;
+    memcpy(u, b + 4, 12), memcpy(&dd, b, 4);
+    sc[0] = u[0] & 0x3f3f3f3f, sc[1] = (u[2] & 0x0f0f0f0f) | ((u[0] >> 2) & 0x30303030);
+    mn[0] = u[1] & 0x3f3f3f3f, mn[1] = ((u[2] >> 4) & 0x0f0f0f0f) | ((u[1] >> 2) & 0x30303030);
+    uint64_t s8, m8;
+    memcpy(&s8, sc, 8), memcpy(&m8, mn, 8);
+    __m128i sm = _mm_unpacklo_epi8(_mm_cvtsi64_si128((long long)s8), _mm_cvtsi64_si128((long long)m8));
+    return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_set1_epi32((int)dd)), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sm)));
+}
+
+INLINE void q8_rows_k4(int t, int NT, const uint8_t *w, int64_t r0, int64_t r1, int64_t m, int64_t k, const xq_t *x,
+                       int64_t t0, const out_t *o) {
+    const int bb = block_bytes(t);
+    const int64_t nb = k / 256, rb = nb * bb;
+    const __m512i low4 = _mm512_set1_epi8(15);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = w + r * rb;
+        Q8_INIT(NT)
+        for (int64_t blk = 0; blk < nb; blk++) {
+            const uint8_t *b = row + blk * bb, *qs = b + (t == Q4_K ? 16 : 48);
+            Q8_PREFETCH(b, bb);
+            __m512 sm = k4_w(b), ss[4];
+            for (int u = 0; u < NT; u++) {
+                ss[u] = _mm512_mul_ps(sm, _mm512_loadu_ps(x[u].dx + 16 * blk));
+                accm[u] = _mm512_mask_sub_ps(accm[u], 0xAAAA, accm[u], ss[u]);
+            }
+            __m512i qh = t == Q5_K ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const void *)(b + 16))) : low4;
+            for (int i = 0; i < 2; i++) {
+                __m512i v = _mm512_loadu_si512((const void *)(qs + 64 * i));
+                for (int j = 0; j < 2; j++) {  /* j 0: sub-blocks 4i, 4i + 2; j 1: 4i + 1, 4i + 3 */
+                    __m512i c = _mm512_and_si512(j ? _mm512_srli_epi16(v, 4) : v, low4);
+                    const int g = 4 * i + j;
+                    if (t == Q5_K) {  /* the fifth bit of sub-block g: bit g of qh[l] */
+                        __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << g)),
+                                                         _mm256_set1_epi8((char)(1 << (g + 2))), 1);
+                        c = _mm512_mask_add_epi8(c, _mm512_test_epi8_mask(qh, bit), c, _mm512_set1_epi8(16));
+                    }
+                    const __m512i at = _mm512_add_epi32(_mm512_slli_epi32(runs(0, 8), 2), _mm512_set1_epi32(2 * g));
+                    const int64_t o = 256 * blk + 128 * i + 64 * j;
+                    for (int u = 0; u < NT; u++)
+                        acc[u][j] = dot_q(c, _mm512_setzero_si512(), x[u].q + o, _mm512_permutexvar_ps(at, ss[u]),
+                                          acc[u][j]);
+                }
+            }
+        }
+        Q8_PUT(NT)
+    }
+}
+
+/* Q6_K: weights 128h + 64j + l, nibble j of ql[64h + l]; high bits 2i of qh[32h + l'] for 128h + 32i + l'. A vector
+ * holds 64 weights, four 16-weight sub-blocks. */
+INLINE void q8_rows_q6k(int NT, const uint8_t *w, int64_t r0, int64_t r1, int64_t m, int64_t k, const xq_t *x,
+                        int64_t t0, const out_t *o) {
+    const int64_t nb = k / 256, rb = nb * 210;
+    const long long s2 = 0x0002000200020002LL, s4 = 0x0004000400040004LL;
+    const __m512i up = _mm512_set_epi64(s2, s2, s2, s2, s4, s4, s4, s4), down = _mm512_set_epi64(s2, s2, s2, s2, 0, 0, 0, 0);
+    const __m512i low4 = _mm512_set1_epi8(15), two = _mm512_set1_epi8(0x30);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = w + r * rb;
+        Q8_INIT(NT)
+        for (int64_t blk = 0; blk < nb; blk++) {
+            const uint8_t *b = row + blk * 210;
+            Q8_PREFETCH(b, 210);
+            __m512 sc = _mm512_mul_ps(f16x16(b + 208),
+                                      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)(b + 192)))));
+            __m512 ss[4];
+            for (int u = 0; u < NT; u++)
+                ss[u] = _mm512_mul_ps(sc, _mm512_permutexvar_ps(runs(0, 2),
+                                                                 _mm512_castps256_ps512(_mm256_loadu_ps(x[u].dx + 8 * blk))));
+            for (int h = 0; h < 2; h++) {
+                __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * h));
+                __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const void *)(b + 128 + 32 * h)));
+                __m512i lo = _mm512_ternarylogic_epi32(_mm512_and_si512(ql, low4), _mm512_sllv_epi16(qh, up), two, 0xF8);
+                __m512i hi = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low4),
+                                                       _mm512_srlv_epi16(qh, down), two, 0xF8);  /* a | (b & c) */
+                const int64_t i = 256 * blk + 128 * h;
+                for (int u = 0; u < NT; u++) {
+                    acc[u][0] = dot_q(lo, z_at(x + u, 32, i), x[u].q + i, _mm512_permutexvar_ps(runs(8 * h, 4), ss[u]),
+                                      acc[u][0]);
+                    acc[u][1] = dot_q(hi, z_at(x + u, 32, i + 64), x[u].q + i + 64,
+                                      _mm512_permutexvar_ps(runs(8 * h + 4, 4), ss[u]), acc[u][1]);
+                }
+            }
+        }
+        Q8_PUT(NT)
+    }
+}
+
+#define Q8_ROWS(TY, NT) \
+    if (TY == Q6_K) q8_rows_q6k(NT, w, r0, r1, m, k, x, t0, o); \
+    else if (TY >= Q4_K) q8_rows_k4(TY, NT, w, r0, r1, m, k, x, t0, o); \
+    else q8_rows32(TY, NT, w, r0, r1, m, k, x, t0, o)
+#define Q8_NTS(TY, _) \
+    switch (nt) { \
+    case 1: Q8_ROWS(TY, 1); break; case 2: Q8_ROWS(TY, 2); break; default: Q8_ROWS(TY, 4); break; \
+    }
+
+static void q8_part(int t, int nt, const uint8_t *w, int64_t r0, int64_t r1, int64_t m, int64_t k, const xq_t *x,
+                    int64_t t0, const out_t *o) {
+    if (t == Q2_K || t == Q3_K) return;  /* not on this path (dn_gguf_q8_types) */
+    EACH_TYPE(Q8_NTS, 0)
+}
+
+typedef struct { int t; const uint8_t *w; int64_t m, k; const xq_t *x; int64_t T; const out_t *o; int64_t rows; } q8_job;
+
+static void q8_chunk(const void *job, int64_t c) {
+    const q8_job *j = job;
+    const int64_t r0 = c * j->rows, r1 = r0 + j->rows < j->m ? r0 + j->rows : j->m;
+    for (int64_t t0 = 0, nt; t0 < j->T; t0 += nt) {
+        nt = j->T - t0 >= 4 ? 4 : j->T - t0 >= 2 ? 2 : 1;
+        q8_part(j->t, (int)nt, j->w, r0, r1, j->m, j->k, j->x + t0, t0, j->o);
+    }
+}
+#endif
+
+/* The types the integer path computes on this CPU (a bit per ggml id): none without AVX512_VNNI (cpuid), or where
+ * the compiler did not target it. */
+unsigned dn_gguf_q8_types(void) {
+#ifdef Q8_TYPES
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+        return Q8_TYPES;
+#endif
+    return 0;
+}
+
+/* x [k] (float32, or bfloat16 where bf16) -> its 8-bit copy q [k], dx [k / 32], as the integer path makes it. */
+int dn_gguf_quantize_q8(const void *x, int bf16, int64_t k, int8_t *q, float *dx) {
+#ifdef Q8_TYPES
+    if (!dn_gguf_q8_types() || k % 32) return -3;
+    float xs[k / 32 + 1];
+    quantize_x(x, bf16, k, 0, q, dx, NULL, xs);
+    return 0;
+#else
+    (void)x, (void)bf16, (void)k, (void)q, (void)dx;
+    return -3;
+#endif
+}
+
+/* y [T, m] = x [T, k] @ W.T (+ bias [m], or NULL) through 8-bit x; float32, or bfloat16: x where bf16 & 1, y and
+ * bias where bf16 & 2. -3: not on this CPU or not this type (dn_gguf_q8_types): the caller takes dn_gguf_matmul. */
+int dn_gguf_matmul_q8(int t, const uint8_t *w, int64_t m, int64_t k, const void *x, int64_t T, void *y,
+                      const void *bias, int bf16, int threads) {
+    if (!known(t)) return -1;
+    if (!(dn_gguf_q8_types() >> t & 1)) return -3;
+#ifdef Q8_TYPES
+    const int64_t kp = (k + 511) / 512 * 512, per = kp + kp / 4 + kp / 8 + kp;  /* q, dx, xs, z */
+    uint8_t *buf = calloc((size_t)(T * per + 64), 1);
+    if (!buf) return -2;
+    xq_t *xs = malloc(sizeof(xq_t) * (size_t)T);
+    if (!xs) return free(buf), -2;
+    uint8_t *at = (uint8_t *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+    for (int64_t i = 0; i < T; i++, at += per) {
+        int8_t *q = (int8_t *)at;
+        float *dx = (float *)(at + kp), *s = (float *)(at + kp + kp / 4);
+        int32_t *z = (int32_t *)(at + kp + kp / 4 + kp / 8);
+        quantize_x((const uint8_t *)x + i * k * (bf16 & 1 ? 2 : 4), bf16 & 1, k, t, q, dx, z, s);
+        xs[i] = (xq_t){q, dx, s, z};
+    }
+    const out_t o = {y, bias, bf16 >> 1 & 1};
+    const q8_job j = {t, w, m, k, xs, T, &o, chunk_rows(m, k / bw(t) * block_bytes(t))};
+    run(q8_chunk, &j, (m + j.rows - 1) / j.rows, threads);
+    free(xs), free(buf);
+#else
+    (void)w, (void)m, (void)k, (void)x, (void)T, (void)y, (void)bias, (void)bf16, (void)threads;
+#endif
+    return 0;
 }
