@@ -77,7 +77,8 @@ def measure(folder: Path, source: Path, text: str, text_name: str, backend: str 
            "dtype": CARD_EVAL_DTYPE}
     for key, path in (("ppl", folder), ("source_ppl", source)):
         run = loader.load(str(path), backend, CARD_EVAL_DTYPE)
-        nll, count = perplexity(run.backend, run.model, run.tokenizer.encode(text)[:max_tokens], CARD_EVAL_CTX)
+        nll, count = perplexity(run.backend, run.model, run.tokenizer.encode(text)[:max_tokens], CARD_EVAL_CTX,
+                                bos=run.tokenizer.bos_id)
         out |= {key: math.exp(nll), "tokens": count, "backend": run.backend.NAME,
                 "device": run.backend.device_name()}
         del run
