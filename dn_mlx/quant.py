@@ -18,16 +18,16 @@ def _sums32(x: mx.array) -> bool:
 
 
 def affine_matmul(x: mx.array, packed: mx.array, scales: mx.array, biases: mx.array, bits: int,
-                  group_size: int, mode: str = "affine") -> mx.array:
+                  group_size: int, mode: str = "affine", out=None) -> mx.array:
     """x [..., k] @ W.T for W [n, k] stored quantized (packed uint32 [n, k*bits/32], scales/biases [n, k/gs]), at
-    x's dtype, summed in float32 (in float32 throughout where the kernel would not, or the dtypes differ)."""
-    if x.dtype == scales.dtype and not _sums32(x):
+    x's dtype or `out`, summed in float32 (in float32 throughout where the kernel would not, or the dtypes differ)."""
+    if x.dtype == scales.dtype and not _sums32(x) and out in (None, x.dtype):
         return mx.quantized_matmul(x, packed, scales, biases, transpose=True, group_size=group_size, bits=bits,
                                    mode=mode)
     f = mx.float32
     y = mx.quantized_matmul(x.astype(f), packed, scales.astype(f), biases.astype(f), transpose=True,
                             group_size=group_size, bits=bits, mode=mode)
-    return y.astype(x.dtype)
+    return y.astype(out or x.dtype)
 
 
 def quantize_model(model: nn.Module, quantization: dict) -> nn.Module:

@@ -126,7 +126,7 @@ _KERNELS = {"int4": _int4_kernel, "int8": _int8_kernel}
 
 
 def affine_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None,
-                  bits: int, group_size: int, out: torch.dtype | None = None) -> torch.Tensor:
+                  bits: int, group_size: int, mode: str = ref.MODE, out: torch.dtype | None = None) -> torch.Tensor:
     """x [..., k] @ W.T for W [m, k] held quantized, in the mlx layout (packed uint32 [m, k*bits/32],
     scales/biases [m, k/gs]) or a kernel layout QuantizedLinear.prepare made of it -> [..., m], x's dtype or
     `out` (a head's float32 logits: the int8 kernel's float32 sums kept, the plain path run in float32)."""
@@ -322,7 +322,7 @@ class _Quantized(nn.Module):
             self.fill(lambda r0, r1: w[r0:r1], dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return affine_matmul(x, self.weight, self.scales, self.biases, self.bits, self.group_size, self.out)
+        return affine_matmul(x, self.weight, self.scales, self.biases, self.bits, self.group_size, out=self.out)
 
     def rows(self, idx) -> torch.Tensor:
         return rows(self, idx)
@@ -368,7 +368,7 @@ class TiedHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self._tied[0]  # float32 logits, as on MLX: a bf16 logit near 25 moves in steps of 0.125 (ties)
-        return affine_matmul(x, e.weight, e.scales, e.biases, e.bits, e.group_size, torch.float32)
+        return affine_matmul(x, e.weight, e.scales, e.biases, e.bits, e.group_size, out=torch.float32)
 
 
 def _params(quantization: dict, path: str, cols: int) -> dict | None:

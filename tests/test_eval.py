@@ -101,8 +101,8 @@ def test_perplexity_batches_agree(backend, loaded, tokenizer, eval_text):
 
 def test_eval_cli_json(tmp_path, eval_text, backend_name):
     out = tmp_path / "e.json"
-    proc = run_dn("eval", "--backend", backend_name, "--text", str(eval_text), "--max-tokens", "128",
-                  "--ctx", "64", "--json", str(out))
+    proc = run_dn("eval", "--backend", backend_name, "--dtype", "float32", "--text", str(eval_text), "--max-tokens",
+                  "128", "--ctx", "64", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     r = json.loads(out.read_text())
     assert set(r) == {"model", "backend", "device", "dtype", "tokens", "ppl", "nll", "resident_weight_bytes",

@@ -55,10 +55,8 @@ def load(model: str | None, backend: str = "auto", dtype: str = "auto", max_resi
     be = backends.resolve(backend)  # first, so a missing backend fails before any conversion
     model_dir = resolve_model(model, dense=dense)
     spec = load_spec(model_dir)
-    if spec.gguf and max_resident is not None:  # residency plans over dense or affine stores (not GGUF blocks yet)
-        print("dn: --max-resident plans over dense or affine weights, not GGUF blocks yet: using the file's bf16 "
-              "widening", file=sys.stderr)
-        model_dir = resolve_model(model, dense=True)
+    if spec.gguf and max_resident is not None:  # residency plans over dense or affine stores (not GGUF blocks yet):
+        model_dir = resolve_model(model, dense=True)  # the file's bf16 widening, as before (docs/native.md)
         spec = load_spec(model_dir)
         if spec.gguf:
             raise DnError(f"{model_dir}: --max-resident needs the .gguf file (or a dense folder), not its native "
