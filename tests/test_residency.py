@@ -182,7 +182,8 @@ def test_bad_cold_files_are_one_line(stores, tmp_path, default_model_dir):
     from helpers import run_dn as dn
 
     folder = _copy_with_tokenizer(stores["q4g32"], tmp_path / "m", default_model_dir)
-    args = ("footprint", "--model", str(folder), "--backend", "torch", "--max-resident", "99%")  # all blocks read
+    args = ("footprint", "--model", str(folder), "--backend", "torch", "--dtype", "float32",
+            "--max-resident", "99%")  # all blocks read
     assert dn(*args).returncode == 0
     cold = _cold(folder)
     data = cold.read_bytes()
