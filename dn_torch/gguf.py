@@ -18,6 +18,7 @@ from torch import nn
 from dn.core.errors import DnError
 from dn.formats import gguf_blocks as gb
 from dn_torch.kernels import threads
+from dn_torch.quant import TiedHead
 
 _BLOCK = 1 << 20  # dense elements of rows the prefill path decodes at once
 _KERNEL_TOKENS = 64  # above, decoded rows and torch's matmul win (benchmarks/bench_gguf.py, "crossover": ~64-96)
@@ -93,10 +94,10 @@ class _Blocks(nn.Module):
         self.register_buffer("weight", torch.empty(gb.stored_shape((rows, cols), kind), dtype=torch.uint8,
                                                    device="meta"))
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, out: torch.dtype | None = None) -> torch.Tensor:
         if self._lib is _UNSET:  # resolved at the first call, once the loader has placed the weight
             self._lib = _lib(self.weight)
-        return matmul(x, self.weight, self.kind, self._lib, bias, self.out)
+        return matmul(x, self.weight, self.kind, self._lib, bias, out or self.out)
 
     def rows(self, idx) -> torch.Tensor:
         return rows(self.weight, self.kind, torch.as_tensor(idx), self.compute_dtype)
@@ -120,23 +121,8 @@ class GGUFEmbedding(_Blocks):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
 
-    def as_linear(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x)
-
-
-class TiedHead(nn.Module):
-    """A tied lm_head over a GGUFEmbedding, giving float32 logits (as dn_torch.quant's heads): the embedding is held
-    outside the module tree (it belongs to model.model), so it is neither listed twice nor re-tied by transformers."""
-
-    def __init__(self, embedding: GGUFEmbedding):
-        super().__init__()
-        self._tied = (embedding,)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = self._tied[0]
-        if e._lib is _UNSET:
-            e._lib = _lib(e.weight)
-        return matmul(x, e.weight, e.kind, e._lib, None, torch.float32)
+    def as_linear(self, x: torch.Tensor, out: torch.dtype | None = None) -> torch.Tensor:
+        return self.matmul(x, out=out)
 
 
 def swap(model: nn.Module, types: dict, dtype: torch.dtype) -> None:
@@ -157,6 +143,6 @@ def swap(model: nn.Module, types: dict, dtype: torch.dtype) -> None:
             raise DnError(f"gguf_quantization names {path}, a {type(module).__name__}, not a Linear or Embedding")
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if tied and isinstance(embed, GGUFEmbedding):
-        model.set_output_embeddings(TiedHead(embed))
+        model.set_output_embeddings(TiedHead(embed))  # dn_torch.quant's, over any embedding with as_linear
     elif isinstance(head, GGUFLinear):
         head.out = torch.float32  # float32 logits, as TiedHead

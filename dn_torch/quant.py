@@ -354,21 +354,22 @@ class QuantizedEmbedding(_Quantized):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
 
-    def as_linear(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x)
+    def as_linear(self, x: torch.Tensor, out: torch.dtype | None = None) -> torch.Tensor:
+        return affine_matmul(x, self.weight, self.scales, self.biases, self.bits, self.group_size, out=out or self.out)
 
 
 class TiedHead(nn.Module):
-    """A tied lm_head over a quantized embedding. The embedding is held outside the module tree (it belongs
-    to model.model), so it is neither listed twice nor replaced when transformers re-ties weights."""
+    """A tied lm_head over a quantized embedding (this module's, or dn_torch.gguf's blocks). The embedding is held
+    outside the module tree (it belongs to model.model), so it is neither listed twice nor replaced when
+    transformers re-ties weights."""
 
-    def __init__(self, embedding: QuantizedEmbedding):
+    def __init__(self, embedding: nn.Module):
         super().__init__()
         self._tied = (embedding,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = self._tied[0]  # float32 logits, as on MLX: a bf16 logit near 25 moves in steps of 0.125 (ties)
-        return affine_matmul(x, e.weight, e.scales, e.biases, e.bits, e.group_size, out=torch.float32)
+        # float32 logits, as on MLX: a bf16 logit near 25 moves in steps of 0.125 (ties)
+        return self._tied[0].as_linear(x, torch.float32)
 
 
 def _params(quantization: dict, path: str, cols: int) -> dict | None:
