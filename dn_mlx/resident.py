@@ -32,9 +32,9 @@ def block_arrays(slices: dict, proj: str, spec: ModelSpec, dtype: str) -> list[t
     return [(np.array(w).view(np.int32), ax)] + [(ops._numpy(a.astype(dt) if dt.size <= 2 else a), ax) for a in sides]
 
 
-def join(arrays: list[np.ndarray], info: dict):
+def join(arrays: list[np.ndarray], info: dict, held: bool = False):
     """k blocks read together (numpy, joined) -> arrays: a bundle [k*BLOCK, 3, d], or (weight, scales, biases)
-    per projection."""
+    per projection (held: kept resident; the layout is the same)."""
     held = [ops._array(a) for a in arrays]
     if info["kind"] == "dense":
         return held[0]

@@ -12,6 +12,8 @@ Without the kernel (DN_NATIVE=0, no compiler, not a CPU tensor) rows decode thro
 
 from __future__ import annotations
 
+import mmap
+
 import torch
 from torch import nn
 
@@ -117,9 +119,13 @@ class GGUFEmbedding(_Blocks):
     def __init__(self, num_embeddings: int, embedding_dim: int, kind: str, dtype: torch.dtype):
         super().__init__(num_embeddings, embedding_dim, kind, dtype)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.mapping = None  # an mmap when the loader maps the table from the file (an untied embedding on a CPU)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
+        out = self.rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
+        if self.mapping is not None:  # the rows read leave the process (the page cache keeps them): a cold table
+            self.mapping.madvise(mmap.MADV_DONTNEED)
+        return out
 
     def as_linear(self, x: torch.Tensor, out: torch.dtype | None = None) -> torch.Tensor:
         return self.matmul(x, out=out)

@@ -100,7 +100,8 @@ def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = F
     scale = None
     if spec.gguf is not None:  # a native GGUF folder: its quantized modules hold the blocks (dn_torch.gguf)
         scale = _plain_scaled_embedding(model)
-        gguf.swap(model, spec.gguf, DTYPES[dtype])
+        held = {k: v for k, v in spec.gguf.items() if not (resident and ".mlp." in k)}  # residency holds MLPs
+        gguf.swap(model, held, DTYPES[dtype])
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()  # tie_weights sets it
     mapped = store.mapped(spec) if _device().type == "cpu" else set()  # a token reads one row: the rest stays on disk
     into = {}  # stored name -> the tensor it is read into, laid out before reading
@@ -117,7 +118,9 @@ def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = F
                     continue
                 module, want = (None, None) if name in tied else _slot(model, f, name)
                 if want is not None and name in mapped:
-                    module._buffers[name.rpartition(".")[2]] = torch.from_numpy(f.mapped(name))
+                    rows = f.mapped(name)
+                    module._buffers[name.rpartition(".")[2]] = torch.from_numpy(rows)
+                    module.mapping = rows._mmap  # its pages leave the process after each lookup
                 elif want is not None:
                     _place(module, f, name, dtype)
     if into:

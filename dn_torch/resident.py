@@ -14,12 +14,17 @@ from torch import nn
 
 from dn.model.spec import ModelSpec
 from dn.runtime import residency
+from dn_torch import gguf, quant
 from dn_torch import ops as ops  # re-exported: the array ops the resident MLP computes with
-from dn_torch import quant
+
+GGUF = True  # lays out a native GGUF folder's blocks (dn_mlx's runs the GGUF's widening under a budget)
 
 
 def layout(spec: ModelSpec, dtype: str) -> tuple[str, str]:
-    """An affine folder's block layout at dtype: (kind: int4, int8 or mlx; the cold file's key for it)."""
+    """A quantized folder's block layout at dtype: (kind: int4, int8, mlx or gguf; the cold file's key for it). A
+    GGUF's blocks are computed on as the file has them (dn_torch.gguf), at any dtype."""
+    if spec.gguf:
+        return "gguf", "gguf"
     q = spec.quant
     kind = quant._kernel_layout(residency.BLOCK, q["bits"], q["group_size"], ops.DTYPES[dtype], torch.device("cpu"))
     if kind == "int4" and spec.architecture.hidden_size % quant._int4_block_rows():
@@ -52,6 +57,8 @@ def block_arrays(slices: dict, proj: str, spec: ModelSpec, dtype: str) -> list[t
     dn_torch.quant.QuantizedLinear computes with (weight, scales[, biases]), as numpy (bf16 as uint16 bits), each
     with the axis along which blocks join."""
     kind = layout(spec, dtype)[0]
+    if kind == "gguf":  # raw blocks: rows of gate and up; the down projection's columns of whole blocks, joined
+        return [(slices[f"{proj}.weight"][0], 0)]  # block after block, so a run of them is contiguous in the file
     m = _quantized(slices, proj, spec, ops.DTYPES[dtype])
     ts = [m.weight, m.scales] + ([m.biases] if m.biases is not None else [])
     if kind == "int4" and proj == "down_proj":  # [d, k/2] in blocks of B rows, column-major inside a block
@@ -59,13 +66,19 @@ def block_arrays(slices: dict, proj: str, spec: ModelSpec, dtype: str) -> list[t
     return [(ops._numpy(t), ax) for t, ax in zip(ts, _axes(kind, "cols" if proj == "down_proj" else "rows"))]
 
 
-def join(arrays: list[np.ndarray], info: dict):
+def join(arrays: list[np.ndarray], info: dict, held: bool = False):
     """k blocks read together (numpy views of the cold file, joined) -> tensors: a bundle [k*BLOCK, 3, d], or the
-    three projections' (weight, scales, biases) as dn_torch.quant.affine_matmul takes them (int4: no biases)."""
+    three projections' (weight, scales, biases) as dn_torch.quant.affine_matmul takes them (int4: no biases), or a
+    GGUF's (blocks, type). held: blocks kept resident (copied at load, computed on every token)."""
     ts = [ops._tensor(a).contiguous() for a in arrays]  # joined along a later axis: strided views of the file
     kind = info["kind"]
     if kind == "dense":
         return ts[0]
+    if kind == "gguf":  # the down projection comes block after block [k*d, w]: [k, d, w] where read per token (a
+        d = info["d"]  # view of the file, no copy), rows [d, k*w] where held (one kernel call)
+        down = ts[2].view(-1, d, ts[2].shape[1])
+        ts[2] = down.permute(1, 0, 2).reshape(d, -1) if held else down
+        return [[w, t, None] for w, t in zip(ts, info["types"])]
     per = 2 if kind == "int4" else 3
     mats = [ts[i * per:(i + 1) * per] for i in range(3)]
     if kind == "int4":
@@ -74,7 +87,13 @@ def join(arrays: list[np.ndarray], info: dict):
     return [[w.view(torch.uint32), s, b] for w, s, b in mats] if kind == "mlx" else mats
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None, info: dict) -> torch.Tensor:
+def matmul(x: torch.Tensor, w: torch.Tensor, s, b: torch.Tensor | None, info: dict) -> torch.Tensor:
+    if info["kind"] == "gguf" and w.dim() == 3:  # blocks [k, d, w] of the down projection: one call per block,
+        n = x.shape[-1] // w.shape[0]  # summed in float32
+        y = sum(gguf.matmul(x[..., i * n:(i + 1) * n], w[i], s, out=torch.float32) for i in range(w.shape[0]))
+        return y.to(x.dtype)
+    if info["kind"] == "gguf":
+        return gguf.matmul(x, w, s)
     return quant.affine_matmul(x.contiguous(), w, s, b, info["bits"], info["group_size"])
 
 

@@ -55,16 +55,15 @@ def test_config_list_dense_first_once_and_budgets():
 
 
 def test_native_over_gguf_blocks_is_one_line_or_left_out():
-    """A GGUF's native folder cannot yet be sparse nor held under a budget: one line when named, left out when
-    --max-resident added the budget; native alone runs."""
+    """A GGUF's native folder cannot yet be sparse: one line when named, left out when added; under a budget it
+    runs (residency over its blocks)."""
     cfgs = configs.parse_configs("native,native+sparse50,q4g32", "25%")
     with pytest.raises(DnError, match=r"'native\+sparse50': the sparse MLP .* not over a GGUF's blocks yet "
                                       r"\(try q4g32e8\+sparse50\)"):
         configs.over_gguf(cfgs, {"native", "native+sparse50", "q4g32"})
-    with pytest.raises(DnError, match=r"'native@25%': residency plans .*\(try dense@25%\)"):
-        configs.over_gguf(configs.parse_configs("native@25%"), {"native@25%"})
-    kept, left = configs.over_gguf(configs.parse_configs("native,q4g32", "25%"), {"native", "q4g32"})
-    assert [c.name for c in kept] == ["dense", "native", "q4g32", "dense@25%", "q4g32@25%"] and left == ["native@25%"]
+    kept, left = configs.over_gguf(configs.parse_configs("native,native+sparse50", "25%"), {"native"})
+    assert [c.name for c in kept] == ["dense", "native", "dense@25%", "native@25%"]
+    assert left == ["native+sparse50", "native+sparse50@25%"]
 
 
 def test_folders_come_from_their_source(tmp_path):

@@ -110,14 +110,13 @@ def parse_configs(text: str, max_resident: str | None = None) -> list[Config]:
 
 def over_gguf(configs: list[Config], named: set[str]) -> tuple[list[Config], list[str]]:
     """(the configurations a GGUF's native folder can run today, those left out): native composed with a sparse MLP
-    or a budget cannot run over GGUF blocks yet: one line for one the user named (named: --configs' items), left
-    out when --max-resident added it."""
-    later = [c for c in configs if c.fmt == "native" and (c.sparsity or c.budget)]
+    cannot run over GGUF blocks yet (a budget can: torch plans over the blocks, MLX over the file's widening): one
+    line for one the user named (named: --configs' items), left out when --max-resident added it."""
+    later = [c for c in configs if c.fmt == "native" and c.sparsity]
     for c in later:
         if c.name in named:
-            what, other = ("the sparse MLP is fitted", "q4g32e8") if c.sparsity else ("residency plans", "dense")
-            raise DnError(f"config {c.name!r}: {what} over dense or affine weights, not over a GGUF's blocks yet "
-                          f"(try {c.name.replace('native', other, 1)})")
+            raise DnError(f"config {c.name!r}: the sparse MLP is fitted over dense or affine weights, not over a "
+                          f"GGUF's blocks yet (try {c.name.replace('native', 'q4g32e8', 1)})")
     return [c for c in configs if c not in later], [c.name for c in later]
 
 

@@ -55,8 +55,9 @@ def load(model: str | None, backend: str = "auto", dtype: str = "auto", max_resi
     be = backends.resolve(backend)  # first, so a missing backend fails before any conversion
     model_dir = resolve_model(model, dense=dense)
     spec = load_spec(model_dir)
-    if spec.gguf and max_resident is not None:  # residency plans over dense or affine stores (not GGUF blocks yet):
-        model_dir = resolve_model(model, dense=True)  # the file's bf16 widening, as before (docs/native.md)
+    if spec.gguf and max_resident is not None and not getattr(be.resident, "GGUF", False):
+        model_dir = resolve_model(model, dense=True)  # a backend that plans over dense or affine stores only: the
+        # file's bf16 widening (docs/native.md)
         spec = load_spec(model_dir)
         if spec.gguf:
             raise DnError(f"{model_dir}: --max-resident needs the .gguf file (or a dense folder), not its native "
@@ -99,7 +100,7 @@ def store_for(model_dir: Path, spec: ModelSpec, dtype: str, budget: int, mode: s
     would (the weights already lie on its grid: the default model, dequantized from Q4_1, 0.14% against 0.48%),
     else 8-bit groups of 64 (+0.1% on the default model, docs/formats.md). Converted once into the dn cache;
     other folders are used as they are."""
-    if spec.quant is not None or spec.codec is not None or spec.sparse is not None:
+    if spec.quant is not None or spec.codec is not None or spec.sparse is not None or spec.gguf:
         return model_dir, spec
     try:
         residency.make_plan(spec, dtype, budget, mode, residency.block_bytes(spec, dtype))

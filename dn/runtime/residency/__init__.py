@@ -34,6 +34,7 @@ import numpy as np
 from dn import formats
 from dn.core import tensors
 from dn.core.errors import DnError
+from dn.formats import gguf_blocks
 from dn.model.spec import ModelSpec, weight_files
 from dn.runtime import calibrate
 from dn.runtime.residency.cold import COLD, FOLDER, INDEX, VERSION, ColdTier, fingerprint, folder, split, write_cold
@@ -45,6 +46,7 @@ from dn.runtime.residency.plan import (
     activation_hotness,
     block_bytes,
     block_order,
+    block_size,
     dense_bf16,
     fixed_bytes,
     make_plan,
@@ -54,9 +56,9 @@ from dn.runtime.residency.plan import (
 PROMPT_SHARE = 4    # per-sequence eval: the first ctx / PROMPT_SHARE tokens of a window are its prompt
 
 __all__ = ["BLOCK", "COLD", "FOLDER", "INDEX", "MODES", "PROMPT_SHARE", "VERSION", "ColdTier", "Plan", "ResidentMLP",
-           "Runtime", "activation_hotness", "add_args", "block_bytes", "block_order", "block_slices", "build",
-           "dense_bf16", "fields", "fingerprint", "fixed_bytes", "folder", "load_args", "make_plan", "mlp_names",
-           "open_runtime", "weight_hotness", "write_cold"]
+           "Runtime", "activation_hotness", "add_args", "block_bytes", "block_order", "block_size", "block_slices",
+           "build", "dense_bf16", "fields", "fingerprint", "fixed_bytes", "folder", "load_args", "make_plan",
+           "mlp_names", "open_runtime", "weight_hotness", "write_cold"]
 
 
 def mlp_names(i: int) -> tuple[str, str, str]:
@@ -131,12 +133,15 @@ def _store_layer(stored: tensors.Shards, i: int) -> dict[str, np.ndarray]:
 
 def _dense_float(arrays: dict | None, stored: tensors.Shards, spec: ModelSpec, proj: str) -> np.ndarray:
     """A stored projection as float32 numpy, through its format. arrays: the layer's stored tensors when the
-    folder is quantized (_store_layer, already read: affine when its scales are stored, mlx-lm's rule, its group
-    size from the stored shapes); None for a dense folder, whose floats are read here."""
+    folder is quantized (_store_layer, already read: GGUF blocks where spec.gguf names a type; affine when its
+    scales are stored, mlx-lm's rule, its group size from the stored shapes); None for a dense folder, whose
+    floats are read here."""
     if arrays is None:
         return formats.get("dense").from_stored(stored, f"{proj}.weight").dequantize()
     key = proj.split(".mlp.")[1]
     w, dt = arrays[f"{key}.weight"]
+    if spec.gguf and proj in spec.gguf:
+        return gguf_blocks.decode(spec.gguf[proj], w)
     if f"{key}.scales" not in arrays:
         return tensors.to_float32(w, dt)
     s, b = (tensors.to_float32(*arrays[f"{key}.{k}"]) for k in ("scales", "biases"))
@@ -144,17 +149,17 @@ def _dense_float(arrays: dict | None, stored: tensors.Shards, spec: ModelSpec, p
     return formats.get("affine")(w, s, b, bits, w.shape[1] * 32 // bits // s.shape[1]).dequantize()
 
 
-def block_slices(arrays: dict, b: int) -> dict:
+def block_slices(arrays: dict, b: int, block: int = BLOCK) -> dict:
     """Block b of a layer's stored tensors: rows of gate and up, columns of down (packed codes, scales and
-    biases sliced at the same neuron range)."""
+    biases, or a GGUF's blocks, sliced at the same neuron range)."""
     n = arrays["gate_proj.weight"][0].shape[0]
     out = {}
     for name, (a, dt) in arrays.items():
         if name.startswith("down_proj"):
-            width = a.shape[1] * BLOCK // n
+            width = a.shape[1] * block // n
             out[name] = (np.ascontiguousarray(a[:, b * width:(b + 1) * width]), dt)
         else:
-            out[name] = (np.ascontiguousarray(a[b * BLOCK:(b + 1) * BLOCK]), dt)
+            out[name] = (np.ascontiguousarray(a[b * block:(b + 1) * block]), dt)
     return out
 
 
@@ -163,7 +168,8 @@ def build(backend, model_dir: Path, spec: ModelSpec, dtype: str, calib_text: str
     """Write the cold tier for (model, backend layout, dtype) unless it exists for these weights; returns its
     folder. Hotness from calibration text when given (the model runs over it once), else from the weights."""
     R = backend.resident
-    kind, key = ("dense", "dense") if spec.quant is None else R.layout(spec, dtype)
+    quantized = spec.quant is not None or bool(spec.gguf)
+    kind, key = R.layout(spec, dtype) if quantized else ("dense", "dense")
     out = folder(model_dir, backend.NAME, key, dtype)
     fp = fingerprint(model_dir, spec)
     if (out / INDEX).is_file():
@@ -174,9 +180,9 @@ def build(backend, model_dir: Path, spec: ModelSpec, dtype: str, calib_text: str
                 return out
         except ValueError:
             pass
-    a = spec.architecture
-    if a.intermediate_size % BLOCK:
-        raise DnError(f"residency needs an MLP size that is a multiple of {BLOCK} (this model: {a.intermediate_size})")
+    a, size = spec.architecture, block_size(spec)
+    if a.intermediate_size % size:
+        raise DnError(f"residency needs an MLP size that is a multiple of {size} (this model: {a.intermediate_size})")
     if spec.codec is not None:
         raise DnError("residency runs on dense and affine-quantized folders; this one is lossless-coded")
     inputs = calibrate.mlp_inputs(backend, model_dir, spec, calib_text) if calib_text else None
@@ -184,21 +190,23 @@ def build(backend, model_dir: Path, spec: ModelSpec, dtype: str, calib_text: str
 
     def layers():
         for i in range(a.num_hidden_layers):
-            arrays = _store_layer(stored, i) if spec.quant is not None else None  # dense: the floats are enough
+            arrays = _store_layer(stored, i) if quantized else None  # dense: the floats are enough
             g, u, d = (_dense_float(arrays, stored, spec, p) for p in mlp_names(i))
             hot = weight_hotness(g, u, d) if inputs is None else activation_hotness(inputs[i], g, u, d, a.mlp_act)
-            order = block_order(hot)
-            blocks = _blocks(R, arrays, (g, u, d), order, spec, dtype)
+            order = block_order(hot, size)
+            blocks = _blocks(R, arrays, None if quantized else (g, u, d), order, spec, dtype, size)
+            del g, u, d
+            own = _layout_of(blocks[0])
             if not layout:
-                layout.extend(_layout_of(blocks[0]))
+                layout.extend(own)
             pieces = []
-            for t, piece in enumerate(layout):
+            for t, piece in enumerate(own):
                 outer, inner = split(piece)
                 pieces.append(np.stack([np.ascontiguousarray(bl[t][0]).view(np.uint8).reshape(outer, inner)
                                         for bl in blocks], axis=1))
             if progress:
                 print(f"\rwriting the cold tier: layer {i + 1}/{a.num_hidden_layers}", end="", file=sys.stderr)
-            yield order, pieces
+            yield order, pieces, own
         if progress:
             print(file=sys.stderr)
 
@@ -206,18 +214,19 @@ def build(backend, model_dir: Path, spec: ModelSpec, dtype: str, calib_text: str
     with contextlib.ExitStack() as files:
         stored = tensors.Shards.open(files, weight_files(model_dir))
         write_cold(out, layers(), layout, {"fingerprint": fp, "backend": backend.NAME, "dtype": dtype,
-                                           "blocks": a.intermediate_size // BLOCK, "part": info,
+                                           "blocks": a.intermediate_size // size, "block": size, "part": info,
                                            "hotness": "calibration" if calib_text else "weights"})
     return out
 
 
-def _blocks(R, arrays: dict, dense: tuple, order: np.ndarray, spec: ModelSpec, dtype: str) -> list[list]:
+def _blocks(R, arrays: dict, dense: tuple | None, order: np.ndarray, spec: ModelSpec, dtype: str,
+            size: int = BLOCK) -> list[list]:
     """A layer's blocks in order, each as the backend computes on it: [(tensor as numpy, the axis blocks join
     along)]. Dense: one bundle [BLOCK, 3, d] (gate rows, up rows, down columns) at dtype (bf16 as its bits), from
-    the layer's float32 projections `dense`; affine: R's layout, per projection."""
-    if spec.quant is not None:
+    the layer's float32 projections `dense`; affine or GGUF blocks: R's layout, per projection."""
+    if dense is None:
         return [[t for p in ("gate_proj", "up_proj", "down_proj")
-                 for t in R.block_arrays(block_slices(arrays, int(b)), p, spec, dtype)] for b in order]
+                 for t in R.block_arrays(block_slices(arrays, int(b), size), p, spec, dtype)] for b in order]
     g, u, d = dense
     out = []
     for b in order:

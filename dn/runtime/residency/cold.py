@@ -5,6 +5,8 @@ names, then renamed); read with its checksums checked on every read."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import hashlib
 import json
 import mmap
@@ -16,6 +18,7 @@ import numpy as np
 
 from dn.core.errors import DnError
 from dn.core.files import atomic_file
+from dn.formats import native
 from dn.model.spec import ModelSpec
 from dn.runtime.residency.plan import BLOCK
 
@@ -27,10 +30,25 @@ INDEX, COLD = "index.json", "cold.bin"
 def checksum(blocks: np.ndarray) -> np.ndarray:
     """Per block of a tensor's bytes laid out [outer, blocks, inner]: the sum of its words (the widest of 8, 4, 2
     or 1 bytes dividing inner), wrapping at 64 bits. Not cryptographic: it catches truncation, bit rot and a file
-    changed underneath, at memory speed."""
-    inner = blocks.shape[2]
+    changed underneath, at memory speed (dn/formats/csrc/checksum.c where built; this is its reference)."""
+    lib = _sums()
+    outer, n, inner = blocks.shape
+    if lib is not None and blocks.strides[1:] == (inner, 1) and n:
+        out = np.empty(n, np.uint64)
+        if lib.dn_block_sums(blocks.ctypes.data, outer, blocks.strides[0], n, inner, out.ctypes.data) == 0:
+            return out
     word = next(w for w in (np.uint64, np.uint32, np.uint16, np.uint8) if inner % np.dtype(w).itemsize == 0)
     return blocks.view(word).sum(axis=(0, 2), dtype=np.uint64)
+
+
+@functools.cache
+def _sums():
+    lib = native.library("checksum")
+    if lib is not None:
+        i64 = ctypes.c_int64
+        lib.dn_block_sums.argtypes, lib.dn_block_sums.restype = [ctypes.c_void_p, i64, i64, i64, i64,
+                                                                 ctypes.c_void_p], ctypes.c_int
+    return lib
 
 
 def folder(model_dir: Path, backend_name: str, layout_key: str, dtype: str) -> Path:
@@ -60,16 +78,19 @@ def split(t: dict) -> tuple[int, int]:
 
 def write_cold(out: Path, layers, layout: list[dict], meta: dict) -> None:
     """Write the cold file and its index into out (temporary names, then renamed; nothing is left half-written:
-    a full disk removes the temporaries and raises DnError). layers yields (order, tensors): tensors[t] is tensor
-    t of every block, uint8 [outer, blocks, inner] (see split), blocks in hotness order, so that the blocks of a
-    run of positions, joined along their block axis, are a view of the file."""
+    a full disk removes the temporaries and raises DnError). layers yields (order, tensors[, layer layout]):
+    tensors[t] is tensor t of every block, uint8 [outer, blocks, inner] (see split), blocks in hotness order, so
+    that the blocks of a run of positions, joined along their block axis, are a view of the file; a layer whose
+    tensors are laid out otherwise than `layout` (a GGUF's down projection of another type) gives its own."""
     out.mkdir(parents=True, exist_ok=True)
     index = {"version": VERSION, "block": BLOCK, "layout": layout, **meta, "layers": []}
     try:  # the inner name is renamed first: the cold file, then the index that describes it
         with atomic_file(out / INDEX) as tmp_index, atomic_file(out / COLD) as tmp_cold:
             with open(tmp_cold, "wb") as f:
-                for order, pieces in layers:
+                for order, pieces, *own in layers:
                     entry = {"order": [int(b) for b in order], "offsets": [], "checksums": []}
+                    if own and own[0] is not None and own[0] != layout:
+                        entry["layout"] = own[0]
                     for p in pieces:  # [outer, blocks, inner]
                         entry["offsets"].append(f.tell())
                         entry["checksums"].append([str(int(c)) for c in checksum(p)])
@@ -106,11 +127,15 @@ class ColdTier:
             raise DnError(f"cold tier file {self.dir / COLD} is {size} bytes, its index says {self.index['size']}: "
                           "truncated or changed; delete the folder to rebuild it")
         self.layout = self.index["layout"]
-        nb = self.index["blocks"]
-        for t in self.layout:
-            t["outer"], t["inner"] = split(t)
-        self.block_bytes = sum(t["outer"] * t["inner"] for t in self.layout)
-        self.blocks = nb
+        self.layouts = [la.get("layout", self.layout) for la in self.index["layers"]]  # each layer's own, or the one
+        for lay in [self.layout, *self.layouts]:
+            for t in lay:
+                t["outer"], t["inner"] = split(t)
+        # one block as held: the mean over layers (a GGUF's down projections differ in type from layer to layer)
+        sizes = [sum(t["outer"] * t["inner"] for t in lay) for lay in self.layouts] or [0]
+        self.block_bytes = -(-sum(sizes) // len(sizes))
+        self.block = self.index.get("block", BLOCK)
+        self.blocks = self.index["blocks"]
         self.sums = [[np.array([int(c) for c in cs], np.uint64) for cs in la["checksums"]]
                      for la in self.index["layers"]]
         self.fetched = 0          # bytes read since the last reset
@@ -120,7 +145,7 @@ class ColdTier:
         return self.index["layers"][layer]["order"]
 
     def _view(self, layer: int, t: int) -> np.ndarray:
-        spec = self.layout[t]
+        spec = self.layouts[layer][t]
         off = self.index["layers"][layer]["offsets"][t]
         return np.frombuffer(self.map, np.uint8, spec["outer"] * self.blocks * spec["inner"], off).reshape(
             spec["outer"], self.blocks, spec["inner"])
@@ -148,10 +173,11 @@ class ColdTier:
         pos = np.asarray(positions, np.int64)
         if not pos.size:
             return None
-        self._advise(layer, _POPULATE_READ)  # map the pages in one call: faulting them in one by one costs more
         runs = np.split(pos, np.flatnonzero(np.diff(pos) != 1) + 1)
+        for r in runs:  # map the pages in one call: faulting them in one by one costs more
+            self._populate(layer, int(r[0]), int(r[-1]) + 1)
         out = []
-        for t, spec in enumerate(self.layout):
+        for t, spec in enumerate(self.layouts[layer]):
             raw = [self._read(layer, t, int(r[0]), int(r[-1]) + 1) for r in runs]
             raw = raw[0] if len(raw) == 1 else np.concatenate(raw, axis=1)
             if copy and len(runs) == 1:  # one run is a view of the file's pages; concatenate already copied
@@ -164,18 +190,26 @@ class ColdTier:
             self.release(layer)
         return out
 
-    def _advise(self, layer: int, advice: int) -> None:
+    def _populate(self, layer: int, start: int, stop: int) -> None:
+        """Map blocks [start, stop) of a layer: each tensor's run where its blocks are whole ([1, blocks, inner]),
+        else the tensor's span (only the run's pages are needed, but they lie in every row)."""
         la = self.index["layers"][layer]
-        start = la["offsets"][0] // mmap.PAGESIZE * mmap.PAGESIZE
-        end = self.index["layers"][layer + 1]["offsets"][0] if layer + 1 < len(self.index["layers"]) \
-            else self.index["size"]
+        for t, spec in enumerate(self.layouts[layer]):
+            off, n = la["offsets"][t], spec["outer"] * self.blocks * spec["inner"]
+            a, b = (off + start * spec["inner"], off + stop * spec["inner"]) if spec["outer"] == 1 else (off, off + n)
+            self._madvise(_POPULATE_READ, a, b)
+
+    def _madvise(self, advice: int, start: int, end: int) -> None:
+        start = start // mmap.PAGESIZE * mmap.PAGESIZE
         if end > start and hasattr(self.map, "madvise"):
             with contextlib.suppress(OSError):  # an older kernel without MADV_POPULATE_READ: pages fault in
                 self.map.madvise(advice, start, end - start)
 
     def release(self, layer: int) -> None:
         """Unmap a layer's pages from the process (they stay in the OS page cache)."""
-        self._advise(layer, mmap.MADV_DONTNEED)
+        end = self.index["layers"][layer + 1]["offsets"][0] if layer + 1 < len(self.index["layers"]) \
+            else self.index["size"]
+        self._madvise(mmap.MADV_DONTNEED, self.index["layers"][layer]["offsets"][0], end)
 
     def drop_cache(self) -> None:
         """Evict the file from the OS page cache, so the next reads come from the disk (flash on a Mac)."""

@@ -8,33 +8,44 @@ import numpy as np
 
 from dn.model.spec import ModelSpec
 from dn.runtime.residency.cold import ColdTier
-from dn.runtime.residency.plan import BLOCK, Plan
+from dn.runtime.residency.plan import Plan
 
 
 def part_info(spec: ModelSpec, dtype: str, kind: str) -> dict:
-    """What blocks read together need to compute, kept in the cold file's index (kind: dense, or R.layout's)."""
-    q = spec.quant or {}
-    return {"kind": kind, "dtype": dtype, "d": spec.architecture.hidden_size,
-            "bits": q.get("bits"), "group_size": q.get("group_size"), "act": spec.architecture.mlp_act}
+    """What blocks read together need to compute, kept in the cold file's index (kind: dense, or R.layout's; a
+    GGUF's block types of gate, up and down per layer)."""
+    q, a = spec.quant or {}, spec.architecture
+    info = {"kind": kind, "dtype": dtype, "d": a.hidden_size,
+            "bits": q.get("bits"), "group_size": q.get("group_size"), "act": a.mlp_act}
+    if spec.gguf:
+        info["types"] = [[spec.gguf[f"model.layers.{i}.mlp.{p}_proj"] for p in ("gate", "up", "down")]
+                         for i in range(a.num_hidden_layers)]
+    return info
+
+
+def layer_info(info: dict, layer: int) -> dict:
+    """The index's part info for one layer (its GGUF types, where the index has them per layer)."""
+    return info | {"types": info["types"][layer]} if "types" in info else info
 
 
 class ResidentMLP:
     """One layer's MLP under a plan. A part is k blocks read together, made backend arrays by R.join: a bundle
-    [k*BLOCK, 3, d] (dense), or per projection (weight, scales, biases) for R.matmul."""
+    [k*block, 3, d] (dense), or per projection (weight, scales, biases) for R.matmul."""
 
     def __init__(self, R, tier: ColdTier, layer: int, plan: Plan, runtime, sparse=None):
         self.R, self.ops, self.tier, self.layer, self.plan, self.rt = R, R.ops, tier, layer, plan, runtime
-        self.info = tier.index["part"]
+        self.info = layer_info(tier.index["part"], layer)
         self.dense = self.info["kind"] == "dense"
-        self.h, self.n_blocks = plan.hot[layer], plan.blocks
+        self.h, self.n_blocks, self.block = plan.hot[layer], plan.blocks, plan.block
         self.order = np.asarray(tier.order(layer))
-        self.hot = self._part(tier.read(layer, 0, self.h, copy=True)) if self.h else None
+        self.hot = self._part(tier.read(layer, 0, self.h, copy=True), held=True) if self.h else None
         self.y0 = None              # per-sequence: the answer for the neurons outside the selected set
         self.sparse = sparse        # sparse mode: the layer's router and prior (dn.runtime.sparse_mlp.SparseMLP)
         self._perm = self._c = None
 
-    def _part(self, arrays):
-        return None if arrays is None else self.R.join(arrays, self.info)
+    def _part(self, arrays, held: bool = False):
+        """held: kept resident (the backend may lay it out for every token's use)."""
+        return None if arrays is None else self.R.join(arrays, self.info, held)
 
     def _matmul(self, part, j: int, x):
         return self.R.matmul(x, *part[j], self.info)
@@ -102,17 +113,17 @@ class ResidentMLP:
         every = self._part(self.tier.read(self.layer, 0, self.n_blocks))
         a = self._acts(every, x[:p])                                # [p, n] in file order
         a_np = self._numpy(a)
-        score = (a_np.astype(np.float32) ** 2).sum(0).reshape(self.n_blocks, BLOCK).sum(1)
+        score = (a_np.astype(np.float32) ** 2).sum(0).reshape(self.n_blocks, self.block).sum(1)
         keep = np.sort(np.argsort(-score, kind="stable")[:self.h])  # file positions
         mean = a_np.mean(0)
         y_prompt = self._down(every, a)
         # y0 = D m - D[:, kept] m[kept]: the prompt's mean output less what the kept neurons add at their mean
-        sel = np.zeros(self.n_blocks * BLOCK, bool)
-        sel.reshape(self.n_blocks, BLOCK)[keep] = True
+        sel = np.zeros(self.n_blocks * self.block, bool)
+        sel.reshape(self.n_blocks, self.block)[keep] = True
         rest = np.where(sel, 0, mean).astype(np.float32)[None]
         self.y0 = self._down(every, self._array(rest, a))
         del every
-        self.hot = self._part(self.tier.read_positions(self.layer, keep, copy=True))
+        self.hot = self._part(self.tier.read_positions(self.layer, keep, copy=True), held=True)
         if p == t:
             return y_prompt
         rest_y = self._down(self.hot, self._acts(self.hot, x[p:])) + self.y0
@@ -126,10 +137,10 @@ class ResidentMLP:
         est = s.estimate(x)
         keep = s.route(x, est)
         if self._perm is None:   # file position -> neuron id, and the prior's constants in file order
-            self._perm = (self.order[:, None] * BLOCK + np.arange(BLOCK)).reshape(-1)
+            self._perm = (self.order[:, None] * self.block + np.arange(self.block)).reshape(-1)
             self._c = self._numpy(s.prior_c)[self._perm]
         m = self._numpy(keep)[:, self._perm] > 0                  # [T, n] in file order
-        used = m.reshape(m.shape[0], self.n_blocks, BLOCK).any(axis=(0, 2))
+        used = m.reshape(m.shape[0], self.n_blocks, self.block).any(axis=(0, 2))
         cold = np.flatnonzero(used[self.h:]) + self.h
         self.rt.hits += int(used[:self.h].sum())
         self.rt.misses += int(cold.size)
@@ -138,7 +149,7 @@ class ResidentMLP:
             if not pos.size:
                 continue
             part = part or self._part(self.tier.read_positions(self.layer, pos))
-            cols = (pos[:, None] * BLOCK + np.arange(BLOCK)).reshape(-1)
+            cols = (pos[:, None] * self.block + np.arange(self.block)).reshape(-1)
             gate = self._array(np.where(m[:, cols], 1.0, 0.0).astype(np.float32), x)
             y = y + self._down(part, (self._acts(part, x) - self._array(self._c[cols], x)) * gate)
         if s.sketch:

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from dn.core import activations
 from dn.core.errors import DnError
+from dn.formats import gguf_blocks
 from dn.model import store
 from dn.model.spec import DTYPE_BYTES, ModelSpec
 
@@ -28,6 +30,8 @@ class Plan:
     layers: int
     hot: list[int] = field(default_factory=list)   # resident blocks per layer
     buffer_blocks: int = 0       # blocks of read buffer (the largest cold run of a layer)
+    block: int = BLOCK           # neurons per block (block_size)
+    cold_embedding: bool = False  # an untied input embedding read a row per token from the file, not held
 
     @property
     def minimum(self) -> int:
@@ -48,16 +52,19 @@ class Plan:
 
     def lines(self) -> list[str]:
         mib = lambda n: f"{n / 2**20:.1f} MiB ({100 * n / self.dense_bf16:.1f}% of dense bf16)"
+        fixed = "lm_head, attention, norms" if self.cold_embedding else "embedding/lm_head, attention, norms"
         return [f"residency plan ({self.mode}): budget {mib(self.budget)}",
-                f"  resident, fixed (embedding/lm_head, attention, norms): {mib(self.fixed)}",
+                f"  resident, fixed ({fixed}): {mib(self.fixed)}",
                 *([f"  resident, sparse routers and priors: {mib(self.side)}"] if self.side else []),
                 f"  resident MLP blocks: {sum(self.hot)} of {self.blocks * self.layers} "
                 f"({100 * self.hot_fraction:.0f}%, {min(self.hot)}-{max(self.hot)} of {self.blocks} per layer, "
-                f"{BLOCK} neurons each): {mib(sum(self.hot) * self.block_bytes)}",
+                f"{self.block} neurons each): {mib(sum(self.hot) * self.block_bytes)}",
                 f"  read buffer: {self.buffer_blocks} blocks: {mib(self.buffer_blocks * self.block_bytes)}",
                 f"  planned total: {mib(self.resident)}; minimum for this model: {mib(self.minimum)}",
                 "  cold: the other MLP blocks, read from the cold file on demand (what the OS page cache keeps of "
-                "it is not counted: it is not the process's memory)"]
+                "it is not counted: it is not the process's memory)",
+                *(["  cold: the input embedding's rows, read from the model file per token (untied: the lm_head "
+                   "stays resident, every token reads all of it)"] if self.cold_embedding else [])]
 
 
 def dense_bf16(spec: ModelSpec) -> int:
@@ -65,17 +72,37 @@ def dense_bf16(spec: ModelSpec) -> int:
     return store.dense_bytes(spec, "bfloat16")
 
 
+def block_size(spec: ModelSpec) -> int:
+    """Neurons per block: BLOCK, or for a native GGUF folder the least multiple of BLOCK that holds whole blocks of
+    every MLP type along the down projection's columns (256 for the k-quants' super-blocks)."""
+    size = BLOCK
+    for path, kind in (spec.gguf or {}).items():
+        if ".mlp." in path:
+            size = math.lcm(size, gguf_blocks.TYPES[kind][1])
+    return size
+
+
+def cold_embedding(spec: ModelSpec) -> bool:
+    """Residency over a native GGUF folder reads an untied input embedding's rows from the file per token (a token
+    reads one row; dn.model.store.mapped): it is not held."""
+    return bool(store.mapped(spec))
+
+
 def fixed_bytes(spec: ModelSpec, dtype: str) -> int:
-    """Bytes of everything but the MLP projections, as held at dtype (dn.model.store's accounting)."""
+    """Bytes of everything but the MLP projections (and a cold input embedding), as held at dtype (dn.model.store's
+    accounting)."""
     total = store.resident_bytes(spec, dtype)
-    mlp = store.held_bytes(spec, dtype, lambda e: e.role == "mlp")
+    cold = store.mapped(spec) if cold_embedding(spec) else set()
+    mlp = store.held_bytes(spec, dtype, lambda e: e.role == "mlp" or e.name in cold)
     return total["total"] - total["sparse"] - mlp
 
 
 def block_bytes(spec: ModelSpec, dtype: str) -> int:
-    """One block as accounted (dn.model.store), for a plan made without the cold file (dn footprint --no-measure)."""
-    layer = store.held_bytes(spec, dtype, lambda e: e.name.startswith("model.layers.0.mlp."))
-    return layer * BLOCK // spec.architecture.intermediate_size
+    """One block as accounted (dn.model.store), the mean over layers, for a plan made without the cold file (dn
+    footprint --no-measure)."""
+    mlp = store.held_bytes(spec, dtype, lambda e: e.role == "mlp")
+    a = spec.architecture
+    return math.ceil(mlp * block_size(spec) / (a.intermediate_size * a.num_hidden_layers))
 
 
 def make_plan(spec: ModelSpec, dtype: str, budget: int, mode: str, block_bytes: int) -> Plan:
@@ -86,10 +113,12 @@ def make_plan(spec: ModelSpec, dtype: str, budget: int, mode: str, block_bytes: 
     if mode == "sparse" and spec.sparse is None:
         raise DnError("residency mode 'sparse' needs a sparse model (dn convert --sparsity S): this one has no router")
     a = spec.architecture
-    n_layers, blocks = a.num_hidden_layers, a.intermediate_size // BLOCK
+    size = block_size(spec)
+    n_layers, blocks = a.num_hidden_layers, a.intermediate_size // size
     side = spec.sparse["num_layers"] * store.sparse_side(spec.sparse, DTYPE_BYTES[dtype])["held"] \
         if mode == "sparse" else 0
-    plan = Plan(mode, budget, dense_bf16(spec), fixed_bytes(spec, dtype), side, block_bytes, blocks, n_layers)
+    plan = Plan(mode, budget, dense_bf16(spec), fixed_bytes(spec, dtype), side, block_bytes, blocks, n_layers,
+                block=size, cold_embedding=cold_embedding(spec))
     if budget < plan.minimum:
         raise DnError(f"--max-resident {budget / 2**20:.1f} MiB is below this model's minimum of "
                       f"{plan.minimum / 2**20:.1f} MiB ({100 * plan.minimum / plan.dense_bf16:.1f}% of dense bf16: "
@@ -124,6 +153,6 @@ def activation_hotness(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np
     return np.abs(a).mean(0) * np.linalg.norm(down, axis=0)
 
 
-def block_order(hot: np.ndarray) -> np.ndarray:
+def block_order(hot: np.ndarray, block: int = BLOCK) -> np.ndarray:
     """Per-neuron hotness [n] -> block ids, hottest first."""
-    return np.argsort(-hot.reshape(-1, BLOCK).sum(1), kind="stable")
+    return np.argsort(-hot.reshape(-1, block).sum(1), kind="stable")
