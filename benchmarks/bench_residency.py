@@ -132,6 +132,18 @@ def run_point(job: dict, env: dict) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def native_jobs(args, folders: dict) -> list[dict]:
+    """--native: a GGUF's native folder (its own blocks) fully resident and under each budget (torch: residency over
+    GGUF blocks), plus the first budget with --prefetch (speed only)."""
+    base = {"text": args.text, "calib": args.calib_text, "ctx": args.ctx, "decode": args.decode,
+            "agree_tokens": args.agree_tokens, "prefetch": False, "store": "native", "folder": str(folders["native"]),
+            "backend": "torch", "mode": "exact", "tokens": args.tokens, "quality": not args.skip_quality,
+            "speed": True}
+    budgets = [f"{b}%" for b in args.budgets.split(",") if b != "100"]
+    return [base | {"budget": None}] + [base | {"budget": b} for b in budgets] + \
+        [base | {"budget": budgets[0], "quality": False, "prefetch": True, "label": "exact+prefetch"}]
+
+
 def jobs(args, folders: dict) -> list[dict]:
     base = {"text": args.text, "calib": args.calib_text, "ctx": args.ctx, "decode": args.decode,
             "agree_tokens": args.agree_tokens, "prefetch": False}
@@ -182,13 +194,14 @@ def relate(records: list[dict]) -> None:
         q4 = find("q4g32e8", r["backend"])
         dense = find("dense", r["backend"])
         q = r.get("quality")
-        if q and dense and dense.get("quality"):
+        if q:
             r["ppl"] = math.exp(q["nll"])
+        if q and dense and dense.get("quality"):
             r["ppl_delta_pct"] = 100 * (math.exp(q["nll"] - dense["quality"]["nll"]) - 1)
             r["tail_ppl_delta_pct"] = 100 * (math.exp(q["tail_nll"] - dense["quality"]["tail_nll"]) - 1)
-            if base and base.get("quality"):
-                r["ppl_delta_vs_store_pct"] = 100 * (math.exp(q["nll"] - base["quality"]["nll"]) - 1)
-                r["same_tokens_as_store"] = q["greedy"] == base["quality"]["greedy"]
+        if q and base and base.get("quality"):
+            r["ppl_delta_vs_store_pct"] = 100 * (math.exp(q["nll"] - base["quality"]["nll"]) - 1)
+            r["same_tokens_as_store"] = q["greedy"] == base["quality"]["greedy"]
         s = r.get("speed")
         if s:
             for key in ("cached", "dropped"):
@@ -233,6 +246,31 @@ def table(records: list[dict]) -> str:
         lines.append(f"{name} {mem} | {dppl} | {sp} | {_f(c.get('speed_vs_q4g32e8'), '{:.2f}x', 1)} | "
                      f"{'–' if fetched is None else f'{fetched / 2**20:.1f} MiB ({scope})'} | "
                      f"{'–' if cold is None else f'{cold / 2**20:.1f} MiB'} | {_f(c.get('hit_rate'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def native_table(records: list[dict]) -> str:
+    """--native: each budget against the same GGUF fully resident (exact mode: the same model)."""
+    mib = lambda b: "–" if b is None else f"{b / 2**20:.1f}"
+    lines = ["| budget | mode | measured resident MiB (load / gen. peak / median) | % of dense bf16 (gen. peak) | "
+             "ppl (Δ vs all resident) | same greedy tokens | decode tok/s cached (vs all) | dropped (vs all) | "
+             "read per decode step | hit rate |", "|" + "---|" * 10]
+    for r in records:
+        name = f"| {r['budget'] or 'all'} | {r.get('label', r['mode'])} |"
+        if "error" in r:
+            lines.append(f"{name} {r['error']} |" + " |" * 7)
+            continue
+        s, q = r.get("speed") or {}, r.get("quality") or {}
+        c, d = s.get("cached", {}), s.get("dropped", {})
+        ph = s or q
+        mem = " / ".join(mib(x) for x in (ph.get("measured_resident_bytes"), c.get("resident_peak_bytes"),
+                                           c.get("resident_median_bytes")))
+        ppl = "–" if "ppl" not in r else \
+            f"{r['ppl']:.3f} ({_f(r.get('ppl_delta_vs_store_pct'), '{:+.3f}%', 1)})"
+        speed = lambda x: "–" if not x else f"{x['tokens_per_s']:.2f} ({_f(x.get('speed_vs_store'), '{:.2f}x', 1)})"
+        fetched = c.get("fetched_bytes_per_token")
+        lines.append(f"{name} {mem} | {_f(r.get('peak_fraction'))} | {ppl} | {r.get('same_tokens_as_store', '–')} | "
+                     f"{speed(c)} | {speed(d)} | {mib(fetched)} MiB | {_f(c.get('hit_rate'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -282,6 +320,9 @@ def main() -> int:
     p.add_argument("--markdown", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("--from-json", default=None, help="write --markdown/--plot from an earlier run's JSON")
+    p.add_argument("--native", action="store_true",
+                   help="the model's native GGUF folder fully resident and under --budgets (torch), not the stores")
+    p.add_argument("--skip-quality", action="store_true", help="--native: speed and memory only")
     args = p.parse_args()
     if args.from_json:
         records = json.loads(Path(args.from_json).read_text())["records"]
@@ -292,27 +333,33 @@ def main() -> int:
         return 0
 
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    model_dir = resolve_model(args.model)
-    folders = {s: folder(s, model_dir, Path(args.cache), args.calib_text, env) for s in STORES}
+    if args.native:
+        folders = {"native": resolve_model(args.model)}
+        todo = native_jobs(args, folders)
+    else:
+        model_dir = resolve_model(args.model, dense=True)  # every store is converted from the dense form
+        folders = {s: folder(s, model_dir, Path(args.cache), args.calib_text, env) for s in STORES}
+        todo = jobs(args, folders)
     records = []
-    todo = jobs(args, folders)
     for i, job in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}] {job['backend']} {job['store']} {job['mode']} {job['budget']}", file=sys.stderr)
         records.append({k: job[k] for k in ("backend", "store", "mode", "budget")} |
                        ({"label": job["label"]} if "label" in job else {}) | run_point(job, env))
         relate(records)
-        result = timing.report(records, threads=args.threads, text=Path(args.text).name)
+        result = timing.report(records, threads=args.threads, text=Path(args.text).name, model=args.model,
+                               native=args.native, loadavg=os.getloadavg())
         if args.json:
             timing.write(result, args.json)
     return outputs(records, args)
 
 
 def outputs(records: list[dict], args) -> int:
+    text = native_table(records) if args.native else table(records)
     if args.markdown:
-        Path(args.markdown).write_text(table(records))
-    if args.plot:
+        Path(args.markdown).write_text(text)
+    if args.plot and not args.native:
         plot(records, args.plot)
-    print(table(records))
+    print(text)
     return 0
 
 
