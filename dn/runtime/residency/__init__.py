@@ -245,7 +245,7 @@ def open_runtime(backend, model_dir: Path, spec: ModelSpec, dtype: str, budget: 
                  calib_text: str | None = None, prefetch: bool = False) -> Runtime:
     """Build the cold tier if needed, plan the budget and open the tier; the backend's load then installs a
     ResidentMLP per layer (Runtime.mlps)."""
-    path = build(backend, model_dir, spec, dtype, calib_text)
+    path = build(backend, model_dir, spec, dtype, calib_text, progress=sys.stderr.isatty())  # a bar on a terminal only
     tier = ColdTier(path)
     plan = make_plan(spec, dtype, budget, mode, tier.block_bytes)
     (path / f"plan-{mode}-{budget}.json").write_text(json.dumps(plan.summary(), indent=1))
