@@ -18,6 +18,7 @@ from dn_torch import gguf, quant
 from dn_torch import ops as ops  # re-exported: the array ops the resident MLP computes with
 
 GGUF = True  # lays out a native GGUF folder's blocks (dn_mlx's runs the GGUF's widening under a budget)
+JOIN_IN_WORKER = True  # a prefetch thread may make tensors of blocks and lay them out (join(held=True))
 
 
 def layout(spec: ModelSpec, dtype: str) -> tuple[str, str]:

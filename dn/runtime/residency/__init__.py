@@ -87,7 +87,8 @@ class Runtime:
 
     def prefetch_next(self, layer: int) -> None:
         """Exact mode: read (map and checksum) the next layer's cold blocks on a worker thread while this layer
-        computes; the page faults and the checksum pass then overlap the compute (they release the GIL)."""
+        computes; the page faults and the checksum pass then overlap the compute (they release the GIL). Where the
+        backend joins blocks off its main thread (R.JOIN_IN_WORKER), the worker lays them out too."""
         if not self.prefetch:
             return
         nxt = (layer + 1) % self.plan.layers
@@ -96,7 +97,10 @@ class Runtime:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="dn-prefetch")
-        self._next[nxt] = self._pool.submit(self.tier.read, nxt, start, self.plan.blocks)
+        if getattr(self.R, "JOIN_IN_WORKER", False) and nxt < len(self.mlps):
+            self._next[nxt] = self._pool.submit(self.mlps[nxt].read_cold, True)
+        else:
+            self._next[nxt] = self._pool.submit(self.tier.read, nxt, start, self.plan.blocks)
 
     def take(self, layer: int):
         got = self._next.pop(layer, None)
@@ -247,7 +251,7 @@ def open_runtime(backend, model_dir: Path, spec: ModelSpec, dtype: str, budget: 
     ResidentMLP per layer (Runtime.mlps)."""
     path = build(backend, model_dir, spec, dtype, calib_text, progress=sys.stderr.isatty())  # a bar on a terminal only
     tier = ColdTier(path)
-    plan = make_plan(spec, dtype, budget, mode, tier.block_bytes)
+    plan = make_plan(spec, dtype, budget, mode, tier.block_bytes, buffers=2 if prefetch and mode == "exact" else 1)
     (path / f"plan-{mode}-{budget}.json").write_text(json.dumps(plan.summary(), indent=1))
     return Runtime(tier, plan, backend.resident, prefetch)
 

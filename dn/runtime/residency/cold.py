@@ -66,6 +66,10 @@ def fingerprint(model_dir: Path, spec: ModelSpec) -> str:
     return h.hexdigest()[:16]
 
 
+_libc = None
+with contextlib.suppress(OSError, AttributeError):  # mincore: POSIX; without it every read is checked
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if os.uname().sysname == "Linux" else mmap.MADV_WILLNEED)
 
 
@@ -140,6 +144,10 @@ class ColdTier:
                      for la in self.index["layers"]]
         self.fetched = 0          # bytes read since the last reset
         self._lock = threading.Lock()
+        st = os.fstat(self.fd)
+        self.identity = (st.st_size, st.st_mtime_ns, st.st_ino)
+        self.checked = set()      # runs (layer, tensor, start, stop) whose checksums held since the file was opened
+        self.base = np.frombuffer(self.map, np.uint8, 1).ctypes.data if self.map is not None else 0  # no export kept
 
     def order(self, layer: int) -> list[int]:
         return self.index["layers"][layer]["order"]
@@ -150,16 +158,48 @@ class ColdTier:
         return np.frombuffer(self.map, np.uint8, spec["outer"] * self.blocks * spec["inner"], off).reshape(
             spec["outer"], self.blocks, spec["inner"])
 
-    def _read(self, layer: int, t: int, start: int, stop: int) -> np.ndarray:
-        """Tensor t of blocks [start, stop) -> uint8 [outer, stop - start, inner], a view of the mapping, checked."""
+    def _read(self, layer: int, t: int, start: int, stop: int, cached: bool = False) -> np.ndarray:
+        """Tensor t of blocks [start, stop) -> uint8 [outer, stop - start, inner], a view of the mapping, checked.
+        cached: its pages were all in the OS page cache before this read, so none came from the disk now: a run
+        checked since the file was opened, in a file unchanged since (size, mtime, inode), is not summed again."""
         v = self._view(layer, t)[:, start:stop]
-        bad = np.flatnonzero(checksum(v) != self.sums[layer][t][start:stop])
-        if bad.size:
-            raise DnError(f"cold tier file {self.dir / COLD}: block {start + int(bad[0])} of layer {layer} fails "
-                          "its checksum (changed underneath?); delete the folder to rebuild it")
+        key = (layer, t, start, stop)
+        if not (cached and key in self.checked and self._unchanged()):
+            bad = np.flatnonzero(checksum(v) != self.sums[layer][t][start:stop])
+            if bad.size:
+                raise DnError(f"cold tier file {self.dir / COLD}: block {start + int(bad[0])} of layer {layer} fails "
+                              "its checksum (changed underneath?); delete the folder to rebuild it")
+            self.checked.add(key)
         with self._lock:
             self.fetched += v.size
         return v
+
+    def _unchanged(self) -> bool:
+        """The file is the one opened (a writer in place changes its mtime): else every check starts again."""
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ino) == self.identity:
+            return True
+        self.checked.clear()
+        return False
+
+    def _span(self, layer: int, t: int, start: int, stop: int) -> tuple[int, int]:
+        """Bytes of the file blocks [start, stop) of tensor t lie in: the run where its blocks are whole
+        ([1, blocks, inner]), else the tensor's span (the run lies in every row)."""
+        spec, off = self.layouts[layer][t], self.index["layers"][layer]["offsets"][t]
+        if spec["outer"] == 1:
+            return off + start * spec["inner"], off + stop * spec["inner"]
+        return off, off + spec["outer"] * self.blocks * spec["inner"]
+
+    def _in_page_cache(self, start: int, end: int) -> bool:
+        """Whether every page of bytes [start, end) is in the OS page cache (mincore; False where unknown)."""
+        start = start // mmap.PAGESIZE * mmap.PAGESIZE
+        n = -(-(end - start) // mmap.PAGESIZE)
+        if _libc is None or self.map is None or n <= 0:
+            return False
+        vec = (ctypes.c_ubyte * n)()
+        if _libc.mincore(ctypes.c_void_p(self.base + start), ctypes.c_size_t(end - start), vec) != 0:
+            return False
+        return all(b & 1 for b in bytes(vec))
 
     def read(self, layer: int, start: int, stop: int, copy: bool = False) -> list[np.ndarray] | None:
         """Blocks [start, stop) of a layer (file positions, hotness order) -> each tensor of those blocks joined
@@ -173,12 +213,15 @@ class ColdTier:
         pos = np.asarray(positions, np.int64)
         if not pos.size:
             return None
-        runs = np.split(pos, np.flatnonzero(np.diff(pos) != 1) + 1)
-        for r in runs:  # map the pages in one call: faulting them in one by one costs more
-            self._populate(layer, int(r[0]), int(r[-1]) + 1)
+        runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(pos, np.flatnonzero(np.diff(pos) != 1) + 1)]
+        tensors = range(len(self.layouts[layer]))
+        cached = {(t, r): self._in_page_cache(*self._span(layer, t, *r)) for t in tensors for r in runs}
+        for t in tensors:  # map the pages in one call: faulting them in one by one costs more
+            for r in runs:
+                self._madvise(_POPULATE_READ, *self._span(layer, t, *r))
         out = []
         for t, spec in enumerate(self.layouts[layer]):
-            raw = [self._read(layer, t, int(r[0]), int(r[-1]) + 1) for r in runs]
+            raw = [self._read(layer, t, *r, cached[t, r]) for r in runs]
             raw = raw[0] if len(raw) == 1 else np.concatenate(raw, axis=1)
             if copy and len(runs) == 1:  # one run is a view of the file's pages; concatenate already copied
                 raw = np.array(raw, order="C", copy=True)
@@ -189,15 +232,6 @@ class ColdTier:
         if copy:
             self.release(layer)
         return out
-
-    def _populate(self, layer: int, start: int, stop: int) -> None:
-        """Map blocks [start, stop) of a layer: each tensor's run where its blocks are whole ([1, blocks, inner]),
-        else the tensor's span (only the run's pages are needed, but they lie in every row)."""
-        la = self.index["layers"][layer]
-        for t, spec in enumerate(self.layouts[layer]):
-            off, n = la["offsets"][t], spec["outer"] * self.blocks * spec["inner"]
-            a, b = (off + start * spec["inner"], off + stop * spec["inner"]) if spec["outer"] == 1 else (off, off + n)
-            self._madvise(_POPULATE_READ, a, b)
 
     def _madvise(self, advice: int, start: int, end: int) -> None:
         start = start // mmap.PAGESIZE * mmap.PAGESIZE

@@ -70,12 +70,18 @@ class ResidentMLP:
         return self.ops.cast(self.ops.from_numpy(a, like), like)
 
     # exact ----------------------------------------------------------------------------------------------
+    def read_cold(self, held: bool = False):
+        """This layer's cold blocks read and joined (held: laid out as resident ones, on a prefetch worker)."""
+        return self._part(self.tier.read(self.layer, self.h, self.n_blocks), held)
+
     def _cold(self):
-        """This layer's cold blocks as one part: prefetched, or read now."""
+        """This layer's cold blocks as one part: prefetched (read, or read and joined), or read now."""
         if self.h == self.n_blocks:
             return None
-        recs = self.rt.take(self.layer)
-        return self._part(recs if recs is not None else self.tier.read(self.layer, self.h, self.n_blocks))
+        got = self.rt.take(self.layer)
+        if got is None:
+            return self.read_cold()
+        return self._part(got) if isinstance(got, list) and isinstance(got[0], np.ndarray) else got
 
     def __call__(self, x):
         shape = x.shape

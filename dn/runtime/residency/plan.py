@@ -29,14 +29,15 @@ class Plan:
     blocks: int                  # per layer
     layers: int
     hot: list[int] = field(default_factory=list)   # resident blocks per layer
-    buffer_blocks: int = 0       # blocks of read buffer (the largest cold run of a layer)
+    buffer_blocks: int = 0       # blocks of read buffer (the largest cold run of a layer, times buffers)
+    buffers: int = 1             # cold runs held at once: 2 with prefetch (the next layer's, read ahead)
     block: int = BLOCK           # neurons per block (block_size)
     cold_embedding: bool = False  # an untied input embedding read a row per token from the file, not held
 
     @property
     def minimum(self) -> int:
-        """No block resident: one layer's blocks read at a time."""
-        return self.fixed + self.side + self.blocks * self.block_bytes
+        """No block resident: one layer's blocks read at a time (two with prefetch)."""
+        return self.fixed + self.side + self.buffers * self.blocks * self.block_bytes
 
     @property
     def resident(self) -> int:
@@ -59,7 +60,9 @@ class Plan:
                 f"  resident MLP blocks: {sum(self.hot)} of {self.blocks * self.layers} "
                 f"({100 * self.hot_fraction:.0f}%, {min(self.hot)}-{max(self.hot)} of {self.blocks} per layer, "
                 f"{self.block} neurons each): {mib(sum(self.hot) * self.block_bytes)}",
-                f"  read buffer: {self.buffer_blocks} blocks: {mib(self.buffer_blocks * self.block_bytes)}",
+                f"  read buffer: {self.buffer_blocks} blocks"
+                f"{' (this layer and the next, read ahead)' if self.buffers == 2 else ''}: "
+                f"{mib(self.buffer_blocks * self.block_bytes)}",
                 f"  planned total: {mib(self.resident)}; minimum for this model: {mib(self.minimum)}",
                 "  cold: the other MLP blocks, read from the cold file on demand (what the OS page cache keeps of "
                 "it is not counted: it is not the process's memory)",
@@ -105,9 +108,10 @@ def block_bytes(spec: ModelSpec, dtype: str) -> int:
     return math.ceil(mlp * block_size(spec) / (a.intermediate_size * a.num_hidden_layers))
 
 
-def make_plan(spec: ModelSpec, dtype: str, budget: int, mode: str, block_bytes: int) -> Plan:
+def make_plan(spec: ModelSpec, dtype: str, budget: int, mode: str, block_bytes: int, buffers: int = 1) -> Plan:
     """Fill the budget with the hottest blocks, spread evenly over layers (files keep each layer's blocks in
-    hotness order, so a layer's resident set is its first `hot` blocks). Raises DnError below the minimum."""
+    hotness order, so a layer's resident set is its first `hot` blocks). Raises DnError below the minimum.
+    buffers: cold runs held at once (2 when the next layer's is read ahead)."""
     if mode not in MODES:
         raise DnError(f"unknown residency mode {mode!r} (choose from {', '.join(MODES)})")
     if mode == "sparse" and spec.sparse is None:
@@ -118,22 +122,22 @@ def make_plan(spec: ModelSpec, dtype: str, budget: int, mode: str, block_bytes: 
     side = spec.sparse["num_layers"] * store.sparse_side(spec.sparse, DTYPE_BYTES[dtype])["held"] \
         if mode == "sparse" else 0
     plan = Plan(mode, budget, dense_bf16(spec), fixed_bytes(spec, dtype), side, block_bytes, blocks, n_layers,
-                block=size, cold_embedding=cold_embedding(spec))
+                buffers=buffers, block=size, cold_embedding=cold_embedding(spec))
     if budget < plan.minimum:
         raise DnError(f"--max-resident {budget / 2**20:.1f} MiB is below this model's minimum of "
                       f"{plan.minimum / 2**20:.1f} MiB ({100 * plan.minimum / plan.dense_bf16:.1f}% of dense bf16: "
-                      f"embedding/lm_head, attention, norms{', routers, priors' if side else ''} and one layer's "
-                      f"MLP read at a time, {dtype})")
-    # h resident blocks in each of L layers and a buffer of (blocks - h): fixed + side + (L h + blocks - h) B
-    spare = (budget - plan.fixed - side) // block_bytes - blocks
-    if spare >= (n_layers - 1) * blocks:
+                      f"embedding/lm_head, attention, norms{', routers, priors' if side else ''} and "
+                      f"{'two layers' if buffers == 2 else 'one layer'}'s MLP read at a time, {dtype})")
+    # h resident blocks in each of L layers and b buffers of (blocks - h): fixed + side + (L h + b (blocks - h)) B
+    b = buffers
+    spare = (budget - plan.fixed - side) // block_bytes - b * blocks
+    if spare >= (n_layers - b) * blocks:
         plan.hot, plan.buffer_blocks = [blocks] * n_layers, 0
         return plan
-    h, extra = divmod(spare, n_layers - 1) if n_layers > 1 else (blocks, 0)
-    h = min(h, blocks - 1)
-    extra = min(spare - h * (n_layers - 1), n_layers - 1)  # layers that hold one block more than the others
+    h = min(spare // (n_layers - b), blocks - 1) if n_layers > b else 0
+    extra = min(spare - h * (n_layers - b), n_layers - 1)  # layers that hold one block more than the others
     plan.hot = [h + 1 if i < extra else h for i in range(n_layers)]
-    plan.buffer_blocks = blocks - h
+    plan.buffer_blocks = b * (blocks - h)
     return plan
 
 
