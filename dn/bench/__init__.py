@@ -2,7 +2,7 @@
 
     dn bench [--model M] --text FILE [--configs dense,native,q4g32,lossless,sparse50] [--backends mlx,torch]
              [--dtypes bfloat16] [--batch 1,4] [--max-resident 25%,50%] [--skip ppl,agreement] --json OUT
-             [--markdown OUT.md] [--plot OUT.png]
+             [--markdown OUT.md] [--plot OUT.png] [--peers llama.cpp,mlx-lm] [--ppl-scoring auto|all|second-half]
 
 A configuration is `FORMAT[+sparseNN][@BUDGET]`, named the same on both backends (configs.py: `q4g32e8`,
 `lossless+sparse50@25%`); dense is the model's dense form (a GGUF's bf16 widening), native the model as it loads by
@@ -10,7 +10,9 @@ default (a GGUF's own blocks), every other format converted from dense; sparse c
 --calib-text; `--max-resident LIST` adds every budget to every configuration. Each (configuration, backend,
 dtype) runs in a fresh process (runner.py: the figures of a record, the folders converted once into the dn cache);
 report.py relates each record to dense measured in the same run and writes the table and plot; humaneval.py is
-`--tasks humaneval`. JSON shape: dn.runtime.timing.report.
+`--tasks humaneval`. `--peers` adds the tools a user would run instead (peers.py: llama.cpp on the model's GGUF,
+mlx-lm on a folder of the same weights) on the same text, context and threads, their records in the same list, with
+dn's perplexity scored as llama-perplexity scores (`ppl_scoring`). JSON shape: dn.runtime.timing.report.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dn import cli
-from dn.bench import configs, humaneval, report, runner
+from dn.bench import configs, humaneval, peers, report, runner
 from dn.core.errors import DnError
 from dn.core.files import cache_dir
 from dn.core.text import read_text, text_path
@@ -56,7 +58,7 @@ def setup_arg_parser():
     p.add_argument("--tasks", default="", help="extra tasks: humaneval (pass@1 and greedy agreement with dense)")
     p.add_argument("--skip", default="",
                    help="phases to leave out: ppl (perplexity: null), agreement (greedy agreement over the timed "
-                        "prompt only; the other prompts are not run)")
+                        "prompt only; the other prompts are not run), dense (no dense record: no ratios against it)")
     p.add_argument("--humaneval-limit", type=cli.positive_int, default=None, help="first N problems only")
     p.add_argument("--humaneval-tokens", type=cli.positive_int, default=192)
     p.add_argument("--calib-text", default=None,
@@ -68,7 +70,16 @@ def setup_arg_parser():
     p.add_argument("--cache", default=None, help="where converted folders are kept (default: the dn cache)")
     p.add_argument("--json", default=None, help="write the records here (required)")
     p.add_argument("--markdown", default=None)
-    p.add_argument("--plot", default=None, help="PNG: resident fraction against ppl delta and tokens/s")
+    p.add_argument("--plot", default=None, help="PNG: resident fraction against ppl delta and tokens/s (with --peers: "
+                                                "ppl and tokens/s against the process peak above its baseline)")
+    p.add_argument("--peers", default="", help="also run these on the same model file, text, ctx and threads: "
+                                                  "llama.cpp (the GGUF), mlx-lm (--mlx-lm-folder)")
+    p.add_argument("--ppl-scoring", default="auto", choices=["auto", "all", "second-half"],
+                   help="dn's perplexity: every token of each window (all), or only each window's second half, as "
+                        "llama-perplexity scores (auto: second-half when llama.cpp is a peer)")
+    p.add_argument("--peer-reps", type=cli.positive_int, default=5, help="llama-bench repetitions per test")
+    p.add_argument("--mlx-lm-folder", default=None,
+                   help="the folder mlx-lm runs (default: the model's dense form, a GGUF's bf16 widening)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -116,6 +127,13 @@ def _main(argv) -> int:
     if tasks:
         humaneval.problems(1)
     skip = configs.name_list(args.skip, configs.SKIPS, "--skip: unknown phase")
+    if "dense" in skip:
+        cfgs = [c for c in cfgs if c.name != "dense"]
+        if not cfgs:
+            raise DnError("--skip dense leaves no config to run")
+    peer_names = configs.name_list(args.peers, peers.PEERS, "--peers: unknown peer")
+    scoring = args.ppl_scoring if args.ppl_scoring != "auto" else \
+        "second-half" if "llama.cpp" in peer_names else "all"
     text = text_path(args.text, "DN_EVAL_TEXT")
     read_text(text)
     calib = None
@@ -141,7 +159,15 @@ def _main(argv) -> int:
             if left:
                 print(f"dn bench: --max-resident leaves out {', '.join(left)} (residency plans over dense or "
                       "affine weights, not over a GGUF's blocks yet)", file=sys.stderr)
-    sources["dense"] = resolve_model(args.model, dense=True)
+    if any(c.source == "dense" for c in cfgs) or ("mlx-lm" in peer_names and not args.mlx_lm_folder):
+        sources["dense"] = resolve_model(args.model, dense=True)  # a GGUF's widening: made only when run
+    mlx_folder = Path(args.mlx_lm_folder).expanduser() if args.mlx_lm_folder else sources.get("dense")
+    mlx_weights = "given by --mlx-lm-folder" if args.mlx_lm_folder else \
+        "the model's dense form (a GGUF's bf16 widening: mlx-lm does not read GGUF blocks)"
+    plans = peers.prepare(peer_names, args.model, mlx_folder, log=lambda m: print(f"dn bench: {m}", file=sys.stderr))
+    for name, plan in plans.items():
+        if "skipped" in plan:
+            print(f"dn bench: {name} skipped: {plan['skipped']}", file=sys.stderr)
     root = Path(args.cache).expanduser() if args.cache else cache_dir() / "bench"
     folders = {c.stored: runner.folder_for(c, sources[c.source], root, calib, args.calib_backend) for c in cfgs}
     jobs = []
@@ -153,13 +179,14 @@ def _main(argv) -> int:
                                  "dtype": dtype, "folder": str(folders[c.stored]), "text": str(text),
                                  "max_tokens": configs.pick(max_tokens, c, be, "--max-tokens"), "ctx": args.ctx,
                                  "batches": batches, "decode_reps": configs.pick(decode, c, be, "--decode-tokens"),
-                                 "warmup": args.warmup, "skip": skip,
+                                 "warmup": args.warmup, "skip": skip, "ppl_scoring": scoring,
                                  "prefill_tokens": args.prefill_tokens, "prefill_reps": args.prefill_reps})
     command = ["dn", "bench", *argv]
-    extra = {"model": str(args.model or sources["dense"]), "text": str(text), "threads": args.threads,
+    extra = {"model": str(args.model or sources.get("dense") or sources["native"]), "text": str(text),
+             "threads": args.threads, "peers": peer_names, "ppl_scoring": scoring, "ppl_scorings": peers.PPL_SCORINGS,
              "loadavg_start": os.getloadavg()}
     records, baseline = [], {}
-    with cli.progress(len(jobs) + len(folders), "dn bench", "run") as bar:
+    with cli.progress(len(jobs) + len(folders) + len(plans), "dn bench", "run") as bar:
         for c in cfgs:
             if folders[c.stored] != sources[c.source]:
                 bar.set_postfix_str(f"convert {c.stored}")
@@ -187,13 +214,26 @@ def _main(argv) -> int:
             report.relate(records)
             timing.write(timing.report(records, command, **extra, complete=False), args.json)
             bar.update()
+        for name, plan in plans.items():
+            bar.set_postfix_str(name)
+            try:
+                records += peers.run(name, plan, text, args.ctx, args.threads or os.cpu_count() or 1,
+                                     decode.get("", configs.pick(decode, cfgs[0], names[0])), args.prefill_tokens,
+                                     args.peer_reps, configs.pick(max_tokens, cfgs[0], names[0]), skip, mlx_weights)
+            except DnError as e:
+                tqdm.write(f"dn bench: {name} failed: {e}", file=sys.stderr)
+                records.append({"backend": name, "config": "failed", "batch": 1, "error": str(e)})
+            timing.write(timing.report(records, command, **extra, complete=False), args.json)
+            bar.update()
     result = timing.report(records, command, **extra, loadavg_end=os.getloadavg(), complete=True)
     timing.write(result, args.json)
-    md = report.table(records)
+    ours = [r for r in records if r["backend"] not in peers.PEERS]
+    label = str((plans.get("llama.cpp") or {}).get("gguf") or args.model or "default")  # dn's rows: the same file
+    md = report.table(ours) + ("\n" + report.peer_table(records, label) if plans else "")
     if args.markdown:
         Path(args.markdown).write_text(md)
     if args.plot:
-        report.plot(records, args.plot)
+        (report.peer_plot if plans else report.plot)(records if plans else ours, args.plot)
     print(md, end="")
     return 1 if any("error" in r for r in records) else 0
 

@@ -21,7 +21,8 @@ from dn.runtime.backend import DTYPES
 
 DEFAULT_CONFIGS = "dense,native,q8,q4g32e8,q4g32,q4g64,q3g32,lossless,sparse50,q4g32+sparse50"
 TASKS = ("humaneval",)
-SKIPS = ("ppl", "agreement")  # --skip: phases a random-weight model (benchmarks/bench_shapes.py) has no use for
+SKIPS = ("ppl", "agreement", "dense")  # --skip: phases a random-weight model (benchmarks/bench_shapes.py) has no use
+# for; dense: the baseline record (a 1.5B GGUF's widening is 3 GB, its records against a peer need no dense)
 
 _FORMAT = r"dense|native|lossless|q(?P<bits>\d+)(?:g(?P<group>\d+))?(?:e(?P<emb>\d+))?"
 _CONFIG = re.compile(rf"(?:(?P<fmt>{_FORMAT})(?:\+sparse(?P<sparse>\d+))?|sparse(?P<alone>\d+))(?:@(?P<budget>.*))?")

@@ -5,6 +5,7 @@ source vendored in the PyPI `llama-cpp-python` sdist) and mlx-lm. Each peer give
     build_llama_cpp()                                  # cached in cache_dir()/peers/llama.cpp-<version>/bin
     llama_cpp(gguf, text, ctx=512, threads=1)          # one record per memory mode
     mlx_lm(folder, text, threads=1)                    # one record
+    prepare(names, model, folder); run(name, plan, ...)  # dn bench --peers: a skipped peer is one line, one record
 
 A peer's max RSS is the kernel's (wait4's ru_maxrss of the peer's process, reported by a small launcher), one
 process per memory mode, so each mode's peak is its own. `python -m dn.bench.peers --json OUT` runs them on the
@@ -14,7 +15,9 @@ default model and Gemma 3 270M (nox -s peers).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
+import math
 import os
 import platform
 import re
@@ -41,8 +44,15 @@ LLAMA_TOOLS = ("llama-bench", "llama-perplexity", "llama-completion")
 # (config, llama-bench flags): llama.cpp's default (mmap, weights repacked for the CPU's kernels: both copies held),
 # the file read into memory and repacked (fastest here), mmap without repack (one copy, in the page cache).
 LLAMA_MODES = (("default", []), ("load-none", ["-lm", "none"]), ("mmap-norepack", ["-lm", "mmap", "--repack", "0"]))
-PPL_SCORING = ("llama-perplexity: windows of ctx tokens, the first token of each replaced by <bos> where the model "
-               "adds one; only the second half of each window is scored")
+# How a record's perplexity was scored (its `ppl_scoring`): llama-perplexity's way, which dn bench also scores dn's
+# records by when llama.cpp is a peer, and dn's own (dn.evaluate.windows).
+PPL_SCORINGS = {
+    "second-half": "llama-perplexity's: the text's tokens (with <bos> first where the model adds one) cut into "
+                   "windows of ctx tokens, the first token of each replaced by <bos> where the model adds one; only "
+                   "the second half of each window is scored (ctx - 1 - ctx//2 tokens a window)",
+    "all": "dn eval's: windows of ctx tokens (<bos> put first where the model adds one), every token after the "
+           "first scored",
+}
 
 
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
@@ -193,13 +203,15 @@ def parse_bench(stdout: str) -> dict:
     return out
 
 
-def speed(test: dict, prefix: str) -> dict:
-    """tokens/s over llama-bench's repetitions: the median, and p50 and p99 over repetitions of the mean time a token
-    took in each (not over single tokens: llama-bench times a repetition as a whole)."""
+def speed(test: dict, kind: str) -> dict:
+    """tokens/s over llama-bench's repetitions, in dn bench's fields (kind "decode" or "prefill"): the median, and
+    p50 and p99 over repetitions of the mean time a token took in each (not over single tokens: llama-bench times a
+    repetition as a whole)."""
     ts = np.asarray(test["samples_ts"], dtype=float)
     p50, p99 = np.percentile(1e3 / ts, [50, 99])
-    return {f"{prefix}tokens_per_s": float(np.median(ts)), f"{prefix}ms_p50": float(p50),
-            f"{prefix}ms_p99": float(p99), f"{prefix}reps": len(ts), f"{prefix}tokens": test["tokens"]}
+    pre, ms = ("", "latency_ms") if kind == "decode" else ("prefill_", "prefill_ms")
+    return {f"{pre}tokens_per_s": float(np.median(ts)), f"{ms}_p50": float(p50), f"{ms}_p99": float(p99),
+            f"{kind}_reps": len(ts), f"{kind}_tokens": test["tokens"]}
 
 
 def parse_perplexity(stderr: str) -> dict:
@@ -228,29 +240,38 @@ def llama_cpp(gguf_path, text_path, ctx: int = 512, threads: int = 1, decode_tok
     common = {"backend": "llama.cpp", "model": str(gguf_path), "model_bytes": gguf_path.stat().st_size,
               "device": "cpu", "batch": 1, "threads": threads, "ctx": ctx, "framework_baseline_bytes": base,
               "framework_baseline_kind": "max RSS of llama-bench --help (the binary, no model)"}
-    ppl = {"ppl": None}
+    ppl = {"ppl": None, "ppl_scoring": None, "eval_tokens": 0}
     if "ppl" not in skip:
         cmd = [str(bin_dir / "llama-perplexity"), "-m", str(gguf_path), "-f", str(text_path), "-c", str(ctx),
                "-b", str(ctx), "-t", str(threads)] + (["--chunks", str(ppl_chunks)] if ppl_chunks else [])
-        peak, _, err, secs = max_rss(cmd, env, timeout)
-        ppl = parse_perplexity(err) | {"ppl_scoring": PPL_SCORING, "ppl_text": str(text_path),
-                                       "ppl_eval_tokens": None, "ppl_command": cmd, "ppl_seconds": secs,
-                                       "ppl_process_peak_bytes": peak}
-        if ppl["ppl_windows"]:
-            ppl["ppl_eval_tokens"] = ppl["ppl_windows"] * (ctx - 1 - ctx // 2)
+        try:  # a text too short for two windows fails here: the speed and memory records still count
+            peak, _, err, secs = max_rss(cmd, env, timeout)
+            ppl = parse_perplexity(err) | {"ppl_scoring": "second-half", "ppl_text": str(text_path),
+                                           "ppl_command": cmd, "ppl_seconds": secs, "ppl_process_peak_bytes": peak}
+            ppl["eval_tokens"] = ppl["ppl_windows"] and ppl["ppl_windows"] * (ctx - 1 - ctx // 2)
+        except DnError as e:
+            ppl["ppl_error"] = str(e)
     records = []
     for name, flags in modes:
         cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf_path), "-t", str(threads), "-p", str(prefill_tokens),
                "-n", str(decode_tokens), "-r", str(reps), "-o", "json", *flags]
         peak, out, _, secs = max_rss(cmd, env, timeout)
         res = parse_bench(out)
-        rec = common | {"config": name, "process_peak_bytes": peak, "bench_seconds": secs, "command": cmd}
-        rec |= speed(res["decode"], "") | speed(res["prefill"], "prefill_") | ppl | {"llama_cpp": res["build"]}
+        rec = common | {"config": name, "dtype": gguf_type(res["build"]), "process_peak_bytes": peak,
+                        "process_peak_kind": "max RSS of llama-bench (load, prefill and decode)",
+                        "bench_seconds": secs, "command": cmd}
+        rec |= speed(res["decode"], "decode") | speed(res["prefill"], "prefill") | ppl | {"llama_cpp": res["build"]}
         records.append(rec)
     top = best(records)
     for r in records:
         r["best_memory_mode"] = r is top
     return records
+
+
+def gguf_type(build: dict) -> str | None:
+    """llama-bench's model_type ("llama 135M Q4_1 - ...") -> the file's quantization ("Q4_1")."""
+    m = re.search(r"\b(I?Q\d\w*|BF16|F16|F32)\b", build.get("model_type") or "")
+    return m[1] if m else None
 
 
 def best(records: list[dict]) -> dict:
@@ -259,40 +280,92 @@ def best(records: list[dict]) -> dict:
     return max((r for r in records if r["process_peak_bytes"] <= 1.02 * low), key=lambda r: r["tokens_per_s"])
 
 
+# mlx-lm in its own process: the text's first tokens as the prompt (stream_generate: prefill and decode, each token's
+# arrival timed), then perplexity scored as llama-perplexity does (second half of each ctx window, <bos> first).
 _MLX_SCRIPT = """
 import json, resource, sys, time
+import numpy as np
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm import load, stream_generate
-folder, prompt_tokens, decode_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+folder, text, prompt_tokens, decode_tokens, ctx, windows = sys.argv[1:]
+prompt_tokens, decode_tokens, ctx, windows = map(int, (prompt_tokens, decode_tokens, ctx, windows))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 model, tok = load(folder)
-prompt = list(range(100, 100 + prompt_tokens))
-last = None
-for r in stream_generate(model, tok, prompt, max_tokens=decode_tokens):
+ids = tok.encode(open(text, encoding="utf-8").read())
+plain = tok.encode("a", add_special_tokens=False)
+full = tok.encode("a")
+bos = full[0] if len(full) == len(plain) + 1 else None
+last, stamps = None, []
+for r in stream_generate(model, tok, ids[:prompt_tokens], max_tokens=decode_tokens):
     last = r
-print(json.dumps({"baseline_maxrss": base, "prompt_tps": last.prompt_tps, "generation_tps": last.generation_tps,
-                  "peak_memory_gb": last.peak_memory, "generation_tokens": last.generation_tokens}))
+    stamps.append(time.perf_counter())
+steps = np.diff(stamps) * 1e3
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+nll, count = 0.0, 0
+for i in range(min(windows, len(ids) // ctx)):
+    w = list(ids[i * ctx:(i + 1) * ctx])
+    if bos is not None:
+        w[0] = bos
+    x = mx.array(w)[None]
+    logits = model(x[:, :-1]).astype(mx.float32)
+    lost = nn.losses.cross_entropy(logits, x[:, 1:], reduction="none")[0, ctx // 2:]
+    nll, count = nll + float(lost.sum()), count + lost.size
+print(json.dumps({"baseline_maxrss": base, "generating_maxrss": peak, "prompt_tps": last.prompt_tps,
+                  "generation_tps": last.generation_tps, "ms_p50": float(np.percentile(steps, 50)),
+                  "ms_p99": float(np.percentile(steps, 99)), "decode_reps": len(steps),
+                  "peak_memory_gb": last.peak_memory, "nll": nll / count if count else None, "count": count}))
 """
 
 
-def mlx_lm(folder, threads: int = 1, prompt_tokens: int = 64, decode_tokens: int = 16,
-           timeout: float = 1800) -> list[dict]:
-    """mlx-lm on an mlx-community-style folder in a fresh process: stream_generate's decode and prefill tokens/s
-    and the process's max RSS; the framework baseline is the max RSS after importing mlx and mlx_lm."""
+def mlx_lm_ready(folder) -> str | None:
+    """None when mlx-lm can run folder, else the one line that says why not."""
+    if importlib.util.find_spec("mlx_lm") is None:
+        return "mlx-lm is not installed (pip install mlx-lm)"
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return f"{folder} is not an mlx-lm folder (no readable config.json)"
+    if config.get("gguf_quantization") or config.get("codec"):
+        return f"{folder} holds dn's own weight format, which mlx-lm does not read"
+    if not list(Path(folder).glob("*.safetensors")):
+        return f"{folder} has no safetensors weights"
+    return None
+
+
+def mlx_lm(folder, text_path, threads: int = 1, prompt_tokens: int = 64, decode_tokens: int = 16, ctx: int = 512,
+           ppl_windows: int = 0, weights: str | None = None, timeout: float = 1800) -> list[dict]:
+    """mlx-lm on an mlx-lm folder in a fresh process: stream_generate's decode tokens/s (1000 / the median gap between
+    tokens; p50 and p99 over them), its prefill tokens/s over the text's first prompt_tokens, the process's max RSS
+    through decoding (that before perplexity, and the whole run's), and perplexity over the first ppl_windows windows
+    scored as llama-perplexity does. The framework baseline is the max RSS after importing mlx and mlx_lm."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise DnError(f"{folder}: not an mlx-lm folder (no config.json)")
+    if why := mlx_lm_ready(folder):
+        raise DnError(why)
     env = os.environ | {"OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-c", _MLX_SCRIPT, str(folder), str(prompt_tokens), str(decode_tokens)]
-    peak, out, _, secs = max_rss(cmd, env, timeout)
+    cmd = [sys.executable, "-c", _MLX_SCRIPT, str(folder), str(text_path), str(prompt_tokens), str(decode_tokens),
+           str(ctx), str(ppl_windows)]
+    whole, out, _, secs = max_rss(cmd, env, timeout)
     r = json.loads(out.strip().splitlines()[-1])
-    scale = 1 if sys.platform == "darwin" else 1024
-    return [{"backend": "mlx-lm", "model": str(folder), "config": "default", "device": "cpu", "batch": 1,
-             "threads": threads, "ctx": None, "tokens_per_s": r["generation_tps"], "tokens": r["generation_tokens"],
-             "prefill_tokens_per_s": r["prompt_tps"], "prefill_tokens": prompt_tokens, "process_peak_bytes": peak,
-             "framework_baseline_bytes": r["baseline_maxrss"] * scale,
-             "framework_baseline_kind": "max RSS after importing mlx and mlx_lm", "mlx_peak_memory_bytes":
-             int(r["peak_memory_gb"] * 1e9), "ppl": None, "bench_seconds": secs, "command": cmd}]
+    kib = 1 if sys.platform == "darwin" else 1024
+    return [{"backend": "mlx-lm", "model": str(folder), "mlx_lm_folder": str(folder), "mlx_lm_weights": weights,
+             "config": "default", "dtype": _folder_dtype(folder), "device": "cpu", "batch": 1, "threads": threads,
+             "ctx": ctx, "tokens_per_s": 1e3 / r["ms_p50"], "latency_ms_p50": r["ms_p50"],
+             "latency_ms_p99": r["ms_p99"], "decode_reps": r["decode_reps"], "generation_tps": r["generation_tps"],
+             "prefill_tokens_per_s": r["prompt_tps"], "prefill_tokens": prompt_tokens,
+             "process_peak_bytes": r["generating_maxrss"] * kib,
+             "process_peak_kind": "max RSS of the mlx-lm process through load, prefill and decode",
+             "process_max_rss_bytes": whole, "framework_baseline_bytes": r["baseline_maxrss"] * kib,
+             "framework_baseline_kind": "max RSS after importing mlx and mlx_lm",
+             "mlx_peak_memory_bytes": int(r["peak_memory_gb"] * 1e9),
+             "ppl": None if r["nll"] is None else math.exp(r["nll"]), "nll": r["nll"], "eval_tokens": r["count"],
+             "ppl_scoring": "second-half" if r["count"] else None, "bench_seconds": secs, "command": cmd}]
+
+
+def _folder_dtype(folder: Path) -> str | None:
+    config = json.loads((folder / "config.json").read_text())
+    q = config.get("quantization")
+    return f"q{q['bits']}g{q['group_size']}" if q else config.get("torch_dtype") or config.get("dtype")
 
 
 def gguf_path(model: str | None) -> Path:
@@ -307,6 +380,38 @@ def gguf_path(model: str | None) -> Path:
     if path.suffix != ".gguf" or not path.is_file():
         raise DnError(f"{model}: llama.cpp needs a .gguf file or a GGUF short name")
     return path
+
+
+PEERS = ("llama.cpp", "mlx-lm")
+
+
+def prepare(names: list[str], model: str | None, mlx_folder: Path, log=print) -> dict[str, dict]:
+    """Before any work, what each peer runs on ({"gguf", "bin_dir"}; {"folder"}), or {"skipped": the one line that
+    says why not}: no GGUF for llama.cpp, no compiler to build it, no mlx-lm or no folder it reads."""
+    out = {}
+    if "llama.cpp" in names:
+        try:
+            gguf = gguf_path(model)
+            out["llama.cpp"] = {"gguf": gguf, "bin_dir": build_llama_cpp(log=log)}
+        except DnError as e:
+            out["llama.cpp"] = {"skipped": str(e)}
+    if "mlx-lm" in names:
+        why = mlx_lm_ready(mlx_folder)
+        out["mlx-lm"] = {"skipped": f"no mlx-lm folder of the same weights: {why}"} if why else {"folder": mlx_folder}
+    return out
+
+
+def run(name: str, plan: dict, text, ctx: int, threads: int, decode_tokens: int, prefill_tokens: int, reps: int,
+        max_tokens: int, skip: tuple = (), mlx_weights: str | None = None) -> list[dict]:
+    """One peer's records in dn bench's shape, on the plan prepare() made; a skipped peer is one record saying why."""
+    if "skipped" in plan:
+        return [{"backend": name, "config": "skipped", "batch": 1, "skipped": plan["skipped"]}]
+    windows = max(1, max_tokens // ctx)
+    if name == "llama.cpp":
+        return llama_cpp(plan["gguf"], text, ctx, threads, decode_tokens, prefill_tokens, reps, ppl_chunks=windows,
+                         skip=skip, bin_dir=plan["bin_dir"])
+    return mlx_lm(plan["folder"], text, threads, prefill_tokens, decode_tokens + 1, ctx,
+                  0 if "ppl" in skip else windows, mlx_weights)
 
 
 def _main(argv) -> int:
@@ -341,7 +446,8 @@ def _main(argv) -> int:
         records += [r | {"model_name": m} for r in recs]
         timing.write(timing.report(records, command, **extra, complete=False), args.json)
     if args.mlx_lm:
-        records += mlx_lm(args.mlx_lm, args.threads)
+        records += mlx_lm(args.mlx_lm, text, args.threads, args.prefill_tokens, args.decode_tokens + 1, args.ctx,
+                          max(1, args.max_tokens // args.ctx), "given by --mlx-lm")
     timing.write(timing.report(records, command, **extra, loadavg_end=os.getloadavg(), complete=True), args.json)
     for r in records:
         print(f"{r['model_name'] if 'model_name' in r else r['model']:<20} {r['backend']:<9} {r['config']:<14} "

@@ -3,7 +3,9 @@ JOB`: a process's first load is what dn.runtime.memory measures exactly), and th
 `dn convert` into the dn cache (keyed by model, configuration and calibration text).
 
 Per record: accounted and measured resident weight bytes and their fraction of dense bf16; resident memory while
-generating (peak, median, p99 over steps, above the pre-load baseline); perplexity over the text; decode latency
+generating (peak, median, p99 over steps, above the pre-load baseline); the process's own peak and its framework
+baseline (absolute, as a peer's max RSS is: dn.bench.peers); perplexity over the text, scored by dn eval's windows
+(`all`) or as llama-perplexity scores (`second-half`: second_half_perplexity); decode latency
 p50/p99 and tokens/s per batch size, prefill tokens/s (one timer, dn.runtime.timing.timer: warm-up excluded,
 repetitions and spread reported); greedy agreement with dense over a fixed prompt set; HumanEval pass@1 and
 agreement with `--tasks humaneval`. An `@budget` configuration loads under its residency budget (exact mode).
@@ -123,6 +125,28 @@ def prefill_phase(be, model, tokens: list[int], batch: int, reps: int) -> dict:
             "prefill_ms_p50": 1e3 * t["median_s"], "prefill_ms_iqr": 1e3 * t["iqr_s"], "prefill_reps": t["reps"]}
 
 
+def llama_windows(tokens: list[int], ctx: int, bos: int | None) -> np.ndarray:
+    """llama-perplexity's windows [n, ctx]: the tokens (their own <bos> first where the model adds one) cut into
+    len // ctx windows, the first token of each replaced by bos (None: kept)."""
+    n = len(tokens) // ctx
+    if n == 0:
+        raise DnError(f"the text has {len(tokens)} tokens, fewer than one window of --ctx {ctx}")
+    w = np.asarray(tokens[:n * ctx]).reshape(n, ctx).copy()
+    if bos is not None:
+        w[:, 0] = bos
+    return w
+
+
+def second_half_perplexity(be, model, tokens: list[int], ctx: int, bos: int | None) -> tuple[float, int]:
+    """(mean NLL, tokens scored) as llama-perplexity scores them: over llama_windows, only each window's second half
+    (targets ctx//2 + 1 .. ctx - 1, each predicted from at least ctx//2 tokens)."""
+    total, count = 0.0, 0
+    for w in llama_windows(tokens, ctx, bos):
+        nll = be.token_nll(model, w[None])[0, ctx // 2:]  # nll[k]: target k + 1
+        total, count = total + float(nll.sum()), count + nll.size
+    return total / count, count
+
+
 def load(job: dict):
     """The record's model, and for an `@budget` configuration a function giving its residency fields after the run
     (dn.runtime.residency.fields: resident_peak/median/p99_bytes, fetched_bytes_per_token, hit_rate... which replace
@@ -141,6 +165,9 @@ def measure(job: dict) -> dict:
     run, fields = load(job)
     be, model, dtype = run.backend, run.model, job["dtype"]
     res = memory.Monitor(be, run.memory)
+    # the process before the load (interpreter, framework, model code): what a peer's binary alone is beside it
+    framework = memory.snapshot()["rss"] - run.memory["rss_bytes"]
+    top = framework + run.memory["rss_peak_bytes"]  # the load's peak; each phase's after it
     acc = footprint.accounted(run.spec, dtype, job["ctx"])
     bf16 = footprint.accounted(run.spec, "bfloat16", job["ctx"])["dense_weight_bytes"]
     m = run.memory
@@ -161,21 +188,40 @@ def measure(job: dict) -> dict:
                                  sample_rest=b == 1 and "agreement" not in job.get("skip", ()))
         tokens = toks if b == 1 else tokens
         batches.append(out)
+        top = max(top, memory.peak())  # before the next phase's reset
     common |= {"greedy_agreement": 1.0 if job["baseline_tokens"] is None and job["config"] == "dense"
                else _mean_agreement(tokens, job["baseline_tokens"]),
                "agreement_prompts": len(tokens), "agreement_tokens": sum(map(len, tokens))}
 
-    text_tokens = run.tokenizer.encode(read_text(Path(job["text"])))
+    # the prefill's tokens from the text's head: the whole text's encoding (~100 MiB transient on a 600 kB text)
+    # comes after the process peak is read
+    text = read_text(Path(job["text"]))
+    head = run.tokenizer.encode(text[:64 * job["prefill_tokens"]])
+    if len(head) <= job["prefill_tokens"]:
+        head = run.tokenizer.encode(text)
     for out in batches:
         phase(f"prefill batch {out['batch']}")
-        out |= prefill_phase(be, model, text_tokens[:job["prefill_tokens"]], out["batch"], job["prefill_reps"])
+        out |= prefill_phase(be, model, head[:job["prefill_tokens"]], out["batch"], job["prefill_reps"])
+    top = max(top, memory.peak())
 
+    # the process's own peak (VmHWM since the decode phase's reset, and the load's), before perplexity's long
+    # windows: what llama-bench's max RSS covers too (load, prefill, decode)
+    common |= {"framework_baseline_bytes": framework,
+               "framework_baseline_kind": "RSS of the record's process before the load (interpreter, framework, "
+                                          "model code, tokenizer)", "process_peak_bytes": top,
+               "process_peak_kind": "max RSS of the record's process through load, decode and prefill",
+               "ppl_scoring": None}
     if "ppl" in job.get("skip", ()):
         common |= {"ppl": None, "nll": None, "eval_tokens": 0, "ctx": job["ctx"]}
     else:
         phase("perplexity")
-        nll, count = perplexity(be, model, text_tokens[:job["max_tokens"]], job["ctx"], bos=run.tokenizer.bos_id)
-        common |= {"ppl": math.exp(nll), "nll": nll, "eval_tokens": count, "ctx": job["ctx"]}
+        head = run.tokenizer.encode(text)[:job["max_tokens"]]
+        scoring = job.get("ppl_scoring", "all")
+        if scoring == "second-half":
+            nll, count = second_half_perplexity(be, model, head, job["ctx"], run.tokenizer.bos_id)
+        else:
+            nll, count = perplexity(be, model, head, job["ctx"], bos=run.tokenizer.bos_id)
+        common |= {"ppl": math.exp(nll), "nll": nll, "eval_tokens": count, "ctx": job["ctx"], "ppl_scoring": scoring}
 
     result = {"common": common, "batches": [b for b in batches if b["batch"] in job["batches"]], "tokens": tokens}
     if job["humaneval"]:
