@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from dn.core import tensors
 from dn.core.errors import DnError
@@ -195,11 +195,38 @@ def native_tensors(reader, cfg: dict, progress=None):
             progress.update(1)
 
 
+CONVERSION = 2  # in every conversion's cache key: 2 split text as tokenizer.ggml.pre says (1 split all as GPT-2)
+
+# tokenizer.ggml.pre -> how the text is split before BPE, as the model's own tokenizer.json (and llama.cpp's
+# llama-vocab.cpp) splits it: Qwen2's and Llama 3's regexes take digits one (or up to three) at a time, SmolLM's
+# splits digits first; GPT-2's regex (ByteLevel's own) is the rest's.
+_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_REGEX_PRE = {"qwen2": _SPLIT % "", "llama-bpe": _SPLIT % "{1,3}"}
+_NFC_PRE = {"qwen2"}
+
+
+def pre_tokenizer(pre: str | None):
+    """The pre-tokenizer of a byte-level BPE vocabulary named by tokenizer.ggml.pre (GPT-2's for gpt2, default and
+    names not listed)."""
+    if pre in _REGEX_PRE:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_REGEX_PRE[pre]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return byte_level
+
+
 def byte_level_tokenizer(reader, tokens: list[str], types: list[int]):
-    """A byte-level BPE ('gpt2') vocabulary with its merges."""
+    """A byte-level BPE ('gpt2') vocabulary with its merges, split as tokenizer.ggml.pre says (pre_tokenizer)."""
     merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    pre = field(reader, "tokenizer.ggml.pre")
+    if pre in _NFC_PRE:
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
     # token_type 3 = control, 4 = user defined: both must never be split by BPE.
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
