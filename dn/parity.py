@@ -50,6 +50,7 @@ def setup_arg_parser():
     p.add_argument("--dtype", default="float32", choices=sorted(PARITY))
     p.add_argument("--tokens", type=cli.positive_int, default=64, help="greedy tokens to compare")
     p.add_argument("--json", default=None)
+    cli.add_threads_arg(p)
     return p
 
 

@@ -14,6 +14,10 @@ from dn.model.tokenizer import StreamDecoder
 from dn.runtime import memory
 from dn.runtime.sampling import sample
 
+# Prompt tokens per forward (mlx-lm's prefill step): a long prompt's activations stay a step's. Not less: on torch a
+# step after the first attends through a mask, off its fused causal path (4000 tokens: 1.5x slower in 512s).
+PREFILL_STEP = 2048
+
 
 def check_cache(kv_bits: int | None, max_kv_size: int | None) -> None:
     if kv_bits is not None and max_kv_size is not None:
@@ -25,13 +29,16 @@ def generate_tokens(backend, model, prompt_ids: list[int], max_tokens: int, temp
                     top_k: int = 0, max_kv_size: int | None = None, kv_bits: int | None = None,
                     cache=None, rng: np.random.Generator | None = None) -> Iterator[int]:
     """Prefill the prompt into a cache (a fresh one from the backend unless given; under max_kv_size N tokens
-    at a time), then decode one token at a time. The last token yielded is not fed to the cache."""
+    at a time), then decode one token at a time. The last token yielded is not fed to the cache. The prompt goes in
+    PREFILL_STEP tokens at a time (as llama.cpp's batches, mlx-lm's prefill steps), each asking for the logits of
+    its last position only: a prompt's activations are a step's, and its [T, vocab] logits are never made
+    (benchmarks/bench_generation_memory.py)."""
     if not prompt_ids:
         raise DnError("the prompt is empty")
     rng = np.random.default_rng(seed) if rng is None else rng
     if cache is None:
         cache = backend.make_cache(model, max_kv_size=max_kv_size, kv_bits=kv_bits)
-    step = max_kv_size or len(prompt_ids)
+    step = min(max_kv_size or PREFILL_STEP, PREFILL_STEP)
     for i in range(0, len(prompt_ids), step):
         logits = backend.logits(model, np.array([prompt_ids[i:i + step]]), cache, last_only=True)[0, -1]
     for i in range(max_tokens):
