@@ -13,10 +13,13 @@ import sys
 from pathlib import Path
 
 from dn import cli, hub
+from dn.cache import human, size
+from dn.core import tensors
 from dn.core.errors import DnError
 from dn.core.text import read_text
 from dn.formats import quant, sparse
 from dn.model.sources import resolve_model
+from dn.model.spec import inventory, weight_files
 from dn.runtime.writer import checked, convert
 
 Q_FLAGS = ("q_bits", "q_group_size", "q_embedding_bits", "q_embedding_group_size")
@@ -88,7 +91,9 @@ def _main(argv) -> int:
     card_text = upload_args(args)
     src = resolve_model(args.model, dense=True)  # formats are made from the dense values
     convert(src, out, args.codec, sparse_args, quantize)
-    print(f"wrote {out}")
+    if quantize:
+        print(f"[INFO] Quantized model with {bits_per_weight(out, src):.3f} bits per weight.")  # mlx-lm's line
+    print(f"wrote {out} ({human(size(out))})")
     if args.upload_repo:
         quality = None
         if card_text is not None:
@@ -101,6 +106,14 @@ def _main(argv) -> int:
                           quality=quality)
         print(f"uploaded {out} to {url}")
     return 0
+
+
+def bits_per_weight(out: Path, src: Path) -> float:
+    """As mlx-lm counts it: every stored tensor byte of the folder (scales, biases and norms included) over the
+    model's weights (the dense source's tensor elements)."""
+    stored = sum(h["data_offsets"][1] - h["data_offsets"][0]
+                 for f in weight_files(out) for h in tensors.read_header(f)[0].values())
+    return 8 * stored / sum(t.numel for t in inventory(src))
 
 
 def upload_args(args) -> str | None:

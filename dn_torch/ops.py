@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dn.core.errors import DnError
 from dn.formats import planes
 from dn.formats import sparse as ref
 from dn_torch import kernels, quant
@@ -39,12 +40,28 @@ def device() -> torch.device:
     """DN_TORCH_DEVICE, else CUDA (ROCm builds too), MPS, the CPU."""
     name = os.environ.get("DN_TORCH_DEVICE")
     if name:
-        return torch.device(name)
+        return _pinned(name)
     if torch.cuda.is_available():  # also true on ROCm builds
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _pinned(name: str) -> torch.device:
+    """The device DN_TORCH_DEVICE names, checked once here (torch fails later, each way with its own traceback)."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise DnError(f"DN_TORCH_DEVICE={name}: expected cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and (dev.index or 0) >= (n := torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        raise DnError(f"DN_TORCH_DEVICE={name}: " + (f"this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}" if n
+                      else f"this torch ({torch.__version__}) sees no CUDA or ROCm device"))
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DnError(f"DN_TORCH_DEVICE={name}: MPS is not available here")
+    return dev
 
 
 def hold(module: nn.Module, name: str, array: torch.Tensor) -> None:

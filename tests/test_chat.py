@@ -211,7 +211,7 @@ def test_chat_keeps_the_conversation(capsys, monkeypatch, tokenizer):
 def test_chat_ends_at_end_of_input(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("/reset\n"))
     rc, out, err = dn_main(capsys, "chat", "--backend", "torch", "-q")
-    assert rc == 0 and out == "" and err == ""
+    assert rc == 0 and out == "" and err == "conversation reset: history and cache cleared\n"
 
 
 def test_torch_generate_prints_no_future_warning():

@@ -154,6 +154,8 @@ def _fingerprint(path: Path) -> str:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             h.update(f"{size}|".encode() + f.read(FINGERPRINT_SPAN))
+            if gguf.CONVERSION > 1:  # a newer conversion of the same file is another folder (version 1's key kept)
+                h.update(f"conversion {gguf.CONVERSION}".encode())
             f.seek(max(FINGERPRINT_SPAN, size - FINGERPRINT_SPAN))
             h.update(f.read(FINGERPRINT_SPAN))
     except OSError as e:
@@ -163,10 +165,13 @@ def _fingerprint(path: Path) -> str:
 
 def convert_gguf(path: Path, name: str, progress: bool = True, dense: bool = False) -> Path:
     """Convert once into the cache: temporary folder, then an atomic rename. The native folder is `<name>-<key>-gguf`,
-    the widening `<name>-<key>` (the name it always had)."""
-    target = cache_dir() / "models" / f"{name}-{_fingerprint(path)}{'' if dense else '-gguf'}"
-    if (target / "config.json").is_file():
-        return target
+    the widening `<name>-<key>` (the name it always had). The key is what identifies it: a folder of the same key
+    made under another name (the file named by a short name, then given by path) is the one used."""
+    key = f"-{_fingerprint(path)}{'' if dense else '-gguf'}"
+    target = cache_dir() / "models" / f"{name}{key}"
+    made = [d for d in [target, *sorted(target.parent.glob(f"*{key}"))] if (d / "config.json").is_file()]
+    if made:
+        return made[0]
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_dir(target) as tmp:

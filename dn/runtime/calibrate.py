@@ -42,7 +42,7 @@ def fit_model(inputs: list[np.ndarray], weights, sparsity: float, prior: str, ra
               progress: bool = True, router: str = sparse.DEFAULT_ROUTER,
               select: str = sparse.DEFAULT_SELECT, act: str = sparse.DEFAULT_ACT) -> list[sparse.LayerSparse]:
     """inputs[i] [T, d]; weights(i) -> (gate, up, down) float32 -> fitted layers (act: the MLP's activation)."""
-    layers = []
+    layers, progress = [], progress and sys.stderr.isatty()  # \r status lines only on a terminal, not in a log
     for i, x in enumerate(inputs):
         gate, up, down = weights(i)
         layers.append(sparse.fit_layer(x, gate, up, down, sparse.keep_count(sparsity, gate.shape[0]),
@@ -84,7 +84,7 @@ def calibrate(model_dir: Path, out_dir: Path, sparsity: float, calib_text: str, 
                                              store.mlp_dense(spec) if dense_mlp is None else dense_mlp)
     plain = type(spec)(spec.architecture, spec.tensors)   # dense model: no codec/sparse sections
     model = be.load(model_dir, plain, "float32") if spec.codec is None else be.load(model_dir, spec, "float32")
-    parts = []
+    parts, progress = [], progress and sys.stderr.isatty()
     for j, w in enumerate(wins):  # one window at a time keeps the progress bar honest
         parts.append(be.collect_mlp_inputs(model, [w[None]]))
         if progress:
