@@ -2,6 +2,7 @@
 its names come from the modules that define them."""
 
 from dn_mlx import ops as ops
+from dn_mlx import pipeline as pipeline
 from dn_mlx import resident as resident
 from dn_mlx.model import NAME as NAME
 from dn_mlx.model import device_name as device_name

@@ -14,13 +14,26 @@ from dn.core import tensors
 from dn.core.errors import DnError
 from dn.formats.quant import layout, scale_dtype
 from dn.model.spec import ModelSpec, weight_files
-from dn_mlx import codec, gguf, ops, quant, resident, sparse
+from dn_mlx import codec, gguf, ops, pipeline, quant, resident, sparse
 from dn_mlx.ops import DTYPES
 
 NAME = "mlx"
-# DN_MLX_DEVICE=cpu|gpu pins the device (CI runs the suite on the CPU of hosted macOS runners).
-if os.environ.get("DN_MLX_DEVICE") in ("cpu", "gpu"):
-    mx.set_default_device(mx.cpu if os.environ["DN_MLX_DEVICE"] == "cpu" else mx.gpu)
+
+
+def _pin_device(name: str) -> None:
+    """DN_MLX_DEVICE=cpu|gpu pins the device (CI runs the suite on the CPU of hosted macOS runners); anything else,
+    or a GPU this MLX lacks, is one line here, not mlx's error later."""
+    if name not in ("cpu", "gpu"):
+        raise DnError(f"DN_MLX_DEVICE={name}: expected cpu or gpu")
+    try:
+        mx.set_default_device(getattr(mx, name))
+    except (ValueError, RuntimeError):  # "Cannot set gpu device without gpu backend"
+        raise DnError(f"DN_MLX_DEVICE={name}: this MLX ({mx.__version__}) has no {name} here (a GPU is Metal or "
+                      "mlx[cuda])") from None
+
+
+if os.environ.get("DN_MLX_DEVICE"):
+    _pin_device(os.environ["DN_MLX_DEVICE"])
 
 
 def is_available() -> bool:
@@ -48,13 +61,18 @@ def _skeleton(spec: ModelSpec):
     return model_class(args_class.from_dict(config))
 
 
-def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=None):
+def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=None, stage=None):
     """mlx-lm's model for spec, each stored tensor read once from its file (dn.core.tensors) at the dtype it is
-    held in. residency: a dn.runtime.residency.Runtime: the MLPs are not read but held under its plan."""
+    held in. residency: a dn.runtime.residency.Runtime: the MLPs are not read but held under its plan. stage: a
+    dn.runtime.pipeline.Stage: only its tensors are read (dn_mlx.pipeline.cut)."""
     model = _skeleton(spec)
     with contextlib.ExitStack() as files:
         stored = tensors.Shards.open(files, weight_files(model_dir))  # each tensor read from its file in its turn
         stored = model.sanitize(stored) if hasattr(model, "sanitize") else stored  # the families' only drop keys
+        if stage is not None:  # a pipeline rank: other ranks' tensors are never read
+            pipeline.cut(model, stage)
+            n, tied = spec.architecture.num_hidden_layers, spec.architecture.tie_word_embeddings
+            stored = {k: f for k, f in stored.items() if stage.keeps(k, n, tied)}
         bad = next((k for k, f in stored.items() if f.dtype(k) not in DTYPES), None)  # each tensor checked once
         if bad is not None:
             raise DnError(f"{stored[bad].path}: tensor {bad} has unsupported dtype {stored[bad].header[bad]['dtype']}")
@@ -173,7 +191,12 @@ def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None
 
 
 def logits(model, tokens: np.ndarray, cache=None, last_only: bool = False) -> np.ndarray:
-    out = model(mx.array(np.asarray(tokens)), cache=cache)
+    tokens = np.asarray(tokens)
+    if last_only and cache is not None and tokens.shape[1] > 1:  # as mlx-lm's prefill: only the cache of all but
+        model(mx.array(tokens[:, :-1]), cache=cache)  # the last token is evaluated, never their [B, L, V] logits
+        mx.eval([c.state for c in cache])
+        tokens = tokens[:, -1:]
+    out = model(mx.array(tokens), cache=cache)
     if last_only:
         out = out[:, -1:]
     return np.array(out.astype(mx.float32))

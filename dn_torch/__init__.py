@@ -2,6 +2,7 @@
 dn.runtime.backend.Backend; its names come from the modules that define them."""
 
 from dn_torch import ops as ops
+from dn_torch import pipeline as pipeline
 from dn_torch import resident as resident
 from dn_torch.model import NAME as NAME
 from dn_torch.model import device_name as device_name

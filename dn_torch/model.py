@@ -15,7 +15,7 @@ from dn.core.errors import DnError
 from dn.formats.quant import layout
 from dn.model import store
 from dn.model.spec import ModelSpec, weight_files
-from dn_torch import codec, gguf, ops, quant, resident, sparse
+from dn_torch import codec, gguf, ops, pipeline, quant, resident, sparse
 from dn_torch.ops import DTYPES
 from dn_torch.ops import device as _device
 
@@ -54,16 +54,17 @@ def _meta_model(spec: ModelSpec):
     return model, config
 
 
-def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=None):
-    """residency: a dn.runtime.residency.Runtime: the MLPs are not read from the folder but held under its plan."""
+def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=None, stage=None):
+    """residency: a dn.runtime.residency.Runtime: the MLPs are not read from the folder but held under its plan.
+    stage: a dn.runtime.pipeline.Stage: only its layers are read (dn_torch.pipeline.cut)."""
     from transformers.utils import logging  # heavy: imported on first use
 
     logging.disable_progress_bar()
     torch_dtype = DTYPES[dtype]
     if spec.quant is not None:
-        model = _load_quantized(model_dir, spec, dtype, residency is not None)
+        model = _load_quantized(model_dir, spec, dtype, residency is not None, stage)
     else:
-        model = _load_plain(model_dir, spec, dtype, residency is not None)
+        model = _load_plain(model_dir, spec, dtype, residency is not None, stage)
     if residency is not None:
         residency.install(model, _sparse_layers(model_dir, spec, residency, torch_dtype))
     elif spec.sparse is not None:
@@ -86,7 +87,7 @@ def _without_mlps(model) -> None:
         layer.mlp = resident.ResidentModule()
 
 
-def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = False):
+def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = False, stage=None):
     """A dense, lossless or native GGUF folder, straight into its final form: the skeleton stays on meta and each
     stored tensor is read from the file (dn.core.tensors, each file once) into its own parameter at dtype, converted
     a chunk of rows at a time (no copy of the checkpoint, mapped or read, exists beside the model); a GGUF folder's
@@ -102,8 +103,11 @@ def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = F
         scale = _plain_scaled_embedding(model)
         held = {k: v for k, v in spec.gguf.items() if not (resident and ".mlp." in k)}  # residency holds MLPs
         gguf.swap(model, held, DTYPES[dtype])
+    if stage is not None:  # a pipeline rank: other ranks' tensors find no slot, so are never read
+        pipeline.cut(model, stage)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()  # tie_weights sets it
-    mapped = store.mapped(spec) if _device().type == "cpu" else set()  # a token reads one row: the rest stays on disk
+    mapped = (store.mapped(spec) | (stage.lookup(spec) if stage else set())) if _device().type == "cpu" else set()
+    # a token reads one row: the rest stays on disk
     into = {}  # stored name -> the tensor it is read into, laid out before reading
     if spec.sparse is not None and spec.codec is None and not resident:
         for i, layer in enumerate(model.model.layers):
@@ -170,7 +174,7 @@ def _embed_scale(hidden: int) -> float:
     return float(torch.tensor(hidden ** 0.5, dtype=torch.bfloat16))
 
 
-def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = False):
+def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = False, stage=None):
     """An mlx-lm quantized folder: the skeleton stays on meta, its quantized modules are swapped in, and each
     stored tensor is read from the file (dn.core.tensors, each file once) straight into its final tensor; packed
     weights last, a chunk of rows at a time into the layout they compute in (no dense, nor second packed, copy
@@ -181,6 +185,8 @@ def _load_quantized(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool
     scale = _plain_scaled_embedding(model)
     # mlx-lm's loader rule: a module is quantized iff its scales are stored
     quant.quantize_model(model, {**spec.quant, **layout(spec.quant, [t.name for t in spec.tensors])})
+    if stage is not None:  # as in _load_plain
+        pipeline.cut(model, stage)
     packed = []
     with contextlib.ExitStack() as files:
         for path in weight_files(model_dir):

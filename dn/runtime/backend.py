@@ -32,9 +32,10 @@ class Backend(Protocol):
 
     def device_name(self) -> str: ...
 
-    def load(self, model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency: Any = None) -> Any:
+    def load(self, model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency: Any = None,
+             stage: Any = None) -> Any:
         """residency: a dn.runtime.residency.Runtime; the MLPs are then held under its plan, not read from the
-        folder."""
+        folder. stage: a dn.runtime.pipeline.Stage; only its layers are read (the backend's pipeline.cut)."""
 
     def make_cache(self, model: Any, max_kv_size: int | None = None, kv_bits: int | None = None) -> Any:
         """A fresh KV cache for logits(); max_kv_size bounds it to that many tokens (a rotating or sliding-window
@@ -58,6 +59,11 @@ class Backend(Protocol):
         the process."""
 
     def free(self, model: Any) -> None: ...
+
+    # The backend's `pipeline` module (dn.runtime.pipeline has the logic): connect(timeout_s) -> group; rank(group),
+    # size(group), close(group); send(group, x, dst) -> bytes; recv(group, shape, dtype, src); cut(model, stage) before
+    # the loader reads; forward(model, stage, x, cache, last_only).
+    pipeline: Any
 
     # The backend's `resident` module: what dn.runtime.residency needs beyond the backend's ops (dense blocks
     # are laid out by dn): layout(spec, dtype) -> (kind, key) and block_arrays(slices, proj, spec, dtype) of an

@@ -1,0 +1,499 @@
+"""Pipeline-parallel generation across processes (docs/distributed.md): each rank holds a contiguous slice of the
+layers (the embedding on the first, the final norm and lm_head on the last, a tied embedding on both) with their KV
+cache, and hands its hidden states to the next rank; the last hands the logits back to rank 0, which samples.
+
+The transport is the engine's own: torch.distributed (gloo on CPU, NCCL on CUDA) under torchrun, mx.distributed's
+ring under mlx.launch, reached through the backend's `pipeline` module. `dn generate --pipeline N` without a
+launcher starts N local ranks through the backend's launcher (`launch`), for trying it out and for tests.
+
+Wire, per forward: rank i -> i+1 a header int32 [tokens, flags] (0 tokens: stop), then the hidden state
+[1, tokens, hidden] at its own dtype; the last rank -> 0 the float32 logits. A rank that waits longer than
+--pipeline-timeout for a peer, loses its connection, or is stopped by the launcher exits with one line naming the
+peer it waited on."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from dn.core.errors import DnError
+from dn.model import store
+from dn.model.sources import resolve_model
+from dn.model.spec import load_spec
+from dn.runtime import backend as backends
+from dn.runtime import loader, memory, residency
+from dn.runtime.budget import parse_budget
+
+LAST_ONLY, NEW_CACHE, BF16 = 1, 2, 4  # header flags (BF16: the hidden state's dtype; else float32)
+TIMEOUT_S = 60.0
+GRACE_S = 5.0  # after a rank's error line, how long the local launcher may take to end the others
+
+
+def add_args(p) -> None:
+    g = p.add_argument_group("pipeline (docs/distributed.md)")
+    g.add_argument("--pipeline", nargs="?", type=int, const=0, default=None, metavar="N",
+                   help="run as one rank of a pipeline under torchrun or mlx.launch; N without a launcher: start N "
+                        "local ranks through the backend's launcher (torchrun for torch, mlx.launch for MLX)")
+    g.add_argument("--pipeline-split", default=None, metavar="A,B,...|auto",
+                   help="decoder layers per rank, first to last; auto: by each rank's memory (--pipeline-memory, "
+                        "else each host's RAM) (default: the least bytes on the largest rank)")
+    g.add_argument("--pipeline-memory", default=None, metavar="SIZE,SIZE,...",
+                   help="with --pipeline-split auto: each rank's memory for weights, first to last (default: each "
+                        "host's physical memory, gathered around the ring)")
+    g.add_argument("--pipeline-timeout", type=float, default=TIMEOUT_S, metavar="S",
+                   help="seconds a rank waits for a peer during generation before it exits naming it")
+
+
+# ---- which layers a rank holds --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stage:
+    rank: int
+    size: int
+    split: tuple[int, ...] | None = None  # layers per rank; None: even (run() passes balance()'s)
+
+    def span(self, n_layers: int) -> tuple[int, int]:
+        """[lo, hi) of the decoder layers this rank holds."""
+        counts = self.split or tuple(n_layers // self.size + (r < n_layers % self.size) for r in range(self.size))
+        if len(counts) != self.size or sum(counts) != n_layers or min(counts) < 1:
+            raise DnError(f"--pipeline-split {','.join(map(str, counts))}: needs {self.size} counts >= 1 summing to "
+                          f"the model's {n_layers} layers")
+        lo = sum(counts[:self.rank])
+        return lo, lo + counts[self.rank]
+
+    first = property(lambda self: self.rank == 0)
+    last = property(lambda self: self.rank == self.size - 1)
+
+    def holds_embedding(self, tied: bool) -> bool:  # a tied lm_head is the embedding
+        return self.first or (self.last and tied)
+
+    def lookup(self, spec) -> set[str]:
+        """A GGUF embedding this rank only looks up (the first rank's, the tied lm_head being on the last): mapped
+        from the file where the backend maps (dn.model.store.mapped), as an untied one."""
+        if self.first and not self.last and spec.gguf and "model.embed_tokens" in spec.gguf:
+            return {"model.embed_tokens.weight"}
+        return set()
+
+    def keeps(self, name: str, n_layers: int, tied: bool) -> bool:
+        """Whether this rank reads a stored tensor (names as transformers and mlx-lm spell them)."""
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        if m:
+            lo, hi = self.span(n_layers)
+            return lo <= int(m.group(1)) < hi
+        if name.startswith("model.embed_tokens."):
+            return self.holds_embedding(tied)
+        return self.last or not name.startswith(("lm_head.", "model.norm."))
+
+
+def balance(spec, size: int, lookup_free: bool, dtype_bytes: int = 2, memory: list[float] | None = None,
+            fit: bool = False) -> tuple[int, ...]:
+    """Layers per rank so that the largest rank's accounted bytes (dn.model.store), or with memory (bytes per
+    rank) its bytes over its memory, are least: the embedding on the first rank (nothing where it is mapped:
+    lookup_free), the norm and lm_head (or the tied embedding) on the last. fit: a split over memory that fits."""
+    n, b = spec.architecture.num_hidden_layers, dtype_bytes
+    memory = memory or [1.0] * size
+    layer, first, last = [0] * n, 0, 0
+    for e in store.entries(spec):
+        m = re.match(r"model\.layers\.(\d+)\.", e.name)
+        if m:
+            layer[int(m.group(1))] += e.nbytes(b)
+        elif e.name.startswith("model.embed_tokens."):
+            first += 0 if lookup_free and size > 1 else e.nbytes(b)
+            last += e.nbytes(b) * spec.architecture.tie_word_embeddings
+        else:
+            last += e.nbytes(b)
+    if size > n:
+        raise DnError(f"--pipeline {size}: more ranks than the model's {n} layers")
+
+    @functools.cache
+    def split(r: int, lo: int) -> tuple[float, tuple]:  # the last r ranks over layers lo..: (worst load, counts)
+        mem, head = memory[size - r], first if lo == 0 else 0
+        if r == 1:
+            return (sum(layer[lo:]) + last + head) / mem, (n - lo,)
+        return min((max((sum(layer[lo:hi]) + head) / mem, split(r - 1, hi)[0]), (hi - lo, *split(r - 1, hi)[1]))
+                   for hi in range(lo + 1, n - r + 2))
+
+    worst, counts = split(size, 0)
+    if fit and worst > 1:
+        raise DnError(f"--pipeline-split auto: {(sum(layer) + first + last) / 2**30:.2f} GiB of weights do not fit "
+                      f"ranks of {', '.join(f'{m / 2**30:.2f}' for m in memory)} GiB ({worst:.2f}x)")
+    return counts
+
+
+def _said(e: Exception) -> str:
+    """A transport's error on one line, without the source position gloo and the ring lead with."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0])[:200]
+
+
+# ---- launchers ----------------------------------------------------------------------------------------
+
+def launched() -> str | None:
+    """The launcher this process runs under: torch (torchrun's env), mlx (mlx.launch's), or None."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or {"RANK", "WORLD_SIZE"} <= os.environ.keys():
+        return "torch"
+    return "mlx" if "MLX_RANK" in os.environ else None
+
+
+def _free_port(span: int = 1) -> int:
+    """A port with `span` free ports from it (mlx.launch's ring listens on one per rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with socket.socket() as s:  # nothing listens on the next ones
+            if port + span < 65536 and all(s.connect_ex(("127.0.0.1", port + i)) for i in range(1, span)):
+                return port
+    raise DnError("no free local ports for the pipeline's ranks")
+
+
+def rank_argv(argv: list[str], backend: str) -> list[str]:
+    """The verb's own argv for each rank: `--pipeline N` becomes `--pipeline`, the backend named."""
+    out = [a for i, a in enumerate(argv) if a != "--pipeline" and not a.startswith("--pipeline=")
+           and not (i and argv[i - 1] == "--pipeline" and a.isdigit())]
+    return [*out, "--pipeline", "--backend", backend]
+
+
+def launcher_command(backend: str, n: int, verb: str, argv: list[str]) -> list[str]:
+    rank = [sys.executable, "-m", "dn", verb, *rank_argv(argv, backend)]
+    if backend == "torch":
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(n),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--monitor-interval",
+                "0.5", *rank[1:]]
+    exe = Path(sys.executable).with_name("mlx.launch")  # the venv's own, else the PATH's
+    if not (exe := str(exe) if exe.is_file() else shutil.which("mlx.launch")):
+        raise DnError("mlx.launch is not installed (pip install mlx)")
+    return [exe, "--backend", "ring", "--hosts", "127.0.0.1", "-n", str(n), "--starting-port", str(_free_port(n)),
+            "--", *rank]
+
+
+# the launchers' own words for a rank that failed
+_FAILED = [re.compile(r"rank\s*:\s*(\d+) \(local_rank.*\n\s*exitcode\s*:\s*(-?\d+)"),  # torchrun's summary
+           re.compile(r"Node with rank (\d+) exited with code (-?\d+)"),  # mlx.launch
+           re.compile(r"Node with rank (\d+) (was killed)")]
+_OURS = ("rank ", "dn: ", "[torch", "[mlx", "[residency")
+
+
+def _exit_text(code: str) -> str:
+    if code.lstrip("-").isdigit() and -int(code) in signal.valid_signals():
+        return f"died of {signal.Signals(-int(code)).name}"
+    return "was stopped by the launcher" if code == "was killed" else f"exited with code {code}"
+
+
+def _end(proc) -> None:
+    """SIGKILL the launcher and every process under it (torchrun puts its workers in sessions of their own)."""
+    table = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+    parents, tree = dict(zip(map(int, table[::2]), map(int, table[1::2]))), [proc.pid]
+    for pid in tree:  # grows as it goes: children, theirs...
+        tree += [c for c, parent in parents.items() if parent == pid]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def launch(backend: str, n: int, verb: str, argv: list[str]) -> int:
+    """`dn <verb> --pipeline N` without a launcher: N local ranks through the backend's launcher. stdout passes
+    through; of stderr, dn's own lines (rank stats, the verb's statistics); the launchers' logs are kept back and
+    a failure is one line naming the rank that failed first, with what the others said."""
+    if n < 1:
+        raise DnError("--pipeline N: N >= 1 ranks")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.Popen(launcher_command(backend, n, verb, argv), stderr=subprocess.PIPE, text=True, env=env,
+                            errors="replace")
+    kept, errors, grace = [], [], None
+    try:
+        for line in proc.stderr:
+            if line.startswith("dn: error: "):
+                errors.append(line[len("dn: error: "):].strip())
+                # a launcher waits on a hung rank (SIGTERM stays pending on a stopped process): GRACE_S, then all
+                if grace is None:
+                    grace = threading.Timer(GRACE_S, _end, (proc,))
+                    grace.start()
+            elif line.startswith(_OURS):
+                print(line, end="", file=sys.stderr, flush=True)
+            else:
+                kept.append(line)
+        rc = proc.wait()
+    except BaseException:
+        _end(proc)
+        raise
+    finally:
+        if grace is not None:
+            grace.cancel()
+    log = "".join(kept)
+    failed = [(int(r), c) for pat in _FAILED for r, c in pat.findall(log)]
+    if rc == 0 and not failed and not errors:
+        return 0
+    # the first rank that failed on its own: not one the launcher stopped once another had failed
+    own = [(r, c) for r, c in failed if c not in ("-15", "143", "was killed")] or failed
+    said = "; ".join(dict.fromkeys(errors)) or next((x.strip() for x in reversed(kept)  # a rank's own traceback
+                                                     if re.match(r"(\[rank\d+\]: )?\w+(Error|Exception): ", x)
+                                                     and "ChildFailedError" not in x), "")
+    if said and all(c == "2" for _, c in own):  # every rank said why (a DnError): that is the line
+        line = said
+    elif own:
+        r, c = min(own)
+        line = f"rank {r} {_exit_text(c)}" + (f" ({said})" if said else "")
+    else:
+        line = said or f"the {backend} launcher failed (exit code {rc}): {log.strip().splitlines()[-1:]}"
+    print(f"dn: error: pipeline: {line}", file=sys.stderr, flush=True)
+    return rc if rc > 0 else 2
+
+
+# ---- a rank ---------------------------------------------------------------------------------------------
+
+class Watchdog:
+    """One thread: while a rank waits on a peer during generation, a deadline; past it, one line and exit 3.
+    SIGTERM (the launcher stopping the ranks after one failed) also gives one line naming the awaited peer."""
+
+    def __init__(self, rank: int, timeout_s: float):
+        self.rank, self.timeout_s, self.peer, self.deadline = rank, timeout_s, None, None
+        threading.Thread(target=self._run, daemon=True).start()
+        with contextlib.suppress(ValueError):  # not the main thread (tests)
+            signal.signal(signal.SIGTERM, self._term)
+
+    def _run(self):
+        while True:
+            time.sleep(0.2)
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                self._die(f"rank {self.peer} sent nothing for {self.timeout_s:g} s (dead, hung or unreachable)", 3)
+
+    def _term(self, *_):
+        waiting = f" while waiting for rank {self.peer}" if self.peer is not None else ""
+        self._die(f"stopped by the launcher{waiting} (another rank failed)", 143)
+
+    def _die(self, why: str, code: int):
+        print(f"dn: error: rank {self.rank}: {why}", file=sys.stderr, flush=True)
+        os._exit(code)
+
+    @contextlib.contextmanager
+    def waiting(self, peer: int, armed: bool = True):
+        self.peer, self.deadline = peer, time.monotonic() + self.timeout_s if armed else None
+        try:
+            yield
+        finally:
+            self.peer = self.deadline = None
+
+
+@dataclass
+class Link:
+    """This rank's end of the pipeline: sends and receives through the backend's transport, timed and counted."""
+    be: object
+    group: object
+    stage: Stage
+    watch: Watchdog
+    dtype: str
+    hidden: int
+    vocab: int
+    started: bool = False  # the first message may wait for the peers' load: the watchdog is not armed for it
+    counts: dict = field(default_factory=lambda: {"sent_bytes": 0, "sends": 0, "send_s": 0.0, "wait_s": 0.0,
+                                                  "forwards": 0, "tokens": 0, "compute_s": 0.0})
+
+    def _guard(self, peer: int, fn, *args):
+        t = time.perf_counter()
+        try:
+            with self.watch.waiting(peer, armed=self.started):
+                return fn(*args)
+        except RuntimeError as e:  # the transport's: a closed connection, a timeout
+            raise DnError(f"rank {self.stage.rank}: lost rank {peer} ({_said(e)})") from None
+        finally:
+            self.counts["wait_s"] += time.perf_counter() - t
+
+    def send(self, x, dst: int) -> None:
+        t = time.perf_counter()
+        self.counts["sent_bytes"] += self._guard(dst, self.be.pipeline.send, self.group, x, dst)
+        self.counts["sends"] += 1
+        self.counts["send_s"] += time.perf_counter() - t
+
+    def recv(self, shape: tuple, dtype: str, src: int):
+        return self._guard(src, self.be.pipeline.recv, self.group, shape, dtype, src)
+
+    def header(self, src: int) -> tuple[int, int]:
+        h = self.be.ops.to_numpy(self.recv((2,), "I32", src))
+        return int(h[0]), int(h[1])
+
+
+class Stages:
+    """Rank 0's backend for the verb: a Backend whose logits run the pipeline (its own layers here, the rest on the
+    other ranks); every other name is the real backend's."""
+
+    def __init__(self, link: Link):
+        self.link, self._new = link, True
+
+    def __getattr__(self, name):
+        return getattr(self.link.be, name)
+
+    def make_cache(self, model, max_kv_size=None, kv_bits=None):
+        self._new = True
+        return self.link.be.make_cache(model, max_kv_size=max_kv_size, kv_bits=kv_bits)
+
+    def logits(self, model, tokens: np.ndarray, cache=None, last_only: bool = False) -> np.ndarray:
+        link, be = self.link, self.link.be
+        out = _compute(link, model, tokens, cache, last_only, tokens.shape[1])
+        if link.stage.last:  # a pipeline of one
+            return out
+        flags = LAST_ONLY * last_only | NEW_CACHE * self._new | BF16 * be.ops.is_bfloat16(out)
+        self._new = False
+        link.send(np.array([tokens.shape[1], flags], np.int32), 1)
+        link.send(out, 1)
+        logits = link.recv((1, 1 if last_only else tokens.shape[1], link.vocab), "float32", link.stage.size - 1)
+        link.started = True
+        return be.ops.to_numpy(logits)
+
+    def stop(self) -> None:
+        if not self.link.stage.last:
+            self.link.send(np.array([0, 0], np.int32), 1)
+
+
+def _compute(link: Link, model, x, cache, last_only: bool, n: int):
+    t, c = time.perf_counter(), link.counts
+    out = link.be.pipeline.forward(model, link.stage, x, cache, last_only)
+    c["compute_s"] += time.perf_counter() - t
+    c["forwards"], c["tokens"] = c["forwards"] + 1, c["tokens"] + n
+    return out
+
+
+def follow(link: Link, model, **cache_args) -> None:
+    """Ranks after the first: receive, run the own layers, pass on (the last: logits to rank 0), until a stop.
+    cache_args: the verb's --max-kv-size and --kv-bits, as rank 0's cache has them."""
+    be, st, cache = link.be, link.stage, None
+    while True:
+        n, flags = link.header(st.rank - 1)
+        if n == 0:
+            if not st.last:
+                link.send(np.array([0, 0], np.int32), st.rank + 1)
+            return
+        h = link.recv((1, n, link.hidden), "bfloat16" if flags & BF16 else "float32", st.rank - 1)
+        link.started = True
+        if flags & NEW_CACHE or cache is None:
+            cache = be.make_cache(model, **cache_args)
+        out = _compute(link, model, h, cache, bool(flags & LAST_ONLY), n)
+        if not st.last:
+            flags = flags & ~BF16 | BF16 * be.ops.is_bfloat16(out)
+            link.send(np.array([n, flags], np.int32), st.rank + 1)
+        link.send(out, 0 if st.last else st.rank + 1)
+
+
+def stats_line(link: Link, run, n_layers: int, tied: bool, wall_s: float) -> str:
+    st, c = link.stage, link.counts
+    lo, hi = st.span(n_layers)
+    parts = [f"layers {lo}-{hi - 1} of {n_layers}"]
+    if st.holds_embedding(tied):
+        parts.append("embedding" + (" (tied: on the first and last rank)" if tied and st.size > 1 else ""))
+    if st.last:
+        parts.append("norm + lm_head" + (" (the tied embedding)" if tied else ""))
+    m = run.memory
+    per = lambda s: f"{1e3 * s / max(c['forwards'], 1):.2f} ms"
+    return (f"rank {st.rank}: {' + '.join(parts)}; resident {m['measured_resident_bytes'] / 2**20:.1f} MiB measured "
+            f"({m['measured_kind']}), load peak {m['load_peak_bytes'] / 2**20:.1f} MiB, peak now "
+            f"{memory.peak_bytes(link.be) / 2**20:.0f} MiB; {c['forwards']} forwards, {c['tokens']} tokens, "
+            f"{c['forwards'] / max(wall_s, 1e-9):.1f} forwards/s; compute {per(c['compute_s'])}, sent "
+            f"{c['sent_bytes'] / max(c['sends'], 1):.0f} B/message in {per(c['send_s'])}, waited {per(c['wait_s'])} "
+            f"per forward")
+
+
+def gather(link: Link, value: float) -> list[float]:
+    """Each rank's value on every rank: once around the ring to collect, once more to hand the whole out
+    (neighbours only: all the ring backend reaches)."""
+    r, n = link.stage.rank, link.stage.size
+    if n == 1:
+        return [value]
+    be, shape = link.be, (n,)
+    if r == 0:
+        link.send(np.eye(1, n, 0, np.float32)[0] * value, 1)
+        whole = be.ops.to_numpy(link.recv(shape, "float32", n - 1))
+        link.send(whole, 1)
+    else:
+        got = be.ops.to_numpy(link.recv(shape, "float32", r - 1)).copy()
+        got[r] = value
+        link.send(got, (r + 1) % n)
+        whole = be.ops.to_numpy(link.recv(shape, "float32", r - 1))
+        if r < n - 1:
+            link.send(whole, r + 1)
+    return [float(x) for x in whole]
+
+
+def split_for(args, link: Link, be, spec) -> tuple[int, ...]:
+    """--pipeline-split: given counts; auto: in proportion to the ranks' memory (stated, else each host's RAM,
+    gathered); by default the least bytes on the largest rank."""
+    size = link.stage.size
+    lookup_free = be.pipeline.maps_lookups() and bool(Stage(0, size).lookup(spec))
+    dtype = loader.compute_dtype(be, spec) if args.dtype == "auto" else args.dtype
+    b = 4 if dtype == "float32" else 2
+    if args.pipeline_split is None:
+        return balance(spec, size, lookup_free, b)
+    if args.pipeline_split != "auto":
+        if not re.fullmatch(r"\d+(,\d+)*", args.pipeline_split):
+            raise DnError(f"--pipeline-split {args.pipeline_split}: expected layer counts such as 15,15, or auto")
+        return tuple(map(int, args.pipeline_split.split(",")))
+    if args.pipeline_memory:
+        memory = [float(parse_budget(x, 1)) for x in args.pipeline_memory.split(",")]
+        if len(memory) != size:
+            raise DnError(f"--pipeline-memory {args.pipeline_memory}: {size} sizes, one per rank")
+    else:  # GiB on the wire: float32 holds them exactly enough
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        memory = [m * 2**30 for m in gather(link, ram)]
+    return balance(spec, size, lookup_free, b, memory, fit=True)
+
+
+def run(args, argv: list[str], verb: str, body, prompt: str | None = None) -> int:
+    """A verb under --pipeline: launch local ranks (no launcher yet), or be one rank. body(run) is the verb's work
+    on rank 0, over a loaded model whose backend runs the pipeline (Stages). prompt: the text `--prompt -` read
+    from stdin, handed to the local ranks as text."""
+    name = launched()
+    if name is None:
+        be = args.backend if args.backend != "auto" else backends.auto()
+        if prompt is not None:
+            argv = [prompt if a == "-" and i and argv[i - 1] in ("-p", "--prompt") else a for i, a in enumerate(argv)]
+        return launch(be, args.pipeline or 2, verb, argv)
+    if args.backend not in ("auto", name):
+        raise DnError(f"--backend {args.backend} under the {name} launcher")
+    be = backends.get(name)
+    try:
+        group = be.pipeline.connect(args.pipeline_timeout)
+    except RuntimeError as e:  # an unreachable or bad host: the transport's error, on one line
+        who = os.environ.get("RANK", os.environ.get("MLX_RANK", "?"))
+        raise DnError(f"rank {who}: cannot join the pipeline: {_said(e)}") from None
+    rank, size = be.pipeline.rank(group), be.pipeline.size(group)
+    if args.pipeline and args.pipeline != size:
+        raise DnError(f"rank {rank}: --pipeline {args.pipeline} but the launcher started {size} ranks")
+    if getattr(args, "max_resident", None) is not None:
+        raise DnError("--max-resident with --pipeline is not there yet (docs/distributed.md)")
+    spec = load_spec(resolve_model(args.model, dense=args.dense))
+    cfg = spec.architecture
+    n_layers, tied = cfg.num_hidden_layers, bool(cfg.tie_word_embeddings)
+    watch = Watchdog(rank, args.pipeline_timeout)
+    link = Link(be, group, Stage(rank, size), watch, args.dtype, cfg.hidden_size, cfg.vocab_size)
+    link.stage = Stage(rank, size, split_for(args, link, be, spec))
+    link.stage.span(n_layers)  # a bad split is one line before anything is read
+    loaded = loader.load(args.model, name, args.dtype, dense=args.dense, stage=link.stage,
+                         **residency.load_args(args))
+    args.dtype = link.dtype = loaded.dtype
+    stage = link.stage
+    t = time.perf_counter()
+    try:
+        if stage.first:
+            stages = Stages(link)
+            body(replace(loaded, backend=stages))
+            stages.stop()
+        else:
+            follow(link, loaded.model, max_kv_size=getattr(args, "max_kv_size", None),
+                   kv_bits=getattr(args, "kv_bits", None))
+        wall = time.perf_counter() - t
+        print(stats_line(link, loaded, n_layers, tied, wall), file=sys.stderr, flush=True)
+        be.pipeline.close(group)
+    finally:
+        watch.deadline = None
+    return 0
