@@ -138,10 +138,11 @@ def native_jobs(args, folders: dict) -> list[dict]:
     base = {"text": args.text, "calib": args.calib_text, "ctx": args.ctx, "decode": args.decode,
             "agree_tokens": args.agree_tokens, "prefetch": False, "store": "native", "folder": str(folders["native"]),
             "backend": "torch", "mode": "exact", "tokens": args.tokens, "quality": not args.skip_quality,
-            "speed": True}
+            "speed": not args.skip_speed}
     budgets = [f"{b}%" for b in args.budgets.split(",") if b != "100"]
-    return [base | {"budget": None}] + [base | {"budget": b} for b in budgets] + \
+    prefetch = [] if args.skip_speed else \
         [base | {"budget": budgets[0], "quality": False, "prefetch": True, "label": "exact+prefetch"}]
+    return [base | {"budget": None}] + [base | {"budget": b} for b in budgets] + prefetch
 
 
 def jobs(args, folders: dict) -> list[dict]:
@@ -323,6 +324,7 @@ def main() -> int:
     p.add_argument("--native", action="store_true",
                    help="the model's native GGUF folder fully resident and under --budgets (torch), not the stores")
     p.add_argument("--skip-quality", action="store_true", help="--native: speed and memory only")
+    p.add_argument("--skip-speed", action="store_true", help="--native: quality and load memory only")
     args = p.parse_args()
     if args.from_json:
         records = json.loads(Path(args.from_json).read_text())["records"]

@@ -9,16 +9,19 @@ import sys
 from dn.core import __version__
 from dn.core.errors import DnError
 from dn.core.progress import progress  # noqa: F401  (cli.progress: the verbs' bar)
+from dn.runtime import threads
 
 VERBS = {
     "generate": ("dn.generate", "stream text from a model"),
     "chat": ("dn.chat", "a conversation in the terminal, kept across turns"),
+    "serve": ("dn.serve", "the OpenAI API over HTTP (chat and text completions, streamed)"),
     "eval": ("dn.evaluate", "perplexity over a text file, with footprint"),
     "parity": ("dn.parity", "compare the backends on the same model"),
     "footprint": ("dn.footprint", "bytes by role, accounted and measured"),
     "convert": ("dn.convert", "write a model folder (optionally compressed or sparse)"),
     "codec": ("dn.codec", "lossless codec tools (stats)"),
     "bench": ("dn.bench", "weight configurations x backends against dense: memory, quality, speed"),
+    "cache": ("dn.cache", "what dn keeps in its cache folder, with sizes (ls), and its removal (rm)"),
 }
 
 
@@ -27,10 +30,14 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        shown = action.default is not None and action.default is not argparse.SUPPRESS and action.nargs != 0
-        if shown and action.option_strings and "%(default)" not in text and "default:" not in text:
+        if shows_default(action) and "%(default)" not in text and "default:" not in text:
             text += (" " if text else "") + "(default: %(default)s)"
         return text
+
+
+def shows_default(action) -> bool:
+    return (action.default is not None and action.default is not argparse.SUPPRESS and action.nargs != 0
+            and bool(action.option_strings))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -43,6 +50,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None and shows_default(action):  # argparse shows no help line, so no default, without one
+            action.help = "(default: %(default)s)"
+        return action
 
 
 def _number(text: str, cast, ok, want: str):
@@ -72,6 +85,10 @@ def non_negative_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
+def thread_count(text: str) -> int:
+    return _number(text, int, lambda v: 1 <= v <= 1024, "an integer in 1..1024")
+
+
 def add_model_args(parser, dtype_default="auto"):
     parser.add_argument("--model", default=None,
                         help="model folder, .gguf file or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
@@ -82,18 +99,56 @@ def add_model_args(parser, dtype_default="auto"):
                              "formats have fast kernels for (bfloat16 for affine folders on torch), else float32")
     parser.add_argument("--dense", action="store_true",
                         help="widen a GGUF to bf16 first (default: run its quantized blocks as they are)")
+    add_threads_arg(parser)
+
+
+class _Threads(argparse.Action):
+    """--threads takes effect as it is parsed (threads.apply), before any verb imports torch."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, threads.apply(values))
+
+
+def add_threads_arg(parser) -> None:
+    """--threads N: every verb that runs a model (dn.runtime.threads)."""
+    parser.add_argument("--threads", type=thread_count, action=_Threads, default=None, metavar="N", help=threads.HELP)
+
+
+class _LineWatch:
+    """A stream that remembers whether its last write left a line open (a reply streamed so far, a \\r status
+    line); a \\r at the end (a bar erasing itself) leaves the cursor at the start of a line."""
+
+    def __init__(self, stream):
+        self._stream, self.open = stream, False
+
+    def write(self, text: str) -> int:
+        if text:
+            self.open = not text.endswith(("\n", "\r"))
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def run(main, argv=None) -> int:
-    """Run a verb's body; a DnError becomes one line on stderr and exit code 2."""
+    """Run a verb's body; a DnError becomes one line on stderr and exit code 2, Ctrl-C "dn: interrupted" on a line
+    of its own (after the open line of a reply or status, and after the terminal's ^C echo) and exit code 130."""
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _LineWatch(out), _LineWatch(err)
     try:
         return main(argv) or 0
     except DnError as e:
         print(f"dn: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if sys.stdout.open:
+            print(file=sys.stdout, flush=True)
+        if sys.stderr.open or (err.isatty() and not sys.stdout.open):
+            print(file=sys.stderr)
         print("dn: interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.stdout, sys.stderr = out, err
 
 
 def main(argv=None) -> int:
@@ -109,6 +164,7 @@ def main(argv=None) -> int:
     if argv[0] not in VERBS:
         print(f"dn: error: unknown verb {argv[0]!r} (choose from {', '.join(VERBS)})", file=sys.stderr)
         return 2
+    threads.apply()  # OpenMP's settings before torch loads; --threads N, parsed later, overrides the count
     module = importlib.import_module(VERBS[argv[0]][0])
     return module.main(argv[1:])
 

@@ -7,7 +7,7 @@ import sys
 
 from dn import cli
 from dn.core.errors import DnError
-from dn.runtime import loader, memory, residency
+from dn.runtime import loader, memory, pipeline, residency, threads
 from dn.runtime.generation import check_cache, prompt_ids, residency_line, stream_generate
 
 
@@ -48,6 +48,7 @@ def setup_arg_parser():
     p.add_argument("--prompt", "-p", default="Hello, who are you?", help="the prompt; - reads it from stdin")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     add_generation_args(p)
+    pipeline.add_args(p)
     return p
 
 
@@ -62,6 +63,8 @@ def sampling_kwargs(args) -> dict:
 def read_prompt(prompt: str) -> str:
     """`--prompt -` reads the prompt from stdin."""
     if prompt != "-":
+        if not prompt.strip():
+            raise DnError("--prompt is empty")
         return prompt
     text = sys.stdin.read()
     if not text.strip():
@@ -87,7 +90,10 @@ def stream(run, ids: list[int], args, out=None, **kwargs) -> list[int]:
             print(r.text, end="", flush=True, file=out)
     print(file=out)
     if args.verbose:
-        print(f"[{run.backend.NAME} {run.backend.device_name()} {args.dtype}] prompt {len(ids)} tokens "
+        n = threads.current(run.backend)
+        cpu = f", {n} thread{'s' * (n > 1)}" if n else ""
+        print(f"[{run.backend.NAME} {run.backend.device_name()} {args.dtype}{cpu}] "
+              f"prompt {len(ids)} tokens "
               f"{r.prompt_tps:.1f} tok/s; generated {len(tokens)} tokens {r.generation_tps:.1f} tok/s; "
               f"peak memory {memory.peak_bytes(run.backend) / 2**20:.0f} MiB", file=sys.stderr)
         if mon:
@@ -99,6 +105,9 @@ def _main(argv) -> int:
     args = setup_arg_parser().parse_args(argv)
     check_cache_args(args)
     prompt = read_prompt(args.prompt)
+    if args.pipeline is not None:  # launch the ranks, or be one (dn.runtime.pipeline)
+        return pipeline.run(args, argv, "generate", lambda run: stream(
+            run, prompt_ids(run.tokenizer, prompt, args.raw, args.system_prompt), args), prompt)
     run = loader.load(args.model, args.backend, args.dtype, dense=args.dense, **residency.load_args(args))
     args.dtype = run.dtype  # `auto` resolved by the loader
     stream(run, prompt_ids(run.tokenizer, prompt, args.raw, args.system_prompt), args)

@@ -291,10 +291,10 @@ def _margin(spec, full) -> dict:
 @pytest.mark.slow
 def test_exact_mode_keeps_the_budget_and_the_tokens(backend_name, default_spec):
     """The default model (a Q4_1 GGUF) runs its own blocks on torch and its widening on MLX, which the planner stores
-    as q4g32e8 (its Q4_1 grid); at 40% every block is resident, at 25% about two thirds are read per token, and both generate the fully resident model's tokens. The
-    25% run holds at most its plan plus what the 40% run holds beside its own; on torch, whose figure is the process
-    RSS, a variant that keeps the cold pages it read mapped exceeds that bound (MLX's is its allocator's, which file
-    pages never enter)."""
+    as q4g32e8 (its Q4_1 grid); at 40% every block is resident, at 25% about two thirds are read per token, and both
+    generate the fully resident model's tokens. The 25% run holds at most its plan plus what the 40% run holds beside
+    its own; on torch, whose figure is the process RSS, a variant that keeps the cold pages it read mapped exceeds
+    that bound (MLX's is its allocator's, which file pages never enter)."""
     full = _keep(backend_name, "40%")
     if full["resident_kind"].startswith("max rss since start"):
         pytest.skip("this platform cannot reset its peak RSS (getrusage): the bound needs a per-run peak")

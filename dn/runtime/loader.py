@@ -20,7 +20,7 @@ from dn.model.sources import resolve_model
 from dn.model.spec import ModelSpec, load_spec, weight_files
 from dn.model.tokenizer import Tokenizer
 from dn.runtime import backend as backends
-from dn.runtime import memory, residency, writer
+from dn.runtime import memory, residency, threads, writer
 from dn.runtime.budget import parse_budget
 
 
@@ -49,9 +49,12 @@ def compute_dtype(be, spec: ModelSpec) -> str:
 
 
 def load(model: str | None, backend: str = "auto", dtype: str = "auto", max_resident: str | None = None,
-         mode: str = "exact", calib_text: str | None = None, prefetch: bool = False, dense: bool = False) -> Loaded:
+         mode: str = "exact", calib_text: str | None = None, prefetch: bool = False, dense: bool = False,
+         stage=None) -> Loaded:
     """max_resident: a budget ('300MB', '25%' of dense bf16): the MLPs are held by dn.runtime.residency under it.
-    dtype "auto": compute_dtype. dense: a GGUF widened to bf16 rather than its blocks as they are."""
+    dtype "auto": compute_dtype. dense: a GGUF widened to bf16 rather than its blocks as they are. stage: a
+    dn.runtime.pipeline.Stage: only its layers are read."""
+    threads.setup()  # before the backend loads torch (OpenMP reads its settings once)
     be = backends.resolve(backend)  # first, so a missing backend fails before any conversion
     model_dir = resolve_model(model, dense=dense)
     spec = load_spec(model_dir)
@@ -71,7 +74,7 @@ def load(model: str | None, backend: str = "auto", dtype: str = "auto", max_resi
         model_dir, spec = store_for(model_dir, spec, dtype, budget, mode)
         runtime = residency.open_runtime(be, model_dir, spec, dtype, budget, mode, calib_text, prefetch)
     with tensors.reading(model_dir):  # a bar over the bytes read, on a terminal and for a long load only
-        handle, measured = memory.measure_load(be, model_dir, spec, dtype, residency=runtime)
+        handle, measured = memory.measure_load(be, model_dir, spec, dtype, residency=runtime, stage=stage)
     return Loaded(model_dir, spec, be, handle, dtype, tokenizer, measured, runtime)
 
 
