@@ -74,6 +74,7 @@ class Runtime:
         self.tokens, self.hits, self.misses = 0, 0, 0
         self.prompt_tokens = None          # per-sequence eval: a window's prompt length
         self._next = {}                    # layer -> the Future of its prefetch
+        self.joins = getattr(R, "JOIN_IN_WORKER", False)  # the prefetch worker joins the blocks it reads too
         self._pool = None
         self.mlps = []
 
@@ -97,7 +98,7 @@ class Runtime:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="dn-prefetch")
-        if getattr(self.R, "JOIN_IN_WORKER", False) and nxt < len(self.mlps):
+        if self.joins:
             self._next[nxt] = self._pool.submit(self.mlps[nxt].read_cold, True)
         else:
             self._next[nxt] = self._pool.submit(self.tier.read, nxt, start, self.plan.blocks)
