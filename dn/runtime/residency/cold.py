@@ -199,7 +199,7 @@ class ColdTier:
         vec = (ctypes.c_ubyte * n)()
         if _libc.mincore(ctypes.c_void_p(self.base + start), ctypes.c_size_t(end - start), vec) != 0:
             return False
-        return all(b & 1 for b in bytes(vec))
+        return bool((np.frombuffer(vec, np.uint8) & 1).all())
 
     def read(self, layer: int, start: int, stop: int, copy: bool = False) -> list[np.ndarray] | None:
         """Blocks [start, stop) of a layer (file positions, hotness order) -> each tensor of those blocks joined
