@@ -93,7 +93,8 @@ def _main(argv) -> int:
         budget = parse_budget(args.max_resident, residency.dense_bf16(spec))  # the loader would pick
         _, held = loader.store_for(model_dir, spec, args.dtype, budget, args.residency_mode)
         plan = residency.make_plan(held, args.dtype, budget, args.residency_mode,
-                                   residency.block_bytes(held, args.dtype))
+                                   residency.block_bytes(held, args.dtype),
+                                   buffer_block_bytes=residency.block_bytes(held, args.dtype, largest=True))
     if not args.no_measure:
         run = loader.load(args.model, args.backend, args.dtype, dense=args.dense, **residency.load_args(args))
         report["measured"] = measured(run)

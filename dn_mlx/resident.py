@@ -35,10 +35,10 @@ def block_arrays(slices: dict, proj: str, spec: ModelSpec, dtype: str) -> list[t
 def join(arrays: list[np.ndarray], info: dict, held: bool = False):
     """k blocks read together (numpy, joined) -> arrays: a bundle [k*BLOCK, 3, d], or (weight, scales, biases)
     per projection (held: kept resident; the layout is the same)."""
-    held = [ops._array(a) for a in arrays]
+    arrs = [ops._array(a) for a in arrays]
     if info["kind"] == "dense":
-        return held[0]
-    return [(held[i].view(mx.uint32), held[i + 1], held[i + 2]) for i in (0, 3, 6)]
+        return arrs[0]
+    return [(arrs[i].view(mx.uint32), arrs[i + 1], arrs[i + 2]) for i in (0, 3, 6)]
 
 
 def matmul(x: mx.array, w: mx.array, s: mx.array, b: mx.array, info: dict) -> mx.array:

@@ -34,7 +34,7 @@ def _half_budget(be, folder, spec):
     """A budget holding one of each layer's two blocks (and a buffer of one)."""
     probe = residency.open_runtime(be, folder, spec, "float32", 10**12)
     p = probe.plan
-    return p.fixed + (p.layers + 1) * p.block_bytes + p.layers  # the mean block of layers of different types
+    return p.fixed + p.layers * p.block_bytes + p.buffer_block_bytes + p.layers  # mean blocks; the largest buffered
 
 
 def test_plan_over_gguf_blocks(folder):
@@ -70,7 +70,7 @@ def test_exact_mode_is_the_resident_model(folder, prefetch):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * float(np.abs(want).max()))
     assert (got.argmax(-1) == want.argmax(-1)).all()
     if prefetch:  # the worker read and joined layer 1 while layer 0 computed, and layer 0 for the next call
-        assert not rt._next or all(isinstance(f.result()[0], list) for f in rt._next.values())
+        assert rt._next and all(isinstance(f.result()[0], list) for f in rt._next.values())  # layer 0's, joined
         np.testing.assert_allclose(torch_model.logits(model, TOKENS), got, rtol=0, atol=1e-5 * float(np.abs(got).max()))
 
 
@@ -103,6 +103,9 @@ def test_prefetch_plans_two_buffers(default_spec):
     assert two.buffer_blocks == 2 * (two.blocks - min(two.hot)) and one.buffer_blocks == one.blocks - min(one.hot)
     assert two.resident <= budget and one.resident <= budget and sum(two.hot) < sum(one.hot)
     assert two.minimum - one.minimum == one.blocks * bb
+    big = residency.make_plan(default_spec, "bfloat16", budget, "exact", bb, 1, buffer_block_bytes=2 * bb)
+    assert big.resident <= budget and big.buffer_blocks * 2 * bb == big.resident - big.fixed - sum(big.hot) * bb
+    assert sum(big.hot) < sum(one.hot)  # a buffer sized for the largest layer leaves less for resident blocks
 
 
 def test_cached_runs_are_checked_once_and_a_changed_file_again(folder, monkeypatch):

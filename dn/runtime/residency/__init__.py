@@ -252,7 +252,11 @@ def open_runtime(backend, model_dir: Path, spec: ModelSpec, dtype: str, budget: 
     ResidentMLP per layer (Runtime.mlps)."""
     path = build(backend, model_dir, spec, dtype, calib_text, progress=sys.stderr.isatty())  # a bar on a terminal only
     tier = ColdTier(path)
-    plan = make_plan(spec, dtype, budget, mode, tier.block_bytes, buffers=2 if prefetch and mode == "exact" else 1)
+    if tier.block != block_size(spec):
+        raise DnError(f"{path}: the cold tier's blocks are of {tier.block} neurons, this dn plans {block_size(spec)}; "
+                      "delete the folder to rebuild it")
+    plan = make_plan(spec, dtype, budget, mode, tier.block_bytes, buffers=2 if prefetch and mode == "exact" else 1,
+                     buffer_block_bytes=tier.max_block_bytes)
     (path / f"plan-{mode}-{budget}.json").write_text(json.dumps(plan.summary(), indent=1))
     return Runtime(tier, plan, backend.resident, prefetch)
 

@@ -33,7 +33,9 @@ def checksum(blocks: np.ndarray) -> np.ndarray:
     changed underneath, at memory speed (dn/formats/csrc/checksum.c where built; this is its reference)."""
     lib = _sums()
     outer, n, inner = blocks.shape
-    if lib is not None and blocks.strides[1:] == (inner, 1) and n:
+    word = next(w for w in (8, 4, 2, 1) if inner % w == 0)
+    aligned = blocks.ctypes.data % word == 0 and blocks.strides[0] % word == 0  # the kernel reads whole words
+    if lib is not None and blocks.strides[1:] == (inner, 1) and n and aligned:
         out = np.empty(n, np.uint64)
         if lib.dn_block_sums(blocks.ctypes.data, outer, blocks.strides[0], n, inner, out.ctypes.data) == 0:
             return out
@@ -137,7 +139,7 @@ class ColdTier:
                 t["outer"], t["inner"] = split(t)
         # one block as held: the mean over layers (a GGUF's down projections differ in type from layer to layer)
         sizes = [sum(t["outer"] * t["inner"] for t in lay) for lay in self.layouts] or [0]
-        self.block_bytes = -(-sum(sizes) // len(sizes))
+        self.block_bytes, self.max_block_bytes = -(-sum(sizes) // len(sizes)), max(sizes)
         self.block = self.index.get("block", BLOCK)
         self.blocks = self.index["blocks"]
         self.sums = [[np.array([int(c) for c in cs], np.uint64) for cs in la["checksums"]]
@@ -215,10 +217,11 @@ class ColdTier:
             return None
         runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(pos, np.flatnonzero(np.diff(pos) != 1) + 1)]
         tensors = range(len(self.layouts[layer]))
-        cached = {(t, r): self._in_page_cache(*self._span(layer, t, *r)) for t in tensors for r in runs}
-        for t in tensors:  # map the pages in one call: faulting them in one by one costs more
-            for r in runs:
-                self._madvise(_POPULATE_READ, *self._span(layer, t, *r))
+        # a run checked before: does the page cache still hold it all (asked before it is mapped)?
+        cached = {(t, r): (layer, t, *r) in self.checked and self._in_page_cache(*self._span(layer, t, *r))
+                  for t in tensors for r in runs}
+        for span in {self._span(layer, t, *r) for t in tensors for r in runs}:  # one call a span: faulting the
+            self._madvise(_POPULATE_READ, *span)  # pages in one by one costs more
         out = []
         for t, spec in enumerate(self.layouts[layer]):
             raw = [self._read(layer, t, *r, cached[t, r]) for r in runs]

@@ -25,23 +25,27 @@ class Plan:
     dense_bf16: int
     fixed: int                   # everything but the MLP neurons, as held
     side: int                    # sparse mode: routers, thresholds and priors
-    block_bytes: int             # one block of BLOCK neurons as held
+    block_bytes: int             # one block of BLOCK neurons as held (the mean over layers)
     blocks: int                  # per layer
     layers: int
     hot: list[int] = field(default_factory=list)   # resident blocks per layer
     buffer_blocks: int = 0       # blocks of read buffer (the largest cold run of a layer, times buffers)
     buffers: int = 1             # cold runs held at once: 2 with prefetch (the next layer's, read ahead)
     block: int = BLOCK           # neurons per block (block_size)
+    buffer_block_bytes: int = 0  # a block of the read buffer: the largest layer's (a GGUF's layers differ in type)
     cold_embedding: bool = False  # an untied input embedding read a row per token from the file, not held
+
+    def __post_init__(self):
+        self.buffer_block_bytes = self.buffer_block_bytes or self.block_bytes
 
     @property
     def minimum(self) -> int:
         """No block resident: one layer's blocks read at a time (two with prefetch)."""
-        return self.fixed + self.side + self.buffers * self.blocks * self.block_bytes
+        return self.fixed + self.side + self.buffers * self.blocks * self.buffer_block_bytes
 
     @property
     def resident(self) -> int:
-        return self.fixed + self.side + (sum(self.hot) + self.buffer_blocks) * self.block_bytes
+        return self.fixed + self.side + sum(self.hot) * self.block_bytes + self.buffer_blocks * self.buffer_block_bytes
 
     @property
     def hot_fraction(self) -> float:
@@ -62,7 +66,7 @@ class Plan:
                 f"{self.block} neurons each): {mib(sum(self.hot) * self.block_bytes)}",
                 f"  read buffer: {self.buffer_blocks} blocks"
                 f"{' (this layer and the next, read ahead)' if self.buffers == 2 else ''}: "
-                f"{mib(self.buffer_blocks * self.block_bytes)}",
+                f"{mib(self.buffer_blocks * self.buffer_block_bytes)}",
                 f"  planned total: {mib(self.resident)}; minimum for this model: {mib(self.minimum)}",
                 "  cold: the other MLP blocks, read from the cold file on demand (what the OS page cache keeps of "
                 "it is not counted: it is not the process's memory)",
@@ -85,33 +89,31 @@ def block_size(spec: ModelSpec) -> int:
     return size
 
 
-def cold_embedding(spec: ModelSpec) -> bool:
-    """Residency over a native GGUF folder reads an untied input embedding's rows from the file per token (a token
-    reads one row; dn.model.store.mapped): it is not held."""
-    return bool(store.mapped(spec))
-
-
 def fixed_bytes(spec: ModelSpec, dtype: str) -> int:
-    """Bytes of everything but the MLP projections (and a cold input embedding), as held at dtype (dn.model.store's
-    accounting)."""
+    """Bytes of everything but the MLP projections and an input embedding read a row per token from the file
+    (dn.model.store.mapped: not held), as held at dtype (dn.model.store's accounting)."""
     total = store.resident_bytes(spec, dtype)
-    cold = store.mapped(spec) if cold_embedding(spec) else set()
+    cold = store.mapped(spec)
     mlp = store.held_bytes(spec, dtype, lambda e: e.role == "mlp" or e.name in cold)
     return total["total"] - total["sparse"] - mlp
 
 
-def block_bytes(spec: ModelSpec, dtype: str) -> int:
-    """One block as accounted (dn.model.store), the mean over layers, for a plan made without the cold file (dn
-    footprint --no-measure)."""
-    mlp = store.held_bytes(spec, dtype, lambda e: e.role == "mlp")
+def block_bytes(spec: ModelSpec, dtype: str, largest: bool = False) -> int:
+    """One block as accounted (dn.model.store), the mean over layers (largest: the largest layer's), for a plan
+    made without the cold file (dn footprint --no-measure)."""
     a = spec.architecture
-    return math.ceil(mlp * block_size(spec) / (a.intermediate_size * a.num_hidden_layers))
+    layers = [store.held_bytes(spec, dtype, lambda e, i=i: e.name.startswith(f"model.layers.{i}.mlp."))
+              for i in range(a.num_hidden_layers)]
+    per = max(layers) if largest else sum(layers) / len(layers)
+    return math.ceil(per * block_size(spec) / a.intermediate_size)
 
 
-def make_plan(spec: ModelSpec, dtype: str, budget: int, mode: str, block_bytes: int, buffers: int = 1) -> Plan:
+def make_plan(spec: ModelSpec, dtype: str, budget: int, mode: str, block_bytes: int, buffers: int = 1,
+              buffer_block_bytes: int | None = None) -> Plan:
     """Fill the budget with the hottest blocks, spread evenly over layers (files keep each layer's blocks in
     hotness order, so a layer's resident set is its first `hot` blocks). Raises DnError below the minimum.
-    buffers: cold runs held at once (2 when the next layer's is read ahead)."""
+    buffers: cold runs held at once (2 when the next layer's is read ahead); buffer_block_bytes: a block of the
+    largest layer (default: block_bytes), so that any layer's cold run fits the buffer."""
     if mode not in MODES:
         raise DnError(f"unknown residency mode {mode!r} (choose from {', '.join(MODES)})")
     if mode == "sparse" and spec.sparse is None:
@@ -122,21 +124,23 @@ def make_plan(spec: ModelSpec, dtype: str, budget: int, mode: str, block_bytes: 
     side = spec.sparse["num_layers"] * store.sparse_side(spec.sparse, DTYPE_BYTES[dtype])["held"] \
         if mode == "sparse" else 0
     plan = Plan(mode, budget, dense_bf16(spec), fixed_bytes(spec, dtype), side, block_bytes, blocks, n_layers,
-                buffers=buffers, block=size, cold_embedding=cold_embedding(spec))
+                buffers=buffers, block=size, cold_embedding=bool(store.mapped(spec)),
+                buffer_block_bytes=buffer_block_bytes or block_bytes)
     if budget < plan.minimum:
         raise DnError(f"--max-resident {budget / 2**20:.1f} MiB is below this model's minimum of "
                       f"{plan.minimum / 2**20:.1f} MiB ({100 * plan.minimum / plan.dense_bf16:.1f}% of dense bf16: "
                       f"embedding/lm_head, attention, norms{', routers, priors' if side else ''} and "
                       f"{'two layers' if buffers == 2 else 'one layer'}'s MLP read at a time, {dtype})")
-    # h resident blocks in each of L layers and b buffers of (blocks - h): fixed + side + (L h + b (blocks - h)) B
-    b = buffers
-    spare = (budget - plan.fixed - side) // block_bytes - b * blocks
-    if spare >= (n_layers - b) * blocks:
-        plan.hot, plan.buffer_blocks = [blocks] * n_layers, 0
+    # h resident blocks (B bytes each) in each of L layers and b buffers of (blocks - h) of the largest layer's (M):
+    # fixed + side + L h B + b (blocks - h) M
+    b, bb, mb, n = buffers, block_bytes, plan.buffer_block_bytes, n_layers
+    avail = budget - plan.fixed - side
+    if avail >= n * blocks * bb:
+        plan.hot, plan.buffer_blocks = [blocks] * n, 0
         return plan
-    h = min(spare // (n_layers - b), blocks - 1) if n_layers > b else 0
-    extra = min(spare - h * (n_layers - b), n_layers - 1)  # layers that hold one block more than the others
-    plan.hot = [h + 1 if i < extra else h for i in range(n_layers)]
+    h = max(0, min((avail - b * blocks * mb) // (n * bb - b * mb), blocks - 1)) if n * bb > b * mb else 0
+    extra = min((avail - n * h * bb - b * (blocks - h) * mb) // bb, n - 1)  # layers holding one block more
+    plan.hot = [h + 1 if i < extra else h for i in range(n)]
     plan.buffer_blocks = b * (blocks - h)
     return plan
 
