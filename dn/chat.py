@@ -55,14 +55,13 @@ def save_history() -> None:
 
 def _read_line(interactive: bool) -> str | None:
     """The next line; None at the end of input, or at Ctrl-C on the prompt (the chat ends cleanly)."""
-    try:
-        if interactive:
-            return input(">> ")
+    if not interactive:  # piped: Ctrl-C is an interruption (cli.run's "dn: interrupted", exit 130)
         line = sys.stdin.readline()
         return line if line else None
+    try:
+        return input(">> ")
     except (EOFError, KeyboardInterrupt):
-        if interactive:
-            print()
+        print()
         return None
 
 

@@ -33,7 +33,7 @@ from dn.core.text import read_text, text_path
 from dn.model.sources import resolve_model
 from dn.model.spec import load_spec
 from dn.runtime import backend as backends
-from dn.runtime import timing
+from dn.runtime import threads, timing
 
 
 def setup_arg_parser():
@@ -217,7 +217,7 @@ def _main(argv) -> int:
         for name, plan in plans.items():
             bar.set_postfix_str(name)
             try:
-                records += peers.run(name, plan, text, args.ctx, args.threads or os.cpu_count() or 1,
+                records += peers.run(name, plan, text, args.ctx, threads.count(args.threads),
                                      decode.get("", configs.pick(decode, cfgs[0], names[0])), args.prefill_tokens,
                                      args.peer_reps, configs.pick(max_tokens, cfgs[0], names[0]), skip, mlx_weights)
             except DnError as e:

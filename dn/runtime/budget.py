@@ -56,3 +56,14 @@ def parse_budget(text: str, dense_bf16: int) -> int:
     if b.unit == "%" and dense_bf16 <= 0:
         raise DnError(f"--max-resident must be positive, got {text!r}")
     return b.bytes(dense_bf16)
+
+
+def parse_size(text: str, flag: str) -> int:
+    """A byte size (256MiB, 1GB, 1000000) for a flag that takes no percentage -> bytes. Raises DnError naming flag."""
+    try:
+        b = parse(text)
+    except DnError:
+        b = None
+    if b is None or b.unit == "%":
+        raise DnError(f"{flag}: expected a size like 256MiB, 1GB or 1000000, got {text!r}")
+    return b.bytes(0)

@@ -34,8 +34,8 @@ from dn.model import store
 from dn.model.sources import resolve_model
 from dn.model.spec import load_spec
 from dn.runtime import backend as backends
-from dn.runtime import loader, memory, residency
-from dn.runtime.budget import parse_budget
+from dn.runtime import loader, memory, residency, threads
+from dn.runtime.budget import parse_size
 
 LAST_ONLY, NEW_CACHE, BF16 = 1, 2, 4  # header flags (BF16: the hidden state's dtype; else float32)
 TIMEOUT_S = 60.0
@@ -209,7 +209,8 @@ def launch(backend: str, n: int, verb: str, argv: list[str]) -> int:
     a failure is one line naming the rank that failed first, with what the others said."""
     if n < 1:
         raise DnError("--pipeline N: N >= 1 ranks")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    per_rank = max(1, threads.count() // n)  # the local ranks share this machine's cores
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(per_rank)}
     proc = subprocess.Popen(launcher_command(backend, n, verb, argv), stderr=subprocess.PIPE, text=True, env=env,
                             errors="replace")
     kept, errors, grace = [], [], None
@@ -439,7 +440,7 @@ def split_for(args, link: Link, be, spec) -> tuple[int, ...]:
             raise DnError(f"--pipeline-split {args.pipeline_split}: expected layer counts such as 15,15, or auto")
         return tuple(map(int, args.pipeline_split.split(",")))
     if args.pipeline_memory:
-        memory = [float(parse_budget(x, 1)) for x in args.pipeline_memory.split(",")]
+        memory = [float(parse_size(x, "--pipeline-memory")) for x in args.pipeline_memory.split(",")]
         if len(memory) != size:
             raise DnError(f"--pipeline-memory {args.pipeline_memory}: {size} sizes, one per rank")
     else:  # GiB on the wire: float32 holds them exactly enough

@@ -30,12 +30,9 @@ def size(text: str) -> int:
     if text.strip() == "0":
         return 0
     try:
-        b = budget.parse(text)
+        return budget.parse_size(text, "size")
     except DnError:
-        b = None
-    if b is None or b.unit == "%":
-        raise argparse.ArgumentTypeError(f"expected a size like 256MiB, 1GB or 0, got {text!r}")
-    return b.bytes(0)
+        raise argparse.ArgumentTypeError(f"expected a size like 256MiB, 1GB or 0, got {text!r}") from None
 
 
 def port(text: str) -> int:

@@ -120,9 +120,14 @@ class Server:
         self._auth(request)
         declared = request.headers.get("content-length", "")
         size = int(declared) if declared.isdigit() else 0
-        if size <= MAX_BODY:  # a body declared too big is not read
-            raw = await request.body()
-            size = len(raw)
+        if size <= MAX_BODY:  # a body declared too big is not read; one sent in chunks is read up to the limit
+            chunks = []
+            async for chunk in request.stream():
+                size = sum(map(len, chunks)) + len(chunk)
+                if size > MAX_BODY:
+                    break
+                chunks.append(chunk)
+            raw = b"".join(chunks)
         if size > MAX_BODY:
             raise ApiError(413, f"the body has {size} bytes; at most {MAX_BODY}", "body_too_large")
         body = parse_json(raw)

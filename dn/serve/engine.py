@@ -226,6 +226,7 @@ class Engine:
                 if job is None:
                     for live in list(self.active):
                         self._end(live, "cancelled")
+                        live.job.emit("error", SHUTDOWN)  # as _step: a waiting stream or request gets its end
                     return
                 self._admit(job)
             for live in list(self.active):
