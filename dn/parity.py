@@ -92,11 +92,14 @@ def observe(run, tokens: int, replay: list | None = None, bar=None) -> dict:
 
 
 def route_agreement(a: list, b: list) -> float:
-    """Fraction of equal keep/skip decisions over every layer, call, token and neuron."""
+    """Fraction of equal keep/skip decisions over every layer, token and neuron (each layer's calls joined in
+    token order: the backends may split a prompt's prefill into different calls)."""
     same = total = 0
     for la, lb in zip(a, b):
-        for x, y in zip(la, lb):
-            same, total = same + int((x == y).sum()), total + x.size
+        x, y = np.concatenate(la), np.concatenate(lb)
+        if x.shape != y.shape:
+            raise DnError(f"parity: the backends routed {x.shape[0]} and {y.shape[0]} tokens")
+        same, total = same + int((x == y).sum()), total + x.size
     return same / max(1, total)
 
 

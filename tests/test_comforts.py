@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -40,11 +41,18 @@ def _read_until(fd: int, pattern: str, timeout: float = 300) -> str:
     """What fd gives until pattern appears in it (the process is then mid-run)."""
     got, end = b"", time.monotonic() + timeout
     while pattern.encode() not in got:
-        assert time.monotonic() < end, f"no {pattern!r} in {got[-500:]!r}"
+        ready, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))  # bounded, never a hang
+        assert ready, f"no {pattern!r} in {got[-500:]!r} after {timeout} s"
         chunk = os.read(fd, 4096)
         assert chunk, f"output ended before {pattern!r}: {got[-500:]!r}"
         got += chunk
     return got.decode(errors="replace")
+
+
+def _default_sigint():
+    """In a child before exec: SIGINT as a terminal's Ctrl-C delivers it. A suite started in the background by a
+    shell without job control ignores SIGINT, and an ignored signal stays ignored across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 # --- the chat REPL ---
@@ -66,7 +74,8 @@ def test_ctrl_c_mid_reply_stops_the_reply_not_the_chat(backend_name, tokenizer):
     next turn is prefilled over its own message only)."""
     proc = subprocess.Popen([sys.executable, "-m", "dn.cli", "chat", "--backend", backend_name, "--dtype", "float32",
                              "--max-tokens", "3000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=_default_sigint)
     try:
         proc.stdin.write(b"Write a very long story about a dragon.\n")
         proc.stdin.flush()
@@ -96,6 +105,7 @@ def test_chat_on_a_terminal_keeps_history_and_ends_at_ctrl_c(tmp_path):
     env = _cache_env(tmp_path)
     pid, fd = pty.fork()
     if pid == 0:  # the child: dn chat on the pty
+        _default_sigint()
         os.execve(sys.executable, [sys.executable, "-m", "dn.cli", "chat", "--backend", "torch", "-m", "3", "-q"], env)
     try:
         _read_until(fd, ">> ")
@@ -221,7 +231,7 @@ def test_interrupted_is_a_line_of_its_own(backend_name):
     proc = subprocess.Popen([sys.executable, "-m", "dn.cli", "generate", "--backend", backend_name, "--max-tokens",
                              "3000", "-q", "--prompt", "Write a very long story about a dragon."],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_default_sigint)
     try:
         first = _read_until(proc.stdout.fileno(), " ")
         proc.send_signal(signal.SIGINT)

@@ -580,3 +580,15 @@ def test_side_bytes_are_what_a_layer_holds(backend_name, router, prior):
     section = {"hidden": D, "intermediate": N, "rank": 16, "router": router, "prior": prior,
                "select": layer.select, "num_layers": 1}
     assert _held_bytes(mlp) - 3 * D * N * 4 == store.sparse_side(section, 4)["held"]
+
+
+def test_replayed_routes_follow_tokens_not_calls():
+    """A tape replayed on a backend that splits its calls otherwise (a prompt prefilled in one call on one backend,
+    in two on the other) gives each call the decisions of its own tokens."""
+    from dn.runtime.sparse_mlp import take_rows
+
+    a, b = np.arange(12).reshape(6, 2), np.arange(12, 14).reshape(1, 2)
+    tape = [a, b]
+    assert (take_rows(tape, 5) == a[:5]).all() and (take_rows(tape, 2) == np.vstack([a[5:], b])).all() and not tape
+    tape = [a[:2], a[2:], b]
+    assert (take_rows(tape, 6) == a).all() and (take_rows(tape, 1) == b).all()

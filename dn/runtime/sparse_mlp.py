@@ -184,7 +184,7 @@ class SparseMLP:
         if self.tape is not None:
             self.tape.append(self.ops.to_numpy(mask))
             if self.replay is not None:
-                mask = self.ops.from_numpy(self.replay.pop(0), x)
+                mask = self.ops.from_numpy(take_rows(self.replay, x2.shape[0]), x)
         return self.step(x2, mask, est).reshape(shape)
 
     # ---- execution --------------------------------------------------------------------------------
@@ -377,6 +377,20 @@ def mlp_weights(ops, model, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         b = ops.to_numpy(ops.float32(mlp.bundle()))
         return b[:, 0], b[:, 1], b[:, 2].T.copy()
     return tuple(ops.to_numpy(ops.float32(p.weight)) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+
+
+def take_rows(tape: list[np.ndarray], n: int) -> np.ndarray:
+    """The next n tokens' decisions of a replayed tape, however the taping run split its calls (one backend may
+    prefill a prompt in one call, another in two)."""
+    rows, got = [], 0
+    while got < n:
+        m = tape.pop(0)
+        if got + m.shape[0] > n:
+            tape.insert(0, m[n - got:])
+            m = m[:n - got]
+        rows.append(m)
+        got += m.shape[0]
+    return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
 
 def tape_routes(model, replay: list[list[np.ndarray]] | None = None) -> list[list[np.ndarray]]:
