@@ -10,6 +10,8 @@ inside the matmul's tiles, as llama.cpp's do): the kernel goes beside it, tested
 
 from __future__ import annotations
 
+import mmap
+
 import mlx.core as mx
 import numpy as np
 from mlx import nn
@@ -111,46 +113,89 @@ class BlocksEmbedding(_Blocks):
         return self.matmul(x)
 
 
+class MappedEmbedding(nn.Module):
+    """An embedding left in the file (a pipeline rank's, dn.runtime.pipeline.Stage.lookup), never in MLX's
+    allocator: a call reads the rows it looks up from the mapped blocks and computes them as the held module would
+    (BlocksEmbedding's decode; an exact type's arrays() and quant._Embedding's dequantize), so the values are a
+    loaded table's, bit for bit; the pages read then leave the process (the page cache keeps them). Not a tied
+    head: the rank that needs one holds it."""
+
+    def __init__(self, raw: np.ndarray, kind: str, dtype: str):
+        super().__init__()
+        self.raw, self.kind, self.dtype, self.compute = raw, kind, dtype, ops.DTYPES[dtype]  # plain attributes
+        # a loaded table's scales come in one dtype for all rows, which at a 16-bit compute dtype sets their rounding
+        self.side = None if kind in BLOCKS or dtype == "float32" else _side(raw, kind)
+        self.gpu = self.compute.size <= 2 and mx.default_device().type != mx.cpu  # quant._compute_at's cast
+        self.raw._mmap.madvise(mmap.MADV_DONTNEED)
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        idx = np.array(ids)
+        rows = self.raw[idx.reshape(-1)]  # a copy: the mapped pages may go
+        self.raw._mmap.madvise(mmap.MADV_DONTNEED)
+        if self.kind in BLOCKS:
+            w = decode(self.kind, mx.array(rows))
+        else:
+            packed, scales, biases = (a for _, a in arrays("w", rows, self.kind, self.dtype, self.side))
+            if self.gpu:
+                scales, biases = scales.astype(self.compute), biases.astype(self.compute)
+            w = mx.dequantize(packed, scales.astype(F32), biases.astype(F32), group_size=gguf_blocks.GROUP,
+                              bits=gguf_blocks.AFFINE[self.kind], mode=MODE)
+        return w.astype(self.compute).reshape(*idx.shape, -1)
+
+
 def quantize_model(model: nn.Module, types: dict, dtype: str) -> None:
     """Swap in, for each module of a GGUF type (lazy, replaced by load_weights before anything evaluates them),
     mlx's quantized module for an exact type, BlocksLinear or BlocksEmbedding for the others (computing at dtype)."""
     def blocks(path: str, m: nn.Module) -> nn.Module:
-        if types.get(path) not in BLOCKS:
+        if types.get(path) not in BLOCKS or "weight" not in m:  # not held here: dn_mlx.pipeline.cut's Identity
             return m
         held = BlocksEmbedding if isinstance(m, nn.Embedding) else BlocksLinear
         return held(m, types[path], ops.DTYPES[dtype], path == "lm_head")
 
     model.update_modules(tree_map_with_path(blocks, model.leaf_modules(), is_leaf=nn.Module.is_module))
 
-    def predicate(path: str, _module) -> dict | bool:
+    def predicate(path: str, module) -> dict | bool:
         bits = gguf_blocks.AFFINE.get(types.get(path))
-        return bits is not None and {"group_size": gguf_blocks.GROUP, "bits": bits, "mode": MODE}
+        return bits is not None and "weight" in module and {"group_size": gguf_blocks.GROUP, "bits": bits, "mode": MODE}
 
     nn.quantize(model, class_predicate=predicate)
 
 
-def arrays(name: str, raw: np.ndarray, kind: str, dtype: str) -> list[tuple[str, mx.array]]:
+def arrays(name: str, raw: np.ndarray, kind: str, dtype: str, side=None) -> list[tuple[str, mx.array]]:
     """One module's blocks (uint8 [rows, row_bytes]) -> the arrays it holds, evaluated: an exact type's packed codes,
-    scales and biases (as to_affine gives them, 16-bit or 32-bit, held as dn.formats.quant.scale_dtype says: at a
-    32-bit compute dtype as given), or the blocks themselves."""
+    scales and biases (as to_affine gives them, 16-bit or 32-bit, or at side where given, held as
+    dn.formats.quant.scale_dtype says: at a 32-bit compute dtype as given), or the blocks themselves."""
     if kind not in gguf_blocks.AFFINE:
         return [(name, _evaluated(raw))]
-    packed, scales, biases = _to_affine(kind, raw)
+    packed, scales, biases = _to_affine(kind, raw, side)
     path = name.removesuffix(".weight")
     held = scale_dtype(scales.dtype.name, dtype)  # float16 or float32, as dn names them
     return [(name, _evaluated(packed)), (f"{path}.scales", _evaluated(scales, held)),
             (f"{path}.biases", _evaluated(biases, held))]
 
 
-def _to_affine(kind: str, raw: np.ndarray, weights: int = 1 << 22) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _parts(kind: str, raw: np.ndarray, weights: int = 1 << 22):
     """gguf_blocks.to_affine a chunk of `weights` at a time (its unpacked codes of a whole embedding would take
-    hundreds of MB at the load's peak); scales and biases float16 only where every chunk's are."""
+    hundreds of MB at the load's peak): (packed, scales, biases) per chunk."""
     cols = gguf_blocks.dense_shape(raw.shape, kind)[1]
     step = max(1, weights // cols)
-    parts = [gguf_blocks.to_affine(kind, raw[r:r + step], (len(raw[r:r + step]), cols))[:3]
-             for r in range(0, len(raw), step)]
-    side = np.result_type(*[p[1].dtype for p in parts], *[p[2].dtype for p in parts])  # float16 -> float32: exact
+    for r in range(0, len(raw), step):
+        yield gguf_blocks.to_affine(kind, raw[r:r + step], (len(raw[r:r + step]), cols))[:3]
+
+
+def _to_affine(kind: str, raw: np.ndarray, side=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The whole of raw through _parts; scales and biases float16 only where every chunk's are (or at side)."""
+    parts = list(_parts(kind, raw))
+    if side is None:
+        side = np.result_type(*[a for p in parts for a in p[1:]])  # float16 -> float32: exact
     return tuple(np.concatenate([p[i] if i == 0 else p[i].astype(side) for p in parts]) for i in range(3))
+
+
+def _side(raw: np.ndarray, kind: str) -> np.dtype:
+    """The dtype _to_affine gives the whole of raw's scales and biases, read a chunk at a time up to the first
+    that needs float32."""
+    wide = (np.result_type(*p[1:]) for p in _parts(kind, raw))
+    return next((t for t in wide if t == np.float32), np.dtype(np.float16))
 
 
 def _evaluated(a: np.ndarray, dtype: str | None = None) -> mx.array:

@@ -82,6 +82,9 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=Non
             stored = {k: f for k, f in stored.items() if ".mlp." not in k}
         if spec.gguf is not None:  # a GGUF's blocks: quantized modules or the blocks as they are (dn_mlx.gguf)
             gguf.quantize_model(model, spec.gguf, dtype)
+            for name in (stage.lookup(spec) if stage else set()) & stored.keys():  # only looked up: mapped
+                f, kind = stored.pop(name), spec.gguf[name.removesuffix(".weight")]
+                model.model.embed_tokens = gguf.MappedEmbedding(f.mapped(name), kind, dtype)
             model.load_weights([a for k, f in stored.items() for a in _gguf(f, k, spec.gguf, dtype)], strict=True)
             quant._compute_at(model, DTYPES[dtype])
         elif spec.quant is not None:  # quantized layers swapped in before loading: no dense weight is ever built

@@ -53,8 +53,9 @@ def recv(group, shape: tuple, dtype: str, src: int) -> mx.array:
 
 
 def maps_lookups() -> bool:
-    """MLX reads every array into its allocator: the first rank holds its embedding whole."""
-    return False
+    """The loader maps an embedding a rank only looks up (dn_mlx.gguf.MappedEmbedding), on any device: only the
+    rows looked up are read from the file and computed."""
+    return True
 
 
 class Elsewhere(nn.Module):

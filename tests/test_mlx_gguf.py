@@ -21,6 +21,7 @@ nn = pytest.importorskip("mlx.nn")
 from mlx.utils import tree_flatten  # noqa: E402
 
 from dn.runtime import backend as backends  # noqa: E402
+from dn.runtime.pipeline import Stage  # noqa: E402
 from dn_mlx import gguf  # noqa: E402
 
 H, INTER, LAYERS, HEADS, KV, HD, VOCAB = 256, 512, 2, 4, 2, 64, 256  # rows of whole 256-weight k-quant blocks
@@ -232,3 +233,20 @@ def test_default_model_native_folder_on_mlx(tmp_path):
     widened = resolve_model(None, progress=False, dense=True)
     wide = be.logits(be.load(widened, load_spec(widened), "float32"), ids)[0]
     assert (got.argmax(-1) == wide.argmax(-1)).all() and _rel(got, wide) <= QUANT["bfloat16"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_first_rank_maps_its_embedding(tmp_path, case, dtype):
+    """A first pipeline rank's embedding stays in the file (dn_mlx.gguf.MappedEmbedding: no parameters in MLX's
+    allocator) and looks rows up bit for bit as the loaded table does, signed zeros and bf16-held scales included
+    (before: the symmetric types' -0 came out +0, Q4_K/Q5_K at bf16 off by the table's rounded scales)."""
+    folder, spec, _, _ = _case(tmp_path, case)
+    be = backends.get("mlx")
+    full, part = be.load(folder, spec, dtype), be.load(folder, spec, dtype, stage=Stage(0, 2))
+    emb = part.model.embed_tokens
+    assert isinstance(emb, gguf.MappedEmbedding) and not tree_flatten(emb.parameters())
+    want, got = full.model.embed_tokens(mx.array(IDS)), emb(mx.array(IDS))
+    assert got.dtype == want.dtype and got.shape == want.shape
+    f32 = lambda a: np.array(a.astype(mx.float32)).view(np.uint32)
+    np.testing.assert_array_equal(f32(got), f32(want))
