@@ -4,6 +4,7 @@ half-written."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
@@ -55,3 +56,18 @@ def atomic_dir(path: str | os.PathLike):
         tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def one_at_a_time(path: str | os.PathLike):
+    """Holds an exclusive lock for the body (flock on the folder path is made in, so no lock file is left behind):
+    processes that would make the same thing (pipeline ranks on one host building one cold tier) make it once, the
+    others wait and find it made."""
+    parent = Path(path).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -13,7 +13,7 @@ import numpy as np
 
 from dn.core import tensors
 from dn.core.errors import DnError
-from dn.core.files import cache_dir
+from dn.core.files import cache_dir, one_at_a_time
 from dn.formats import quant
 from dn.model import store
 from dn.model.sources import resolve_model
@@ -70,9 +70,9 @@ def load(model: str | None, backend: str = "auto", dtype: str = "auto", max_resi
     tokenizer = Tokenizer(model_dir, spec.architecture.eos_token_id)
     runtime = None
     if max_resident is not None:
-        budget = parse_budget(max_resident, residency.dense_bf16(spec))
-        model_dir, spec = store_for(model_dir, spec, dtype, budget, mode)
-        runtime = residency.open_runtime(be, model_dir, spec, dtype, budget, mode, calib_text, prefetch)
+        budget = parse_budget(max_resident, residency.dense_bf16(spec, stage))  # a rank's %: of its own share
+        model_dir, spec = store_for(model_dir, spec, dtype, budget, mode, stage)
+        runtime = residency.open_runtime(be, model_dir, spec, dtype, budget, mode, calib_text, prefetch, stage)
     with tensors.reading(model_dir):  # a bar over the bytes read, on a terminal and for a long load only
         handle, measured = memory.measure_load(be, model_dir, spec, dtype, residency=runtime, stage=stage)
     return Loaded(model_dir, spec, be, handle, dtype, tokenizer, measured, runtime)
@@ -97,7 +97,8 @@ def quantization_error(model_dir: Path, spec: ModelSpec, bits: int, group_size: 
     return (err / ref) ** 0.5 if ref else float("inf")
 
 
-def store_for(model_dir: Path, spec: ModelSpec, dtype: str, budget: int, mode: str) -> tuple[Path, ModelSpec]:
+def store_for(model_dir: Path, spec: ModelSpec, dtype: str, budget: int, mode: str,
+              stage=None) -> tuple[Path, ModelSpec]:
     """The planner's choice of format for a dense folder whose budget its own format cannot meet: the cheapest
     that holds quality. 4-bit groups of 32 with an 8-bit embedding when that loses no more than 8-bit groups of 64
     would (the weights already lie on its grid: the default model, dequantized from Q4_1, 0.14% against 0.48%),
@@ -106,7 +107,7 @@ def store_for(model_dir: Path, spec: ModelSpec, dtype: str, budget: int, mode: s
     if spec.quant is not None or spec.codec is not None or spec.sparse is not None or spec.gguf:
         return model_dir, spec
     try:
-        residency.make_plan(spec, dtype, budget, mode, residency.block_bytes(spec, dtype))
+        residency.make_plan(spec, dtype, budget, mode, residency.block_bytes(spec, dtype), stage=stage)
         return model_dir, spec
     except DnError:
         pass
@@ -115,9 +116,9 @@ def store_for(model_dir: Path, spec: ModelSpec, dtype: str, budget: int, mode: s
     key = hashlib.sha256(f"{Path(model_dir).resolve()}:{residency.fingerprint(model_dir, spec)}:".encode() + b"".join(
         str(f.stat().st_mtime_ns).encode() for f in sorted(Path(model_dir).glob("*.safetensors")))).hexdigest()[:16]
     out = cache_dir() / "residency-stores" / f"{key}-{fmt}"
-    if not (out / "config.json").is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        print(f"dn: the budget needs a smaller format than {model_dir.name}'s: storing it as {fmt} in {out}",
-              file=sys.stderr)
-        writer.convert(model_dir, out, None, None, quant=q)
+    with one_at_a_time(out):  # pipeline ranks on one host: one converts, the others find it
+        if not (out / "config.json").is_file():
+            print(f"dn: the budget needs a smaller format than {model_dir.name}'s: storing it as {fmt} in {out}",
+                  file=sys.stderr)
+            writer.convert(model_dir, out, None, None, quant=q)
     return out, load_spec(out)

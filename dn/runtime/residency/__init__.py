@@ -34,6 +34,7 @@ import numpy as np
 from dn import formats
 from dn.core import tensors
 from dn.core.errors import DnError
+from dn.core.files import one_at_a_time
 from dn.formats import gguf_blocks
 from dn.model.spec import ModelSpec, weight_files
 from dn.runtime import calibrate
@@ -79,7 +80,7 @@ class Runtime:
         self.mlps = []
 
     def count(self, layer: int, tokens: int) -> None:
-        if layer == 0:
+        if layer == self.plan.held.start:
             self.tokens += tokens
         if self.plan.mode == "exact":
             cold = self.plan.blocks - self.plan.hot[layer]
@@ -92,14 +93,15 @@ class Runtime:
         backend joins blocks off its main thread (R.JOIN_IN_WORKER), the worker lays them out too."""
         if not self.prefetch:
             return
-        nxt = (layer + 1) % self.plan.layers
+        held = self.plan.held
+        nxt = held.start + (layer + 1 - held.start) % len(held)
         start = self.plan.hot[nxt]
         if start >= self.plan.blocks or nxt in self._next:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="dn-prefetch")
         if self.joins:
-            self._next[nxt] = self._pool.submit(self.mlps[nxt].read_cold, True)
+            self._next[nxt] = self._pool.submit(self.mlps[nxt - held.start].read_cold, True)
         else:
             self._next[nxt] = self._pool.submit(self.tier.read, nxt, start, self.plan.blocks)
 
@@ -118,8 +120,10 @@ class Runtime:
     def install(self, model, sparse_layers=None) -> None:
         """Put a ResidentMLP in each layer (in the backend's R.ResidentModule), over the empty ones the backend's
         load left; the hot blocks are read here, and the counters start after. sparse_layers: each layer's router
-        and prior (sparse mode)."""
+        and prior (sparse mode). A pipeline rank's: its own layers only (the others are stubs)."""
         for i, layer in enumerate(model.model.layers):
+            if i not in self.plan.held:
+                continue
             s = sparse_layers[i] if sparse_layers is not None else None
             mlp = ResidentMLP(self.R, self.tier, i, self.plan, self, s)
             self.mlps.append(mlp)
@@ -171,11 +175,18 @@ def block_slices(arrays: dict, b: int, block: int = BLOCK) -> dict:
 def build(backend, model_dir: Path, spec: ModelSpec, dtype: str, calib_text: str | None = None,
           progress: bool = True) -> Path:
     """Write the cold tier for (model, backend layout, dtype) unless it exists for these weights; returns its
-    folder. Hotness from calibration text when given (the model runs over it once), else from the weights."""
-    R = backend.resident
+    folder. Hotness from calibration text when given (the model runs over it once), else from the weights. One
+    process at a time writes it (pipeline ranks on one host): the others then find it written."""
     quantized = spec.quant is not None or bool(spec.gguf)
-    kind, key = R.layout(spec, dtype) if quantized else ("dense", "dense")
+    kind, key = backend.resident.layout(spec, dtype) if quantized else ("dense", "dense")
     out = folder(model_dir, backend.NAME, key, dtype)
+    with one_at_a_time(out):
+        return _build(backend, model_dir, spec, dtype, calib_text, progress, out, kind)
+
+
+def _build(backend, model_dir: Path, spec: ModelSpec, dtype: str, calib_text: str | None, progress: bool, out: Path,
+           kind: str) -> Path:
+    R, quantized = backend.resident, spec.quant is not None or bool(spec.gguf)
     fp = fingerprint(model_dir, spec)
     if (out / INDEX).is_file():
         try:
@@ -247,17 +258,18 @@ def _layout_of(blocks) -> list[dict]:
 
 
 def open_runtime(backend, model_dir: Path, spec: ModelSpec, dtype: str, budget: int, mode: str = "exact",
-                 calib_text: str | None = None, prefetch: bool = False) -> Runtime:
+                 calib_text: str | None = None, prefetch: bool = False, stage=None) -> Runtime:
     """Build the cold tier if needed, plan the budget and open the tier; the backend's load then installs a
-    ResidentMLP per layer (Runtime.mlps)."""
+    ResidentMLP per layer (Runtime.mlps). stage: a pipeline rank, planned over its own layers and tensors."""
     path = build(backend, model_dir, spec, dtype, calib_text, progress=sys.stderr.isatty())  # a bar on a terminal only
     tier = ColdTier(path)
     if tier.block != block_size(spec):
         raise DnError(f"{path}: the cold tier's blocks are of {tier.block} neurons, this dn plans {block_size(spec)}; "
                       "delete the folder to rebuild it")
     plan = make_plan(spec, dtype, budget, mode, tier.block_bytes, buffers=2 if prefetch and mode == "exact" else 1,
-                     buffer_block_bytes=tier.max_block_bytes)
-    (path / f"plan-{mode}-{budget}.json").write_text(json.dumps(plan.summary(), indent=1))
+                     buffer_block_bytes=tier.max_block_bytes, stage=stage)
+    rank = f"-layers{plan.held.start}-{plan.held.stop}" if plan.span else ""
+    (path / f"plan-{mode}-{budget}{rank}.json").write_text(json.dumps(plan.summary(), indent=1))
     return Runtime(tier, plan, backend.resident, prefetch)
 
 
@@ -268,7 +280,8 @@ def add_args(parser) -> None:
     g = parser.add_argument_group("residency")
     g.add_argument("--max-resident", default=None, metavar="SIZE",
                    help="memory budget for the weights: 300MB, 1.5GiB, or 25%% of the model's dense bf16 weights; "
-                        "the hottest MLP neurons stay resident, the rest are read from a cold file (default: off)")
+                        "the hottest MLP neurons stay resident, the rest are read from a cold file (default: off); "
+                        "with --pipeline each rank's own (a %% of its share), or one per rank: 40MB,60MB")
     g.add_argument("--residency-mode", default="exact", choices=MODES,
                    help="exact: every neuron, cold ones read per token; sparse: a sparse model's router picks "
                         "neurons per token; per-sequence: the prompt picks each layer's set (default: exact)")

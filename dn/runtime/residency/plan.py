@@ -34,9 +34,15 @@ class Plan:
     block: int = BLOCK           # neurons per block (block_size)
     buffer_block_bytes: int = 0  # a block of the read buffer: the largest layer's (a GGUF's layers differ in type)
     cold_embedding: bool = False  # an untied input embedding read a row per token from the file, not held
+    span: tuple[int, int] | None = None  # a pipeline rank's layers [lo, hi): the plan is over them only
 
     def __post_init__(self):
         self.buffer_block_bytes = self.buffer_block_bytes or self.block_bytes
+
+    @property
+    def held(self) -> range:
+        """The layers this process holds MLPs for: all, or a pipeline rank's span."""
+        return range(*self.span) if self.span else range(self.layers)
 
     @property
     def minimum(self) -> int:
@@ -49,7 +55,7 @@ class Plan:
 
     @property
     def hot_fraction(self) -> float:
-        return sum(self.hot) / (self.blocks * self.layers)
+        return sum(self.hot) / (self.blocks * len(self.held))
 
     def summary(self) -> dict:
         return asdict(self) | {"minimum": self.minimum, "resident": self.resident,
@@ -58,11 +64,13 @@ class Plan:
     def lines(self) -> list[str]:
         mib = lambda n: f"{n / 2**20:.1f} MiB ({100 * n / self.dense_bf16:.1f}% of dense bf16)"
         fixed = "lm_head, attention, norms" if self.cold_embedding else "embedding/lm_head, attention, norms"
-        return [f"residency plan ({self.mode}): budget {mib(self.budget)}",
+        held = [self.hot[i] for i in self.held]
+        rank = f", layers {self.held.start}-{self.held.stop - 1} of {self.layers}" if self.span else ""
+        return [f"residency plan ({self.mode}{rank}): budget {mib(self.budget)}",
                 f"  resident, fixed ({fixed}): {mib(self.fixed)}",
                 *([f"  resident, sparse routers and priors: {mib(self.side)}"] if self.side else []),
-                f"  resident MLP blocks: {sum(self.hot)} of {self.blocks * self.layers} "
-                f"({100 * self.hot_fraction:.0f}%, {min(self.hot)}-{max(self.hot)} of {self.blocks} per layer, "
+                f"  resident MLP blocks: {sum(self.hot)} of {self.blocks * len(self.held)} "
+                f"({100 * self.hot_fraction:.0f}%, {min(held)}-{max(held)} of {self.blocks} per layer, "
                 f"{self.block} neurons each): {mib(sum(self.hot) * self.block_bytes)}",
                 f"  read buffer: {self.buffer_blocks} blocks"
                 f"{' (this layer and the next, read ahead)' if self.buffers == 2 else ''}: "
@@ -74,9 +82,17 @@ class Plan:
                    "stays resident, every token reads all of it)"] if self.cold_embedding else [])]
 
 
-def dense_bf16(spec: ModelSpec) -> int:
-    """The model's weights as dense bf16: what budget percentages are of."""
-    return store.dense_bytes(spec, "bfloat16")
+def dense_bf16(spec: ModelSpec, stage=None) -> int:
+    """The model's weights as dense bf16: what budget percentages are of (a pipeline rank's: its own share)."""
+    return store.dense_bytes(spec, "bfloat16", _keeps(spec, stage))
+
+
+def _keeps(spec: ModelSpec, stage):
+    """stage (dn.runtime.pipeline.Stage) -> whether an entry is one of its tensors; None: every one."""
+    if stage is None:
+        return None
+    a = spec.architecture
+    return lambda e: stage.keeps(e.name, a.num_hidden_layers, bool(a.tie_word_embeddings))
 
 
 def block_size(spec: ModelSpec) -> int:
@@ -89,13 +105,17 @@ def block_size(spec: ModelSpec) -> int:
     return size
 
 
-def fixed_bytes(spec: ModelSpec, dtype: str) -> int:
+def fixed_bytes(spec: ModelSpec, dtype: str, stage=None) -> int:
     """Bytes of everything but the MLP projections and an input embedding read a row per token from the file
-    (dn.model.store.mapped: not held), as held at dtype (dn.model.store's accounting)."""
+    (dn.model.store.mapped: not held), as held at dtype (dn.model.store's accounting). stage: a pipeline rank's
+    tensors only (the embedding it only looks up mapped, Stage.lookup)."""
     total = store.resident_bytes(spec, dtype)
     cold = store.mapped(spec)
     mlp = store.held_bytes(spec, dtype, lambda e: e.role == "mlp" or e.name in cold)
-    return total["total"] - total["sparse"] - mlp
+    if stage is None:
+        return total["total"] - total["sparse"] - mlp
+    keeps, cold = _keeps(spec, stage), cold | stage.lookup(spec)
+    return store.held_bytes(spec, dtype, lambda e: keeps(e) and e.role != "mlp" and e.name not in cold)
 
 
 def block_bytes(spec: ModelSpec, dtype: str, largest: bool = False) -> int:
@@ -109,11 +129,12 @@ def block_bytes(spec: ModelSpec, dtype: str, largest: bool = False) -> int:
 
 
 def make_plan(spec: ModelSpec, dtype: str, budget: int, mode: str, block_bytes: int, buffers: int = 1,
-              buffer_block_bytes: int | None = None) -> Plan:
+              buffer_block_bytes: int | None = None, stage=None) -> Plan:
     """Fill the budget with the hottest blocks, spread evenly over layers (files keep each layer's blocks in
     hotness order, so a layer's resident set is its first `hot` blocks). Raises DnError below the minimum.
     buffers: cold runs held at once (2 when the next layer's is read ahead); buffer_block_bytes: a block of the
-    largest layer (default: block_bytes), so that any layer's cold run fits the buffer."""
+    largest layer (default: block_bytes), so that any layer's cold run fits the buffer. stage: a pipeline rank
+    (dn.runtime.pipeline.Stage): the plan is over its layers and tensors; the others' hot counts are 0."""
     if mode not in MODES:
         raise DnError(f"unknown residency mode {mode!r} (choose from {', '.join(MODES)})")
     if mode == "sparse" and spec.sparse is None:
@@ -121,11 +142,15 @@ def make_plan(spec: ModelSpec, dtype: str, budget: int, mode: str, block_bytes: 
     a = spec.architecture
     size = block_size(spec)
     n_layers, blocks = a.num_hidden_layers, a.intermediate_size // size
+    span = stage.span(n_layers) if stage is not None and stage.size > 1 else None
+    if span and spec.sparse is not None:
+        raise DnError("--max-resident with --pipeline plans dense, quantized and GGUF models; not a sparse one")
     side = spec.sparse["num_layers"] * store.sparse_side(spec.sparse, DTYPE_BYTES[dtype])["held"] \
         if mode == "sparse" else 0
-    plan = Plan(mode, budget, dense_bf16(spec), fixed_bytes(spec, dtype), side, block_bytes, blocks, n_layers,
-                buffers=buffers, block=size, cold_embedding=bool(store.mapped(spec)),
-                buffer_block_bytes=buffer_block_bytes or block_bytes)
+    stage = stage if span else None
+    plan = Plan(mode, budget, dense_bf16(spec, stage), fixed_bytes(spec, dtype, stage), side, block_bytes, blocks,
+                n_layers, buffers=buffers, block=size, cold_embedding=bool(store.mapped(spec)),
+                buffer_block_bytes=buffer_block_bytes or block_bytes, span=span)
     if budget < plan.minimum:
         raise DnError(f"--max-resident {budget / 2**20:.1f} MiB is below this model's minimum of "
                       f"{plan.minimum / 2**20:.1f} MiB ({100 * plan.minimum / plan.dense_bf16:.1f}% of dense bf16: "
@@ -133,14 +158,17 @@ def make_plan(spec: ModelSpec, dtype: str, budget: int, mode: str, block_bytes: 
                       f"{'two layers' if buffers == 2 else 'one layer'}'s MLP read at a time, {dtype})")
     # h resident blocks (B bytes each) in each of L layers and b buffers of (blocks - h) of the largest layer's (M):
     # fixed + side + L h B + b (blocks - h) M
-    b, bb, mb, n = buffers, block_bytes, plan.buffer_block_bytes, n_layers
-    avail = budget - plan.fixed - side
+    b, bb, mb, held = buffers, block_bytes, plan.buffer_block_bytes, plan.held
+    n, avail = len(held), budget - plan.fixed - side
+    plan.hot = [0] * n_layers
     if avail >= n * blocks * bb:
-        plan.hot, plan.buffer_blocks = [blocks] * n, 0
+        for i in held:
+            plan.hot[i] = blocks
         return plan
     h = max(0, min((avail - b * blocks * mb) // (n * bb - b * mb), blocks - 1)) if n * bb > b * mb else 0
     extra = min((avail - n * h * bb - b * (blocks - h) * mb) // bb, n - 1)  # layers holding one block more
-    plan.hot = [h + 1 if i < extra else h for i in range(n)]
+    for k, i in enumerate(held):
+        plan.hot[i] = h + 1 if k < extra else h
     plan.buffer_blocks = b * (blocks - h)
     return plan
 
