@@ -82,11 +82,14 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=Non
             stored = {k: f for k, f in stored.items() if ".mlp." not in k}
         if spec.gguf is not None:  # a GGUF's blocks: quantized modules or the blocks as they are (dn_mlx.gguf)
             gguf.quantize_model(model, spec.gguf, dtype)
+            shared = _shared_head(stage, spec, stored, dtype)  # before the lookup's mapping takes the name
             for name in (stage.lookup(spec) if stage else set()) & stored.keys():  # only looked up: mapped
                 f, kind = stored.pop(name), spec.gguf[name.removesuffix(".weight")]
                 model.model.embed_tokens = gguf.MappedEmbedding(f.mapped(name), kind, dtype)
             model.load_weights([a for k, f in stored.items() for a in _gguf(f, k, spec.gguf, dtype)], strict=True)
             quant._compute_at(model, DTYPES[dtype])
+            if shared is not None:
+                model.dn_head = shared
         elif spec.quant is not None:  # quantized layers swapped in before loading: no dense weight is ever built
             quant.quantize_model(model, spec.quant | layout(spec.quant, stored))
             model.load_weights([(k, _read(f, k, _held(f, k, dtype))) for k, f in stored.items()], strict=True)
@@ -104,6 +107,18 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=Non
     model.eval()
     model.dn_dtype = dtype
     return model
+
+
+def _shared_head(stage, spec: ModelSpec, stored: dict, dtype: str):
+    """A pipeline rank's rows of a tied GGUF lm_head shared between the first and last rank (Stage.vocab_split,
+    dn_mlx.pipeline.head_part), read from the mapped blocks; the embedding's name leaves stored where the rank
+    holds no embedding of its own."""
+    name, a = "model.embed_tokens.weight", spec.architecture
+    rows = stage.head_rows(a.vocab_size, bool(a.tie_word_embeddings)) if stage and stage.vocab_split else None
+    if rows is None or name not in stored:
+        return None
+    f = stored[name] if stage.holds_embedding(True) or stage.first else stored.pop(name)
+    return pipeline.head_part(f.mapped(name), rows, spec.gguf[name.removesuffix(".weight")], dtype)
 
 
 def _held(f: tensors.File, name: str, dtype: str) -> str | None:

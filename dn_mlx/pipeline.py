@@ -10,6 +10,8 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
+from dn.formats import gguf_blocks
+from dn_mlx import gguf, quant
 from dn_mlx.ops import DTYPES
 
 
@@ -94,11 +96,39 @@ def cut(model, stage) -> None:
         body.args.hidden_size = 1
 
 
+def head_part(raw: np.ndarray, rows: tuple[int, int], kind: str, dtype: str) -> nn.Module:
+    """Rows [lo, hi) of a tied GGUF embedding (its mapped blocks, raw) as a head of their own: float32 logits, the
+    whole table's as_linear's for those rows bit for bit (scales held at the whole table's dtype, gguf._side)."""
+    holder = nn.Module()
+    cols = gguf_blocks.dense_shape(raw.shape, kind)[1]
+    holder.lm_head = nn.Linear(cols, rows[1] - rows[0], bias=False)  # lazy: replaced before it is evaluated
+    gguf.quantize_model(holder, {"lm_head": kind}, dtype)
+    side = None if kind in gguf.BLOCKS or dtype == "float32" else gguf._side(raw, kind)
+    holder.load_weights(gguf.arrays("lm_head.weight", np.ascontiguousarray(raw[rows[0]:rows[1]]), kind, dtype, side))
+    quant._compute_at(holder, DTYPES[dtype])
+    return holder.lm_head
+
+
+def head(model, h: mx.array) -> np.ndarray:
+    """This rank's rows of a shared tied head (model.dn_head) over a normed hidden state: float32 logits (numpy),
+    capped where the model caps its logits."""
+    logits = model.dn_head(h)
+    if cap := getattr(getattr(model, "args", None), "final_logit_softcapping", None):
+        logits = mx.tanh(logits / cap) * cap
+    return np.array(logits.astype(mx.float32))
+
+
 def forward(model, stage, x, cache=None, last_only: bool = False) -> mx.array | np.ndarray:
     """Token ids (numpy [1, T]) into the first stage, the hidden state from the previous one elsewhere; out comes
-    the hidden state for the next stage or, from the last, float32 logits as numpy."""
+    the hidden state for the next stage or, from the last, float32 logits as numpy (with the lm_head shared with
+    rank 0, Stage.vocab_split: its rows' logits and the normed hidden state)."""
     ids = mx.array(np.asarray(x)) if stage.first else None
     embeddings = None if stage.first else x
+    if stage.last and stage.vocab_split:
+        h = model.model(ids, cache=cache, input_embeddings=embeddings)
+        h = h[:, -1:] if last_only else h
+        mx.eval(h)
+        return head(model, h), h
     if stage.last:
         logits = model(ids, cache=cache, input_embeddings=embeddings)
         return np.array((logits[:, -1:] if last_only else logits).astype(mx.float32))

@@ -106,6 +106,8 @@ def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = F
     if stage is not None:  # a pipeline rank: other ranks' tensors find no slot, so are never read
         pipeline.cut(model, stage)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()  # tie_weights sets it
+    shared = stage is not None and stage.vocab_split and tied  # a rank's rows of the tied head, filled here
+    shared = shared and stage.head_rows(config.vocab_size, True) is not None
     mapped = (store.mapped(spec) | (stage.lookup(spec) if stage else set())) if _device().type == "cpu" else set()
     # a token reads one row: the rest stays on disk
     into = {}  # stored name -> the tensor it is read into, laid out before reading
@@ -117,6 +119,8 @@ def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = F
         with tensors.File(path) as f:
             _check_dtypes(f)
             for name in f.header:
+                if shared and name == "model.embed_tokens.weight":
+                    pipeline.fill_head(model, stage, f.mapped(name))
                 if name in into:
                     _copy_into(into.pop(name), f, name, dtype)
                     continue
@@ -134,7 +138,7 @@ def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = F
         _scale_output(model.model.embed_tokens, scale)
     if spec.codec is not None:
         codec.attach(model, model_dir, spec)
-    if tied:
+    if tied and not shared:
         model.tie_weights()
     _check_loaded(model, model_dir)
     return model

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dn.core.errors import DnError
+from dn_torch import gguf
 from dn_torch.ops import DTYPES
 from dn_torch.ops import device as _device
 
@@ -95,15 +97,39 @@ class Passed(torch.nn.Module):
 
 def cut(model, stage) -> None:
     """Before reading: stubs for what the stage does not hold (dn.runtime.pipeline.Stage), so the loader finds no
-    slot for those tensors and never reads them."""
+    slot for those tensors and never reads them; a share of a tied GGUF lm_head (Stage.head_rows) becomes a block
+    linear of those rows, which fill_head fills."""
     inner, n = model.model, len(model.model.layers)
     lo, hi = stage.span(n)
     for i in [*range(lo), *range(hi, n)]:
         inner.layers[i] = Skipped(inner.layers[i], i)
-    if not stage.holds_embedding(bool(getattr(model.config, "tie_word_embeddings", False))):
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    rows, emb = stage.head_rows(model.config.vocab_size, tied), inner.embed_tokens
+    if not stage.holds_embedding(tied):
         inner.embed_tokens = Passed()
     if not stage.last:
         inner.norm, model.lm_head = Passed(), Passed()
+    if rows is not None and stage.vocab_split:
+        if not isinstance(emb, gguf.GGUFEmbedding):
+            raise DnError("a shared lm_head needs a native GGUF folder's embedding")
+        model.lm_head = gguf.GGUFLinear(emb.embedding_dim, rows[1] - rows[0], False, emb.kind, emb.compute_dtype)
+        model.lm_head.out = torch.float32  # float32 logits, as a whole tied head gives
+
+
+def fill_head(model, stage, stored: np.ndarray) -> None:
+    """The tied embedding's stored blocks (mapped, [vocab, row bytes]) -> this rank's rows of the lm_head, a copy."""
+    lo, hi = stage.head_rows(model.config.vocab_size, True)
+    model.lm_head._buffers["weight"] = torch.from_numpy(np.array(stored[lo:hi])).to(_device())
+
+
+@torch.inference_mode()
+def head(model, h: torch.Tensor) -> np.ndarray:
+    """This rank's rows of the lm_head over a normed hidden state: float32 logits (numpy), capped as the model's
+    own head caps them (Gemma 2's final_logit_softcapping)."""
+    logits = model.lm_head(h.to(_device())).float()
+    if cap := getattr(model.config, "final_logit_softcapping", None):
+        logits = torch.tanh(logits / cap) * cap
+    return logits.cpu().numpy()
 
 
 @functools.cache
@@ -122,4 +148,8 @@ def forward(model, stage, x, cache=None, last_only: bool = False):
     kw = {"use_cache": cache is not None, _cache_kwarg(type(model.model)): cache}
     if not stage.last:
         return model.model(**inputs, **kw).last_hidden_state
+    if stage.vocab_split:  # rank 0 holds the first rows of the head: it gets the normed hidden state too
+        h = model.model(**inputs, **kw).last_hidden_state
+        h = h[:, -1:] if last_only else h
+        return head(model, h), h
     return model(**inputs, **kw, logits_to_keep=1 if last_only else 0).logits.float().cpu().numpy()

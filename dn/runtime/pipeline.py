@@ -3,8 +3,8 @@ layers (the embedding on the first, the final norm and lm_head on the last, a ti
 cache, and hands its hidden states to the next rank; the last hands the logits back to rank 0, which samples.
 
 The transport is the engine's own: torch.distributed (gloo on CPU, NCCL on CUDA) under torchrun, mx.distributed's
-ring under mlx.launch, reached through the backend's `pipeline` module. `dn generate --pipeline N` without a
-launcher starts N local ranks through the backend's launcher (`launch`), for trying it out and for tests.
+ring under mlx.launch, reached through the backend's `pipeline` module. `dn <verb> --pipeline N` (generate, chat,
+eval, serve) without a launcher starts N local ranks through the backend's launcher (dn.runtime.launch).
 
 Wire, per forward: rank i -> i+1 a header int32 [tokens, flags] (0 tokens: stop), then the hidden state
 [1, tokens, hidden] at its own dtype; the last rank -> 0 the float32 logits. A rank that waits longer than
@@ -17,15 +17,11 @@ import contextlib
 import functools
 import os
 import re
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -34,12 +30,13 @@ from dn.model import store
 from dn.model.sources import resolve_model
 from dn.model.spec import load_spec
 from dn.runtime import backend as backends
-from dn.runtime import loader, memory, residency, threads
+from dn.runtime import loader, memory, residency
 from dn.runtime.budget import parse_size
+from dn.runtime.launch import STDIN_ENV, launch, launched
+from dn.runtime.launch import rank_argv as rank_argv  # the tests' and the docs' name for it here
 
 LAST_ONLY, NEW_CACHE, BF16 = 1, 2, 4  # header flags (BF16: the hidden state's dtype; else float32)
 TIMEOUT_S = 60.0
-GRACE_S = 5.0  # after a rank's error line, how long the local launcher may take to end the others
 
 
 def add_args(p) -> None:
@@ -64,6 +61,7 @@ class Stage:
     rank: int
     size: int
     split: tuple[int, ...] | None = None  # layers per rank; None: even (run() passes balance()'s)
+    vocab_split: int | None = None  # a tied GGUF lm_head shared: rows [0, this) on the first rank, the rest last
 
     def span(self, n_layers: int) -> tuple[int, int]:
         """[lo, hi) of the decoder layers this rank holds."""
@@ -77,8 +75,16 @@ class Stage:
     first = property(lambda self: self.rank == 0)
     last = property(lambda self: self.rank == self.size - 1)
 
-    def holds_embedding(self, tied: bool) -> bool:  # a tied lm_head is the embedding
-        return self.first or (self.last and tied)
+    def holds_embedding(self, tied: bool) -> bool:  # a tied lm_head is the embedding (unless shared: head_rows)
+        return self.first or (self.last and tied and not self.vocab_split)
+
+    def head_rows(self, vocab: int, tied: bool) -> tuple[int, int] | None:
+        """[lo, hi) of the lm_head's rows this rank holds: all on the last rank, or a tied one shared (vocab_split)
+        between the first rank (the first rows) and the last (the rest); None elsewhere."""
+        shared = bool(self.vocab_split) and tied and self.size > 1
+        if self.last:
+            return (self.vocab_split, vocab) if shared else (0, vocab)
+        return (0, self.vocab_split) if shared and self.first else None
 
     def lookup(self, spec) -> set[str]:
         """A GGUF embedding this rank only looks up (the first rank's, the tied lm_head being on the last): mapped
@@ -94,29 +100,29 @@ class Stage:
             lo, hi = self.span(n_layers)
             return lo <= int(m.group(1)) < hi
         if name.startswith("model.embed_tokens."):
-            return self.holds_embedding(tied)
+            return self.holds_embedding(tied) or (tied and bool(self.vocab_split) and (self.first or self.last))
         return self.last or not name.startswith(("lm_head.", "model.norm."))
 
 
 def balance(spec, size: int, lookup_free: bool, dtype_bytes: int = 2, memory: list[float] | None = None,
-            fit: bool = False) -> tuple[int, ...]:
-    """Layers per rank so that the largest rank's accounted bytes (dn.model.store), or with memory (bytes per
-    rank) its bytes over its memory, are least: the embedding on the first rank (nothing where it is mapped:
-    lookup_free), the norm and lm_head (or the tied embedding) on the last. fit: a split over memory that fits."""
-    n, b = spec.architecture.num_hidden_layers, dtype_bytes
+            fit: bool = False, counts: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], int | None]:
+    """(layers per rank, vocab_split) so that the largest rank's accounted bytes (dn.model.store), or with memory
+    (bytes per rank) its bytes over its memory, are least: the embedding on the first rank (nothing where it is
+    mapped: lookup_free), the norm and lm_head (or the tied embedding) on the last. A tied GGUF head whose first
+    rank maps its lookups is shared by rows between the first and last rank where that evens them out
+    (Stage.vocab_split). fit: a split over memory that fits; counts: the layers given (--pipeline-split)."""
+    n, b, given = spec.architecture.num_hidden_layers, dtype_bytes, counts is not None
     memory = memory or [1.0] * size
-    layer, first, last = [0] * n, 0, 0
-    for e in store.entries(spec):
-        m = re.match(r"model\.layers\.(\d+)\.", e.name)
-        if m:
-            layer[int(m.group(1))] += e.nbytes(b)
-        elif e.name.startswith("model.embed_tokens."):
-            first += 0 if lookup_free and size > 1 else e.nbytes(b)
-            last += e.nbytes(b) * spec.architecture.tie_word_embeddings
-        else:
-            last += e.nbytes(b)
+    layer, first, last, tied = _bytes(spec, size, lookup_free, b)
     if size > n:
         raise DnError(f"--pipeline {size}: more ranks than the model's {n} layers")
+
+    def load(c: tuple[int, ...], rows: int | None = None) -> float:  # the worst rank's bytes over its memory
+        edges = np.cumsum((0, *c))
+        own = [sum(layer[edges[r]:edges[r + 1]]) for r in range(size)]
+        moved = tied * (rows or 0) / spec.architecture.vocab_size  # the head's rows on the first rank
+        own[0], own[-1] = own[0] + first + moved, own[-1] + last - moved
+        return max(o / m for o, m in zip(own, memory))
 
     @functools.cache
     def split(r: int, lo: int) -> tuple[float, tuple]:  # the last r ranks over layers lo..: (worst load, counts)
@@ -126,131 +132,57 @@ def balance(spec, size: int, lookup_free: bool, dtype_bytes: int = 2, memory: li
         return min((max((sum(layer[lo:hi]) + head) / mem, split(r - 1, hi)[0]), (hi - lo, *split(r - 1, hi)[1]))
                    for hi in range(lo + 1, n - r + 2))
 
-    worst, counts = split(size, 0)
+    worst, counts = (load(counts), counts) if counts is not None else split(size, 0)
+    rows = None
+    if tied and lookup_free and size > 1:  # the head's rows may move to the first rank: where 5% less at worst
+        pool = [counts] if given or size > 2 else [(c, n - c) for c in range(1, n)]
+        w, c, r = min(((load(c, r), c, r) for c in pool
+                       for r in [_vocab_split(spec, c, layer, first, last, tied, memory)] if r), default=(worst, 0, 0))
+        if w < 0.95 * worst:
+            worst, counts, rows = w, c, r
     if fit and worst > 1:
         raise DnError(f"--pipeline-split auto: {(sum(layer) + first + last) / 2**30:.2f} GiB of weights do not fit "
                       f"ranks of {', '.join(f'{m / 2**30:.2f}' for m in memory)} GiB ({worst:.2f}x)")
-    return counts
+    return counts, rows
+
+
+def _bytes(spec, size: int, lookup_free: bool, b: int) -> tuple[list[int], int, int, int]:
+    """Accounted bytes: per layer, the first rank's own (its embedding, none where mapped), the last's own (norm,
+    lm_head or the tied embedding) and of those the tied embedding's (0 untied)."""
+    layer, first, last, tied = [0] * spec.architecture.num_hidden_layers, 0, 0, 0
+    for e in store.entries(spec):
+        m = re.match(r"model\.layers\.(\d+)\.", e.name)
+        if m:
+            layer[int(m.group(1))] += e.nbytes(b)
+        elif e.name.startswith("model.embed_tokens."):
+            first += 0 if lookup_free and size > 1 else e.nbytes(b)
+            tied = e.nbytes(b) * spec.architecture.tie_word_embeddings if spec.gguf else 0
+            last += e.nbytes(b) * spec.architecture.tie_word_embeddings
+        else:
+            last += e.nbytes(b)
+    return layer, first, last, tied
+
+
+def _shared(first: float, last: float, head: float, memory: list[float]) -> tuple[float, tuple[float, float]]:
+    """The share f of a head's bytes on the first rank (the rest on the last) that evens their loads over their
+    memory: (f, the two loads)."""
+    m0, m1 = memory[0], memory[-1]
+    f = min(max((m0 * (last + head) - m1 * first) / (head * (m0 + m1)), 0.0), 1.0)
+    return f, ((first + f * head) / m0, (last + (1 - f) * head) / m1)
+
+
+def _vocab_split(spec, counts, layer, first, last, tied, memory) -> int | None:
+    """The first rank's rows of a shared tied head for these layer counts, in whole 256s; None where it would hold
+    under 5% of them (not worth the head's second matmul)."""
+    n, v = len(layer), spec.architecture.vocab_size
+    f, _ = _shared(first + sum(layer[:counts[0]]), last - tied + sum(layer[n - counts[-1]:]), tied, memory)
+    rows = min(round(f * v / 256) * 256, v - 256)
+    return rows if rows >= 0.05 * v else None
 
 
 def _said(e: Exception) -> str:
     """A transport's error on one line, without the source position gloo and the ring lead with."""
     return re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0])[:200]
-
-
-# ---- launchers ----------------------------------------------------------------------------------------
-
-def launched() -> str | None:
-    """The launcher this process runs under: torch (torchrun's env), mlx (mlx.launch's), or None."""
-    if "TORCHELASTIC_RUN_ID" in os.environ or {"RANK", "WORLD_SIZE"} <= os.environ.keys():
-        return "torch"
-    return "mlx" if "MLX_RANK" in os.environ else None
-
-
-def _free_port(span: int = 1) -> int:
-    """A port with `span` free ports from it (mlx.launch's ring listens on one per rank)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket() as s:  # nothing listens on the next ones
-            if port + span < 65536 and all(s.connect_ex(("127.0.0.1", port + i)) for i in range(1, span)):
-                return port
-    raise DnError("no free local ports for the pipeline's ranks")
-
-
-def rank_argv(argv: list[str], backend: str) -> list[str]:
-    """The verb's own argv for each rank: `--pipeline N` becomes `--pipeline`, the backend named."""
-    out = [a for i, a in enumerate(argv) if a != "--pipeline" and not a.startswith("--pipeline=")
-           and not (i and argv[i - 1] == "--pipeline" and a.isdigit())]
-    return [*out, "--pipeline", "--backend", backend]
-
-
-def launcher_command(backend: str, n: int, verb: str, argv: list[str]) -> list[str]:
-    rank = [sys.executable, "-m", "dn", verb, *rank_argv(argv, backend)]
-    if backend == "torch":
-        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(n),
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--monitor-interval",
-                "0.5", *rank[1:]]
-    exe = Path(sys.executable).with_name("mlx.launch")  # the venv's own, else the PATH's
-    if not (exe := str(exe) if exe.is_file() else shutil.which("mlx.launch")):
-        raise DnError("mlx.launch is not installed (pip install mlx)")
-    return [exe, "--backend", "ring", "--hosts", "127.0.0.1", "-n", str(n), "--starting-port", str(_free_port(n)),
-            "--", *rank]
-
-
-# the launchers' own words for a rank that failed
-_FAILED = [re.compile(r"rank\s*:\s*(\d+) \(local_rank.*\n\s*exitcode\s*:\s*(-?\d+)"),  # torchrun's summary
-           re.compile(r"Node with rank (\d+) exited with code (-?\d+)"),  # mlx.launch
-           re.compile(r"Node with rank (\d+) (was killed)")]
-_OURS = ("rank ", "dn: ", "[torch", "[mlx", "[residency")
-
-
-def _exit_text(code: str) -> str:
-    if code.lstrip("-").isdigit() and -int(code) in signal.valid_signals():
-        return f"died of {signal.Signals(-int(code)).name}"
-    return "was stopped by the launcher" if code == "was killed" else f"exited with code {code}"
-
-
-def _end(proc) -> None:
-    """SIGKILL the launcher and every process under it (torchrun puts its workers in sessions of their own)."""
-    table = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True).stdout.split()
-    parents, tree = dict(zip(map(int, table[::2]), map(int, table[1::2]))), [proc.pid]
-    for pid in tree:  # grows as it goes: children, theirs...
-        tree += [c for c, parent in parents.items() if parent == pid]
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def launch(backend: str, n: int, verb: str, argv: list[str]) -> int:
-    """`dn <verb> --pipeline N` without a launcher: N local ranks through the backend's launcher. stdout passes
-    through; of stderr, dn's own lines (rank stats, the verb's statistics); the launchers' logs are kept back and
-    a failure is one line naming the rank that failed first, with what the others said."""
-    if n < 1:
-        raise DnError("--pipeline N: N >= 1 ranks")
-    per_rank = max(1, threads.count() // n)  # the local ranks share this machine's cores
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(per_rank)}
-    proc = subprocess.Popen(launcher_command(backend, n, verb, argv), stderr=subprocess.PIPE, text=True, env=env,
-                            errors="replace")
-    kept, errors, grace = [], [], None
-    try:
-        for line in proc.stderr:
-            if line.startswith("dn: error: "):
-                errors.append(line[len("dn: error: "):].strip())
-                # a launcher waits on a hung rank (SIGTERM stays pending on a stopped process): GRACE_S, then all
-                if grace is None:
-                    grace = threading.Timer(GRACE_S, _end, (proc,))
-                    grace.start()
-            elif line.startswith(_OURS):
-                print(line, end="", file=sys.stderr, flush=True)
-            else:
-                kept.append(line)
-        rc = proc.wait()
-    except BaseException:
-        _end(proc)
-        raise
-    finally:
-        if grace is not None:
-            grace.cancel()
-    log = "".join(kept)
-    failed = [(int(r), c) for pat in _FAILED for r, c in pat.findall(log)]
-    if rc == 0 and not failed and not errors:
-        return 0
-    # the first rank that failed on its own: not one the launcher stopped once another had failed
-    own = [(r, c) for r, c in failed if c not in ("-15", "143", "was killed")] or failed
-    said = "; ".join(dict.fromkeys(errors)) or next((x.strip() for x in reversed(kept)  # a rank's own traceback
-                                                     if re.match(r"(\[rank\d+\]: )?\w+(Error|Exception): ", x)
-                                                     and "ChildFailedError" not in x), "")
-    if said and all(c == "2" for _, c in own):  # every rank said why (a DnError): that is the line
-        line = said
-    elif own:
-        r, c = min(own)
-        line = f"rank {r} {_exit_text(c)}" + (f" ({said})" if said else "")
-    else:
-        line = said or f"the {backend} launcher failed (exit code {rc}): {log.strip().splitlines()[-1:]}"
-    print(f"dn: error: pipeline: {line}", file=sys.stderr, flush=True)
-    return rc if rc > 0 else 2
 
 
 # ---- a rank ---------------------------------------------------------------------------------------------
@@ -299,6 +231,7 @@ class Link:
     hidden: int
     vocab: int
     started: bool = False  # the first message may wait for the peers' load: the watchdog is not armed for it
+    broken: bool = False  # a peer was lost: nothing more is sent
     counts: dict = field(default_factory=lambda: {"sent_bytes": 0, "sends": 0, "send_s": 0.0, "wait_s": 0.0,
                                                   "forwards": 0, "tokens": 0, "compute_s": 0.0})
 
@@ -308,6 +241,7 @@ class Link:
             with self.watch.waiting(peer, armed=self.started):
                 return fn(*args)
         except RuntimeError as e:  # the transport's: a closed connection, a timeout
+            self.broken = True
             raise DnError(f"rank {self.stage.rank}: lost rank {peer} ({_said(e)})") from None
         finally:
             self.counts["wait_s"] += time.perf_counter() - t
@@ -349,12 +283,30 @@ class Stages:
         self._new = False
         link.send(np.array([tokens.shape[1], flags], np.int32), 1)
         link.send(out, 1)
-        logits = link.recv((1, 1 if last_only else tokens.shape[1], link.vocab), "float32", link.stage.size - 1)
+        t, rows = 1 if last_only else tokens.shape[1], link.stage.head_rows(link.vocab, True)
+        if rows is None:
+            logits = be.ops.to_numpy(link.recv((1, t, link.vocab), "float32", link.stage.size - 1))
+        else:  # a shared head: the last rank's rows, then its normed hidden state for this rank's
+            theirs = be.ops.to_numpy(link.recv((1, t, link.vocab - rows[1]), "float32", link.stage.size - 1))
+            h = link.recv((1, t, link.hidden), link.dtype, link.stage.size - 1)
+            logits = np.concatenate([be.pipeline.head(model, h), theirs], -1)
         link.started = True
-        return be.ops.to_numpy(logits)
+        return logits
+
+    def token_nll(self, model, tokens: np.ndarray) -> np.ndarray:
+        """As the backends' (dn eval): each row's next-token NLL [B, L-1], from the pipeline's logits, one row at
+        a time over a fresh cache."""
+        out = []
+        for row in np.asarray(tokens):
+            # the whole row, as the backends' token_nll runs it: a kernel may depend on the length (torch's bf16
+            # attention does)
+            z = self.logits(model, row[None], self.make_cache(model))[0, :-1].astype(np.float64)
+            z -= z.max(-1, keepdims=True)
+            out.append(np.log(np.exp(z).sum(-1)) - z[np.arange(len(z)), row[1:]])
+        return np.stack(out)
 
     def stop(self) -> None:
-        if not self.link.stage.last:
+        if not self.link.stage.last and not self.link.broken:
             self.link.send(np.array([0, 0], np.int32), 1)
 
 
@@ -384,7 +336,8 @@ def follow(link: Link, model, **cache_args) -> None:
         if not st.last:
             flags = flags & ~BF16 | BF16 * be.ops.is_bfloat16(out)
             link.send(np.array([n, flags], np.int32), st.rank + 1)
-        link.send(out, 0 if st.last else st.rank + 1)
+        for part in out if isinstance(out, tuple) else (out,):  # a shared head's: its rows' logits, the hidden
+            link.send(part, 0 if st.last else st.rank + 1)
 
 
 def stats_line(link: Link, run, n_layers: int, tied: bool, wall_s: float) -> str:
@@ -392,8 +345,14 @@ def stats_line(link: Link, run, n_layers: int, tied: bool, wall_s: float) -> str
     lo, hi = st.span(n_layers)
     parts = [f"layers {lo}-{hi - 1} of {n_layers}"]
     if st.holds_embedding(tied):
-        parts.append("embedding" + (" (tied: on the first and last rank)" if tied and st.size > 1 else ""))
-    if st.last:
+        mapped = st.first and st.size > 1 and link.be.pipeline.maps_lookups() and st.lookup(run.spec)
+        parts.append("embedding" + (" (mapped from the file: rows read per token)" if mapped else
+                                    " (tied: on the first and last rank)" if tied and st.size > 1 else ""))
+    rows = st.head_rows(link.vocab, tied)
+    if st.vocab_split and rows and tied:
+        parts.append(("norm + " if st.last else "") + f"lm_head rows {rows[0]}-{rows[1] - 1} of {link.vocab} (the "
+                     f"tied embedding's, shared by the first and last rank)")
+    elif st.last:
         parts.append("norm + lm_head" + (" (the tied embedding)" if tied else ""))
     m = run.memory
     per = lambda s: f"{1e3 * s / max(c['forwards'], 1):.2f} ms"
@@ -402,7 +361,16 @@ def stats_line(link: Link, run, n_layers: int, tied: bool, wall_s: float) -> str
             f"{memory.peak_bytes(link.be) / 2**20:.0f} MiB; {c['forwards']} forwards, {c['tokens']} tokens, "
             f"{c['forwards'] / max(wall_s, 1e-9):.1f} forwards/s; compute {per(c['compute_s'])}, sent "
             f"{c['sent_bytes'] / max(c['sends'], 1):.0f} B/message in {per(c['send_s'])}, waited {per(c['wait_s'])} "
-            f"per forward")
+            f"per forward{_residency(run.residency)}")
+
+
+def _residency(rt) -> str:
+    """A rank under --max-resident: its own budget, plan and reads."""
+    if rt is None:
+        return ""
+    s, mib = rt.stats(), lambda n: f"{n / 2**20:.1f} MiB"
+    return (f"; residency budget {mib(rt.plan.budget)}, planned {mib(rt.plan.resident)}, read "
+            f"{mib(s['fetched_bytes_per_token'])} per token, hit rate {100 * s['hit_rate']:.0f}%")
 
 
 def gather(link: Link, value: float) -> list[float]:
@@ -426,9 +394,9 @@ def gather(link: Link, value: float) -> list[float]:
     return [float(x) for x in whole]
 
 
-def split_for(args, link: Link, be, spec) -> tuple[int, ...]:
-    """--pipeline-split: given counts; auto: in proportion to the ranks' memory (stated, else each host's RAM,
-    gathered); by default the least bytes on the largest rank."""
+def split_for(args, link: Link, be, spec) -> tuple[tuple[int, ...], int | None]:
+    """(layers per rank, vocab_split) (balance): --pipeline-split: given counts; auto: in proportion to the ranks'
+    memory (stated, else each host's RAM, gathered); by default the least bytes on the largest rank."""
     size = link.stage.size
     lookup_free = be.pipeline.maps_lookups() and bool(Stage(0, size).lookup(spec))
     dtype = loader.compute_dtype(be, spec) if args.dtype == "auto" else args.dtype
@@ -438,7 +406,9 @@ def split_for(args, link: Link, be, spec) -> tuple[int, ...]:
     if args.pipeline_split != "auto":
         if not re.fullmatch(r"\d+(,\d+)*", args.pipeline_split):
             raise DnError(f"--pipeline-split {args.pipeline_split}: expected layer counts such as 15,15, or auto")
-        return tuple(map(int, args.pipeline_split.split(",")))
+        counts = tuple(map(int, args.pipeline_split.split(",")))
+        Stage(0, size, counts).span(spec.architecture.num_hidden_layers)  # a bad split is one line
+        return balance(spec, size, lookup_free, b, counts=counts)
     if args.pipeline_memory:
         memory = [float(parse_size(x, "--pipeline-memory")) for x in args.pipeline_memory.split(",")]
         if len(memory) != size:
@@ -449,16 +419,18 @@ def split_for(args, link: Link, be, spec) -> tuple[int, ...]:
     return balance(spec, size, lookup_free, b, memory, fit=True)
 
 
-def run(args, argv: list[str], verb: str, body, prompt: str | None = None) -> int:
+def run(args, argv: list[str], verb: str, body, prompt: str | None = None, stdin: str | None = None,
+        shown: tuple = ()) -> int:
     """A verb under --pipeline: launch local ranks (no launcher yet), or be one rank. body(run) is the verb's work
-    on rank 0, over a loaded model whose backend runs the pipeline (Stages). prompt: the text `--prompt -` read
-    from stdin, handed to the local ranks as text."""
+    on rank 0, over a loaded model whose backend runs the pipeline (Stages); the other ranks follow until it ends,
+    however it ends. prompt: the text `--prompt -` read from stdin, handed to the local ranks as text; stdin: piped
+    input, rank 0's stdin (dn.runtime.launch.launch); shown: the verb's stderr lines the local launcher shows."""
     name = launched()
     if name is None:
         be = args.backend if args.backend != "auto" else backends.auto()
         if prompt is not None:
             argv = [prompt if a == "-" and i and argv[i - 1] in ("-p", "--prompt") else a for i, a in enumerate(argv)]
-        return launch(be, args.pipeline or 2, verb, argv)
+        return launch(be, args.pipeline or 2, verb, argv, stdin, shown)
     if args.backend not in ("auto", name):
         raise DnError(f"--backend {args.backend} under the {name} launcher")
     be = backends.get(name)
@@ -470,25 +442,35 @@ def run(args, argv: list[str], verb: str, body, prompt: str | None = None) -> in
     rank, size = be.pipeline.rank(group), be.pipeline.size(group)
     if args.pipeline and args.pipeline != size:
         raise DnError(f"rank {rank}: --pipeline {args.pipeline} but the launcher started {size} ranks")
-    if getattr(args, "max_resident", None) is not None:
-        raise DnError("--max-resident with --pipeline is not there yet (docs/distributed.md)")
     spec = load_spec(resolve_model(args.model, dense=args.dense))
     cfg = spec.architecture
     n_layers, tied = cfg.num_hidden_layers, bool(cfg.tie_word_embeddings)
     watch = Watchdog(rank, args.pipeline_timeout)
     link = Link(be, group, Stage(rank, size), watch, args.dtype, cfg.hidden_size, cfg.vocab_size)
-    link.stage = Stage(rank, size, split_for(args, link, be, spec))
+    link.stage = Stage(rank, size, *split_for(args, link, be, spec))
     link.stage.span(n_layers)  # a bad split is one line before anything is read
-    loaded = loader.load(args.model, name, args.dtype, dense=args.dense, stage=link.stage,
-                         **residency.load_args(args))
+    budgets = (getattr(args, "max_resident", None) or "").split(",")
+    if len(budgets) > 1:  # one per rank, first to last (mlx.launch runs one command line on every host)
+        if len(budgets) != size:
+            raise DnError(f"rank {rank}: --max-resident {args.max_resident}: {size} budgets, one per rank")
+        args.max_resident = budgets[rank]
+    try:
+        loaded = loader.load(args.model, name, args.dtype, dense=args.dense, stage=link.stage,
+                             **residency.load_args(args))
+    except DnError as e:  # a rank's own budget or files: say which rank
+        raise DnError(f"rank {rank}: {e}") from None
     args.dtype = link.dtype = loaded.dtype
     stage = link.stage
     t = time.perf_counter()
     try:
         if stage.first:
+            if os.environ.get(STDIN_ENV):
+                sys.stdin = open(os.environ[STDIN_ENV], encoding="utf-8")  # noqa: SIM115 (the process's stdin)
             stages = Stages(link)
-            body(replace(loaded, backend=stages))
-            stages.stop()
+            try:
+                body(replace(loaded, backend=stages))
+            finally:  # a refusal on rank 0 (a DnError) ends the others cleanly: its line is the run's one line
+                stages.stop()
         else:
             follow(link, loaded.model, max_kv_size=getattr(args, "max_kv_size", None),
                    kv_bits=getattr(args, "kv_bits", None))
