@@ -13,7 +13,7 @@ from dn import cli
 from dn.core.errors import DnError
 from dn.core.files import cache_dir
 from dn.generate import add_generation_args, check_cache_args, stream
-from dn.runtime import loader, residency
+from dn.runtime import launch, loader, pipeline, residency
 
 try:
     import readline  # input() gets line editing and history; absent on Windows builds, where input() is plain
@@ -24,11 +24,14 @@ COMMANDS = {"/help": "list these commands", "/reset": "start a new conversation 
             "/exit": "end the chat (also /quit, Ctrl-D, or Ctrl-C at the prompt)"}
 HELP = "Type a message and press Enter; /help lists the commands. Ctrl-C stops a reply, Ctrl-D ends."
 HISTORY_LINES = 1000
+# what chat says on stderr: the local pipeline launcher shows these lines of rank 0's (dn.runtime.launch)
+SAID = ("dn chat", "conversation reset", "reply stopped", "unknown command", "  /", HELP.split(";")[0])
 
 
 def setup_arg_parser():
     p = cli.ArgumentParser(prog="dn chat", description="Chat with a model. " + HELP)
     add_generation_args(p)
+    pipeline.add_args(p)
     return p
 
 
@@ -68,7 +71,17 @@ def _read_line(interactive: bool) -> str | None:
 def _main(argv) -> int:
     args = setup_arg_parser().parse_args(argv)
     check_cache_args(args)
-    run = loader.load(args.model, args.backend, args.dtype, dense=args.dense, **residency.load_args(args))
+    if args.pipeline is not None:  # launch the ranks (piped input handed to rank 0), or be one: rank 0 chats
+        piped = sys.stdin.read() if launch.launched() is None and not sys.stdin.isatty() else None
+        return pipeline.run(args, argv, "chat", lambda run: chat(run, args), stdin=piped, shown=SAID)
+    return chat(loader.load(args.model, args.backend, args.dtype, dense=args.dense, **residency.load_args(args)),
+                args)
+
+
+def chat(run, args) -> int:
+    """The conversation over a loaded model (run.backend may be a pipeline's: its ranks make a new cache when
+    this one does, and extend it as this one is)."""
+    args.dtype = run.dtype  # `auto` resolved by the loader, for the statistics line
     tok = run.tokenizer
     if not tok.chat_template:
         raise DnError("dn chat needs a model with a chat template (use dn generate --raw)")

@@ -13,7 +13,7 @@ from dn.core.text import read_text, text_path
 from dn.model.sources import resolve_model
 from dn.model.spec import load_spec
 from dn.model.tokenizer import Tokenizer
-from dn.runtime import loader, memory, residency
+from dn.runtime import loader, memory, pipeline, residency
 from dn.runtime.generation import residency_line
 
 
@@ -26,6 +26,7 @@ def setup_arg_parser():
     p.add_argument("--batch", type=cli.positive_int, default=1, help="windows per forward pass")
     p.add_argument("--json", default=None, metavar="OUT", help="write the result here as JSON")
     residency.add_args(p)
+    pipeline.add_args(p)
     return p
 
 
@@ -80,7 +81,15 @@ def _main(argv) -> int:
     if len(tokens) < args.ctx:
         raise DnError(f"{path} has {len(tokens)} tokens, fewer than one window of --ctx {args.ctx}: "
                       "pass a smaller --ctx or a longer text")
-    run = loader.load(args.model, args.backend, args.dtype, dense=args.dense, **residency.load_args(args))
+    if args.pipeline is not None:  # launch the ranks, or be one: rank 0 evaluates (dn.runtime.pipeline)
+        return pipeline.run(args, argv, "eval", lambda run: evaluate(run, args, tokens))
+    evaluate(loader.load(args.model, args.backend, args.dtype, dense=args.dense, **residency.load_args(args)), args,
+             tokens)
+    return 0
+
+
+def evaluate(run, args, tokens: list[int]) -> None:
+    """The perplexity of tokens over a loaded model (run.backend may be a pipeline's), printed and --json."""
     args.dtype = run.dtype  # `auto` resolved by the loader
     if args.max_tokens:
         tokens = tokens[:args.max_tokens]
@@ -107,7 +116,6 @@ def _main(argv) -> int:
         print(residency_line(run.residency, result).replace("while generating", "while evaluating"))
     if args.json:
         footprint.write_json(result, args.json)
-    return 0
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ from dn import cli
 from dn.core.errors import DnError
 from dn.generate import add_generation_args, check_cache_args
 from dn.model.sources import default_gguf
-from dn.runtime import budget, loader, residency
+from dn.runtime import budget, loader, pipeline, residency
 from dn.serve import app as http
 from dn.serve.engine import Engine
 
@@ -50,15 +50,18 @@ def setup_arg_parser():
                    help="address to listen on; anything but loopback is reachable by others (a warning says so)")
     g.add_argument("--port", type=port, default=8080, help="0: a free port, printed at the start")
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: none)")
-    g.add_argument("--max-active", type=cli.positive_int, default=4,
-                   help="requests decoded at once, in turns of one token each (not batched)")
+    g.add_argument("--max-active", type=cli.positive_int, default=None,
+                   help="requests decoded at once, in turns of one token each (not batched) (default: 4; 1 under "
+                        "--pipeline, whose ranks keep one KV cache)")
     g.add_argument("--max-queue", type=cli.non_negative_int, default=64,
                    help="requests waiting beyond --max-active; more are refused with 429 and Retry-After")
-    g.add_argument("--prompt-cache-bytes", type=size, default="256MiB",
-                   help="bytes of KV cache kept from finished requests for prompts that extend them (0: off)")
+    g.add_argument("--prompt-cache-bytes", type=size, default=None,
+                   help="bytes of KV cache kept from finished requests for prompts that extend them (0: off) "
+                        "(default: 256MiB; off under --pipeline)")
     g.add_argument("--shutdown-timeout", type=cli.non_negative_float, default=10.0,
                    help="seconds in-flight requests get to finish after SIGTERM before they are cancelled")
     add_generation_args(p)
+    pipeline.add_args(p)
     return p
 
 
@@ -83,12 +86,34 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        return socket.create_server((host, port), family=family, backlog=256)
-    except OSError as e:
-        raise DnError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+# what serve says on stderr: the local pipeline launcher shows these lines of rank 0's (dn.runtime.launch)
+SAID = ("dn serve", "INFO:", "WARNING:", "ERROR:")
+
+
+def _settle(args) -> list[str]:
+    """--max-active and --prompt-cache-bytes as they will be, and the lines saying why where that is not as asked.
+    Under --pipeline the other ranks keep one KV cache each, made anew when rank 0 makes one: one request at a
+    time, each over a cache of its own (dn.runtime.pipeline)."""
+    notes = []
+    if args.pipeline is not None:
+        if args.max_active not in (None, 1) or args.prompt_cache_bytes:
+            raise DnError("--pipeline decodes one request at a time over a fresh cache: --max-active above 1 and "
+                          "--prompt-cache-bytes are for one process")
+        args.max_active, args.prompt_cache_bytes = 1, 0
+        notes.append("dn serve: --pipeline: one request at a time (--max-active 1), no prompt-cache reuse")
+    if args.max_active is None:
+        args.max_active = 4
+    if args.prompt_cache_bytes is None:
+        args.prompt_cache_bytes = 256 * 2**20
+    if not _loopback(args.host):
+        notes.append(f"dn serve: warning: listening on {args.host}, reachable from other machines: " +
+                     ("requests need the API key, sent unencrypted (no TLS)" if args.api_key else
+                      "there is no authentication (anyone who reaches it can use the model; --api-key adds a key)"))
+    if args.max_resident is not None and args.residency_mode == "per-sequence" and args.max_active > 1:
+        # the prompt picks each layer's neurons for the whole model: requests in turns would use each other's
+        notes.append("dn serve: --residency-mode per-sequence decodes one request at a time (--max-active 1)")
+        args.max_active = 1
+    return notes
 
 
 def _main(argv) -> int:
@@ -96,18 +121,27 @@ def _main(argv) -> int:
     if uvicorn is None or http.Starlette is None:
         raise DnError("dn serve needs starlette and uvicorn: pip install 'dreamnova[serve]'")
     check_cache_args(args)
-    if not _loopback(args.host):
-        print(f"dn serve: warning: listening on {args.host}, reachable from other machines: " +
-              ("requests need the API key, sent unencrypted (no TLS)" if args.api_key else
-               "there is no authentication (anyone who reaches it can use the model; --api-key adds a key)"),
-              file=sys.stderr)
-    if args.max_resident is not None and args.residency_mode == "per-sequence" and args.max_active > 1:
-        # the prompt picks each layer's neurons for the whole model: requests in turns would use each other's
-        print("dn serve: --residency-mode per-sequence decodes one request at a time (--max-active 1)",
-              file=sys.stderr)
-        args.max_active = 1
-    sock = _listen(args.host, args.port)
-    run = loader.load(args.model, args.backend, args.dtype, dense=args.dense, **residency.load_args(args))
+    notes = _settle(args)
+    if args.pipeline is not None:  # launch the ranks, or be one: rank 0 serves (dn.runtime.pipeline)
+        return pipeline.run(args, argv, "serve", lambda run: serve(run, args, notes), shown=SAID)
+    sock = _listen(args.host, args.port, notes)
+    return serve(loader.load(args.model, args.backend, args.dtype, dense=args.dense, **residency.load_args(args)),
+                 args, sock=sock)
+
+
+def _listen(host: str, port: int, notes: list[str]) -> socket.socket:
+    for note in notes:
+        print(note, file=sys.stderr, flush=True)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=256)
+    except OSError as e:
+        raise DnError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def serve(run, args, notes: list[str] = (), sock: socket.socket | None = None) -> int:
+    """Serve a loaded model (run.backend may be a pipeline's) until SIGTERM or Ctrl-C."""
+    sock = sock or _listen(args.host, args.port, notes)
     model_id = args.model or Path(default_gguf()).stem
     names = {model_id, run.model_dir.name, str(run.model_dir)} | ({"default"} if args.model is None else set())
     engine = Engine(run, args.max_active, args.max_queue, args.prompt_cache_bytes, args.max_kv_size, args.kv_bits)
