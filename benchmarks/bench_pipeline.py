@@ -1,6 +1,7 @@
 """What a pipeline hop costs (docs/distributed.md): one-way loopback latency of a decode step's hidden state and of
 the logits handed back, through the backend's own transport (torch.distributed gloo under torchrun), and the default
-model's tokens/s on two local ranks against one process, in the same run.
+model's tokens/s on two local ranks against one process, in the same run, and each rank's measured resident weights
+against one rank's (RUNS: both backends, the default model and Gemma 3 270M, and per-rank budgets).
 
     python benchmarks/bench_pipeline.py [--out docs/results/pipeline.json] [--tokens 32]
 
@@ -9,6 +10,7 @@ The hop is timed by ping-pong (two ranks, dn.runtime.timing's timer, half the ro
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -68,6 +70,12 @@ def _tps(stderr: str) -> float:
     return float(re.search(r"generated \d+ tokens ([\d.]+) tok/s", stderr).group(1))
 
 
+# (backend, --model, tokens, --max-resident of each rank in the 2-rank run): the default model fully held and under
+# per-rank budgets (each below its whole share), Gemma 3 270M (its tied embedding, 69% of it, is the last rank's)
+RUNS = [("torch", None, 32, None), ("torch", None, 32, "36MiB,40MiB"), ("mlx", None, 16, None),
+        ("torch", "gemma3-270m", 16, None), ("mlx", "gemma3-270m", 8, None)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="docs/results/pipeline.json")
@@ -86,21 +94,30 @@ def main() -> None:
                         __file__, "--hop-out", str(hop_file)], check=True, capture_output=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
         hops = json.loads(hop_file.read_text())
-    gen = ["-p", "Tell me about the sea.", "--max-tokens", str(args.tokens), "--backend", "torch", "--threads", "1"]
-    runs = {}
-    for label, extra in (("one process", []), ("1 rank", ["--pipeline", "1"]), ("2 ranks", ["--pipeline", "2"])):
-        r = subprocess.run([sys.executable, "-m", "dn", "generate", *gen, *extra], capture_output=True, text=True,
-                           check=True)
-        runs[label] = {"tok_s": _tps(r.stderr), "text": r.stdout.strip(),
-                       "ranks": [_rank(line) for line in r.stderr.splitlines() if line.startswith("rank ")]}
     records = [{"kind": "hop", "backend": "torch", "transport": "gloo loopback", **h} for h in hops]
     records.append({"kind": "model", "model": resolve_model(None).name, "layers": n,
                     "layer_bytes_median": int(np.median(layer_bytes)), "hidden_size": spec.architecture.hidden_size,
                     "vocab_size": spec.architecture.vocab_size})
-    for label, r in runs.items():
-        records.append({"kind": "generate", "backend": "torch", "threads_per_rank": 1, "run": label,
-                        "tokens": args.tokens, "tok_s": r["tok_s"], "ranks": r["ranks"],
-                        "same_text_as_one_process": r["text"] == runs["one process"]["text"]})
+    for backend, model, tokens, budget in RUNS:
+        if importlib.util.find_spec(backend) is None:  # torch and mlx: their modules share the names
+            continue
+        gen = ["-p", "Tell me about the sea.", "--max-tokens", str(min(tokens, args.tokens)), "--backend", backend,
+               "--threads", "1", *(["--model", model] if model else [])]
+        runs = {}
+        for label, extra in (("one process", []), ("1 rank", ["--pipeline", "1"]), ("2 ranks", ["--pipeline", "2"])):
+            if budget:  # one process under the whole model's share of the ranks' budgets is not the same plan:
+                extra = [*extra, "--max-resident", budget] if label == "2 ranks" else extra  # against fully held
+            r = subprocess.run([sys.executable, "-m", "dn", "generate", *gen, *extra], capture_output=True, text=True,
+                               check=True)
+            runs[label] = {"tok_s": _tps(r.stderr), "text": r.stdout.strip(),
+                           "ranks": [_rank(line) for line in r.stderr.splitlines() if line.startswith("rank ")]}
+        for label, r in runs.items():
+            records.append({"kind": "generate", "backend": backend, "model": model or "default",
+                            "max_resident": budget if label == "2 ranks" else None, "threads_per_rank": 1,
+                            "run": label, "tokens": min(tokens, args.tokens), "tok_s": r["tok_s"], "ranks": r["ranks"],
+                            "rank_over_one_process": [x["resident_mib"] / runs["1 rank"]["ranks"][0]["resident_mib"]
+                                                      for x in r["ranks"]],
+                            "same_text_as_one_process": r["text"] == runs["one process"]["text"]})
     timing.write(timing.report(records, note="one machine, 2 cores shared with other work: the hop is loopback "
                                              "through the kernel, the tok/s ratio a same-run comparison"), args.out)
     print(json.dumps(records, indent=1))

@@ -344,10 +344,11 @@ def stats_line(link: Link, run, n_layers: int, tied: bool, wall_s: float) -> str
     st, c = link.stage, link.counts
     lo, hi = st.span(n_layers)
     parts = [f"layers {lo}-{hi - 1} of {n_layers}"]
-    if st.holds_embedding(tied):
-        mapped = st.first and st.size > 1 and link.be.pipeline.maps_lookups() and st.lookup(run.spec)
+    if st.first:  # the last rank's tied embedding is its lm_head, said below
+        mapped = st.size > 1 and link.be.pipeline.maps_lookups() and st.lookup(run.spec)
         parts.append("embedding" + (" (mapped from the file: rows read per token)" if mapped else
-                                    " (tied: on the first and last rank)" if tied and st.size > 1 else ""))
+                                    " (tied: the last rank holds it too, as its lm_head)" if tied and st.size > 1
+                                    else ""))
     rows = st.head_rows(link.vocab, tied)
     if st.vocab_split and rows and tied:
         parts.append(("norm + " if st.last else "") + f"lm_head rows {rows[0]}-{rows[1] - 1} of {link.vocab} (the "
