@@ -112,7 +112,8 @@ def main() -> None:
             runs[label] = {"tok_s": _tps(r.stderr), "text": r.stdout.strip(),
                            "ranks": [_rank(line) for line in r.stderr.splitlines() if line.startswith("rank ")]}
         for label, r in runs.items():
-            records.append({"kind": "generate", "backend": backend, "model": model or "default",
+            records.append({"kind": "generate", "series": f"{backend} {model or 'default'} {budget or 'held'}",
+                            "backend": backend, "model": model or "default",
                             "max_resident": budget if label == "2 ranks" else None, "threads_per_rank": 1,
                             "run": label, "tokens": min(tokens, args.tokens), "tok_s": r["tok_s"], "ranks": r["ranks"],
                             "rank_over_one_process": [x["resident_mib"] / runs["1 rank"]["ranks"][0]["resident_mib"]
