@@ -410,7 +410,9 @@ def attach(model, model_dir: Path, spec) -> None:
     opened once: dn.formats.fixed4.read_layers) and converted before the next layer's are read."""
     index = lossless.load_index(Path(model_dir))
     fused, used = _gpu() is not None, set()  # the fused kernel's escape terms: 12 bytes per escape
-    for i, coded in enumerate(fixed4.read_layers(model_dir, len(model.model.layers))):
+    layers = model.model.layers
+    skip = {i for i, layer in enumerate(layers) if getattr(layer, "elsewhere", False)}  # a pipeline rank's others
+    for i, coded in enumerate(fixed4.read_layers(model_dir, len(layers), skip=skip)):
         layer = model.model.layers[i]
         for path in _PROJ:
             name = f"model.layers.{i}.{path}.weight"
@@ -427,7 +429,7 @@ def attach(model, model_dir: Path, spec) -> None:
             # the dense weight it replaces has the compute dtype already (attach may run after set_dtype)
             setattr(parent, attr, CodecLinear(f, old.get("bias"), old.weight.dtype))
             used.add(name)
-    missing = sorted(set(index) - used)
+    missing = sorted(k for k in set(index) - used if int(k.split(".")[2]) not in skip)
     if missing:
         raise DnError(f"codec: coded tensor {missing[0]} is not a projection this model has "
                       f"({len(missing)} unmatched)")

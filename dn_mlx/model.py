@@ -153,12 +153,13 @@ def _load_plain(model, model_dir: Path, spec: ModelSpec, stored: dict, dtype: st
     read = lambda k: _read(stored[k], k, _held(stored[k], k, dtype))
     outside = [k for k in stored if not k.startswith("model.layers.")]  # the embedding, norm, an untied head
     model.load_weights([(k, read(k)) for k in outside], strict=False)
-    bundle = spec.sparse is not None and spec.codec is None and not isinstance(model.model.layers[0].mlp,
+    held = [i for i, layer in enumerate(model.model.layers) if not getattr(layer, "elsewhere", False)]  # a rank's
+    bundle = spec.sparse is not None and spec.codec is None and not isinstance(model.model.layers[held[0]].mlp,
                                                                                  resident.ResidentModule)
     for i, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{i}."
         layer.load_weights([(k.removeprefix(prefix), read(k)) for k in stored if k.startswith(prefix)], strict=False)
-        if bundle:
+        if bundle and i in held:
             sparse.lay_out_bundled(layer.mlp, DTYPES[dtype])
         mx.clear_cache()  # as in _read
         mx.eval(layer.parameters())

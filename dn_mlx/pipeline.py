@@ -64,6 +64,8 @@ class Elsewhere(nn.Module):
     """A decoder layer that another rank holds. Its cache entry still takes the tokens (one-wide keys), so the
     offsets that mlx-lm's masks are built from stay true whichever layer they are read from."""
 
+    elsewhere = True  # what the loaders' per-layer steps (codec, sparse) skip
+
     def __init__(self, like: nn.Module):
         nn.Module.__init__(self)
         for key, value in vars(like).items():  # use_sliding and the like, which the model loop reads

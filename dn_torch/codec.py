@@ -219,7 +219,9 @@ def attach(model, model_dir: Path, spec) -> None:
     ref = next(p for p in model.parameters() if not p.is_meta and p.is_floating_point())  # device, dtype
     scratch = [torch.empty(max(h["n"] for h in index.values()), dtype=ref.dtype, device=ref.device)]  # shared
     model.register_buffer("dn_codec_scratch_weights", scratch[0], persistent=False)
-    for coded in fixed4.read_layers(model_dir, len(model.model.layers), torch.get_num_threads()):
+    layers = model.model.layers
+    skip = {i for i, layer in enumerate(layers) if getattr(layer, "elsewhere", False)}  # a pipeline rank's others
+    for coded in fixed4.read_layers(model_dir, len(layers), torch.get_num_threads(), skip):
         for name, rt in coded.items():
             # "model.layers.3.self_attn.q_proj.weight" -> parent "layers.3.self_attn", attribute "q_proj"
             parent, attr = name.removeprefix("model.").removesuffix(".weight").rsplit(".", 1)

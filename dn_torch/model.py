@@ -113,6 +113,8 @@ def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = F
     into = {}  # stored name -> the tensor it is read into, laid out before reading
     if spec.sparse is not None and spec.codec is None and not resident:
         for i, layer in enumerate(model.model.layers):
+            if getattr(layer, "elsewhere", False):  # another pipeline rank's
+                continue
             views = sparse.lay_out_bundled(layer.mlp, DTYPES[dtype], _device())
             into |= {f"model.layers.{i}.mlp.{k}": v for k, v in views.items()}
     for path in weight_files(model_dir):

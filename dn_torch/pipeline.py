@@ -72,6 +72,8 @@ class Skipped(torch.nn.Module):
     with one-wide keys (a cache counts no tokens in an empty tensor), so that positions and masks, read from
     whichever layer's cache, stay right: 2 values per token and skipped layer."""
 
+    elsewhere = True  # what the loaders' per-layer steps (codec, sparse) skip
+
     def __init__(self, layer, i: int):
         super().__init__()
         for k, v in vars(layer).items():  # attention_type, layer_idx...: what the model's loop reads

@@ -155,6 +155,26 @@ def test_two_ranks_under_their_own_budgets(backend_name, store, tmp_path):
     assert low.returncode != 0 and len(errors) == 1 and re.search(r"rank \d: --max-resident", errors[0]), low.stderr
 
 
+@pytest.mark.parametrize("fmt", [["--codec", "lossless"], ["--sparsity", "0.5", "--calib-text", "CALIB"]],
+                         ids=["lossless", "sparse"])
+def test_two_ranks_compose_with_coded_and_sparse_folders(backend_name, fmt, tmp_path):
+    """A lossless-coded folder and a sparse one (routers and priors per layer) split over two ranks: each rank
+    attaches its own layers' codes or routers only, and the greedy tokens are one process's."""
+    if why := _launcher_works(backend_name):
+        pytest.skip(why)
+    fmt = [str(Path(__file__).parent / "data" / "calib-small.txt") if a == "CALIB" else a for a in fmt]
+    conv = subprocess.run([sys.executable, "-m", "dn", "convert", *fmt, "--out", str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert conv.returncode == 0, conv.stderr
+    args = ["-p", "Hello", "--max-tokens", "4", "--backend", backend_name, "--dtype", "float32",
+            "--model", str(tmp_path / "m")]
+    one = _dn(*args)
+    assert one.returncode == 0, one.stderr
+    two = _dn(*args, "--pipeline", "2")
+    assert two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout and sorted(_ranks(two.stderr)) == [0, 1]
+
+
 def _descendants(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:

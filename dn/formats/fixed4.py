@@ -81,14 +81,16 @@ class Lossless:
         return 8 * sum(a.nbytes for a in buffers(self)) / self.n
 
 
-def read_layers(model_dir: Path, layers: int, threads: int = 1):
+def read_layers(model_dir: Path, layers: int, threads: int = 1, skip=()):
     """Per decoder layer, {name: Lossless} of its coded tensors, read from the folder's dn_codec file (opened
-    once) and converted before the next layer's are read: the stored Huffman code is never resident."""
+    once) and converted before the next layer's are read: the stored Huffman code is never resident. skip: layers
+    not read (another pipeline rank's): {} for them."""
     index = lossless.load_index(model_dir)
     with File(Path(model_dir) / lossless.DATA_FILE) as f:
         for i in range(layers):
             prefix = f"model.layers.{i}."
-            yield {k: Lossless.from_stored(f, k, index[k], threads) for k in index if k.startswith(prefix)}
+            yield {k: Lossless.from_stored(f, k, index[k], threads) for k in index
+                   if k.startswith(prefix) and i not in skip}
 
 
 def from_bits(bits: np.ndarray, dtype: str) -> Lossless:

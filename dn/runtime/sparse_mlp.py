@@ -324,7 +324,8 @@ def install(cls, model, s: sparse.SparseSpec) -> None:
     if len(s.layers) != len(model.model.layers):
         raise DnError(f"sparse spec has {len(s.layers)} layers, the model {len(model.model.layers)}")
     for i, layer in enumerate(model.model.layers):
-        layer.mlp = cls(layer.mlp, s.layers[i])  # copies the arrays: s (memory-mapped) is not kept
+        if not getattr(layer, "elsewhere", False):  # a pipeline rank's other ranks' layers: stubs
+            layer.mlp = cls(layer.mlp, s.layers[i])  # copies the arrays: s (memory-mapped) is not kept
 
 
 def attach(cls, model, model_dir: Path, spec) -> None:
