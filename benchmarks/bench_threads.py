@@ -4,9 +4,10 @@ auto` as `dn generate` runs them.
 
 Each path runs in its own process; inside it, calls at 1 and at 2 threads alternate (torch.set_num_threads before
 each, dn.runtime.timing.interleaved), so both counts see the same load from the other processes on these cores.
-OpenMP policies (POLICIES), one process each: `dn` (dn.runtime.threads.setup before torch loads:
-OMP_WAIT_POLICY=PASSIVE, what the dn CLI and loader set), `spin` (OpenMP's own default, what ran before) and `short`
-(a short spin, then sleep). The load average is recorded around every process.
+OpenMP policies (POLICIES), one process each: `dn` (dn.runtime.threads.setup before torch loads, what the dn CLI
+and loader set: OMP_WAIT_POLICY=PASSIVE where the cores are busy, else OpenMP's own), `spin` (OpenMP's own
+default), `short` and `medium` (a shorter spin, then sleep). The load average and the policy each process ran are
+recorded.
 
     DN_CALIB_TEXT=... python benchmarks/bench_threads.py --json docs/results/threads.json
 """
@@ -27,9 +28,10 @@ from dn.core.files import cache_dir
 from dn.model.sources import resolve_model
 from dn.runtime import loader, threads, timing
 
-# name -> environment before torch loads: `dn` is what dn sets (dn.runtime.threads.setup), `spin` OpenMP's default
-# (idle threads spin a while, then sleep), `short` a short spin (GOMP_SPINCOUNT: libgomp's iterations) then sleep.
-POLICIES = {"dn": {}, "spin": {}, "short": {"GOMP_SPINCOUNT": "1000"}}
+# name -> environment before torch loads: `dn` is what dn sets (dn.runtime.threads.setup: PASSIVE on busy cores,
+# else OpenMP's own), `spin` OpenMP's default (idle threads spin a while, then sleep), `short` and `medium` a shorter
+# spin (GOMP_SPINCOUNT: libgomp's iterations) then sleep.
+POLICIES = {"dn": {}, "spin": {}, "short": {"GOMP_SPINCOUNT": "1000"}, "medium": {"GOMP_SPINCOUNT": "30000"}}
 
 
 def child(job: dict) -> dict:

@@ -60,9 +60,21 @@ def test_threads_reach_torch_and_the_c_pool(n):
     assert proc.returncode == 0, proc.stderr[-2000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["n"] == seen["torch"] == seen["kernels"] == n
-    assert seen["omp_wait"] == "PASSIVE"  # set before torch loaded OpenMP
     if seen["native"]:
         assert seen["new_threads"] == n - 1
+
+
+@pytest.mark.parametrize("load, want", [(9.0, "PASSIVE"), (0.0, None)])
+def test_idle_threads_sleep_only_on_busy_cores(load, want):
+    """Before torch loads OpenMP: PASSIVE where the 1-minute load is at least half the cores, else OpenMP's own
+    spin-then-sleep (on idle cores it makes 2 threads decode at least as fast as one: bench_threads.py)."""
+    code = (f"import os; os.getloadavg = lambda: ({load}, {load}, {load}); from dn.runtime import threads; "
+            "threads.apply(2); import torch; print(os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in threads.os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(want)
+    assert threads.busy(1.0, 2) and not threads.busy(0.9, 2) and threads.busy(4.0, 8) and not threads.busy(3.5, 8)
 
 
 def test_user_wait_policy_is_kept():

@@ -2,11 +2,12 @@
 kernels (dn_torch.kernels.threads and dn/formats/csrc/gguf.c's pool take torch's count). MLX runs its CPU work on
 threads of its own, which no flag here sets.
 
-OpenMP reads its settings once, when torch loads it: setup() sets them before that. Its idle threads spin by
-default; on shared cores (2 here, several processes) a spinning thread takes the core another one needs (torch's
-next op, a C kernel's pool) and 2 threads decoded up to 25x slower than one. OMP_WAIT_POLICY=PASSIVE makes them
-sleep (benchmarks/bench_threads.py: never below 0.6x of one thread where spinning fell to 0.04x, but on idle cores
-spinning can be faster); a user's own OMP_WAIT_POLICY is kept.
+OpenMP reads its settings once, when torch loads it: setup() sets them before that. Its idle threads spin a while
+before they sleep. On idle cores that is what makes 2 threads decode at least as fast as one on every path (batch-1
+decode calls hundreds of short ops a token, and a sleeping thread's wake-up costs more than the op); on cores other
+processes keep busy, a spinning thread takes the core another one needs and 2 threads decoded up to 25x slower
+than one. So OMP_WAIT_POLICY=PASSIVE (threads sleep) only where the cores are busy when dn starts (busy()), and a
+user's own OMP_WAIT_POLICY is kept (benchmarks/bench_threads.py measures both policies).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import sys
 from pathlib import Path
 
 HELP = ("CPU threads for torch, OpenMP and dn's C kernels (default: $OMP_NUM_THREADS, else one per physical core "
-        "this process may use; on cores other processes share, 1 can be faster). Idle threads sleep "
-        "(OMP_WAIT_POLICY=PASSIVE unless set; ACTIVE can be faster on idle cores). MLX's CPU threads are its own")
+        "this process may use; on cores other processes share, 1 can be faster). Idle threads spin a while, or sleep "
+        "where the cores are busy when dn starts (OMP_WAIT_POLICY=PASSIVE unless set). MLX's CPU threads are its own")
 
 
 def physical_cores() -> int:
@@ -43,10 +44,17 @@ def physical_cores() -> int:
     return max(1, n)
 
 
+def busy(load: float | None = None, cores: int | None = None) -> bool:
+    """Whether other work keeps the cores busy: a 1-minute load average of at least half this process's cores."""
+    load = os.getloadavg()[0] if load is None else load
+    return load >= (cores or physical_cores()) / 2
+
+
 def setup() -> None:
-    """What OpenMP reads when it loads: call before torch is imported (a no-op after)."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """What OpenMP reads when it loads: call before torch is imported (a no-op after). Idle threads sleep where the
+    cores are busy, else spin as OpenMP's default has them."""
+    if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ and busy():
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def count(n: int | None = None) -> int:
