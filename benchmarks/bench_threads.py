@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,14 @@ def child(job: dict) -> dict:
             "loadavg_start": load0, "loadavg_end": os.getloadavg()}
 
 
+def _settle(limit_s: float) -> bool:
+    """Wait up to limit_s for idle cores (not dn.runtime.threads.busy()); whether they were idle."""
+    end = time.monotonic() + limit_s
+    while threads.busy() and time.monotonic() < end:
+        time.sleep(2)
+    return not threads.busy()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="dense,native,q4g32e8,lossless,sparse50")
@@ -75,6 +84,9 @@ def main() -> int:
     p.add_argument("--prefill-tokens", type=int, default=64)
     p.add_argument("--prefill-reps", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--settle", type=float, default=180.0,
+                   help="seconds to wait, before each process, for the cores to be idle (the load average to fall "
+                        "under half of them: the last process's own load counts), as a user's run starts")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -91,9 +103,10 @@ def main() -> int:
         for policy in args.policies.split(","):
             job = {"config": c.name, "folder": str(folder), "policy": policy, "reps": args.reps,
                    "prefill_tokens": args.prefill_tokens, "prefill_reps": args.prefill_reps}
+            settled = _settle(args.settle)
             out = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], env=env, check=True,
                                  capture_output=True, text=True).stdout
-            records.append(json.loads(out.strip().splitlines()[-1]))
+            records.append(json.loads(out.strip().splitlines()[-1]) | {"idle_at_start": settled})
             r = records[-1]
             print(f"{c.name:9} {policy:5} {r['dtype']:9} decode 1: {r['decode_tokens_per_s_1']:6.1f} 2: "
                   f"{r['decode_tokens_per_s_2']:6.1f} tok/s ({r['decode_ratio_2_over_1']:.2f}x); prefill "
