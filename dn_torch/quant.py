@@ -8,6 +8,11 @@ A quantized matrix [m, k] lives in one of three layouts, always in the same thre
   zero = bias + 8 * scale; biases is None.
 - int8 (CPU, 16-bit compute, 8 bits): weight int8 [k/gs, m, gs] = q - 128, one per-channel
   `_weight_int8pack_mm` per group; scales [k/gs, m]; biases [k/gs, m] = zero = bias + 128 * scale.
+- q8_0 (an embedding, or the tied head, of 8 bits in groups of 32, where dn's C kernels are built and every scale
+  is a float16 exactly): weight GGUF Q8_0 blocks (float16 scale, q - 128), held as int16 words [m, k/32*17] so
+  the layout names itself; scales None (in the blocks); biases the int8 layout's zeros. One C kernel call over
+  the blocks (x in float32, not rounded) where int8 takes one call per group: the head, 49152 x 576 here, in
+  about a third of the time (dn_torch.gguf's kernel, benchmarks/bench_quant.py).
 The 16-bit zeros round bias + scale * 2^(bits-1), about the group's midpoint: small next to a step.
 Both kernel layouts hold exactly the bytes of the mlx layout with 16-bit scales; `fill` converts once, at load.
 affine_matmul runs the kernel for few tokens, else the plain path: dequantize at most _BLOCK elements of rows
@@ -22,19 +27,21 @@ import torch
 from torch import nn
 
 from dn.core.errors import DnError
+from dn.formats import gguf_blocks as gb
 from dn.formats import quant as ref
+from dn_torch import kernels
 
 _BLOCK = 1 << 20  # elements of dense rows the plain path holds at once
 _REPACK = 1 << 18  # codes converted at once at load (small scratch, so the heap it leaves behind is too)
 # Above these token counts the kernels (time linear in tokens) lose to the plain path (benchmarks/bench_quant.py,
 # "crossover": 4096x14336 on one core, int4 ~1.3 ms a token vs ~90 ms plain, int8 ~3.5 ms vs ~80 ms).
-_KERNEL_TOKENS = {"int4": 64, "int8": 16}
+_KERNEL_TOKENS = {"int4": 64, "int8": 16, "q8_0": 16}
 _INT4_GROUPS = (32, 64, 128, 256)
 _HALF = (torch.bfloat16, torch.float16)
 
 
 def _kind(packed: torch.Tensor) -> str:
-    return {torch.uint8: "int4", torch.int8: "int8"}.get(packed.dtype, "mlx")
+    return {torch.uint8: "int4", torch.int8: "int8", torch.int16: "q8_0"}.get(packed.dtype, "mlx")
 
 
 def _shape(packed: torch.Tensor, bits: int) -> tuple[int, int]:
@@ -44,6 +51,8 @@ def _shape(packed: torch.Tensor, bits: int) -> tuple[int, int]:
         return packed.shape[0], 2 * packed.shape[1]
     if kind == "int8":
         return packed.shape[1], packed.shape[0] * packed.shape[2]
+    if kind == "q8_0":
+        return packed.shape[0], packed.shape[1] // 17 * 32
     return packed.shape[0], packed.shape[1] * 32 // bits
 
 
@@ -71,6 +80,11 @@ def _parts(packed, scales, biases, bits: int, idx):
     if kind == "int8":
         q = packed[:, idx]
         return q.transpose(0, 1).reshape(q.shape[1], -1), scales[:, idx].T, biases[:, idx].T
+    if kind == "q8_0":
+        b = packed[idx].view(torch.uint8)
+        b = b.view(b.shape[0], -1, 34)
+        return b[..., 2:].reshape(b.shape[0], -1).view(torch.int8), b[..., :2].view(torch.float16)[..., 0], \
+            biases[:, idx].T
     sz = scales[:, idx].float()
     return _int4_codes(packed, idx), sz[..., 0].T, sz[..., 1].T - 8 * sz[..., 0].T  # (q - 8) s + z
 
@@ -122,7 +136,19 @@ def _int8_kernel(x, packed, scales, biases, group_size, out=None):
     return acc.to(out or x.dtype)
 
 
-_KERNELS = {"int4": _int4_kernel, "int8": _int8_kernel}
+def _q8_0_kernel(x, packed, scales, biases, group_size, out=None):
+    """The blocks through dn's C kernel (x in float32: the scales and codes exact), then the zeros times each
+    group's input sum, as the int8 kernel adds them."""
+    raw = packed.view(torch.uint8)
+    n, m, k = x.shape[0], raw.shape[0], x.shape[1]
+    xf, y = x.float().contiguous(), torch.empty(n, m)
+    gb.check(gb.native().dn_gguf_matmul(gb.TYPES["Q8_0"][0], raw.data_ptr(), m, k, xf.data_ptr(), n, y.data_ptr(),
+                                        kernels.threads(m * k)))
+    y += (x.view(n, -1, group_size).sum(-1) @ biases).float()
+    return y.to(out or x.dtype)
+
+
+_KERNELS = {"int4": _int4_kernel, "int8": _int8_kernel, "q8_0": _q8_0_kernel}
 
 
 def affine_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None,
@@ -132,7 +158,8 @@ def affine_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     `out` (a head's float32 logits: the int8 kernel's float32 sums kept, the plain path run in float32)."""
     x2 = x.reshape(-1, x.shape[-1])
     kind = _kind(packed)
-    if (kind != "mlx" and x2.device.type == "cpu" and x2.dtype == scales.dtype
+    held = scales if scales is not None else biases  # q8_0: the scales are in the blocks
+    if (kind != "mlx" and x2.device.type == "cpu" and x2.dtype == held.dtype
             and x2.shape[0] <= _KERNEL_TOKENS[kind]):
         y = _KERNELS[kind](x2.contiguous(), packed, scales, biases, group_size, out)
     else:
@@ -270,6 +297,22 @@ def _to_int8(read, m: int, k: int, scales, biases, dtype):
     return q, s, _zeros(torch.empty_like(s), s, biases, 128)
 
 
+def _to_q8_0(read, m: int, k: int, scales, biases, dtype):
+    """Stored rows, 8 bits in groups of 32 -> GGUF Q8_0 blocks (a chunk of rows at a time) and the int8 layout's
+    zeros; None where a scale at dtype is not a float16 exactly (the int8 layout then)."""
+    s = scales.T.to(dtype).contiguous()
+    d = s.to(torch.float16)
+    if not torch.equal(d.to(dtype), s):
+        return None
+    blocks = torch.empty(m, k // 32, 34, dtype=torch.uint8, device=scales.device)
+    blocks[..., :2] = d.T.contiguous().view(torch.uint8).view(m, -1, 2)
+    step = max(1, _REPACK // k)
+    for r0 in range(0, m, step):
+        rows = read(r0, r0 + step).view(torch.uint8).view(-1, k // 32, 32)
+        blocks[r0:r0 + rows.shape[0], :, 2:] = rows.bitwise_xor(0x80)
+    return blocks.view(m, -1).view(torch.int16), None, _zeros(torch.empty_like(s), s, biases, 128)
+
+
 def _zeros(out, s, biases, half):
     """out = biases.T + half * s, written in place: no float32 copies of the group parameters (each one
     a heap block the loader would leave behind). With 16-bit stored biases at the compute dtype, rounded once."""
@@ -292,6 +335,8 @@ def _kernel_layout(m: int, bits: int, group_size: int, dtype, device) -> str | N
 class _Quantized(nn.Module):
     """The three buffers of one quantized [rows, cols] matrix, named as stored; filled by the loader."""
 
+    BLOCKS = False  # 8 bits in groups of 32 held as Q8_0 blocks (an embedding: its rows and its tied head)
+
     def __init__(self, rows: int, cols: int, bits: int, group_size: int, dtype: torch.dtype):
         super().__init__()
         ref.check(bits, group_size)
@@ -309,7 +354,12 @@ class _Quantized(nn.Module):
         self.compute_dtype = dtype
         m, k = self.scales.shape[0], self.scales.shape[1] * self.group_size
         kind = _kernel_layout(m, self.bits, self.group_size, dtype, self.scales.device)
-        if kind is None:
+        blocks = None
+        if kind == "int8" and self.group_size == 32 and self.BLOCKS and gb.native() is not None:
+            blocks = _to_q8_0(read, m, k, self.scales, self.biases, dtype)
+        if blocks is not None:
+            self.weight, self.scales, self.biases = blocks
+        elif kind is None:
             self.weight = read(0, m)
         else:
             convert = _to_int4 if kind == "int4" else _to_int8
@@ -346,6 +396,7 @@ class QuantizedLinear(_Quantized):
 
 
 class QuantizedEmbedding(_Quantized):
+    BLOCKS = True
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int,
                  dtype: torch.dtype = torch.float32):
         super().__init__(num_embeddings, embedding_dim, bits, group_size, dtype)

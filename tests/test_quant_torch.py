@@ -78,6 +78,44 @@ def test_kernel_layout_matches_reference_and_costs_no_more(monkeypatch, bits, gs
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_eight_bit_embedding_as_q8_0_blocks(monkeypatch, dtype):
+    """An 8-bit embedding in groups of 32 (q4g32e8's, the tied head) is held as GGUF Q8_0 blocks where dn's C
+    kernels are built: no more bytes than the int8 layout, its rows and its head's logits the reference's, the
+    head one C kernel call for a few tokens and the plain path beyond; a scale that is no float16 keeps int8."""
+    from dn.formats import gguf_blocks
+
+    if gguf_blocks.native() is None:
+        pytest.skip("dn's C kernels are not built here")
+    lin, w = _weights(8, 32)
+    emb = tq.QuantizedEmbedding(M, K, 8, 32)
+    emb.weight, emb.scales, emb.biases = lin.weight, lin.scales, lin.biases
+    before = sum(t.numel() * t.element_size() for t in emb.buffers())
+    emb.prepare(DTYPES[dtype])
+    assert tq._kind(emb.weight) == "q8_0" and emb.scales is None
+    assert sum(t.numel() * t.element_size() for t in emb.buffers()) <= before
+    idx = np.array([95, 0, 64, 17, 17])
+    _check(emb(torch.as_tensor(idx)), w[idx], dtype)
+    calls, kernel = [], tq._KERNELS["q8_0"]
+    monkeypatch.setitem(tq._KERNELS, "q8_0", lambda *a: calls.append(1) or kernel(*a))
+    for x, xn in _inputs(K, dtype):
+        y = emb.as_linear(x, torch.float32)
+        assert y.dtype == torch.float32
+        _check(y, xn @ w.T, dtype)
+    assert len(calls) == 3
+    many = torch.from_numpy(np.random.default_rng(2).standard_normal((MANY, K)).astype(np.float32)).to(DTYPES[dtype])
+    _check(emb.as_linear(many), many.float().numpy() @ w.T, dtype)
+    assert len(calls) == 3
+    if dtype == "float16":
+        return  # the scales are float16 at this dtype (in both layouts)
+    tiny = tq.QuantizedEmbedding(M, K, 8, 32)  # a bf16 scale under float16's normal range: not exact there
+    tiny.weight, tiny.biases = lin.weight, lin.biases
+    tiny.scales = lin.scales.clone()
+    tiny.scales[0, 0] = 1e-7
+    tiny.prepare(DTYPES[dtype])
+    assert tq._kind(tiny.weight) == "int8"
+
+
 @pytest.mark.parametrize("bits,gs,dtype", [(3, 64, "float32"), (4, 32, "bfloat16"), (4, 128, "float32"),
                                            (8, 64, "bfloat16"), (6, 32, "bfloat16")])
 def test_rows_dequantize_only_those(bits, gs, dtype):
