@@ -128,7 +128,7 @@ def forward(model, stage, x, cache=None, last_only: bool = False) -> mx.array | 
     embeddings = None if stage.first else x
     if stage.last and stage.vocab_split:
         h = model.model(ids, cache=cache, input_embeddings=embeddings)
-        h = h[:, -1:] if last_only else h
+        h = (h[:, -1:] if last_only else h).astype(DTYPES[model.dn_dtype])  # rank 0 reads it at the loaded dtype
         mx.eval(h)
         return head(model, h), h
     if stage.last:

@@ -153,5 +153,5 @@ def forward(model, stage, x, cache=None, last_only: bool = False):
     if stage.vocab_split:  # rank 0 holds the first rows of the head: it gets the normed hidden state too
         h = model.model(**inputs, **kw).last_hidden_state
         h = h[:, -1:] if last_only else h
-        return head(model, h), h
+        return head(model, h), h.to(DTYPES[model.dn_dtype])  # rank 0 reads it at the loaded dtype
     return model(**inputs, **kw, logits_to_keep=1 if last_only else 0).logits.float().cpu().numpy()

@@ -11,8 +11,8 @@ A quantized matrix [m, k] lives in one of three layouts, always in the same thre
 - q8_0 (an embedding, or the tied head, of 8 bits in groups of 32, where dn's C kernels are built and every scale
   is a float16 exactly): weight GGUF Q8_0 blocks (float16 scale, q - 128), held as int16 words [m, k/32*17] so
   the layout names itself; scales None (in the blocks); biases the int8 layout's zeros. One C kernel call over
-  the blocks (x in float32, not rounded) where int8 takes one call per group: the head, 49152 x 576 here, in
-  about a third of the time (dn_torch.gguf's kernel, benchmarks/bench_quant.py).
+  the blocks (x in float32, not rounded) where int8 takes one call per group (the default model's 49152 x 576
+  head at one thread: a third of the time or less).
 The 16-bit zeros round bias + scale * 2^(bits-1), about the group's midpoint: small next to a step.
 Both kernel layouts hold exactly the bytes of the mlx layout with 16-bit scales; `fill` converts once, at load.
 affine_matmul runs the kernel for few tokens, else the plain path: dequantize at most _BLOCK elements of rows

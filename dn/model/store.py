@@ -74,9 +74,9 @@ def held_bytes(spec: ModelSpec, dtype: str, keep=None) -> int:
     return sum(e.nbytes(b) for e in entries(spec) if keep is None or keep(e))
 
 
-def dense_bytes(spec: ModelSpec, dtype: str, keep=None) -> int:
-    """The model's weights dense at dtype (dense bf16: what budget percentages are of); keep(entry): some only."""
-    return sum(Dense.nbytes(e.shape, DTYPE_BYTES[dtype]) for e in entries(spec) if keep is None or keep(e))
+def dense_bytes(spec: ModelSpec, dtype: str) -> int:
+    """The model's weights dense at dtype (dense bf16: what budget percentages are of)."""
+    return sum(Dense.nbytes(e.shape, DTYPE_BYTES[dtype]) for e in entries(spec))
 
 
 def resident_bytes(spec: ModelSpec, dtype: str) -> dict[str, int]:

@@ -56,15 +56,7 @@ def load(model: str | None, backend: str = "auto", dtype: str = "auto", max_resi
     dn.runtime.pipeline.Stage: only its layers are read."""
     threads.setup()  # before the backend loads torch (OpenMP reads its settings once)
     be = backends.resolve(backend)  # first, so a missing backend fails before any conversion
-    model_dir = resolve_model(model, dense=dense)
-    spec = load_spec(model_dir)
-    if spec.gguf and max_resident is not None and not getattr(be.resident, "GGUF", False):
-        model_dir = resolve_model(model, dense=True)  # a backend that plans over dense or affine stores only: the
-        # file's bf16 widening (docs/native.md)
-        spec = load_spec(model_dir)
-        if spec.gguf:
-            raise DnError(f"{model_dir}: --max-resident needs the .gguf file (or a dense folder), not its native "
-                          "folder")
+    model_dir, spec = folder(model, be, dense, max_resident is not None)
     dtype = compute_dtype(be, spec) if dtype == "auto" else dtype
     tensors.check_folder(model_dir)
     tokenizer = Tokenizer(model_dir, spec.architecture.eos_token_id)
@@ -76,6 +68,21 @@ def load(model: str | None, backend: str = "auto", dtype: str = "auto", max_resi
     with tensors.reading(model_dir):  # a bar over the bytes read, on a terminal and for a long load only
         handle, measured = memory.measure_load(be, model_dir, spec, dtype, residency=runtime, stage=stage)
     return Loaded(model_dir, spec, be, handle, dtype, tokenizer, measured, runtime)
+
+
+def folder(model: str | None, be, dense: bool = False, budget: bool = False) -> tuple[Path, ModelSpec]:
+    """The folder (and spec) a run reads: a GGUF's native folder, or its bf16 widening where asked (dense) or where
+    a budget is planned by a backend that plans over dense or affine stores only (docs/native.md). Pipeline ranks
+    split by it (dn.runtime.pipeline.split_for)."""
+    model_dir = resolve_model(model, dense=dense)
+    spec = load_spec(model_dir)
+    if spec.gguf and budget and not getattr(be.resident, "GGUF", False):
+        model_dir = resolve_model(model, dense=True)
+        spec = load_spec(model_dir)
+        if spec.gguf:
+            raise DnError(f"{model_dir}: --max-resident needs the .gguf file (or a dense folder), not its native "
+                          "folder")
+    return model_dir, spec
 
 
 # ---- the format a budget needs ------------------------------------------------------------------------

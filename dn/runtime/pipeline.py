@@ -27,8 +27,6 @@ import numpy as np
 
 from dn.core.errors import DnError
 from dn.model import store
-from dn.model.sources import resolve_model
-from dn.model.spec import load_spec
 from dn.runtime import backend as backends
 from dn.runtime import loader, memory, residency
 from dn.runtime.budget import parse_size
@@ -275,10 +273,15 @@ class Stages:
         return self.link.be.make_cache(model, max_kv_size=max_kv_size, kv_bits=kv_bits)
 
     def logits(self, model, tokens: np.ndarray, cache=None, last_only: bool = False) -> np.ndarray:
-        link, be = self.link, self.link.be
+        link = self.link
         out = _compute(link, model, tokens, cache, last_only, tokens.shape[1])
         if link.stage.last:  # a pipeline of one
             return out
+        with _whole(link.started):
+            return self._exchange(model, tokens, out, last_only)
+
+    def _exchange(self, model, tokens: np.ndarray, out, last_only: bool) -> np.ndarray:
+        link, be = self.link, self.link.be
         flags = LAST_ONLY * last_only | NEW_CACHE * self._new | BF16 * be.ops.is_bfloat16(out)
         self._new = False
         link.send(np.array([tokens.shape[1], flags], np.int32), 1)
@@ -308,6 +311,24 @@ class Stages:
     def stop(self) -> None:
         if not self.link.stage.last and not self.link.broken:
             self.link.send(np.array([0, 0], np.int32), 1)
+
+
+@contextlib.contextmanager
+def _whole(hold: bool):
+    """Ctrl-C held back over one forward's messages, and delivered once they are through: one between a send and
+    its answer would leave the peers' answer to be read as the next forward's. Not while the first forward waits
+    on the peers' load (hold False), nor off the main thread."""
+    if not hold or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held, before = [], signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda *_: held.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _compute(link: Link, model, x, cache, last_only: bool, n: int):
@@ -443,14 +464,14 @@ def run(args, argv: list[str], verb: str, body, prompt: str | None = None, stdin
     rank, size = be.pipeline.rank(group), be.pipeline.size(group)
     if args.pipeline and args.pipeline != size:
         raise DnError(f"rank {rank}: --pipeline {args.pipeline} but the launcher started {size} ranks")
-    spec = load_spec(resolve_model(args.model, dense=args.dense))
+    budgets = (getattr(args, "max_resident", None) or "").split(",")
+    _, spec = loader.folder(args.model, be, args.dense, bool(budgets[0]))  # the folder the load will read
     cfg = spec.architecture
     n_layers, tied = cfg.num_hidden_layers, bool(cfg.tie_word_embeddings)
     watch = Watchdog(rank, args.pipeline_timeout)
     link = Link(be, group, Stage(rank, size), watch, args.dtype, cfg.hidden_size, cfg.vocab_size)
     link.stage = Stage(rank, size, *split_for(args, link, be, spec))
     link.stage.span(n_layers)  # a bad split is one line before anything is read
-    budgets = (getattr(args, "max_resident", None) or "").split(",")
     if len(budgets) > 1:  # one per rank, first to last (mlx.launch runs one command line on every host)
         if len(budgets) != size:
             raise DnError(f"rank {rank}: --max-resident {args.max_resident}: {size} budgets, one per rank")
@@ -476,7 +497,8 @@ def run(args, argv: list[str], verb: str, body, prompt: str | None = None, stdin
             follow(link, loaded.model, max_kv_size=getattr(args, "max_kv_size", None),
                    kv_bits=getattr(args, "kv_bits", None))
         wall = time.perf_counter() - t
-        print(stats_line(link, loaded, n_layers, tied, wall), file=sys.stderr, flush=True)
+        sys.stderr.write(stats_line(link, loaded, n_layers, tied, wall) + "\n")  # one write: ranks share a pipe
+        sys.stderr.flush()
         be.pipeline.close(group)
     finally:
         watch.deadline = None

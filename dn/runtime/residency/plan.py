@@ -84,15 +84,26 @@ class Plan:
 
 def dense_bf16(spec: ModelSpec, stage=None) -> int:
     """The model's weights as dense bf16: what budget percentages are of (a pipeline rank's: its own share)."""
-    return store.dense_bytes(spec, "bfloat16", _keeps(spec, stage))
-
-
-def _keeps(spec: ModelSpec, stage):
-    """stage (dn.runtime.pipeline.Stage) -> whether an entry is one of its tensors; None: every one."""
     if stage is None:
-        return None
+        return store.dense_bytes(spec, "bfloat16")
+    share = _share(spec, stage)
+    return round(sum(e.numel * 2 * share(e) for e in store.entries(spec)))  # bf16: 2 bytes a weight
+
+
+def _share(spec: ModelSpec, stage):
+    """stage (dn.runtime.pipeline.Stage) -> the fraction of an entry the rank holds: its own tensors whole, none
+    of an embedding it maps (Stage.lookup), of a tied head shared by rows its rows' (Stage.head_rows)."""
     a = spec.architecture
-    return lambda e: stage.keeps(e.name, a.num_hidden_layers, bool(a.tie_word_embeddings))
+    n, tied, mapped = a.num_hidden_layers, bool(a.tie_word_embeddings), stage.lookup(spec)
+
+    def share(e) -> float:
+        if not stage.keeps(e.name, n, tied):
+            return 0.0
+        if e.name.startswith("model.embed_tokens.") and tied and stage.vocab_split:
+            rows = stage.head_rows(a.vocab_size, True)
+            return (rows[1] - rows[0]) / a.vocab_size if rows else 0.0
+        return 0.0 if e.name in mapped else 1.0
+    return share
 
 
 def block_size(spec: ModelSpec) -> int:
@@ -114,8 +125,8 @@ def fixed_bytes(spec: ModelSpec, dtype: str, stage=None) -> int:
     mlp = store.held_bytes(spec, dtype, lambda e: e.role == "mlp" or e.name in cold)
     if stage is None:
         return total["total"] - total["sparse"] - mlp
-    keeps, cold = _keeps(spec, stage), cold | stage.lookup(spec)
-    return store.held_bytes(spec, dtype, lambda e: keeps(e) and e.role != "mlp" and e.name not in cold)
+    share, b = _share(spec, stage), DTYPE_BYTES[dtype]
+    return round(sum(e.nbytes(b) * share(e) for e in store.entries(spec) if e.role != "mlp" and e.name not in cold))
 
 
 def block_bytes(spec: ModelSpec, dtype: str, largest: bool = False) -> int:
