@@ -152,7 +152,9 @@ def test_two_ranks_under_their_own_budgets(backend_name, store, tmp_path):
     held = _ranks(two.stderr)
     for r, (mib, read, hit) in ranks.items():
         assert read > 0 and hit < 100, (r, two.stderr)  # cold blocks on both ranks
-        assert held[r] <= mib + 16, (r, two.stderr)  # the plan counts what the rank holds (RSS adds a little)
+        # the plan counts what the rank holds: RSS adds the process's own growth (9-17 MiB seen here), not a
+        # table counted on the wrong rank (Gemma's rank 0 once held 3x its plan)
+        assert held[r] <= 1.6 * mib + 8, (r, two.stderr)
     if backend_name == "torch":
         assert [ranks[0][0], ranks[1][0]] == ([110.0, 110.0] if store == "gemma" else [36.0, 40.0])
     low = _dn(*args, *be, "--pipeline", "2", "--max-resident", "5%")
