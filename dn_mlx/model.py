@@ -12,6 +12,7 @@ from mlx import nn
 
 from dn.core import tensors
 from dn.core.errors import DnError
+from dn.formats import gguf_blocks
 from dn.formats.quant import layout, scale_dtype
 from dn.model.spec import ModelSpec, weight_files
 from dn_mlx import codec, gguf, ops, pipeline, quant, resident, sparse
@@ -118,7 +119,20 @@ def _shared_head(stage, spec: ModelSpec, stored: dict, dtype: str):
     if rows is None or name not in stored:
         return None
     f = stored[name] if stage.holds_embedding(True) or stage.first else stored.pop(name)
-    return pipeline.head_part(f.mapped(name), rows, spec.gguf[name.removesuffix(".weight")], dtype)
+    return _head_part(f.mapped(name), rows, spec.gguf[name.removesuffix(".weight")], dtype)
+
+
+def _head_part(raw: np.ndarray, rows: tuple[int, int], kind: str, dtype: str) -> nn.Module:
+    """Rows [lo, hi) of a tied GGUF embedding (its mapped blocks, raw) as a head of their own: float32 logits, the
+    whole table's as_linear's for those rows bit for bit (scales held at the whole table's dtype, gguf._side)."""
+    holder = nn.Module()
+    cols = gguf_blocks.dense_shape(raw.shape, kind)[1]
+    holder.lm_head = nn.Linear(cols, rows[1] - rows[0], bias=False)  # lazy: replaced before it is evaluated
+    gguf.quantize_model(holder, {"lm_head": kind}, dtype)
+    side = None if kind in gguf.BLOCKS or dtype == "float32" else gguf._side(raw, kind)
+    holder.load_weights(gguf.arrays("lm_head.weight", np.ascontiguousarray(raw[rows[0]:rows[1]]), kind, dtype, side))
+    quant._compute_at(holder, DTYPES[dtype])
+    return holder.lm_head
 
 
 def _held(f: tensors.File, name: str, dtype: str) -> str | None:

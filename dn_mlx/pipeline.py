@@ -10,8 +10,6 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from dn.formats import gguf_blocks
-from dn_mlx import gguf, quant
 from dn_mlx.ops import DTYPES
 
 
@@ -96,19 +94,6 @@ def cut(model, stage) -> None:
         # Gemma3Model scales whatever enters it, embeddings handed in too: a scale of 1 past the first rank
         body.args = copy.copy(body.args)
         body.args.hidden_size = 1
-
-
-def head_part(raw: np.ndarray, rows: tuple[int, int], kind: str, dtype: str) -> nn.Module:
-    """Rows [lo, hi) of a tied GGUF embedding (its mapped blocks, raw) as a head of their own: float32 logits, the
-    whole table's as_linear's for those rows bit for bit (scales held at the whole table's dtype, gguf._side)."""
-    holder = nn.Module()
-    cols = gguf_blocks.dense_shape(raw.shape, kind)[1]
-    holder.lm_head = nn.Linear(cols, rows[1] - rows[0], bias=False)  # lazy: replaced before it is evaluated
-    gguf.quantize_model(holder, {"lm_head": kind}, dtype)
-    side = None if kind in gguf.BLOCKS or dtype == "float32" else gguf._side(raw, kind)
-    holder.load_weights(gguf.arrays("lm_head.weight", np.ascontiguousarray(raw[rows[0]:rows[1]]), kind, dtype, side))
-    quant._compute_at(holder, DTYPES[dtype])
-    return holder.lm_head
 
 
 def head(model, h: mx.array) -> np.ndarray:

@@ -122,7 +122,7 @@ def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = F
             _check_dtypes(f)
             for name in f.header:
                 if shared and name == "model.embed_tokens.weight":
-                    pipeline.fill_head(model, stage, f.mapped(name))
+                    _fill_head(model, stage, f.mapped(name))
                 if name in into:
                     _copy_into(into.pop(name), f, name, dtype)
                     continue
@@ -144,6 +144,12 @@ def _load_plain(model_dir: Path, spec: ModelSpec, dtype: str, resident: bool = F
         model.tie_weights()
     _check_loaded(model, model_dir)
     return model
+
+
+def _fill_head(model, stage, stored: np.ndarray) -> None:
+    """The tied embedding's stored blocks (mapped, [vocab, row bytes]) -> this rank's rows of the lm_head, a copy."""
+    lo, hi = stage.head_rows(model.config.vocab_size, True)
+    model.lm_head._buffers["weight"] = torch.from_numpy(np.array(stored[lo:hi])).to(_device())
 
 
 def _rotary(model, config) -> None:

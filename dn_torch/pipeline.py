@@ -118,12 +118,6 @@ def cut(model, stage) -> None:
         model.lm_head.out = torch.float32  # float32 logits, as a whole tied head gives
 
 
-def fill_head(model, stage, stored: np.ndarray) -> None:
-    """The tied embedding's stored blocks (mapped, [vocab, row bytes]) -> this rank's rows of the lm_head, a copy."""
-    lo, hi = stage.head_rows(model.config.vocab_size, True)
-    model.lm_head._buffers["weight"] = torch.from_numpy(np.array(stored[lo:hi])).to(_device())
-
-
 @torch.inference_mode()
 def head(model, h: torch.Tensor) -> np.ndarray:
     """This rank's rows of the lm_head over a normed hidden state: float32 logits (numpy), capped as the model's

@@ -145,8 +145,8 @@ def balance(spec, size: int, lookup_free: bool, dtype_bytes: int = 2, memory: li
 
 
 def _bytes(spec, size: int, lookup_free: bool, b: int) -> tuple[list[int], int, int, int]:
-    """Accounted bytes: per layer, the first rank's own (its embedding, none where mapped), the last's own (norm,
-    lm_head or the tied embedding) and of those the tied embedding's (0 untied)."""
+    """Accounted bytes: per layer, the first rank's own (its embedding, none where mapped), the last's (norm,
+    lm_head or the tied embedding), and the tied GGUF embedding's alone (0 otherwise)."""
     layer, first, last, tied = [0] * spec.architecture.num_hidden_layers, 0, 0, 0
     for e in store.entries(spec):
         m = re.match(r"model\.layers\.(\d+)\.", e.name)
@@ -162,16 +162,14 @@ def _bytes(spec, size: int, lookup_free: bool, b: int) -> tuple[list[int], int, 
 
 
 def _shared(first: float, last: float, head: float, memory: list[float]) -> tuple[float, tuple[float, float]]:
-    """The share f of a head's bytes on the first rank (the rest on the last) that evens their loads over their
-    memory: (f, the two loads)."""
+    """(f, the two loads): the share f of a head's bytes on the first rank that evens it and the last out."""
     m0, m1 = memory[0], memory[-1]
     f = min(max((m0 * (last + head) - m1 * first) / (head * (m0 + m1)), 0.0), 1.0)
     return f, ((first + f * head) / m0, (last + (1 - f) * head) / m1)
 
 
 def _vocab_split(spec, counts, layer, first, last, tied, memory) -> int | None:
-    """The first rank's rows of a shared tied head for these layer counts, in whole 256s; None where it would hold
-    under 5% of them (not worth the head's second matmul)."""
+    """The first rank's rows of a shared tied head, in whole 256s; None under 5% (not worth a second matmul)."""
     n, v = len(layer), spec.architecture.vocab_size
     f, _ = _shared(first + sum(layer[:counts[0]]), last - tied + sum(layer[n - counts[-1]:]), tied, memory)
     rows = min(round(f * v / 256) * 256, v - 256)
@@ -301,8 +299,7 @@ class Stages:
         a time over a fresh cache."""
         out = []
         for row in np.asarray(tokens):
-            # the whole row, as the backends' token_nll runs it: a kernel may depend on the length (torch's bf16
-            # attention does)
+            # the whole row, as the backends' token_nll: torch's bf16 attention depends on the length
             z = self.logits(model, row[None], self.make_cache(model))[0, :-1].astype(np.float64)
             z -= z.max(-1, keepdims=True)
             out.append(np.log(np.exp(z).sum(-1)) - z[np.arange(len(z)), row[1:]])
@@ -315,9 +312,8 @@ class Stages:
 
 @contextlib.contextmanager
 def _whole(hold: bool):
-    """Ctrl-C held back over one forward's messages, and delivered once they are through: one between a send and
-    its answer would leave the peers' answer to be read as the next forward's. Not while the first forward waits
-    on the peers' load (hold False), nor off the main thread."""
+    """Ctrl-C held back over one forward's messages (else the peers' answer is read as the next forward's), then
+    delivered. Not while the first forward waits on the peers' load (hold False), nor off the main thread."""
     if not hold or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -386,8 +382,7 @@ def stats_line(link: Link, run, n_layers: int, tied: bool, wall_s: float) -> str
             f"per forward{_residency(run.residency)}")
 
 
-def _residency(rt) -> str:
-    """A rank under --max-resident: its own budget, plan and reads."""
+def _residency(rt) -> str:  # a rank's own budget, plan and reads
     if rt is None:
         return ""
     s, mib = rt.stats(), lambda n: f"{n / 2**20:.1f} MiB"
@@ -396,8 +391,7 @@ def _residency(rt) -> str:
 
 
 def gather(link: Link, value: float) -> list[float]:
-    """Each rank's value on every rank: once around the ring to collect, once more to hand the whole out
-    (neighbours only: all the ring backend reaches)."""
+    """Each rank's value on every rank: once around the ring to collect, once to hand out (neighbours only)."""
     r, n = link.stage.rank, link.stage.size
     if n == 1:
         return [value]
