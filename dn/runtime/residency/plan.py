@@ -11,6 +11,7 @@ import numpy as np
 from dn.core import activations
 from dn.core.errors import DnError
 from dn.formats import gguf_blocks
+from dn.formats.dense import Dense
 from dn.model import store
 from dn.model.spec import DTYPE_BYTES, ModelSpec
 
@@ -87,7 +88,7 @@ def dense_bf16(spec: ModelSpec, stage=None) -> int:
     if stage is None:
         return store.dense_bytes(spec, "bfloat16")
     share = _share(spec, stage)
-    return round(sum(e.numel * 2 * share(e) for e in store.entries(spec)))  # bf16: 2 bytes a weight
+    return round(sum(Dense.nbytes(e.shape, 2) * share(e) for e in store.entries(spec)))  # as store.dense_bytes
 
 
 def _share(spec: ModelSpec, stage):
@@ -120,13 +121,13 @@ def fixed_bytes(spec: ModelSpec, dtype: str, stage=None) -> int:
     """Bytes of everything but the MLP projections and an input embedding read a row per token from the file
     (dn.model.store.mapped: not held), as held at dtype (dn.model.store's accounting). stage: a pipeline rank's
     tensors only (the embedding it only looks up mapped, Stage.lookup)."""
-    total = store.resident_bytes(spec, dtype)
     cold = store.mapped(spec)
+    if stage is not None:
+        share, b = _share(spec, stage), DTYPE_BYTES[dtype]
+        return round(sum(e.nbytes(b) * share(e) for e in store.entries(spec) if e.role != "mlp" and e.name not in cold))
+    total = store.resident_bytes(spec, dtype)
     mlp = store.held_bytes(spec, dtype, lambda e: e.role == "mlp" or e.name in cold)
-    if stage is None:
-        return total["total"] - total["sparse"] - mlp
-    share, b = _share(spec, stage), DTYPE_BYTES[dtype]
-    return round(sum(e.nbytes(b) * share(e) for e in store.entries(spec) if e.role != "mlp" and e.name not in cold))
+    return total["total"] - total["sparse"] - mlp
 
 
 def block_bytes(spec: ModelSpec, dtype: str, largest: bool = False) -> int:
