@@ -15,7 +15,7 @@ from dn.core.errors import DnError
 from dn.formats.quant import layout
 from dn.model import store
 from dn.model.spec import ModelSpec, weight_files
-from dn_torch import codec, gguf, ops, pipeline, quant, resident, sparse
+from dn_torch import _decode, codec, gguf, ops, pipeline, quant, resident, sparse
 from dn_torch.ops import DTYPES
 from dn_torch.ops import device as _device
 
@@ -281,9 +281,10 @@ def _copy_into(out: torch.Tensor, f: tensors.File, name: str, dtype: str) -> Non
 
 
 def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None):
-    """transformers' DynamicCache; under max_kv_size each layer keeps max_kv_size tokens as mlx-lm's rotating
-    cache does (the first 4 and the latest); under kv_bits, transformers' QuantizedCache (needs optimum-quanto
-    or hqq)."""
+    """transformers' DynamicCache, its full-attention layers grown in place (dn_torch/_decode.py: no copy of the
+    cache each token, and the lean decode step runs on it); under max_kv_size each layer keeps max_kv_size tokens
+    as mlx-lm's rotating cache does (the first 4 and the latest); under kv_bits, transformers' QuantizedCache
+    (needs optimum-quanto or hqq)."""
     from transformers import DynamicCache  # heavy: imported on first use
 
     if kv_bits is not None:
@@ -291,7 +292,12 @@ def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None
             raise DnError("--kv-bits and --max-kv-size do not combine (no quantized sliding-window cache)")
         return _quantized_cache(model, kv_bits)
     cache = DynamicCache(config=model.config)
-    if max_kv_size is not None:
+    if max_kv_size is None:
+        from transformers.cache_utils import DynamicLayer  # heavy: imported on first use
+
+        grown = _decode.grown_layer()
+        cache.layers = [grown() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    else:
         from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # heavy: imported on first use
 
         layers = []
@@ -366,6 +372,8 @@ def _cache_kwarg(model_class) -> str:
 @torch.inference_mode()
 def logits(model, tokens: np.ndarray, cache=None, last_only: bool = False) -> np.ndarray:
     ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=_device())
+    if ids.shape[1] == 1 and cache is not None and _decode.runs(model, cache):
+        return _decode.step(model, ids, cache).float().cpu().numpy()
     out = model(input_ids=ids, use_cache=cache is not None, logits_to_keep=1 if last_only else 0,
                 **{_cache_kwarg(type(model)): cache})
     return out.logits.float().cpu().numpy()
