@@ -69,6 +69,7 @@ def load(model_dir: Path, spec: ModelSpec, dtype: str = "float32", residency=Non
         residency.install(model, _sparse_layers(model_dir, spec, residency, torch_dtype))
     elif spec.sparse is not None:
         sparse.attach(model, model_dir, spec)
+    _decode.fuse(model)
     model.eval()
     model.dn_dtype = dtype
     return model

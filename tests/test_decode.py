@@ -102,3 +102,50 @@ def test_grown_layer_is_concatenation():
             edit(layer)
             layer.update(torch.ones(layer.keys.shape[0], 3, 2, 4), torch.ones(layer.keys.shape[0], 3, 2, 4))
         assert torch.equal(grown.keys, plain.keys) and torch.equal(grown.values, plain.values)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_fused_projections_compute_the_separate_ones(tmp_path, monkeypatch, model_type):
+    """A -q model whose q, k, v and gate, up are whole blocks of the int4 pack's rows: joined at load (one
+    matrix each, Parts in their places), the forward and the step give what the separate matrices give."""
+    import test_families
+
+    from dn_torch import quant
+
+    big = quant._int4_block_rows()
+    for name, value in (("H", 2 * big), ("HEADS", 4), ("KV", 2), ("HD", big // 2)):
+        monkeypatch.setattr(test_families, name, value)
+    folder = _quantized(tiny_model(tmp_path / model_type, model_type, inter=2 * big), tmp_path / "q4g32")[0]
+    fused = tm.load(folder, load_spec(folder), "bfloat16")
+    monkeypatch.setattr(_decode, "fuse", lambda model: None)
+    apart = tm.load(folder, load_spec(folder), "bfloat16")
+    layer = fused.model.layers[0]
+    assert isinstance(layer.self_attn.k_proj, _decode.Part) and isinstance(layer.mlp.up_proj, _decode.Part)
+    assert type(apart.model.layers[0].self_attn.k_proj) is quant.QuantizedLinear
+    held = {m: sum(t.nbytes for t in m.buffers()) for m in (fused, apart)}
+    assert held[fused] == held[apart]  # the joined matrices replace the separate ones
+    tokens = np.random.default_rng(6).integers(0, VOCAB, size=(1, 10))
+    np.testing.assert_array_equal(tm.logits(fused, tokens), tm.logits(apart, tokens))
+    assert layer.self_attn.dn_fused._memo is None and layer.mlp.dn_fused._memo is None
+    seen = _calls(monkeypatch)
+    got, want = (_steps(m, tm.make_cache(m), tokens, 8) for m in (fused, apart))
+    assert len(seen) == 16
+    np.testing.assert_array_equal(got, want)
+
+
+def test_fused_gguf_blocks_compute_the_separate_ones(monkeypatch):
+    """The default model's native GGUF folder (Q4_1 blocks): q, k, v and gate, up joined at load; the forward and
+    the step give what the separate matrices give, bit for bit."""
+    from dn.model.sources import resolve_model
+
+    native = resolve_model(None, progress=False)
+    fused = tm.load(native, load_spec(native), "bfloat16")
+    monkeypatch.setattr(_decode, "fuse", lambda model: None)
+    apart = tm.load(native, load_spec(native), "bfloat16")
+    attn = fused.model.layers[0].self_attn
+    assert isinstance(attn.v_proj, _decode.Part)
+    assert torch.equal(attn.v_proj.weight, apart.model.layers[0].self_attn.v_proj.weight)
+    tokens = np.random.default_rng(7).integers(0, 49152, size=(1, 6))
+    np.testing.assert_array_equal(tm.logits(fused, tokens), tm.logits(apart, tokens))
+    got, want = (_steps(m, tm.make_cache(m), tokens, 5) for m in (fused, apart))
+    np.testing.assert_array_equal(got, want)
