@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dn.formats import decode as ref
 from dn_torch import gguf, quant
 
 FAMILIES = {"llama", "qwen2"}
@@ -34,22 +35,27 @@ def grown_layer():
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            n, t = (self.keys.shape[-2] if self.keys.numel() else 0), key_states.shape[-2]
+            t = key_states.shape[-2]
+            room, n = self.reserve(t, key_states, value_states)
+            room[0][..., n:n + t, :].copy_(key_states)
+            room[1][..., n:n + t, :].copy_(value_states)
+            return self.keys, self.values
+
+        def reserve(self, t: int, key_like, value_like) -> tuple[tuple, int]:
+            """Room for t more tokens shaped as key_like and value_like [B, heads, t, hd] (grown, the held tokens
+            copied in, where short); keys and values then view the held tokens and those t. -> (room, n held)."""
+            n = self.keys.shape[-2] if self.keys.numel() else 0
             room = self._room
             if (room is None or n + t > room[0].shape[-2] or (self.keys.numel() and
                     (self.keys.data_ptr() != room[0].data_ptr() or self.keys.shape[:2] != room[0].shape[:2]))):
                 size = -(-(n + t + n // 4) // _CHUNK) * _CHUNK
-                shape = (*key_states.shape[:2], size, key_states.shape[-1]), (*value_states.shape[:2], size,
-                                                                              value_states.shape[-1])
-                room = (key_states.new_empty(shape[0]), value_states.new_empty(shape[1]))
+                room = tuple(a.new_empty((*a.shape[:2], size, a.shape[-1])) for a in (key_like, value_like))
                 if n:
                     room[0][..., :n, :].copy_(self.keys)
                     room[1][..., :n, :].copy_(self.values)
                 self._room = room
-            room[0][..., n:n + t, :].copy_(key_states)
-            room[1][..., n:n + t, :].copy_(value_states)
             self.keys, self.values = room[0][..., :n + t, :], room[1][..., :n + t, :]
-            return self.keys, self.values
+            return room, n
 
         @property
         def nbytes(self) -> int:
@@ -226,6 +232,75 @@ def _plan(model) -> list:
     return plan
 
 
+def _silu(mlp) -> bool:
+    return getattr(getattr(mlp, "config", None), "hidden_act", None) == "silu"
+
+
+def _row(parent, names: list[str]):
+    """x -> the projections' outputs as one contiguous row (q|k|v, gate|up): one call where they are joined."""
+    if isinstance(getattr(parent, names[0]), Part):
+        return _linear(parent.dn_fused.whole)
+    fns = [_linear(getattr(parent, n)) for n in names]
+    return lambda x: torch.cat([f(x) for f in fns], -1)
+
+
+def _gated(lib, mlp):
+    """x -> the MLP's output: a gated SiLU MLP of the model's own as its gate|up row, one C call, then down;
+    any other (sparse, resident) as its module."""
+    if type(mlp).__name__ not in ("LlamaMLP", "Qwen2MLP") or not _silu(mlp):
+        return lambda x: mlp(x).contiguous()
+    gate_up, down = _row(mlp, ["gate_proj", "up_proj"]), _linear(mlp.down_proj)
+
+    def call(x):
+        gu = gate_up(x).contiguous()
+        a = gu.new_empty(*gu.shape[:-1], gu.shape[-1] // 2)
+        lib.dn_silu_mul(gu.data_ptr(), a.shape[-1], a.numel() // a.shape[-1], a.data_ptr())
+        return down(a)
+    return call
+
+
+def _native(model):
+    """(the C library, per layer (qkv, o_proj, mlp, w1, w2), the final norm's weight, eps) where every layer has
+    RMSNorms (one eps) and heads of at most 512; else None."""
+    if "_dn_native" in model.__dict__:
+        return model.__dict__["_dn_native"]
+    lib, inner = ref.native(), model.model
+    norms = [inner.norm, *(n for la in inner.layers for n in (la.input_layernorm, la.post_attention_layernorm))]
+    ok = (lib is not None and all(_norm(n) is not n for n in norms) and len({n.variance_epsilon for n in norms}) == 1
+          and all(layer.self_attn.head_dim <= 512 for layer in inner.layers))
+    layers = [(_row(layer.self_attn, ["q_proj", "k_proj", "v_proj"]), _linear(layer.self_attn.o_proj),
+               _gated(lib, layer.mlp), layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+              for layer in (inner.layers if ok else ())]
+    got = model.__dict__["_dn_native"] = (lib, layers, inner.norm.weight, inner.norm.variance_epsilon) if ok else None
+    return got
+
+
+def _native_step(model, native, h, cos, sin, cache) -> torch.Tensor:
+    """step with the small ops in C (dn/formats/csrc/decode.c): per layer a matmul call for q|k|v (joined), one
+    C call for rope, the cache and attention, o_proj, a C call for the residual and norm, the MLP (its gate|up,
+    a C call for SiLU times up, its down) and a C call for the residual and the next norm."""
+    lib, layers, final, eps = native
+    cfg, (b, _, d) = model.config, h.shape
+    h, x = h.contiguous().clone(), torch.empty_like(h)
+    cos, sin = cos.reshape(-1)[-cos.shape[-1]:].contiguous(), sin.reshape(-1)[-sin.shape[-1]:].contiguous()
+    attn0 = model.model.layers[0].self_attn
+    hd, nkv, nq = attn0.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads
+    lib.dn_add_norm(h.data_ptr(), None, layers[0][3].data_ptr(), eps, d, b, x.data_ptr())
+    kv_like = h.new_empty(b, nkv, 1, hd)
+    for i, ((qkv, o_proj, mlp, _, w2), layer) in enumerate(zip(layers, cache.layers)):
+        y = qkv(x).contiguous()
+        room, n = layer.reserve(1, kv_like, kv_like)
+        o = h.new_empty(b, 1, nq * hd)
+        lib.dn_attend(y.data_ptr(), b, nq, nkv, hd, cos.data_ptr(), sin.data_ptr(), room[0].data_ptr(),
+                      room[1].data_ptr(), room[0].shape[2], n, attn0.scaling, o.data_ptr())
+        y = o_proj(o)  # held: a pointer to a freed tensor is memory the allocator writes into
+        lib.dn_add_norm(h.data_ptr(), y.data_ptr(), w2.data_ptr(), eps, d, b, x.data_ptr())
+        y = mlp(x)
+        w = layers[i + 1][3] if i + 1 < len(layers) else final
+        lib.dn_add_norm(h.data_ptr(), y.data_ptr(), w.data_ptr(), eps, d, b, x.data_ptr())
+    return model.lm_head(x)
+
+
 def step(model, ids: torch.Tensor, cache) -> torch.Tensor:
     """ids [B, 1] -> logits [B, 1, vocab] of the next token, the cache grown by one: the model's forward for one
     token per sequence, its modules called in its order. Rope runs on the queries and keys at once, rotate_half
@@ -234,6 +309,9 @@ def step(model, ids: torch.Tensor, cache) -> torch.Tensor:
     h = inner.embed_tokens(ids)
     pos = torch.full((1, 1), cache.get_seq_length(), dtype=torch.long, device=h.device)
     cos, sin = inner.rotary_emb(h, position_ids=pos)
+    native = _native(model) if h.dtype == torch.bfloat16 and h.device.type == "cpu" else None
+    if native is not None:
+        return _native_step(model, native, h, cos, sin, cache)
     half = cos.shape[-1] // 2
     cos, sin = cos[:, :, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, :, None]
     for (norm1, qkv, o_proj, norm2, mlp, attn), layer in zip(_plan(model), cache.layers):
