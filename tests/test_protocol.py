@@ -95,8 +95,10 @@ def test_core_imports_no_framework():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# Kernel micro-benchmarks time one backend's kernels on its own arrays, as that backend's tests do.
-KERNEL_BENCHMARKS = {"bench_codec.py", "bench_quant.py", "bench_sparse.py", "bench_fixed4_mlx.py", "bench_gguf.py"}
+# Kernel micro-benchmarks time one backend's kernels on its own arrays, as that backend's tests do (bench_decode:
+# torch's decode step with and without its C ops, which no Protocol names).
+KERNEL_BENCHMARKS = {"bench_codec.py", "bench_quant.py", "bench_sparse.py", "bench_fixed4_mlx.py", "bench_gguf.py",
+                     "bench_decode.py"}
 
 
 def test_nothing_reaches_into_a_backend_but_through_the_protocol():
