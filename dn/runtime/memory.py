@@ -114,6 +114,11 @@ def _settle(backend) -> None:
     shows what is held, not what once was."""
     gc.collect()
     backend.free(None)  # the model argument is unused: free() empties the allocator's cache
+    trim()
+
+
+def trim() -> None:
+    """Hand the heap's free pages back to the OS (glibc keeps freed blocks under its mmap threshold resident)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim through
         ctypes.CDLL(None).malloc_trim(0)
 
