@@ -2,7 +2,8 @@
 same load) and its quality, the mean NLL of held-out text fed one token at a time through the same path
 (teacher-forced), beside the forward's over the same tokens.
 
-- `forward`: transformers' forward with its DynamicCache (what dn ran before dn_torch/_decode.py);
+- `forward`: transformers' forward with its DynamicCache, over the same loaded model (what dn ran per token
+  before dn_torch/_decode.py);
 - `step`: the lean step (dn_torch/_decode.py) with torch's ops between the matmuls;
 - `step+c`: the same with those ops in C (dn/formats/csrc/decode.c; bfloat16, where the kernels build).
 
