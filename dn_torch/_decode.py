@@ -45,6 +45,8 @@ def grown_layer():
         def reserve(self, t: int, key_like, value_like) -> tuple[tuple, int]:
             """Room for t more tokens shaped as key_like and value_like [B, heads, t, hd] (grown, the held tokens
             copied in, where short); keys and values then view the held tokens and those t. -> (room, n held)."""
+            if not self.is_initialized:  # a one-token prompt: the first token is a step
+                self.lazy_initialization(key_like, value_like)
             n = self.keys.shape[-2] if self.keys.numel() else 0
             room = self._room
             if (room is None or n + t > room[0].shape[-2] or (self.keys.numel() and

@@ -57,6 +57,9 @@ def test_step_is_the_forward(tmp_path, monkeypatch, model_type, dtype, quantized
     want = _steps(model, _forward_cache(model), prompt, 12)
     assert len(seen) == 12  # a transformers cache runs the forward
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    got, want = (_steps(model, c, prompt[:, :1], 3) for c in (tm.make_cache(model), _forward_cache(model)))
+    assert len(seen) == 12 + 4  # a one-token prompt: its first token is a step on an empty cache
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 def test_batch_of_sequences(tmp_path):
@@ -236,7 +239,11 @@ def test_c_step_is_the_forward_in_bfloat16(tmp_path, monkeypatch, model_type, jo
     want = _steps(model, _forward_cache(model), tokens, 10, fed)
     err = np.abs(got - want).max(-1) / np.abs(want).max(-1)
     assert err.max() < PARITY["bfloat16"].max_rel_err, err.max()
+    one = _steps(model, tm.make_cache(model), tokens[:, :1], 3, fed)  # a one-token prompt: a step on an empty cache
+    assert len(seen) == 14
+    err = np.abs(one - _steps(model, _forward_cache(model), tokens[:, :1], 3, fed)).max(-1)
+    assert err.max() < PARITY["bfloat16"].max_rel_err * np.abs(one).max(), err.max()
     monkeypatch.setenv("DN_NATIVE", "0")
     plain = tm.load(folder, load_spec(folder), "bfloat16")
     np.testing.assert_array_equal(_steps(plain, tm.make_cache(plain), tokens, 3, fed), want[:4])
-    assert len(seen) == 10
+    assert len(seen) == 14
