@@ -27,7 +27,7 @@ from dn.bench import configs, runner  # noqa: E402
 from dn.bench.runner import PROMPTS  # noqa: E402
 from dn.core.files import cache_dir  # noqa: E402
 from dn.model.sources import resolve_model  # noqa: E402
-from dn.runtime import loader, threads, timing  # noqa: E402
+from dn.runtime import loader, sampling, threads, timing  # noqa: E402
 
 
 def paths(model) -> dict:
@@ -59,8 +59,7 @@ def nll(model, make, c: bool, ids: list[int], prompt: int) -> float:
     logits = tm.logits(model, np.array([ids[:prompt]]), cache, last_only=True)[0, -1]
     total = []
     for t in ids[prompt:]:
-        z = logits.astype(np.float64) - logits.max()
-        total.append(np.log(np.exp(z).sum()) - z[t])
+        total.append(-sampling.log_softmax(logits)[t])
         logits = tm.logits(model, np.array([[t]]), cache, last_only=True)[0, -1]
     return float(np.mean(total))
 

@@ -124,8 +124,10 @@ class Fused(nn.Module):
         super().__init__()
         self.whole, self.sizes, self._memo = whole, sizes, None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.whole(x)
+    def rows(self, i: int) -> slice:
+        """Part i's rows of the joined matrix (its columns of the product)."""
+        lo = sum(self.sizes[:i])
+        return slice(lo, lo + self.sizes[i])
 
     def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
         memo = self._memo
@@ -134,8 +136,7 @@ class Fused(nn.Module):
         memo[2].add(i)
         if len(memo[2]) == len(self.sizes):
             self._memo = None  # every part served: hold no activations between forwards
-        lo = sum(self.sizes[:i])
-        return memo[1][..., lo:lo + self.sizes[i]]
+        return memo[1][..., self.rows(i)]
 
 
 class Part(nn.Module):
@@ -153,8 +154,7 @@ class Part(nn.Module):
     def weight(self) -> torch.Tensor:
         """Its rows of the joined matrix (a view: int4 packs and GGUF blocks are row-major by output)."""
         f = self._fused[0]
-        lo = sum(f.sizes[:self.i])
-        return f.whole.weight[lo:lo + f.sizes[self.i]]
+        return f.whole.weight[f.rows(self.i)]
 
 
 def _whole(mods: list) -> nn.Module | None:
@@ -197,7 +197,7 @@ def _join(parent: nn.Module, names: list[str]) -> None:
 
 def fuse(model) -> None:
     """At load, for the families the step runs: each layer's q, k, v and its MLP's gate and up (the model's own
-    MLP: not a sparse or resident one) joined where _fusable."""
+    MLP: not a sparse or resident one) joined where _whole can."""
     if model.config.model_type not in FAMILIES or not hasattr(model, "model"):
         return
     for layer in model.model.layers:
