@@ -1,5 +1,5 @@
 """A decode step of one token per sequence without transformers' per-step machinery (mask building, output
-capture, the attention-interface lookup: about 11 ms of a 28 ms step on the default model, one CPU thread), over
+capture, the attention-interface lookup; benchmarks/bench_decode.py times the step against the forward), over
 the model's own modules, so every weight format, residency and sparse MLP runs as it does in the model's forward.
 Llama and Qwen2 (full attention, no padding); anything else runs the model's forward. Tested against it
 (tests/test_decode.py)."""
@@ -117,7 +117,7 @@ def _linear(module):
 
 class Fused(nn.Module):
     """Projections that read one input (q, k and v; gate and up) held as one matrix, so a decode step
-    makes one kernel call for them (a call costs about 13 us besides its reading). Each projection keeps its
+    makes one kernel call for them (each call has a fixed cost besides its reading). Each projection keeps its
     place as a Part serving its columns of the last input's product: the forward still calls them one by one."""
 
     def __init__(self, whole: nn.Module, sizes: list[int]):
@@ -190,7 +190,7 @@ def _join(parent: nn.Module, names: list[str]) -> None:
     for i, n in enumerate(names):
         setattr(parent, n, Part(fused, i))
     for m in mods:  # the separate matrices freed now, and their pages handed back: else each layer's stay
-        for k in m._buffers:  # resident as free heap until the load settles (+212 MB peak on Qwen2.5-1.5B)
+        for k in m._buffers:  # resident as free heap until the load settles, raising the load's peak
             m._buffers[k] = None
     memory.trim()
 

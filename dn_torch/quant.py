@@ -12,7 +12,7 @@ A quantized matrix [m, k] lives in one of three layouts, always in the same thre
   is a float16 exactly): weight GGUF Q8_0 blocks (float16 scale, q - 128), held as int16 words [m, k/32*17] so
   the layout names itself; scales None (in the blocks); biases the int8 layout's zeros. One C kernel call over
   the blocks (a bfloat16 x through its 8-bit copy, as native GGUF folders run; float32 x as it is) where int8
-  takes one call per group (the default model's 49152 x 576 head at one thread: 1.8 ms against 6.4).
+  takes one call per group.
 The 16-bit zeros round bias + scale * 2^(bits-1), about the group's midpoint: small next to a step.
 Both kernel layouts hold exactly the bytes of the mlx layout with 16-bit scales; `fill` converts once, at load.
 affine_matmul runs the kernel for few tokens, else the plain path: dequantize at most _BLOCK elements of rows
@@ -139,7 +139,7 @@ def _int8_kernel(x, packed, scales, biases, group_size, out=None):
 def _q8_0_kernel(x, packed, scales, biases, group_size, out=None):
     """The blocks through dn's C kernel, then the zeros times each group's input sum, as the int8 kernel adds
     them. A bfloat16 x takes the integer path (x's 8-bit copy and VNNI dots: llama.cpp's route, and what native
-    GGUF folders run; 1.4 ms against 2.5 for the float path on the default model's head, one thread); float32
+    GGUF folders run; faster than the float path, which is compute-bound on this head); float32
     x the float path (x as it is)."""
     raw, lib = packed.view(torch.uint8), gb.native()
     n, m, k = x.shape[0], raw.shape[0], x.shape[1]
