@@ -139,7 +139,7 @@ def _int8_kernel(x, packed, scales, biases, group_size, out=None):
 def _q8_0_kernel(x, packed, scales, biases, group_size, out=None):
     """The blocks through dn's C kernel, then the zeros times each group's input sum, as the int8 kernel adds
     them. A bfloat16 x takes the integer path (x's 8-bit copy and VNNI dots: llama.cpp's route, and what native
-    GGUF folders run; faster than the float path, which is compute-bound on this head); float32
+    GGUF folders run; faster than the float path on the default model's head); float32
     x the float path (x as it is)."""
     raw, lib = packed.view(torch.uint8), gb.native()
     n, m, k = x.shape[0], raw.shape[0], x.shape[1]
